@@ -1,0 +1,111 @@
+"""Base model (NF4 or not) and the LoRA adapter on it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import Recipe
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def lora_config(recipe: Recipe) -> Any:
+    """The recipe's LoraConfig. Only the named projections get adapters: never embeddings, norms or the LM head."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=list(recipe.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def quantization_config(recipe: Recipe) -> Any | None:
+    if not recipe.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=recipe.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=torch_dtype(recipe.bnb_4bit_compute_dtype),
+        # Storage in the compute dtype makes the packed NF4 weights shardable by FSDP like any bf16 tensor.
+        bnb_4bit_quant_storage=torch_dtype(recipe.bnb_4bit_quant_storage),
+    )
+
+
+def load_base_model(recipe: Recipe) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(
+        revision=recipe.model_revision,
+        trust_remote_code=recipe.trust_remote_code,
+        attn_implementation=recipe.attn_implementation,
+        dtype=torch.bfloat16 if recipe.bf16 else torch.float32,
+    )
+    quant = quantization_config(recipe)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if torch.cuda.is_available():
+            # Each process quantizes onto its own GPU; bitsandbytes otherwise picks cuda:0 for every rank.
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(recipe.model_name_or_path, **kwargs)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return model
+
+
+def add_adapter(model: Any, recipe: Recipe) -> Any:
+    """Freeze the base and attach LoRA; QLoRA bases are first prepared for k-bit training."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks LoRA under DDP
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(recipe))
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) with 4-bit packed weights counted as the parameters they stand for."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            count = int(getattr(param, "quant_state").shape.numel()) if getattr(param, "quant_state", None) else count * 2
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def trainable_line(trainable: int, total: int) -> str:
+    return f"trainable: {trainable / 1e6:.1f}M / {total / 1e6:.1f}M ({trainable / total:.2%})"
+
+
+def meta_lora_counts(config_path: str, recipe: Recipe) -> tuple[int, int]:
+    """Exact (trainable, total) for a base architecture from its config.json alone, with no weights."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_path, trust_remote_code=recipe.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+        model = get_peft_model(model, lora_config(recipe))
+    return count_parameters(model)

@@ -1,0 +1,121 @@
+"""The seed's Llama-2 prompt format, as a tokenizer chat template and as the token layout we train on.
+
+One conversation renders as ``<s>[INST] u1 [/INST] a1 </s><s>[INST] u2 [/INST] a2 </s>``. The saved chat
+template and :func:`encode_conversations` produce the same tokens, so ``apply_chat_template`` at inference
+reproduces the training prompt. Tokens are built chunk by chunk rather than from one rendered string
+because:
+
+* the control tokens (BOS/EOS) come from ids, and every text chunk is tokenized with
+  ``split_special_tokens=True`` - a literal ``</s>`` typed in a dataset row is text, never an EOS;
+* the prompt chunk ends at ``[/INST]`` and the response chunk starts with its space, so the first
+  response token belongs wholly to the response and the mask can't be off by one at the boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
+
+SYSTEM_OPEN, SYSTEM_CLOSE = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+def chat_template(uses_bos: bool) -> str:
+    """The Jinja chat template saved with the tokenizer (``{% generation %}`` marks what is trained)."""
+    bos = "{{ bos_token }}" if uses_bos else ""
+    return (
+        "{% set ns = namespace(system='') %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}"
+        "{% set ns.system = '" + SYSTEM_OPEN.replace("\n", "\\n") + "' + message['content'] | trim + '"
+        + SYSTEM_CLOSE.replace("\n", "\\n") + "' %}"
+        "{% elif message['role'] == 'user' %}"
+        + bos + "{{ '[INST] ' + ns.system + message['content'] | trim + ' [/INST]' }}"
+        "{% set ns.system = '' %}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{% generation %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endgeneration %}"
+        "{% endif %}"
+        "{% endfor %}"
+    )
+
+
+def user_chunk(content: str, system: str = "") -> str:
+    system_block = f"{SYSTEM_OPEN}{system.strip()}{SYSTEM_CLOSE}" if system else ""
+    return f"[INST] {system_block}{content.strip()} [/INST]"
+
+
+def assistant_chunk(content: str) -> str:
+    return f" {content.strip()} "
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos_id: int | None  # None for tokenizers that add no BOS (GPT-NeoX, Llama 3 base without one)
+    eos_id: int
+
+
+def special_ids(tokenizer: Any) -> SpecialIds:
+    """The BOS the tokenizer itself would add (if any) and its EOS."""
+    probe = tokenizer("x", add_special_tokens=True)["input_ids"]
+    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else None
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: the model could never learn to stop")
+    return SpecialIds(bos_id=bos_id, eos_id=tokenizer.eos_token_id)
+
+
+def conversation_chunks(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """[(role, text chunk)] for user and assistant turns, the system prompt folded into the next user turn."""
+    chunks: list[tuple[str, str]] = []
+    system = ""
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            system = content
+        elif role == "user":
+            chunks.append(("user", user_chunk(content, system)))
+            system = ""
+        elif role == "assistant":
+            chunks.append(("assistant", assistant_chunk(content)))
+        else:
+            raise ValueError(f"unknown role {role!r}")
+    return chunks
+
+
+def encode_conversations(
+    tokenizer: Any, conversations: list[list[dict[str, str]]], ids: SpecialIds
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and labels for a batch of conversations; one tokenizer call for all chunks of the batch.
+
+    Every user turn opens with BOS (where the tokenizer uses one) and is masked; every assistant turn is
+    supervised together with its closing EOS - the EOS is what teaches the model to stop.
+    """
+    per_conversation = [conversation_chunks(messages) for messages in conversations]
+    texts = [text for chunks in per_conversation for _, text in chunks]
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
+    position = 0
+    all_input_ids: list[list[int]] = []
+    all_labels: list[list[int]] = []
+    for chunks in per_conversation:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for role, _ in chunks:
+            token_ids = encoded[position]
+            position += 1
+            if role == "user":
+                prompt = ([ids.bos_id] if ids.bos_id is not None else []) + token_ids
+                input_ids += prompt
+                labels += [IGNORE_INDEX] * len(prompt)
+            else:
+                response = token_ids + [ids.eos_id]
+                input_ids += response
+                labels += response
+        all_input_ids.append(input_ids)
+        all_labels.append(labels)
+    return all_input_ids, all_labels
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], ids: SpecialIds) -> list[int]:
+    """The generation prompt: the conversation so far, ending at the last ``[/INST]``."""
+    input_ids, _ = encode_conversations(tokenizer, [messages], ids)
+    return input_ids[0]

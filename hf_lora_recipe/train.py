@@ -1,0 +1,147 @@
+"""Train a LoRA / QLoRA adapter from a recipe.
+
+    hf-lora-recipe train --config R.yaml [--key value ...]
+    accelerate launch [--config_file accelerate_configs/X.yaml] -m hf_lora_recipe.train --config R.yaml [...]
+
+Both run :func:`run`: recipe -> tokenizer & data -> base & adapter -> TRL SFTTrainer -> artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Recipe, RecipeError, gradient_accumulation_steps, load_recipe, parse_cli_overrides
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(message: str) -> None:
+    if is_main_process():
+        print(f"[hf-lora-recipe] {message}", flush=True)
+
+
+def trainer_config(recipe: Recipe, accumulation: int) -> Any:
+    import torch
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=recipe.output_dir,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_steps,
+        num_train_epochs=recipe.num_train_epochs,
+        max_steps=recipe.max_steps,
+        optim=recipe.optim,
+        adam_beta1=recipe.adam_beta1,
+        adam_beta2=recipe.adam_beta2,
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
+        bf16=recipe.bf16,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=recipe.max_length,
+        logging_steps=recipe.logging_steps,
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        report_to=recipe.report_to,
+        seed=recipe.seed,
+        use_cpu=not torch.cuda.is_available(),
+        # Our dataset already holds input_ids and labels, masked and truncated exactly as `preview` shows.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        ddp_find_unused_parameters=False,
+    )
+
+
+def run(recipe: Recipe) -> Path:
+    """Train and write the adapter; returns ``output_dir``."""
+    started = time.time()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = gradient_accumulation_steps(recipe, world_size)  # fails before anything loads
+    log(
+        f"world size {world_size} x micro-batch {recipe.per_device_train_batch_size} x gradient accumulation "
+        f"{accumulation} = global batch {recipe.global_batch_size}"
+    )
+
+    # --- Tokenizer and data (cheap, so they fail before the model loads)
+    from .data import build_sft_dataset
+    from .tokenizer import tokenizer_for
+
+    tokenizer = tokenizer_for(recipe)
+    train_dataset, report = build_sft_dataset(recipe, tokenizer)
+    log(report.summary())
+    log(f"tokens per optimizer step ~ {report.mean_length * recipe.global_batch_size:,.0f} "
+        f"({report.mean_length:.0f} mean x {recipe.global_batch_size})")
+
+    # --- Base and adapter
+    from .modeling import add_adapter, count_parameters, load_base_model, trainable_line
+
+    model = add_adapter(load_base_model(recipe), recipe)
+    log(trainable_line(*count_parameters(model)))
+
+    # --- Train
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=trainer_config(recipe, accumulation),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+
+    # --- Artifacts: staged, then published, by the main process only
+    from .artifacts import final_train_loss, publish_directory, remove_pickles, write_run_files
+    from .tokenizer import save_tokenizer
+
+    output_dir = Path(recipe.output_dir)
+    staging = output_dir / ".staging-final"
+    trainer.save_model(str(staging))  # collective under FSDP/DeepSpeed: every rank calls it
+    if trainer.is_world_process_zero():
+        remove_pickles(staging)
+        save_tokenizer(tokenizer, staging)
+        derived = {"gradient_accumulation_steps": accumulation, "world_size": world_size}
+        results = {
+            "final train loss": final_train_loss(trainer.state.log_history),
+            "optimizer steps": trainer.state.global_step,
+            "examples": report.examples_out,
+            "training tokens (per epoch)": report.total_tokens,
+            "wall time (s)": round(time.time() - started, 1),
+        }
+        write_run_files(staging, recipe, derived, results)
+        publish_directory(staging, output_dir)
+        log(f"adapter written to {output_dir}")
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nRecipe keys (defaults are the seed recipe):")
+        from .config import FIELD_NAMES, Recipe as _R
+
+        defaults = _R()
+        for name in FIELD_NAMES:
+            print(f"  --{name} {getattr(defaults, name)!r}")
+        return 0
+    try:
+        config_path, overrides = parse_cli_overrides(argv)
+        recipe = load_recipe(config_path, overrides)
+        run(recipe)
+    except RecipeError as error:
+        print(f"hf-lora-recipe: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
