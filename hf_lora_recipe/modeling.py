@@ -64,38 +64,55 @@ def load_base_model(recipe: Recipe) -> Any:
     return model
 
 
-def add_adapter(model: Any, recipe: Recipe) -> Any:
-    """Freeze the base and attach LoRA; QLoRA bases are first prepared for k-bit training."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def prepare_base(model: Any, recipe: Recipe) -> Any:
+    """Freeze the base and set up checkpointing; QLoRA bases get PEFT's k-bit preparation.
+
+    k-bit preparation keeps norms, embeddings and the LM head in fp32 (the parts bitsandbytes leaves
+    unquantized), which is what the adapter then trains against.
+    """
+    from peft import prepare_model_for_kbit_training
 
     checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks LoRA under DDP
     if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.gradient_checkpointing,
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
-    elif recipe.gradient_checkpointing:
+    model.requires_grad_(False)
+    if recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(recipe))
+    return model
+
+
+def add_adapter(model: Any, recipe: Recipe) -> Any:
+    """Attach LoRA to a prepared base (see :func:`prepare_base`)."""
+    from peft import get_peft_model
+
+    return get_peft_model(prepare_base(model, recipe), lora_config(recipe))
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) with 4-bit packed weights counted as the parameters they stand for."""
     trainable = total = 0
     for param in model.parameters():
-        count = param.numel()
-        if param.__class__.__name__ == "Params4bit":
-            count = int(getattr(param, "quant_state").shape.numel()) if getattr(param, "quant_state", None) else count * 2
+        quant_state = getattr(param, "quant_state", None)  # bitsandbytes packs several 4-bit values per element
+        count = quant_state.shape.numel() if quant_state is not None else param.numel()
         total += count
         if param.requires_grad:
             trainable += count
     return trainable, total
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+
+
 def trainable_line(trainable: int, total: int) -> str:
-    return f"trainable: {trainable / 1e6:.1f}M / {total / 1e6:.1f}M ({trainable / total:.2%})"
+    """``trainable: 41.9M / 8030.3M (0.52%)``: the adapter against the base it adapts (total minus adapter)."""
+    base = total - trainable
+    return f"trainable: {_count(trainable)} / {_count(base)} ({trainable / base:.2%})"
 
 
 def meta_lora_counts(config_path: str, recipe: Recipe) -> tuple[int, int]:

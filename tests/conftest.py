@@ -1,0 +1,68 @@
+"""Shared fixtures: offline mode, the ../shared assets (a failure in CI when missing), tiny random bases."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HF_LORA_RECIPE_SHARED", REPO_ROOT.parent / "shared"))
+TOKENIZERS = ("llama2", "gpt-neox-20b")
+
+
+def shared_asset(relative: str) -> Path:
+    """A file or folder under ../shared; missing is a failure in CI and a skip on a user's clone."""
+    path = SHARED / relative
+    if not path.exists():
+        message = f"shared asset {path} is missing (set HF_LORA_RECIPE_SHARED or check out ../shared)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def alpaca_path() -> Path:
+    return shared_asset("data/alpaca_en_demo.json")
+
+
+@pytest.fixture(scope="session", params=TOKENIZERS)
+def tokenizer(request):
+    from hf_lora_recipe.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(shared_asset(f"tokenizers/{request.param}")))
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer():
+    from hf_lora_recipe.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(shared_asset("tokenizers/llama2")))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, llama2_tokenizer) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers) saved with the real Llama-2 tokenizer."""
+    from hf_lora_recipe.tiny import build_tiny_llama
+
+    return build_tiny_llama(llama2_tokenizer, tmp_path_factory.mktemp("tiny-base"))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command in a fresh process, as a user would, with offline mode inherited."""
+    return subprocess.run(
+        list(args), cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
+    )
+
+
+PYTHON = sys.executable
+CLI = str(Path(sys.executable).with_name("hf-lora-recipe"))
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))

@@ -1,0 +1,116 @@
+"""The adapter: where it goes, what trains, and that step 0 is exactly the base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_lora_recipe.config import Recipe
+from peft import get_peft_model
+
+from hf_lora_recipe.modeling import (
+    add_adapter,
+    load_base_model,
+    lora_config,
+    meta_lora_counts,
+    prepare_base,
+    trainable_line,
+)
+
+from .conftest import shared_asset
+
+SEVEN = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_lora_config_is_the_seed():
+    config = lora_config(Recipe())
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.05)
+    assert set(config.target_modules) == SEVEN
+    assert config.bias == "none" and config.task_type == "CAUSAL_LM"
+    assert not config.modules_to_save
+
+
+@pytest.fixture(scope="module")
+def fp32_recipe(tiny_base):
+    return Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, lora_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def nf4_recipe(tiny_base):
+    return Recipe(model_name_or_path=str(tiny_base), lora_dropout=0.0)
+
+
+@pytest.mark.parametrize("which", ["fp32_recipe", "nf4_recipe"])
+def test_adapters_only_on_the_seven_projections_and_only_lora_trains(which, request):
+    recipe = request.getfixturevalue(which)
+    model = add_adapter(load_base_model(recipe), recipe)
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == SEVEN
+    for name, module in model.named_modules():
+        if any(part in name for part in ("embed_tokens", "norm", "lm_head")):
+            assert not hasattr(module, "lora_A"), name
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(("lora_A" in n or "lora_B" in n) for n in trainable)
+    # 2 layers x (q,k,v,o: 64x64; gate, up: 64->128; down: 128->64) with r=16
+    per_layer = 4 * 16 * (64 + 64) + 2 * 16 * (64 + 128) + 16 * (128 + 64)
+    assert len(trainable) == 2 * 7 * 2 and sum(model.get_parameter(n).numel() for n in trainable) == 2 * per_layer
+
+
+@pytest.mark.parametrize("which", ["fp32_recipe", "nf4_recipe"])
+def test_step_zero_logits_are_bit_identical_to_the_base(which, request, llama2_tokenizer):
+    recipe = request.getfixturevalue(which)
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, len(llama2_tokenizer), (2, 24))
+    base = prepare_base(load_base_model(recipe), recipe).eval()  # the base as the adapter trains against it
+    with torch.no_grad():
+        base_logits = base(input_ids=input_ids).logits
+    model = get_peft_model(base, lora_config(recipe)).eval()
+    assert all(torch.count_nonzero(p) == 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert any(torch.count_nonzero(p) > 0 for n, p in model.named_parameters() if "lora_A" in n)
+    with torch.no_grad():
+        adapted_logits = model(input_ids=input_ids).logits
+    assert adapted_logits.dtype == base_logits.dtype
+    assert torch.equal(adapted_logits, base_logits)
+    # and the check can fail: a non-zero B changes the logits
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(0.1)
+        assert not torch.equal(model(input_ids=input_ids).logits, base_logits)
+
+
+# Reference trainable counts from ../shared/README.md (PEFT, lora_alpha = 2r).
+REFERENCE = {
+    ("llama-2-7b", "r8_qv"): 4_194_304,
+    ("llama-2-7b", "r16_qkvo"): 16_777_216,
+    ("llama-2-7b", "r16_all"): 39_976_960,
+    ("llama-3-8b", "r8_qv"): 3_407_872,
+    ("llama-3-8b", "r16_qkvo"): 13_631_488,
+    ("llama-3-8b", "r16_all"): 41_943_040,
+    ("llama-3.1-70b", "r8_qv"): 16_384_000,
+    ("llama-3.1-70b", "r16_qkvo"): 65_536_000,
+    ("llama-3.1-70b", "r16_all"): 207_093_760,
+}
+SETTINGS = {
+    "r8_qv": dict(lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"]),
+    "r16_qkvo": dict(lora_r=16, lora_alpha=32, lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "r16_all": dict(),  # the seed
+}
+
+
+@pytest.mark.parametrize("model_name, setting", sorted(REFERENCE))
+def test_trainable_counts_on_the_meta_device_match_the_reference(model_name, setting):
+    config = shared_asset(f"model_configs/{model_name}")
+    trainable, total = meta_lora_counts(str(config), Recipe(**SETTINGS[setting]))
+    assert trainable == REFERENCE[(model_name, setting)]
+
+
+@pytest.mark.parametrize(
+    "model_name, total_billions", [("llama-2-7b", 6.738), ("llama-3-8b", 8.030), ("llama-3.1-70b", 70.554)]
+)
+def test_base_totals_match_the_reference(model_name, total_billions):
+    trainable, total = meta_lora_counts(str(shared_asset(f"model_configs/{model_name}")), Recipe())
+    assert round((total - trainable) / 1e9, 3) == total_billions
+
+
+def test_trainable_line_for_the_seed_on_llama3_8b():
+    trainable, total = meta_lora_counts(str(shared_asset("model_configs/llama-3-8b")), Recipe())
+    assert trainable_line(trainable, total) == "trainable: 41.9M / 8030.3M (0.52%)"
