@@ -25,6 +25,12 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
+def _preview(argv: list[str]) -> int:
+    from .preview import main
+
+    return main(argv)
+
+
 def _not_implemented(name: str) -> Callable[[list[str]], int]:
     def command(argv: list[str]) -> int:
         print(f"hf-lora-recipe {name}: {COMMANDS[name]}.\nnot implemented yet.", file=sys.stderr)
@@ -35,7 +41,8 @@ def _not_implemented(name: str) -> Callable[[list[str]], int]:
 
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "train": _train,
-    **{name: _not_implemented(name) for name in COMMANDS if name != "train"},
+    "preview": _preview,
+    **{name: _not_implemented(name) for name in COMMANDS if name not in ("train", "preview")},
 }
 
 

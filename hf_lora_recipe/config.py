@@ -48,8 +48,14 @@ class Recipe:
     # --- Data
     dataset_name: str = "tatsu-lab/alpaca"
     dataset_config: str | None = None
+    dataset_revision: str | None = None
     dataset_train_split: str = "train"
+    dataset_test_split: str | None = None  # a named held-out split, for eval loss
+    eval_split_size: float = 0.0  # or hold out this share (< 1) / count (>= 1) of the training rows
     dataset_format: str = "alpaca"
+    on_bad_rows: str = "error"  # or "skip": drop and count rows with missing/null/empty fields
+    oasst_languages: list[str] = field(default_factory=list)  # e.g. [en, de]; empty keeps every language
+    oasst_all_paths: bool = False  # every root-to-leaf path instead of the best-ranked one
     max_length: int = 512
     # --- Batch: the global batch is the recipe's; accumulation is derived from it and the world size
     global_batch_size: int = 128
@@ -71,6 +77,7 @@ class Recipe:
     # --- Output and logging
     output_dir: str = "outputs/run"
     logging_steps: int = 10
+    eval_steps: int = 200
     save_steps: int = 200
     save_total_limit: int = 2
     report_to: str = "none"
@@ -190,6 +197,10 @@ def load_recipe(config_path: str | os.PathLike | None = None, overrides: dict[st
 def validate(recipe: Recipe) -> None:
     if recipe.dataset_format not in DATASET_FORMATS:
         raise RecipeError(f"dataset_format must be one of {', '.join(DATASET_FORMATS)}; got {recipe.dataset_format!r}")
+    if recipe.on_bad_rows not in ("error", "skip"):
+        raise RecipeError(f"on_bad_rows must be error or skip; got {recipe.on_bad_rows!r}")
+    if recipe.eval_split_size < 0 or (recipe.eval_split_size and recipe.dataset_test_split):
+        raise RecipeError("set either eval_split_size (>= 0) or dataset_test_split, not both")
     for name in ("lora_r", "lora_alpha", "global_batch_size", "per_device_train_batch_size", "max_length"):
         if getattr(recipe, name) <= 0:
             raise RecipeError(f"{name} must be positive; got {getattr(recipe, name)}")

@@ -1,20 +1,63 @@
-"""Rows -> conversations -> token ids and labels, with the masking policy of :mod:`template`."""
+"""Rows -> conversations -> token ids and labels, audited, exactly as the trainer consumes them.
+
+Every step is a batched ``datasets`` map over an Arrow-backed table, so a second run with the same data,
+tokenizer and settings reads the cache instead of re-tokenizing.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from . import formats, oasst
+from .audit import audit_batch
 from .config import Recipe, RecipeError
+from .sources import Rows, load_rows
 from .template import IGNORE_INDEX, encode_conversations, special_ids
 
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-FORMAT_COLUMNS = {
-    "alpaca": {"instruction", "output"},
-    "messages": {"messages"},
-    "prompt_completion": {"prompt", "completion"},
-}
+
+def _source_hash() -> str:
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# datasets keys its cache on the mapped function by reference (module and name), not by its code, so our
+# source goes into the key: after an upgrade of this package no stale formatting or masking is reused.
+CODE_VERSION = _source_hash()
+
+
+def _call(values: Any, *indices: Any, step: Callable, step_kwargs: dict, code_version: str) -> Any:
+    return step(values, *indices, **step_kwargs)
+
+
+def _map(dataset: Any, function: Callable, fn_kwargs: dict | None = None, **options: Any) -> Any:
+    return dataset.map(
+        _call, fn_kwargs={"step": function, "step_kwargs": fn_kwargs or {}, "code_version": CODE_VERSION}, **options
+    )
+
+
+def _filter(dataset: Any, function: Callable, **options: Any) -> Any:
+    return dataset.filter(
+        _call, fn_kwargs={"step": function, "step_kwargs": {}, "code_version": CODE_VERSION}, **options
+    )
+
+
+def _is_good(problem: str) -> bool:
+    return problem == ""
+
+
+def _is_bad(problem: str) -> bool:
+    return problem != ""
+
+
+def _has_supervision(labels: list[int]) -> bool:
+    return any(y != IGNORE_INDEX for y in labels)
 
 
 @dataclass
@@ -22,7 +65,7 @@ class DataReport:
     """What preprocessing did, printed before training so nothing is dropped silently."""
 
     examples_in: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
+    dropped: Counter = field(default_factory=Counter)
     examples_out: int = 0
     total_tokens: int = 0
     supervised_tokens: int = 0
@@ -33,89 +76,62 @@ class DataReport:
     def mean_length(self) -> float:
         return self.total_tokens / max(self.examples_out, 1)
 
+    def percentile(self, q: float) -> int:
+        ordered = sorted(self.lengths)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0
+
     def summary(self) -> str:
-        lengths = sorted(self.lengths)
-
-        def pct(q: float) -> int:
-            return lengths[min(len(lengths) - 1, int(q * len(lengths)))] if lengths else 0
-
-        dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
+        dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
         return (
             f"data: {self.examples_in} examples in, {self.examples_out} kept (dropped: {dropped}); "
-            f"tokens p50/p90/p99/max {pct(0.5)}/{pct(0.9)}/{pct(0.99)}/{lengths[-1] if lengths else 0}; "
-            f"supervised {self.supervised_tokens / max(self.total_tokens, 1):.1%}; "
+            f"tokens p50/p90/p99/max {self.percentile(0.5)}/{self.percentile(0.9)}/{self.percentile(0.99)}/"
+            f"{max(self.lengths, default=0)}; supervised {self.supervised_tokens / max(self.total_tokens, 1):.1%}; "
             f"truncated {self.truncated / max(self.examples_out, 1):.1%}"
         )
 
 
-def load_rows(recipe: Recipe) -> Any:
-    """A local file / directory of files, or a Hub dataset id (with config and split)."""
-    from datasets import load_dataset
-
-    path = Path(recipe.dataset_name)
-    if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS) if path.is_dir() else [path]
-        if not files or path.is_file() and path.suffix not in LOCAL_BUILDERS:
-            raise RecipeError(f"{path}: no {', '.join(LOCAL_BUILDERS)} files to read")
-        builders = {LOCAL_BUILDERS[p.suffix] for p in files}
-        if len(builders) > 1:
-            raise RecipeError(f"{path}: mixes file types {sorted(builders)}; use one")
-        return load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
-    return load_dataset(recipe.dataset_name, recipe.dataset_config, split=recipe.dataset_train_split)
+def resolve_format(recipe: Recipe, columns: list[str]) -> str:
+    return formats.detect_format(columns) if recipe.dataset_format == "auto" else recipe.dataset_format
 
 
-def detect_format(columns: list[str]) -> str:
-    found = [name for name, needed in FORMAT_COLUMNS.items() if needed <= set(columns)]
-    if len(found) != 1:
-        raise RecipeError(
-            f"dataset_format: auto found {found or 'no known format'} in columns {sorted(columns)}; "
-            f"set dataset_format to one of {', '.join(FORMAT_COLUMNS)}"
+def conversations(recipe: Recipe, rows: Rows) -> tuple[Any, Counter]:
+    """One ``messages`` list per example; bad rows stop the run (``on_bad_rows: error``) or are counted."""
+    columns = rows.dataset.column_names
+    dataset_format = resolve_format(recipe, columns)
+    formats.check_columns(columns, dataset_format, rows.sources[0])
+    if dataset_format == "oasst":
+        converted = _map(
+            rows.dataset,
+            formats.oasst_conversations,
+            batched=True,
+            batch_size=None,  # a tree's messages must be seen together
+            with_indices=True,
+            remove_columns=columns,
+            fn_kwargs={"flat": oasst.layout(columns) == "flat", "all_paths": recipe.oasst_all_paths,
+                       "languages": recipe.oasst_languages},
+            desc="Selecting OpenAssistant conversations",
         )
-    return found[0]
-
-
-def _require_text(value: Any, name: str, row: int) -> str:
-    if not isinstance(value, str):
-        raise RecipeError(f"row {row}: field {name!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def alpaca_messages(instruction: Any, input_text: Any, output: Any, row: int) -> list[dict[str, str]]:
-    """user = instruction (+ "\\n" + input only when input is non-empty), assistant = output."""
-    instruction = _require_text(instruction, "instruction", row)
-    output = _require_text(output, "output", row)
-    input_text = "" if input_text is None else _require_text(input_text, "input", row)
-    user = instruction.strip() + (f"\n{input_text.strip()}" if input_text.strip() else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-
-
-def prompt_completion_messages(prompt: Any, completion: Any, row: int) -> list[dict[str, str]]:
-    if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt-completion
-        return [*prompt, *completion]
-    return [
-        {"role": "user", "content": _require_text(prompt, "prompt", row)},
-        {"role": "assistant", "content": _require_text(completion, "completion", row)},
-    ]
-
-
-def rows_to_messages(batch: dict[str, list], indices: list[int], dataset_format: str) -> dict[str, list]:
-    size = len(indices)
-    if dataset_format == "alpaca":
-        inputs = batch.get("input", [""] * size)
-        messages = [
-            alpaca_messages(i, x, o, row)
-            for i, x, o, row in zip(batch["instruction"], inputs, batch["output"], indices, strict=True)
-        ]
-    elif dataset_format == "prompt_completion":
-        messages = [
-            prompt_completion_messages(p, c, row)
-            for p, c, row in zip(batch["prompt"], batch["completion"], indices, strict=True)
-        ]
-    elif dataset_format == "messages":
-        messages = [[{"role": m["role"], "content": m["content"]} for m in conv] for conv in batch["messages"]]
+        where = lambda row: f"{rows.sources[0]} conversation {row}"  # noqa: E731
     else:
-        raise RecipeError(f"dataset_format {dataset_format!r} is not supported yet")
-    return {"messages": messages}
+        converted = _map(
+            rows.dataset,
+            formats.to_conversations,
+            batched=True,
+            with_indices=True,
+            remove_columns=columns,
+            fn_kwargs={"dataset_format": dataset_format},
+            desc=f"Formatting ({dataset_format})",
+        )
+        where = rows.origin
+    problems = Counter(p for p in converted["problem"] if p)
+    if problems and recipe.on_bad_rows == "error":
+        first = _filter(converted, _is_bad, input_columns="problem").select([0])[0]
+        raise RecipeError(
+            f"{where(first['row'])}: {first['problem']} ({sum(problems.values())} bad row(s) in all; "
+            "fix them or set on_bad_rows: skip to drop and count them)"
+        )
+    good = _filter(converted, _is_good, input_columns="problem", desc="Dropping bad rows") if problems else converted
+    return good.remove_columns("problem"), problems
 
 
 def tokenize_batch(batch: dict[str, list], tokenizer: Any, ids: Any, max_length: int) -> dict[str, list]:
@@ -127,42 +143,65 @@ def tokenize_batch(batch: dict[str, list], tokenizer: Any, ids: Any, max_length:
     }
 
 
-def build_sft_dataset(recipe: Recipe, tokenizer: Any, rows: Any | None = None) -> tuple[Any, DataReport]:
-    """The training dataset exactly as the trainer consumes it: ``messages``, ``input_ids``, ``labels``."""
-    rows = load_rows(recipe) if rows is None else rows
-    dataset_format = recipe.dataset_format
-    if dataset_format == "auto":
-        dataset_format = detect_format(rows.column_names)
-    missing = FORMAT_COLUMNS.get(dataset_format, set()) - set(rows.column_names)
-    if missing:
-        raise RecipeError(
-            f"dataset {recipe.dataset_name} has no column(s) {sorted(missing)} required by dataset_format "
-            f"{dataset_format!r}; it has {sorted(rows.column_names)}"
-        )
-    report = DataReport(examples_in=len(rows))
-    conversations = rows.map(
-        rows_to_messages,
-        batched=True,
-        with_indices=True,
-        fn_kwargs={"dataset_format": dataset_format},
-        remove_columns=rows.column_names,
-        desc="Formatting",
-    )
-    tokenized = conversations.map(
+def _render_problem(example: dict, tokenizer: Any) -> str:
+    from .preview import render_example
+
+    return render_example(example, tokenizer, color=False)
+
+
+def tokenize_and_audit(recipe: Recipe, tokenizer: Any, convs: Any, report: DataReport) -> Any:
+    ids = special_ids(tokenizer)
+    tokenized = _map(
+        convs,
         tokenize_batch,
         batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "ids": special_ids(tokenizer), "max_length": recipe.max_length},
+        fn_kwargs={"tokenizer": tokenizer, "ids": ids, "max_length": recipe.max_length},
         desc="Tokenizing and masking",
     )
-    has_supervision = [any(label != IGNORE_INDEX for label in labels) for labels in tokenized["labels"]]
-    kept = tokenized.select([i for i, ok in enumerate(has_supervision) if ok])
+    kept = _filter(tokenized, _has_supervision, input_columns="labels", desc="Dropping fully cut examples")
     if len(kept) < len(tokenized):
-        report.dropped["response cut by max_length"] = len(tokenized) - len(kept)
-    if len(kept) == 0:
+        report.dropped["response cut by max_length"] += len(tokenized) - len(kept)
+    audited = _map(
+        kept,
+        audit_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "ids": ids, "max_length": recipe.max_length},
+        desc="Auditing labels",
+    )
+    failures = [i for i, problem in enumerate(audited["audit"]) if problem]
+    if failures:
+        example = audited[failures[0]]
+        raise RecipeError(
+            f"label audit failed on {len(failures)} example(s); first (#{failures[0]}): {example['audit']}\n"
+            + _render_problem(example, tokenizer)
+        )
+    return audited.remove_columns("audit")
+
+
+def build_sft_dataset(recipe: Recipe, tokenizer: Any, rows: Rows | None = None) -> tuple[Any, DataReport]:
+    """The training examples: ``messages``, ``input_ids``, ``labels`` (``-100`` where masked), ``full_length``."""
+    rows = load_rows(recipe) if rows is None else rows
+    convs, problems = conversations(recipe, rows)
+    report = DataReport(examples_in=len(convs) + sum(problems.values()), dropped=Counter(problems))
+    dataset = tokenize_and_audit(recipe, tokenizer, convs, report)
+    if len(dataset) == 0:
         raise RecipeError(f"no trainable examples left in {recipe.dataset_name} after preprocessing")
-    report.examples_out = len(kept)
-    report.lengths = [len(x) for x in kept["input_ids"]]
+    report.examples_out = len(dataset)
+    report.lengths = [len(x) for x in dataset["input_ids"]]
     report.total_tokens = sum(report.lengths)
-    report.supervised_tokens = sum(sum(1 for y in labels if y != IGNORE_INDEX) for labels in kept["labels"])
-    report.truncated = sum(1 for full in kept["full_length"] if full > recipe.max_length)
-    return kept.remove_columns("full_length"), report
+    report.supervised_tokens = sum(sum(1 for y in labels if y != IGNORE_INDEX) for labels in dataset["labels"])
+    report.truncated = sum(1 for n in dataset["full_length"] if n > recipe.max_length)
+    return dataset, report
+
+
+def train_and_eval(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None, DataReport]:
+    """The training set and the held-out set (``dataset_test_split`` or ``eval_split_size``), if any."""
+    train, report = build_sft_dataset(recipe, tokenizer)
+    if recipe.dataset_test_split:
+        evaluation, _ = build_sft_dataset(recipe, tokenizer, load_rows(recipe, split=recipe.dataset_test_split))
+        return train, evaluation, report
+    if recipe.eval_split_size:
+        size = recipe.eval_split_size
+        split = train.train_test_split(test_size=int(size) if size >= 1 else size, seed=recipe.seed)
+        return split["train"], split["test"], report
+    return train, None, report

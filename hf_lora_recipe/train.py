@@ -26,7 +26,7 @@ def log(message: str) -> None:
         print(f"[hf-lora-recipe] {message}", flush=True)
 
 
-def trainer_config(recipe: Recipe, accumulation: int) -> Any:
+def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) -> Any:
     import torch
     from trl import SFTConfig
 
@@ -49,6 +49,9 @@ def trainer_config(recipe: Recipe, accumulation: int) -> Any:
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=recipe.max_length,
         logging_steps=recipe.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=recipe.eval_steps,
+        per_device_eval_batch_size=recipe.per_device_train_batch_size,
         save_steps=recipe.save_steps,
         save_total_limit=recipe.save_total_limit,
         report_to=recipe.report_to,
@@ -71,11 +74,11 @@ def run(recipe: Recipe) -> Path:
     )
 
     # --- Tokenizer and data (cheap, so they fail before the model loads)
-    from .data import build_sft_dataset
+    from .data import train_and_eval
     from .tokenizer import tokenizer_for
 
     tokenizer = tokenizer_for(recipe)
-    train_dataset, report = build_sft_dataset(recipe, tokenizer)
+    train_dataset, eval_dataset, report = train_and_eval(recipe, tokenizer)
     log(report.summary())
     log(f"tokens per optimizer step ~ {report.mean_length * recipe.global_batch_size:,.0f} "
         f"({report.mean_length:.0f} mean x {recipe.global_batch_size})")
@@ -91,8 +94,9 @@ def run(recipe: Recipe) -> Path:
 
     trainer = SFTTrainer(
         model=model,
-        args=trainer_config(recipe, accumulation),
+        args=trainer_config(recipe, accumulation, has_eval=eval_dataset is not None),
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
     trainer.train()
@@ -110,6 +114,7 @@ def run(recipe: Recipe) -> Path:
         derived = {"gradient_accumulation_steps": accumulation, "world_size": world_size}
         results = {
             "final train loss": final_train_loss(trainer.state.log_history),
+            "final eval loss": trainer.evaluate()["eval_loss"] if eval_dataset is not None else "no held-out set",
             "optimizer steps": trainer.state.global_step,
             "examples": report.examples_out,
             "training tokens (per epoch)": report.total_tokens,
