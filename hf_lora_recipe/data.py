@@ -149,7 +149,13 @@ def _render_problem(example: dict, tokenizer: Any) -> str:
     return render_example(example, tokenizer, color=False)
 
 
+def _require_examples(dataset: Any, recipe: Recipe) -> None:
+    if len(dataset) == 0:
+        raise RecipeError(f"no trainable examples left in {recipe.dataset_name} after preprocessing")
+
+
 def tokenize_and_audit(recipe: Recipe, tokenizer: Any, convs: Any, report: DataReport) -> Any:
+    _require_examples(convs, recipe)
     ids = special_ids(tokenizer)
     tokenized = _map(
         convs,
@@ -161,6 +167,7 @@ def tokenize_and_audit(recipe: Recipe, tokenizer: Any, convs: Any, report: DataR
     kept = _filter(tokenized, _has_supervision, input_columns="labels", desc="Dropping fully cut examples")
     if len(kept) < len(tokenized):
         report.dropped["response cut by max_length"] += len(tokenized) - len(kept)
+    _require_examples(kept, recipe)
     audited = _map(
         kept,
         audit_batch,
@@ -184,8 +191,6 @@ def build_sft_dataset(recipe: Recipe, tokenizer: Any, rows: Rows | None = None) 
     convs, problems = conversations(recipe, rows)
     report = DataReport(examples_in=len(convs) + sum(problems.values()), dropped=Counter(problems))
     dataset = tokenize_and_audit(recipe, tokenizer, convs, report)
-    if len(dataset) == 0:
-        raise RecipeError(f"no trainable examples left in {recipe.dataset_name} after preprocessing")
     report.examples_out = len(dataset)
     report.lengths = [len(x) for x in dataset["input_ids"]]
     report.total_tokens = sum(report.lengths)

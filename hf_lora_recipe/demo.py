@@ -84,13 +84,13 @@ def exact_match(model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: in
     """Greedy generation through the training template; a hit must match the answer and then stop (EOS)."""
     import torch
 
-    from .data import alpaca_messages
+    from .formats import alpaca_conversation
     from .template import encode_prompt, special_ids
 
     ids = special_ids(tokenizer)
     hits, outputs = 0, []
-    for row_index, row in enumerate(rows):
-        messages = alpaca_messages(row["instruction"], row["input"], row["output"], row_index)[:1]
+    for row in rows:
+        messages = alpaca_conversation(row["instruction"], row["input"], row["output"])[0][:1]
         prompt = torch.tensor([encode_prompt(tokenizer, messages, ids)])
         with torch.no_grad():
             generated = model.generate(

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from hf_lora_recipe.data import alpaca_messages
+from hf_lora_recipe.formats import alpaca_conversation
 from hf_lora_recipe.template import IGNORE_INDEX, encode_conversations, encode_prompt, special_ids
 from hf_lora_recipe.tokenizer import save_tokenizer
+
+
+def alpaca_messages(instruction, input_text, output, row):
+    messages, problem = alpaca_conversation(instruction, input_text, output)
+    assert problem is None
+    return messages
 
 
 def _encode(tokenizer, messages):

@@ -131,10 +131,13 @@ def test_accelerate_launch_path_trains_with_the_same_code(tiny_base, alpaca_path
     output_dir = tmp_path / "adapter"
     result = run_cli(
         ACCELERATE, "launch", "--config_file", str(REPO_ROOT / "accelerate_configs" / "single_gpu.yaml"),
-        "-m", "hf_lora_recipe.train", *_train_args(tiny_base, alpaca_path, output_dir),
+        "-m", "hf_lora_recipe.train", *_train_args(tiny_base, alpaca_path, output_dir, "--eval_split_size", "8"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gradient accumulation 2" in result.stdout
+    assert "eval_loss" in result.stdout  # the held-out rows are evaluated
+    card = (output_dir / "README.md").read_text()
+    assert "| final eval loss | " in card and "no held-out set" not in card
     assert (output_dir / "adapter_model.safetensors").is_file()
     assert yaml.safe_load((output_dir / "recipe.yaml").read_text())["derived"]["world_size"] == 1
 
