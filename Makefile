@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test env clean
+.PHONY: demo test bench env clean
 
 env: $(STAMP)
 
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/preprocess.py
 
 clean:
 	rm -rf $(VENV) demo_output outputs

@@ -2,14 +2,15 @@
 
 A violation aborts the run and shows the example the way ``preview`` does. These are the failures that
 otherwise train silently: an unmasked prompt (the model echoes instructions), an unsupervised EOS (it
-never stops), a doubled BOS, a response shifted by one token at the prompt boundary.
+never stops), a doubled BOS, a response shifted by one token at the prompt boundary. The checks are
+written independently of :mod:`template`, from the token ids and the conversation alone.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .template import IGNORE_INDEX, SpecialIds
+from .template import IGNORE_INDEX, SpecialIds, decode_texts
 
 
 def supervised_spans(labels: list[int]) -> list[tuple[int, int]]:
@@ -26,48 +27,75 @@ def supervised_spans(labels: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
-def example_problem(
-    input_ids: list[int], labels: list[int], messages: list[dict], tokenizer: Any, ids: SpecialIds, truncated: bool
+def _positions(values: list[int], value: int) -> list[int]:
+    found, start = [], 0
+    try:
+        while True:
+            start = values.index(value, start)
+            found.append(start)
+            start += 1
+    except ValueError:
+        return found
+
+
+def structural_problem(
+    input_ids: list[int], labels: list[int], spans: list[tuple[int, int]], num_responses: int,
+    ids: SpecialIds, truncated: bool,
 ) -> str | None:
-    """The first invariant this example breaks, or None."""
+    """Invariants that need no decoding; None when they hold."""
     if len(input_ids) != len(labels):
         return "input_ids and labels differ in length"
-    if any(label not in (IGNORE_INDEX, token) for token, label in zip(input_ids, labels)):
-        return "a label differs from its input token"
-    spans = supervised_spans(labels)
     if not spans:
         return "no supervised token"
+    if any(labels[start:end] != input_ids[start:end] for start, end in spans):
+        return "a label differs from its input token"
     if ids.bos_id is not None:
         if input_ids[0] != ids.bos_id:
             return "the sequence does not start with BOS"
-        for i, token in enumerate(input_ids):
-            if token == ids.bos_id and (labels[i] != IGNORE_INDEX or (i > 0 and input_ids[i - 1] != ids.eos_id)):
+        for i in _positions(input_ids, ids.bos_id):
+            if labels[i] != IGNORE_INDEX or (i > 0 and input_ids[i - 1] != ids.eos_id):
                 return f"BOS at position {i} is doubled, misplaced or supervised"
     if ids.bos_id != ids.eos_id:
-        masked_eos = [i for i, (t, y) in enumerate(zip(input_ids, labels)) if t == ids.eos_id and y == IGNORE_INDEX]
-        if masked_eos:
-            return f"EOS at position {masked_eos[0]} is not supervised"
-    responses = [m["content"] for m in messages if m["role"] == "assistant"]
-    if len(spans) > len(responses):
-        return f"{len(spans)} supervised spans for {len(responses)} assistant turns: a prompt token is supervised"
-    for turn, ((start, end), response) in enumerate(zip(spans, responses)):
-        cut = truncated and end == len(input_ids)
-        if cut:
-            continue  # the last turn lost its tail to max_length; what remains is still the response's start
-        if input_ids[end - 1] != ids.eos_id:
+        for i in _positions(input_ids, ids.eos_id):
+            if labels[i] == IGNORE_INDEX:
+                return f"EOS at position {i} is not supervised"
+    if len(spans) > num_responses:
+        return f"{len(spans)} supervised spans for {num_responses} assistant turns: a prompt token is supervised"
+    if not truncated and len(spans) != num_responses:
+        return f"{num_responses - len(spans)} assistant turn(s) are not supervised"
+    for turn, (start, end) in enumerate(spans):
+        if not (truncated and end == len(input_ids)) and input_ids[end - 1] != ids.eos_id:
             return f"assistant turn {turn} does not end with a supervised EOS"
-        decoded = tokenizer.decode(input_ids[start : end - 1], skip_special_tokens=False).strip()
-        if decoded != response.strip():
-            return f"assistant turn {turn}: supervised tokens decode to {decoded[:60]!r}, not the response"
-    if not truncated and len(spans) != len(responses):
-        return f"{len(responses) - len(spans)} assistant turn(s) are not supervised"
     return None
 
 
-def audit_batch(batch: dict[str, list], tokenizer: Any, ids: SpecialIds, max_length: int) -> dict[str, list]:
-    return {
-        "audit": [
-            example_problem(x, y, m, tokenizer, ids, truncated=n > max_length) or ""
-            for x, y, m, n in zip(batch["input_ids"], batch["labels"], batch["messages"], batch["full_length"])
-        ]
-    }
+def audit_examples(
+    input_ids: list[list[int]], labels: list[list[int]], messages: list[list[dict]], truncated: list[bool],
+    tokenizer: Any, ids: SpecialIds,
+) -> list[str]:
+    """One problem string per example ("" when it holds); responses are decoded in one batched call."""
+    problems: list[str] = []
+    to_decode: list[list[int]] = []
+    expected: list[tuple[int, int, str]] = []  # (example, turn, response text)
+    for index, (x, y, conversation, cut) in enumerate(zip(input_ids, labels, messages, truncated)):
+        responses = [m["content"] for m in conversation if m["role"] == "assistant"]
+        spans = supervised_spans(y)
+        problems.append(structural_problem(x, y, spans, len(responses), ids, cut) or "")
+        if problems[-1]:
+            continue
+        for turn, ((start, end), response) in enumerate(zip(spans, responses)):
+            if not (cut and end == len(x)):  # a turn cut by max_length keeps only its start
+                to_decode.append(x[start : end - 1])
+                expected.append((index, turn, response.strip()))
+    decoded = decode_texts(tokenizer, to_decode) if to_decode else []
+    for text, (index, turn, response) in zip(decoded, expected):
+        if not problems[index] and text.strip() != response:
+            problems[index] = f"assistant turn {turn}: supervised tokens decode to {text.strip()[:60]!r}, not the response"
+    return problems
+
+
+def example_problem(
+    input_ids: list[int], labels: list[int], messages: list[dict], tokenizer: Any, ids: SpecialIds, truncated: bool
+) -> str | None:
+    """The first invariant one example breaks, or None."""
+    return audit_examples([input_ids], [labels], [messages], [truncated], tokenizer, ids)[0] or None

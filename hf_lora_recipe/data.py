@@ -1,63 +1,69 @@
 """Rows -> conversations -> token ids and labels, audited, exactly as the trainer consumes them.
 
-Every step is a batched ``datasets`` map over an Arrow-backed table, so a second run with the same data,
-tokenizer and settings reads the cache instead of re-tokenizing.
+One batched ``datasets`` map formats, tokenizes, masks, truncates and audits each row (OpenAssistant trees
+are first turned into conversations by a map over the whole table). Results are cached on disk under a
+key made of the input's fingerprint, this package's source, the tokenizer and the settings, so a second
+run with the same data reads the cache instead of re-tokenizing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from . import formats, oasst
-from .audit import audit_batch
+from .audit import audit_examples
 from .config import Recipe, RecipeError
 from .sources import Rows, load_rows
-from .template import IGNORE_INDEX, encode_conversations, special_ids
+from .template import IGNORE_INDEX, SpecialIds, encode_conversations, special_ids
 
 
 def _source_hash() -> str:
-    package = Path(__file__).parent
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
+    for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
-# datasets keys its cache on the mapped function by reference (module and name), not by its code, so our
-# source goes into the key: after an upgrade of this package no stale formatting or masking is reused.
 CODE_VERSION = _source_hash()
 
 
-def _call(values: Any, *indices: Any, step: Callable, step_kwargs: dict, code_version: str) -> Any:
-    return step(values, *indices, **step_kwargs)
+def tokenizer_digest(tokenizer: Any) -> str:
+    """A stable identity for a tokenizer: datasets' own hashing pickles it, which takes seconds per map."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        from datasets.fingerprint import Hasher
+
+        return Hasher.hash(tokenizer)
+    state = [backend.to_str(), type(tokenizer).__name__, tokenizer.chat_template, getattr(tokenizer, "legacy", None),
+             tokenizer.bos_token_id, tokenizer.eos_token_id]
+    return hashlib.sha256(json.dumps(state, default=str).encode()).hexdigest()
 
 
-def _map(dataset: Any, function: Callable, fn_kwargs: dict | None = None, **options: Any) -> Any:
+def _fingerprint(dataset: Any, step: Callable, key: dict) -> str:
+    # datasets keys its cache on a mapped function by module and name, not by its code, so our source is
+    # part of the key: after an upgrade of this package no stale formatting or masking is reused.
+    material = json.dumps([dataset._fingerprint, step.__qualname__, CODE_VERSION, key], sort_keys=True, default=str)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+PARALLEL_MIN_ROWS = 20_000  # below this, starting worker processes costs more than it saves
+
+
+def _map(dataset: Any, step: Callable, key: dict, fn_kwargs: dict, parallel: bool = True, **options: Any) -> Any:
+    # Rust tokenizes on every core, but formatting, auditing and Arrow writing are Python: worker
+    # processes give those the other cores too (1.3x on 2 cores for 52k Alpaca rows; benchmarks/).
+    workers = min(os.cpu_count() or 1, 8) if parallel and len(dataset) >= PARALLEL_MIN_ROWS else None
     return dataset.map(
-        _call, fn_kwargs={"step": function, "step_kwargs": fn_kwargs or {}, "code_version": CODE_VERSION}, **options
+        step, fn_kwargs=fn_kwargs, new_fingerprint=_fingerprint(dataset, step, key), num_proc=workers, **options
     )
-
-
-def _filter(dataset: Any, function: Callable, **options: Any) -> Any:
-    return dataset.filter(
-        _call, fn_kwargs={"step": function, "step_kwargs": {}, "code_version": CODE_VERSION}, **options
-    )
-
-
-def _is_good(problem: str) -> bool:
-    return problem == ""
-
-
-def _is_bad(problem: str) -> bool:
-    return problem != ""
-
-
-def _has_supervision(labels: list[int]) -> bool:
-    return any(y != IGNORE_INDEX for y in labels)
 
 
 @dataclass
@@ -70,133 +76,142 @@ class DataReport:
     total_tokens: int = 0
     supervised_tokens: int = 0
     truncated: int = 0
-    lengths: list[int] = field(default_factory=list)
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def mean_length(self) -> float:
         return self.total_tokens / max(self.examples_out, 1)
 
     def percentile(self, q: float) -> int:
-        ordered = sorted(self.lengths)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0
+        return int(np.percentile(self.lengths, 100 * q, method="lower")) if len(self.lengths) else 0
 
     def summary(self) -> str:
         dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
         return (
             f"data: {self.examples_in} examples in, {self.examples_out} kept (dropped: {dropped}); "
             f"tokens p50/p90/p99/max {self.percentile(0.5)}/{self.percentile(0.9)}/{self.percentile(0.99)}/"
-            f"{max(self.lengths, default=0)}; supervised {self.supervised_tokens / max(self.total_tokens, 1):.1%}; "
+            f"{self.lengths.max(initial=0)}; supervised {self.supervised_tokens / max(self.total_tokens, 1):.1%}; "
             f"truncated {self.truncated / max(self.examples_out, 1):.1%}"
         )
 
 
-def resolve_format(recipe: Recipe, columns: list[str]) -> str:
-    return formats.detect_format(columns) if recipe.dataset_format == "auto" else recipe.dataset_format
-
-
-def conversations(recipe: Recipe, rows: Rows) -> tuple[Any, Counter]:
-    """One ``messages`` list per example; bad rows stop the run (``on_bad_rows: error``) or are counted."""
-    columns = rows.dataset.column_names
-    dataset_format = resolve_format(recipe, columns)
-    formats.check_columns(columns, dataset_format, rows.sources[0])
-    if dataset_format == "oasst":
-        converted = _map(
-            rows.dataset,
-            formats.oasst_conversations,
-            batched=True,
-            batch_size=None,  # a tree's messages must be seen together
-            with_indices=True,
-            remove_columns=columns,
-            fn_kwargs={"flat": oasst.layout(columns) == "flat", "all_paths": recipe.oasst_all_paths,
-                       "languages": recipe.oasst_languages},
-            desc="Selecting OpenAssistant conversations",
-        )
-        where = lambda row: f"{rows.sources[0]} conversation {row}"  # noqa: E731
+def prepare_batch(
+    batch: dict[str, list], indices: list[int], dataset_format: str, tokenizer: Any, ids: SpecialIds, max_length: int
+) -> dict[str, list]:
+    """Rows -> conversation, tokens, labels, audit result and counts, for one batch."""
+    if dataset_format == "conversations":  # already converted (OpenAssistant trees)
+        converted = {"messages": batch["messages"], "problem": batch["problem"], "row": batch["row"]}
     else:
-        converted = _map(
-            rows.dataset,
-            formats.to_conversations,
-            batched=True,
-            with_indices=True,
-            remove_columns=columns,
-            fn_kwargs={"dataset_format": dataset_format},
-            desc=f"Formatting ({dataset_format})",
-        )
-        where = rows.origin
-    problems = Counter(p for p in converted["problem"] if p)
+        converted = formats.to_conversations(batch, indices, dataset_format)
+    good = [i for i, problem in enumerate(converted["problem"]) if not problem]
+    input_ids, labels = encode_conversations(tokenizer, [converted["messages"][i] for i in good], ids)
+    size = len(indices)
+    out: dict[str, list] = {**converted, "input_ids": [[] for _ in range(size)], "labels": [[] for _ in range(size)],
+                            "full_length": [0] * size, "num_supervised": [0] * size, "audit": [""] * size}
+    kept_for_audit = []
+    for i, x, y in zip(good, input_ids, labels):
+        out["full_length"][i] = len(x)
+        x, y = x[:max_length], y[:max_length]  # keep the start: the prompt gives the response its meaning
+        out["input_ids"][i], out["labels"][i] = x, y
+        out["num_supervised"][i] = len(y) - y.count(IGNORE_INDEX)
+        if out["num_supervised"][i]:
+            kept_for_audit.append(i)
+    audit = audit_examples(
+        [out["input_ids"][i] for i in kept_for_audit], [out["labels"][i] for i in kept_for_audit],
+        [out["messages"][i] for i in kept_for_audit], [out["full_length"][i] > max_length for i in kept_for_audit],
+        tokenizer, ids,
+    )
+    for i, problem in zip(kept_for_audit, audit):
+        out["audit"][i] = problem
+    return out
+
+
+def _keep(problems: list[str], num_supervised: list[int]) -> list[bool]:
+    return [not p and n > 0 for p, n in zip(problems, num_supervised)]
+
+
+def _column(dataset: Any, name: str) -> np.ndarray:
+    return dataset.data.column(name).to_numpy(zero_copy_only=False)
+
+
+def _first_with(dataset: Any, name: str) -> dict:
+    values = _column(dataset, name)
+    return dataset[int(np.flatnonzero(values != "")[0])]
+
+
+def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport]:
+    columns = rows.dataset.column_names
+    dataset_format = formats.detect_format(columns) if recipe.dataset_format == "auto" else recipe.dataset_format
+    formats.check_columns(columns, dataset_format, rows.sources[0])
+    source, where = rows.dataset, rows.origin
+    if dataset_format == "oasst":
+        flat = oasst.layout(columns) == "flat"
+        oasst_options = {"flat": flat, "all_paths": recipe.oasst_all_paths, "languages": recipe.oasst_languages}
+        source = _map(source, formats.oasst_conversations, oasst_options, oasst_options, parallel=False,
+                      batched=True, batch_size=None, with_indices=True, remove_columns=columns,
+                      desc="Selecting OpenAssistant conversations")  # a tree's messages must be seen together
+        where = lambda row: f"{rows.sources[0]} conversation {row}"  # noqa: E731
+        dataset_format, columns = "conversations", source.column_names
+    ids = special_ids(tokenizer)
+    key = {"format": dataset_format, "tokenizer": tokenizer_digest(tokenizer), "ids": ids, "max_length": recipe.max_length}
+    prepared = _map(source, prepare_batch, key,
+                    {"dataset_format": dataset_format, "tokenizer": tokenizer, "ids": ids, "max_length": recipe.max_length},
+                    batched=True, with_indices=True, remove_columns=columns, desc="Formatting, tokenizing, auditing")
+
+    report = DataReport()
+    problems = Counter(p for p in _column(prepared, "problem") if p)
+    report.examples_in = len(prepared)
     if problems and recipe.on_bad_rows == "error":
-        first = _filter(converted, _is_bad, input_columns="problem").select([0])[0]
+        first = _first_with(prepared, "problem")
         raise RecipeError(
             f"{where(first['row'])}: {first['problem']} ({sum(problems.values())} bad row(s) in all; "
             "fix them or set on_bad_rows: skip to drop and count them)"
         )
-    good = _filter(converted, _is_good, input_columns="problem", desc="Dropping bad rows") if problems else converted
-    return good.remove_columns("problem"), problems
+    report.dropped.update(problems)
+    cut = int(((_column(prepared, "problem") == "") & (_column(prepared, "num_supervised") == 0)).sum())
+    if cut:
+        report.dropped["response cut by max_length"] = cut
+    if (_column(prepared, "audit") != "").any():
+        from .preview import render_example
 
-
-def tokenize_batch(batch: dict[str, list], tokenizer: Any, ids: Any, max_length: int) -> dict[str, list]:
-    input_ids, labels = encode_conversations(tokenizer, batch["messages"], ids)
-    return {
-        "input_ids": [x[:max_length] for x in input_ids],  # keep the start: the prompt gives the response meaning
-        "labels": [y[:max_length] for y in labels],
-        "full_length": [len(x) for x in input_ids],
-    }
-
-
-def _render_problem(example: dict, tokenizer: Any) -> str:
-    from .preview import render_example
-
-    return render_example(example, tokenizer, color=False)
-
-
-def _require_examples(dataset: Any, recipe: Recipe) -> None:
+        failures = int((_column(prepared, "audit") != "").sum())
+        example = _first_with(prepared, "audit")
+        raise RecipeError(
+            f"label audit failed on {failures} example(s); first ({where(example['row'])}): {example['audit']}\n"
+            + render_example(example, tokenizer, color=False)
+        )
+    dataset = prepared
+    if problems or cut:
+        dataset = prepared.filter(_keep, input_columns=["problem", "num_supervised"], batched=True,
+                                  new_fingerprint=_fingerprint(prepared, _keep, {}), desc="Dropping")
     if len(dataset) == 0:
         raise RecipeError(f"no trainable examples left in {recipe.dataset_name} after preprocessing")
-
-
-def tokenize_and_audit(recipe: Recipe, tokenizer: Any, convs: Any, report: DataReport) -> Any:
-    _require_examples(convs, recipe)
-    ids = special_ids(tokenizer)
-    tokenized = _map(
-        convs,
-        tokenize_batch,
-        batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "ids": ids, "max_length": recipe.max_length},
-        desc="Tokenizing and masking",
-    )
-    kept = _filter(tokenized, _has_supervision, input_columns="labels", desc="Dropping fully cut examples")
-    if len(kept) < len(tokenized):
-        report.dropped["response cut by max_length"] += len(tokenized) - len(kept)
-    _require_examples(kept, recipe)
-    audited = _map(
-        kept,
-        audit_batch,
-        batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "ids": ids, "max_length": recipe.max_length},
-        desc="Auditing labels",
-    )
-    failures = [i for i, problem in enumerate(audited["audit"]) if problem]
-    if failures:
-        example = audited[failures[0]]
-        raise RecipeError(
-            f"label audit failed on {len(failures)} example(s); first (#{failures[0]}): {example['audit']}\n"
-            + _render_problem(example, tokenizer)
-        )
-    return audited.remove_columns("audit")
+    dataset = dataset.remove_columns(["problem", "audit", "row"])
+    full_length = _column(dataset, "full_length")
+    report.examples_out = len(dataset)
+    report.lengths = np.minimum(full_length, recipe.max_length)
+    report.total_tokens = int(report.lengths.sum())
+    report.supervised_tokens = int(_column(dataset, "num_supervised").sum())
+    report.truncated = int((full_length > recipe.max_length).sum())
+    return dataset, report
 
 
 def build_sft_dataset(recipe: Recipe, tokenizer: Any, rows: Rows | None = None) -> tuple[Any, DataReport]:
-    """The training examples: ``messages``, ``input_ids``, ``labels`` (``-100`` where masked), ``full_length``."""
-    rows = load_rows(recipe) if rows is None else rows
-    convs, problems = conversations(recipe, rows)
-    report = DataReport(examples_in=len(convs) + sum(problems.values()), dropped=Counter(problems))
-    dataset = tokenize_and_audit(recipe, tokenizer, convs, report)
-    report.examples_out = len(dataset)
-    report.lengths = [len(x) for x in dataset["input_ids"]]
-    report.total_tokens = sum(report.lengths)
-    report.supervised_tokens = sum(sum(1 for y in labels if y != IGNORE_INDEX) for labels in dataset["labels"])
-    report.truncated = sum(1 for n in dataset["full_length"] if n > recipe.max_length)
-    return dataset, report
+    """The training examples: ``messages``, ``input_ids``, ``labels`` (``-100`` where masked), and counts."""
+    return prepare(recipe, tokenizer, load_rows(recipe) if rows is None else rows)
+
+
+def conversations(recipe: Recipe, rows: Rows) -> Any:
+    """Just the conversations a recipe selects (no tokenizer): used to compare data layouts."""
+    columns = rows.dataset.column_names
+    if oasst.layout(columns) and recipe.dataset_format in ("oasst", "auto"):
+        options = {"flat": oasst.layout(columns) == "flat", "all_paths": recipe.oasst_all_paths,
+                   "languages": recipe.oasst_languages}
+        return rows.dataset.map(formats.oasst_conversations, fn_kwargs=options, batched=True, batch_size=None,
+                                with_indices=True, remove_columns=columns)
+    dataset_format = formats.detect_format(columns) if recipe.dataset_format == "auto" else recipe.dataset_format
+    return rows.dataset.map(formats.to_conversations, fn_kwargs={"dataset_format": dataset_format}, batched=True,
+                            with_indices=True, remove_columns=columns)
 
 
 def train_and_eval(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None, DataReport]:

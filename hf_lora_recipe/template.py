@@ -82,6 +82,27 @@ def conversation_chunks(messages: list[dict[str, str]]) -> list[tuple[str, str]]
     return chunks
 
 
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of plain text, special-token strings included as text; fast tokenizers go straight to Rust."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    previous = backend.encode_special_tokens
+    backend.encode_special_tokens = True  # text is data: a typed "</s>" is never the control token
+    try:
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = previous
+
+
+def decode_texts(tokenizer: Any, sequences: list[list[int]]) -> list[str]:
+    """``batch_decode`` with special tokens shown, without transformers' per-token Python conversion."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.clean_up_tokenization_spaces:
+        return tokenizer.batch_decode(sequences, skip_special_tokens=False)
+    return backend.decode_batch(sequences, skip_special_tokens=False)
+
+
 def encode_conversations(
     tokenizer: Any, conversations: list[list[dict[str, str]]], ids: SpecialIds
 ) -> tuple[list[list[int]], list[list[int]]]:
@@ -92,7 +113,7 @@ def encode_conversations(
     """
     per_conversation = [conversation_chunks(messages) for messages in conversations]
     texts = [text for chunks in per_conversation for _, text in chunks]
-    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
+    encoded = encode_texts(tokenizer, texts) if texts else []
     position = 0
     all_input_ids: list[list[int]] = []
     all_labels: list[list[int]] = []

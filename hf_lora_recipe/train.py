@@ -77,8 +77,13 @@ def run(recipe: Recipe) -> Path:
     from .data import train_and_eval
     from .tokenizer import tokenizer_for
 
+    import torch
+    from accelerate import PartialState
+
     tokenizer = tokenizer_for(recipe)
-    train_dataset, eval_dataset, report = train_and_eval(recipe, tokenizer)
+    # The main process fills the datasets cache; the other ranks then read it instead of racing to write it.
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+        train_dataset, eval_dataset, report = train_and_eval(recipe, tokenizer)
     log(report.summary())
     log(f"tokens per optimizer step ~ {report.mean_length * recipe.global_batch_size:,.0f} "
         f"({report.mean_length:.0f} mean x {recipe.global_batch_size})")

@@ -68,15 +68,15 @@ def test_invariants_hold_on_every_example(data_file, max_length, tokenizer):
 def test_oasst_trees_and_flat_give_the_same_conversations():
     for all_paths in (False, True):
         recipe = _recipe("x", dataset_format="oasst", oasst_all_paths=all_paths)
-        trees, _ = conversations(recipe, load_rows(_recipe(shared_asset("data/oasst2_trees_sample.jsonl"))))
-        flat, _ = conversations(recipe, load_rows(_recipe(shared_asset("data/oasst2_messages_sample.jsonl"))))
+        trees = conversations(recipe, load_rows(_recipe(shared_asset("data/oasst2_trees_sample.jsonl"))))
+        flat = conversations(recipe, load_rows(_recipe(shared_asset("data/oasst2_messages_sample.jsonl"))))
         assert trees["messages"] == flat["messages"] and len(trees) > 50
 
 
 def test_oasst_language_filter():
     rows = load_rows(_recipe(shared_asset("data/oasst2_trees_sample.jsonl")))
-    every, _ = conversations(_recipe("x", dataset_format="oasst"), rows)
-    english, _ = conversations(_recipe("x", dataset_format="oasst", oasst_languages=["en"]), rows)
+    every = conversations(_recipe("x", dataset_format="oasst"), rows)
+    english = conversations(_recipe("x", dataset_format="oasst", oasst_languages=["en"]), rows)
     assert 0 < len(english) < len(every)
 
 
