@@ -19,16 +19,15 @@ USAGE = "usage: hf-lora-recipe COMMAND [--config RECIPE.yaml] [--key value ...]\
 ) + "\n\n`hf-lora-recipe COMMAND --help` describes one command."
 
 
-def _train(argv: list[str]) -> int:
-    from .train import main
+def _command(module: str) -> Callable[[list[str]], int]:
+    """A command whose module (and its heavy imports) loads only when it runs."""
 
-    return main(argv)
+    def run(argv: list[str]) -> int:
+        import importlib
 
+        return importlib.import_module(f"hf_lora_recipe.{module}").main(argv)
 
-def _preview(argv: list[str]) -> int:
-    from .preview import main
-
-    return main(argv)
+    return run
 
 
 def _not_implemented(name: str) -> Callable[[list[str]], int]:
@@ -40,9 +39,12 @@ def _not_implemented(name: str) -> Callable[[list[str]], int]:
 
 
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
-    "train": _train,
-    "preview": _preview,
-    **{name: _not_implemented(name) for name in COMMANDS if name not in ("train", "preview")},
+    "train": _command("train"),
+    "preview": _command("preview"),
+    "merge": _command("merge"),
+    "push": _command("push"),
+    "generate": _command("generate"),
+    "plan": _not_implemented("plan"),
 }
 
 

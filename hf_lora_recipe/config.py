@@ -81,6 +81,9 @@ class Recipe:
     save_steps: int = 200
     save_total_limit: int = 2
     report_to: str = "none"
+    push_to_hub: bool = False  # push the adapter (not checkpoints) when training ends
+    hub_model_id: str | None = None
+    hub_private_repo: bool = False
 
 
 # Written to recipe.yaml under ``derived:`` for the record; re-derived (never read back) on the next run.
@@ -210,6 +213,8 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError("lora_target_modules is empty: LoRA would train nothing")
     if recipe.load_in_4bit and recipe.bnb_4bit_quant_type not in ("nf4", "fp4"):
         raise RecipeError(f"bnb_4bit_quant_type must be nf4 or fp4; got {recipe.bnb_4bit_quant_type!r}")
+    if recipe.push_to_hub and not recipe.hub_model_id:
+        raise RecipeError("push_to_hub: true needs hub_model_id (e.g. your-name/llama3-8b-alpaca-qlora)")
     if recipe.learning_rate <= 0:
         raise RecipeError(f"learning_rate must be positive; got {recipe.learning_rate}")
     # Divisibility for one process is checked here; the launcher's world size is checked again at train time.

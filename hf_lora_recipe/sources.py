@@ -50,3 +50,17 @@ def load_rows(recipe: Recipe, split: str | None = None) -> Rows:
     split = split or recipe.dataset_train_split
     dataset = load_dataset(recipe.dataset_name, recipe.dataset_config, split=split, revision=recipe.dataset_revision)
     return Rows(dataset, [f"{recipe.dataset_name}[{split}]"], [0])
+
+
+def dataset_version(recipe: Recipe) -> dict[str, str]:
+    """What exactly was trained on, for the model card: file hashes, or the Hub id and revision."""
+    import hashlib
+
+    path = Path(recipe.dataset_name)
+    if path.exists():
+        digest = hashlib.sha256()
+        for file in local_files(path):
+            digest.update(file.read_bytes())
+        return {"name": path.name, "version": f"local files, sha256 {digest.hexdigest()[:16]}"}
+    config = f", config {recipe.dataset_config}" if recipe.dataset_config else ""
+    return {"name": recipe.dataset_name, "version": f"revision {recipe.dataset_revision or 'main'}{config}"}

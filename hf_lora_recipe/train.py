@@ -107,27 +107,40 @@ def run(recipe: Recipe) -> Path:
     trainer.train()
 
     # --- Artifacts: staged, then published, by the main process only
-    from .artifacts import final_train_loss, publish_directory, remove_pickles, write_run_files
+    from .artifacts import final_losses, publish_directory, remove_pickles, write_run_files
+    from .card import library_versions
+    from .sources import dataset_version
     from .tokenizer import save_tokenizer
 
     output_dir = Path(recipe.output_dir)
     staging = output_dir / ".staging-final"
     trainer.save_model(str(staging))  # collective under FSDP/DeepSpeed: every rank calls it
+    if eval_dataset is not None:
+        trainer.evaluate()  # the final eval loss, logged like the others
     if trainer.is_world_process_zero():
         remove_pickles(staging)
         save_tokenizer(tokenizer, staging)
-        derived = {"gradient_accumulation_steps": accumulation, "world_size": world_size}
+        train_loss, eval_loss = final_losses(trainer.state.log_history)
         results = {
-            "final train loss": final_train_loss(trainer.state.log_history),
-            "final eval loss": trainer.evaluate()["eval_loss"] if eval_dataset is not None else "no held-out set",
+            "final train loss": train_loss,
+            "final eval loss": eval_loss if eval_dataset is not None else "no held-out set",
             "optimizer steps": trainer.state.global_step,
-            "examples": report.examples_out,
-            "training tokens (per epoch)": report.total_tokens,
+            "epochs": round(trainer.state.epoch or 0, 3),
+            "training examples": len(train_dataset),
+            "tokens per epoch (supervised)": f"{report.total_tokens:,} ({report.supervised_tokens:,})",
             "wall time (s)": round(time.time() - started, 1),
+            "dataset": dataset_version(recipe),
+            "libraries": library_versions(),
         }
-        write_run_files(staging, recipe, derived, results)
+        derived = {"gradient_accumulation_steps": accumulation, "world_size": world_size}
+        write_run_files(staging, recipe, derived, results, trainer.state.log_history)
         publish_directory(staging, output_dir)
         log(f"adapter written to {output_dir}")
+        if recipe.push_to_hub:
+            from .push import push
+
+            url = push(output_dir, recipe.hub_model_id, private=recipe.hub_private_repo)
+            log(f"pushed to {url}")
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

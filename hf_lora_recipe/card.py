@@ -1,0 +1,215 @@
+"""The model card (``README.md``) written into every adapter and merged-model directory.
+
+Rendered from ``recipe.yaml`` and ``training_results.json`` so that ``push`` can re-render it with the
+repo id in the load snippet. Imports nothing heavy: merge, push and generate use it without training code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RESULTS_FILE = "training_results.json"
+LOSS_PLOT = "training_loss.png"
+LIBRARIES = ("hf-lora-recipe", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
+EXAMPLE_PROMPT = "Give three tips for staying healthy."
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def base_model_license(base: str) -> str | None:
+    """The base's licence from its own model card, when it is on disk (a local dir or the HF cache)."""
+    card = Path(base) / "README.md"
+    if not card.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base, "README.md")
+            card = Path(cached) if isinstance(cached, str) else card
+        except Exception:  # noqa: BLE001 - an unknown licence is simply not stated
+            return None
+    if not card.is_file():
+        return None
+    match = re.match(r"^---\n(.*?)\n---", card.read_text(errors="replace"), re.S)
+    metadata = yaml.safe_load(match.group(1)) if match else None
+    return metadata.get("license") if isinstance(metadata, dict) else None
+
+
+def read_run(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(resolved recipe, training results) saved by a training run; empty dicts where absent."""
+    recipe_path, results_path = directory / "recipe.yaml", directory / RESULTS_FILE
+    recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else {}
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    return recipe or {}, results
+
+
+def _hyperparameters(recipe: dict[str, Any]) -> str:
+    derived = recipe.get("derived", {})
+    rows = [
+        ("LoRA r / alpha / dropout", f"{recipe['lora_r']} / {recipe['lora_alpha']} / {recipe['lora_dropout']}"),
+        ("target modules", ", ".join(recipe["lora_target_modules"])),
+        ("base quantization", f"bitsandbytes {recipe['bnb_4bit_quant_type']}, double quantization "
+         f"{recipe['use_bnb_nested_quant']}, compute {recipe['bnb_4bit_compute_dtype']}"
+         if recipe["load_in_4bit"] else "none (bf16/fp32 base)"),
+        ("optimizer", f"{recipe['optim']}, betas ({recipe['adam_beta1']}, {recipe['adam_beta2']}), "
+         f"weight decay {recipe['weight_decay']}, grad-norm clip {recipe['max_grad_norm']}"),
+        ("learning rate", f"{recipe['learning_rate']}, {recipe['lr_scheduler_type']}, warm-up {recipe['warmup_steps']}"),
+        ("global batch", f"{recipe['global_batch_size']} = micro-batch {recipe['per_device_train_batch_size']} x "
+         f"accumulation {derived.get('gradient_accumulation_steps', '?')} x {derived.get('world_size', '?')} processes"),
+        ("epochs / max steps", f"{recipe['num_train_epochs']} / {recipe['max_steps']}"),
+        ("max length", recipe["max_length"]),
+        ("precision / checkpointing", f"bf16 {recipe['bf16']} / gradient checkpointing {recipe['gradient_checkpointing']}"),
+        ("seed", recipe["seed"]),
+    ]
+    return "\n".join(f"| {name} | {value} |" for name, value in rows)
+
+
+def _results(results: dict[str, Any]) -> str:
+    shown = {k: v for k, v in results.items() if k not in ("dataset", "libraries")}
+    return "\n".join(f"| {name} | {value} |" for name, value in shown.items()) or "| (not recorded) | |"
+
+
+def _load_snippet(kind: str, location: str, base: str, load_in_4bit: bool) -> str:
+    prompt = (
+        'inputs = tokenizer.apply_chat_template(\n'
+        f'    [{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}],\n'
+        '    add_generation_prompt=True, return_tensors="pt", return_dict=True,\n'
+        ')\n'
+        'output = model.generate(**inputs, max_new_tokens=32)\n'
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))'
+    )
+    if kind == "merged":
+        return (
+            "import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model_id = "{location}"\n'
+            "tokenizer = AutoTokenizer.from_pretrained(model_id)\n"
+            "model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.bfloat16)\n" + prompt
+        )
+    quantized = (
+        "# Trained against an NF4 base: load it the same way for outputs closest to training\n"
+        "# (needs bitsandbytes), or drop quantization_config for a bf16 base.\n"
+        "quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\",\n"
+        "                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)\n"
+        if load_in_4bit else "quantization_config = None\n"
+    )
+    return (
+        "import torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig\n\n"
+        f'adapter = "{location}"\n'
+        + quantized
+        + f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.bfloat16, quantization_config=quantization_config)\n'
+        "model = PeftModel.from_pretrained(base, adapter)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(adapter)\n" + prompt
+    )
+
+
+def render_card(
+    recipe: dict[str, Any], results: dict[str, Any], location: str, kind: str = "adapter",
+    merge_base: str | None = None, has_plot: bool = False,
+) -> str:
+    """The README.md for an adapter (``kind="adapter"``) or a merged model (``kind="merged"``)."""
+    base = recipe.get("model_name_or_path", "unknown")
+    quantized = bool(recipe.get("load_in_4bit"))
+    # The Hub reads base_model and datasets as repo ids: local paths are named in the text, not the metadata.
+    metadata: dict[str, Any] = {}
+    if not Path(base).exists():
+        metadata["base_model"] = base
+    metadata["library_name"] = "peft" if kind == "adapter" else "transformers"
+    dataset_name = recipe.get("dataset_name", "unknown")
+    if not Path(dataset_name).exists():
+        metadata["datasets"] = [dataset_name]
+    license_name = base_model_license(base)
+    if license_name:
+        metadata["license"] = license_name
+    metadata["tags"] = ["qlora" if quantized else "lora", "sft", "trl", "hf-lora-recipe"] + (["merged"] if kind == "merged" else [])
+    dataset = results.get("dataset", {})
+    libraries = results.get("libraries", library_versions())
+    what = "LoRA adapter" if kind == "adapter" else "Merged model (base + LoRA adapter)"
+    merge_line = f"- merge base: **{merge_base}**\n" if merge_base else ""
+    plot = f"\n![training loss]({LOSS_PLOT})\n" if has_plot else ""
+    return f"""---
+{yaml.safe_dump(metadata, sort_keys=False).strip()}
+---
+
+# {what} for `{base}`
+
+{"QLoRA" if quantized else "LoRA"} supervised fine-tuning of `{base}` on `{recipe.get("dataset_name", "unknown")}`
+({recipe.get("dataset_format", "?")} format) with [hf-lora-recipe](https://pypi.org/project/hf-lora-recipe/):
+the base is frozen and low-rank adapters `W' = W0 + (alpha/r) B A` are trained on
+{", ".join(recipe.get("lora_target_modules", []))}. The full resolved recipe is in `recipe.yaml`.
+
+## Hyperparameters
+
+| setting | value |
+|---|---|
+{_hyperparameters(recipe) if recipe else "| (recipe.yaml not found) | |"}
+
+## Training results
+
+| metric | value |
+|---|---|
+{_results(results)}
+{plot}
+## Prompt template and loss masking
+
+Llama-2 format, saved as the tokenizer's chat template (`apply_chat_template` reproduces the training prompt
+token for token): `<s>[INST] {{user}} [/INST] {{assistant}} </s>`, multi-turn as
+`<s>[INST] u1 [/INST] a1 </s><s>[INST] u2 [/INST] a2 </s>`. The loss covers each assistant response and its
+closing EOS only; BOS, `[INST]`/`[/INST]` and user text are masked. Special-token strings inside the data
+were tokenized as text.
+
+## Provenance
+
+- dataset: `{dataset.get("name", recipe.get("dataset_name", "unknown"))}` ({dataset.get("version", "version not recorded")})
+{merge_line}- libraries: {", ".join(f"{k} {v}" for k, v in libraries.items())}
+
+## How to load
+
+```python
+{_load_snippet(kind, location, base, quantized)}
+```
+"""
+
+
+def write_card(directory: Path, location: str, kind: str = "adapter", merge_base: str | None = None) -> None:
+    recipe, results = read_run(directory)
+    card = render_card(recipe, results, location, kind, merge_base, has_plot=(directory / LOSS_PLOT).is_file())
+    (directory / "README.md").write_text(card)
+
+
+def plot_losses(log_history: list[dict[str, Any]], path: Path) -> bool:
+    """Training (and eval) loss against optimizer step, as a PNG; False when nothing was logged."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evaluation = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    axes.plot(*zip(*train), label="train loss")
+    if evaluation:
+        axes.plot(*zip(*evaluation), "o-", label="eval loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True

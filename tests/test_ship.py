@@ -1,0 +1,182 @@
+"""merge, generate and the model card on tiny models trained for a few steps through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from hf_lora_recipe.merge import merge
+
+from .conftest import CLI, run_cli
+
+NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+
+
+def _train(tiny_base: Path, alpaca_path: Path, output_dir: Path, *extra: str) -> Path:
+    result = run_cli(CLI, "train", "--model_name_or_path", str(tiny_base), "--dataset_name", str(alpaca_path),
+                     "--max_steps", "3", "--global_batch_size", "8", "--max_length", "96", "--logging_steps", "1",
+                     "--learning_rate", "1e-2", "--lora_dropout", "0", "--output_dir", str(output_dir), *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(tiny_base, alpaca_path, tmp_path_factory):
+    return _train(tiny_base, alpaca_path, tmp_path_factory.mktemp("qlora") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_base, alpaca_path, tmp_path_factory):
+    return _train(tiny_base, alpaca_path, tmp_path_factory.mktemp("lora") / "adapter",
+                  "--load_in_4bit", "false", "--bf16", "false")
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    torch.manual_seed(0)
+    return torch.randint(3, 32000, (2, 40))
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=inputs).logits.float()
+
+
+def test_lora_merge_equals_the_adapter_in_fp32(lora_adapter, tiny_base, inputs, tmp_path):
+    merged_dir = merge(str(lora_adapter), tmp_path / "merged", dtype="float32")
+    adapter_logits = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), lora_adapter), inputs)
+    base_logits = _logits(AutoModelForCausalLM.from_pretrained(tiny_base), inputs)
+    merged_logits = _logits(AutoModelForCausalLM.from_pretrained(merged_dir), inputs)
+    assert (adapter_logits - base_logits).abs().max() > 1e-3  # the adapter does something
+    assert (merged_logits - adapter_logits).abs().max() < 1e-4
+    tensors = {}
+    for shard in merged_dir.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    assert tensors and not [name for name in tensors if "lora_" in name]
+    names = {p.name for p in merged_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
+    assert json.loads((merged_dir / "generation_config.json").read_text())["eos_token_id"] == 2
+    reloaded = AutoTokenizer.from_pretrained(merged_dir)
+    assert reloaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                        add_generation_prompt=True) == "<s>[INST] hi [/INST]"
+
+
+def test_qlora_merge_into_dequantized_nf4_is_what_was_trained(qlora_adapter, tiny_base, inputs, tmp_path):
+    trained = _logits(PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=NF4, dtype=torch.bfloat16), qlora_adapter), inputs)
+    dequantized = merge(str(qlora_adapter), tmp_path / "dequantized", dtype="float32")  # the default for QLoRA
+    original = merge(str(qlora_adapter), tmp_path / "original", dtype="float32", merge_into="original")
+    diff_dequantized = (_logits(AutoModelForCausalLM.from_pretrained(dequantized), inputs) - trained).abs().max().item()
+    diff_original = (_logits(AutoModelForCausalLM.from_pretrained(original), inputs) - trained).abs().max().item()
+    print(f"\nmax |logit diff| vs adapter on NF4 base: dequantized {diff_dequantized:.4f}, original {diff_original:.4f}")
+    assert diff_dequantized < 2e-2  # bf16 compute in the NF4 reference
+    assert diff_dequantized * 4 < diff_original
+    assert "dequantized NF4 weights" in (dequantized / "README.md").read_text()
+
+
+def test_dequantized_merge_of_a_plain_lora_adapter_is_refused(lora_adapter, tmp_path):
+    result = run_cli(CLI, "merge", "--adapter", str(lora_adapter), "--output", str(tmp_path / "m"),
+                     "--merge_into", "dequantized")
+    assert result.returncode == 2 and "QLoRA" in result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_output_appears_atomically(lora_adapter, tmp_path, monkeypatch):
+    output = tmp_path / "merged"
+    merge(str(lora_adapter), output, dtype="float32")
+    before = (output / "model.safetensors").read_bytes()
+
+    def crash(self, *args, **kwargs):
+        (Path(args[0]) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge(str(lora_adapter), output, dtype="float32")
+    assert (output / "model.safetensors").read_bytes() == before  # the old model is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # and no half-written directory is left
+    with pytest.raises(RuntimeError):
+        merge(str(lora_adapter), tmp_path / "fresh", dtype="float32")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_model_card_metadata_and_its_load_snippet_runs(qlora_adapter, capsys):
+    card = (qlora_adapter / "README.md").read_text()
+    metadata = yaml.safe_load(re.match(r"^---\n(.*?)\n---", card, re.S).group(1))
+    assert metadata["library_name"] == "peft"
+    assert {"qlora", "sft", "trl", "hf-lora-recipe"} <= set(metadata["tags"])
+    for section in ("## Hyperparameters", "## Training results", "## Prompt template", "## Provenance", "## How to load"):
+        assert section in card
+    assert "| final train loss | " in card and "![training loss](training_loss.png)" in card
+    assert (qlora_adapter / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    exec(compile(snippet, "model-card-snippet", "exec"), {})  # noqa: S102 - the card's own code must run
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_card_metadata_names_hub_ids_only():
+    from hf_lora_recipe.card import render_card
+    from hf_lora_recipe.config import Recipe, recipe_to_dict
+
+    card = render_card(recipe_to_dict(Recipe()), {}, "me/adapter")
+    metadata = yaml.safe_load(re.match(r"^---\n(.*?)\n---", card, re.S).group(1))
+    assert metadata["base_model"] == "meta-llama/Meta-Llama-3-8B" and metadata["datasets"] == ["tatsu-lab/alpaca"]
+    assert 'adapter = "me/adapter"' in card
+
+
+@pytest.fixture(scope="module")
+def scripted_model(llama2_tokenizer, tmp_path_factory):
+    """A tiny Llama wired by hand: after ']' it says '▁Hello', after '▁Hello' it says EOS."""
+    from hf_lora_recipe.tiny import build_tiny_llama
+    from hf_lora_recipe.tokenizer import save_tokenizer
+
+    directory = build_tiny_llama(llama2_tokenizer, tmp_path_factory.mktemp("scripted"))
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    close_bracket = llama2_tokenizer.convert_tokens_to_ids("]")
+    hello = llama2_tokenizer.convert_tokens_to_ids("▁Hello")
+    with torch.no_grad():
+        for layer in model.model.layers:  # layers add nothing: the last hidden state is the token's embedding
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        embeddings.zero_()
+        embeddings[:, 2] = 1.0
+        embeddings[close_bracket] = torch.nn.functional.one_hot(torch.tensor(0), 64).float()
+        embeddings[hello] = torch.nn.functional.one_hot(torch.tensor(1), 64).float()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[hello, 0] = 10.0
+        model.lm_head.weight[2, 1] = 10.0  # EOS
+    model.save_pretrained(directory)
+    save_tokenizer(llama2_tokenizer, directory)
+    return directory
+
+
+def test_generate_streams_through_the_template_and_stops_at_eos(scripted_model):
+    result = run_cli(CLI, "generate", "--model", str(scripted_model), "--prompt", "Say hello", "--max_new_tokens", "20")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "Hello"  # one token, then EOS ended it long before 20 tokens
+
+
+def test_generate_with_an_adapter(scripted_model, tmp_path):
+    from peft import get_peft_model
+
+    from hf_lora_recipe.config import Recipe
+    from hf_lora_recipe.modeling import lora_config
+    from hf_lora_recipe.tokenizer import load_tokenizer, save_tokenizer
+
+    adapter_dir = tmp_path / "adapter"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(scripted_model), lora_config(Recipe()))
+    model.save_pretrained(adapter_dir)  # B = 0: the adapter model behaves exactly like the scripted base
+    save_tokenizer(load_tokenizer(str(scripted_model)), adapter_dir)
+    result = run_cli(CLI, "generate", "--adapter", str(adapter_dir), "--prompt", "Say hello", "--max_new_tokens", "20")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "Hello"
