@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", help="branch to push to (created if missing); default main")
     parser.add_argument("--commit_message")
+    parser.add_argument("--max_retries", type=int, default=4, help="retries of a transient HTTP failure (backoff 1, 2, 4, 8 s)")
     args = parser.parse_args(argv)
     try:
-        url = push(args.path, args.repo_id, args.private, args.revision, args.commit_message)
+        url = push(args.path, args.repo_id, args.private, args.revision, args.commit_message, attempts=args.max_retries + 1)
     except PushError as error:
         print(f"hf-lora-recipe push: error: {error}", file=sys.stderr)
         return 2
