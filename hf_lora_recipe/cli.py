@@ -30,21 +30,13 @@ def _command(module: str) -> Callable[[list[str]], int]:
     return run
 
 
-def _not_implemented(name: str) -> Callable[[list[str]], int]:
-    def command(argv: list[str]) -> int:
-        print(f"hf-lora-recipe {name}: {COMMANDS[name]}.\nnot implemented yet.", file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 3
-
-    return command
-
-
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "train": _command("train"),
     "preview": _command("preview"),
     "merge": _command("merge"),
     "push": _command("push"),
     "generate": _command("generate"),
-    "plan": _not_implemented("plan"),
+    "plan": _command("plan"),
 }
 
 

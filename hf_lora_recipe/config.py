@@ -57,6 +57,7 @@ class Recipe:
     oasst_languages: list[str] = field(default_factory=list)  # e.g. [en, de]; empty keeps every language
     oasst_all_paths: bool = False  # every root-to-leaf path instead of the best-ranked one
     max_length: int = 512
+    completion_only_loss: bool = True  # loss on responses + EOS only; false also trains on prompts (echoing)
     # --- Batch: the global batch is the recipe's; accumulation is derived from it and the world size
     global_batch_size: int = 128
     per_device_train_batch_size: int = 4

@@ -96,7 +96,8 @@ class DataReport:
 
 
 def prepare_batch(
-    batch: dict[str, list], indices: list[int], dataset_format: str, tokenizer: Any, ids: SpecialIds, max_length: int
+    batch: dict[str, list], indices: list[int], dataset_format: str, tokenizer: Any, ids: SpecialIds, max_length: int,
+    completion_only: bool = True,
 ) -> dict[str, list]:
     """Rows -> conversation, tokens, labels, audit result and counts, for one batch."""
     if dataset_format == "conversations":  # already converted (OpenAssistant trees)
@@ -105,6 +106,8 @@ def prepare_batch(
         converted = formats.to_conversations(batch, indices, dataset_format)
     good = [i for i, problem in enumerate(converted["problem"]) if not problem]
     input_ids, labels = encode_conversations(tokenizer, [converted["messages"][i] for i in good], ids)
+    if not completion_only:
+        labels = [list(x) for x in input_ids]
     size = len(indices)
     out: dict[str, list] = {**converted, "input_ids": [[] for _ in range(size)], "labels": [[] for _ in range(size)],
                             "full_length": [0] * size, "num_supervised": [0] * size, "audit": [""] * size}
@@ -114,7 +117,7 @@ def prepare_batch(
         x, y = x[:max_length], y[:max_length]  # keep the start: the prompt gives the response its meaning
         out["input_ids"][i], out["labels"][i] = x, y
         out["num_supervised"][i] = len(y) - y.count(IGNORE_INDEX)
-        if out["num_supervised"][i]:
+        if out["num_supervised"][i] and completion_only:  # the audit checks the masking policy
             kept_for_audit.append(i)
     audit = audit_examples(
         [out["input_ids"][i] for i in kept_for_audit], [out["labels"][i] for i in kept_for_audit],
@@ -153,9 +156,10 @@ def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport
         where = lambda row: f"{rows.sources[0]} conversation {row}"  # noqa: E731
         dataset_format, columns = "conversations", source.column_names
     ids = special_ids(tokenizer)
-    key = {"format": dataset_format, "tokenizer": tokenizer_digest(tokenizer), "ids": ids, "max_length": recipe.max_length}
-    prepared = _map(source, prepare_batch, key,
-                    {"dataset_format": dataset_format, "tokenizer": tokenizer, "ids": ids, "max_length": recipe.max_length},
+    options = {"dataset_format": dataset_format, "ids": ids, "max_length": recipe.max_length,
+               "completion_only": recipe.completion_only_loss}
+    key = {**options, "tokenizer": tokenizer_digest(tokenizer)}
+    prepared = _map(source, prepare_batch, key, {**options, "tokenizer": tokenizer},
                     batched=True, with_indices=True, remove_columns=columns, desc="Formatting, tokenizing, auditing")
 
     report = DataReport()

@@ -1,0 +1,503 @@
+"""``hf-lora-recipe plan``: parameters, memory, time and pitfalls of a recipe, from ``config.json`` alone.
+
+    hf-lora-recipe plan --config R.yaml [--model_config PATH_OR_REPO] [--gpu NAME] [--gpu_memory_gb G]
+                        [--num_gpus N] [--mfu F] [--json]
+
+No weights are read. The model is built on the meta device from its config and the recipe's real
+``LoraConfig`` is applied with PEFT, so parameter counts are exact for any architecture transformers
+knows. Memory and time are estimates from the formulas below, each stated in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import SEED_TARGET_MODULES, Recipe, RecipeError, load_recipe, parse_cli_overrides
+
+GIB = 1024**3
+
+# name -> (memory GiB, dense bf16 peak TFLOP/s without sparsity, bf16 support)
+GPUS: dict[str, tuple[float, float]] = {
+    "A100-40": (40, 312.0),
+    "A100-80": (80, 312.0),
+    "H100": (80, 989.4),
+    "H200": (141, 989.4),
+    "L4": (24, 121.0),
+    "A10G": (24, 125.0),
+    "RTX3090": (24, 71.0),
+    "RTX4090": (24, 165.2),
+    "24GB": (24, 165.2),
+}
+CUDA_CONTEXT_GIB = 1.0  # CUDA context, cuBLAS workspace and allocator slack: a stated allowance
+NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit block sizes (weights, then the double-quantized absmax)
+TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 8192  # TRL's fused LM head works on tiles, never the full logits
+ALPACA_ESTIMATE = (52_002, 197)  # rows; mean tokens/example (Llama-2 tokenizer on the 999-row sample, max 512)
+MASK_BYTES = 1  # dropout keeps a bool mask per element it drops from
+
+
+@dataclass
+class Shape:
+    """What the memory and FLOPs formulas need, read off the meta-device model."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_dim: int
+    vocab: int
+    quantizable: int  # nn.Linear weights inside the decoder layers: what bitsandbytes quantizes
+    quantizable_tensors: list[int]  # numel of each, for the exact NF4 block count
+    unquantized: int  # embeddings, LM head, norms, biases: left in 16/32-bit
+    largest_layer: int  # params of one decoder layer (FSDP gathers one at a time)
+    lora_inputs_per_layer: int  # sum of in_features over adapted modules of one layer
+    lora_modules_per_layer: int
+    lora_by_module: dict[str, int] = field(default_factory=dict)
+    trainable: int = 0
+    total: int = 0
+    unmatched_targets: list[str] = field(default_factory=list)
+
+
+def read_config(model_config: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    path = Path(model_config)
+    if path.is_file():
+        path = path.parent
+    return AutoConfig.from_pretrained(str(path) if path.exists() else model_config, trust_remote_code=trust_remote_code)
+
+
+def measure_shape(config: Any, recipe: Recipe) -> Shape:
+    """Build the model and its adapter on the meta device and count, module by module."""
+    import torch
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import lora_config
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unmatched = [t for t in recipe.lora_target_modules if t not in names]
+    layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else None
+    if layers is None:
+        raise RecipeError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
+    quantizable = [m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    total_base = sum(p.numel() for p in model.parameters())
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    adapted = [
+        (name.rsplit(".", 1)[-1], module.in_features)
+        for name, module in layers[0].named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in recipe.lora_target_modules
+    ]
+    shape = Shape(
+        layers=len(layers), hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        heads=heads, kv_dim=kv_heads * head_dim, vocab=text.vocab_size, quantizable=sum(quantizable),
+        quantizable_tensors=quantizable, unquantized=total_base - sum(quantizable),
+        largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+        lora_inputs_per_layer=sum(in_features for _, in_features in adapted), lora_modules_per_layer=len(adapted),
+        unmatched_targets=unmatched,
+    )
+    if unmatched:
+        return shape
+    with init_empty_weights():
+        peft_model = get_peft_model(model, lora_config(recipe))
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            module_type = name.split(".lora_")[0].rsplit(".", 1)[-1]
+            shape.lora_by_module[module_type] = shape.lora_by_module.get(module_type, 0) + param.numel()
+    shape.trainable = sum(shape.lora_by_module.values())
+    shape.total = total_base + shape.trainable
+    return shape
+
+
+# ---------------------------------------------------------------- memory
+
+
+def nf4_bytes(numels: list[int], double_quant: bool) -> int:
+    """Packed 4-bit weights plus their quantization constants, as bitsandbytes allocates them."""
+    total = 0
+    for n in numels:
+        blocks = math.ceil(n / NF4_BLOCK)
+        total += math.ceil(n / 2) + 4 * 16  # packed weights; the 16-value NF4 code table each module keeps
+        if double_quant:  # absmax as uint8, re-quantized in blocks of 256: fp32 constants, offset, 256-entry code
+            total += blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + 4 * 256
+        else:
+            total += 4 * blocks
+    return total
+
+
+def activation_bytes_per_token(shape: Shape, recipe: Recipe, fp32_residual: bool) -> tuple[float, float]:
+    """(saved per decoder layer, saved by the final norm) bytes per token, for a Llama-style layer under the recipe's precision.
+
+    Counted tensor by tensor from what autograd keeps for backward (matches saved-tensor measurements of
+    tiny models on CPU within a few percent; tests/test_plan.py): RMSNorm keeps its fp32 input and output,
+    each projection its input (bitsandbytes casts separately per module; dense bf16 projections share
+    one cast), LoRA its dropout mask, dropped input and rank-r intermediate, RoPE its rotated halves,
+    SDPA q/k/v/out and the log-sum-exp, SwiGLU gate, up and activation.
+    """
+    h, kv, inter, r = shape.hidden, shape.kv_dim, shape.intermediate, recipe.lora_r
+    act = 2 if recipe.bf16 else 4
+    norm = (8 * h + 4) if fp32_residual else (6 * h + 4)
+    if recipe.load_in_4bit:
+        projection_inputs = act * (3 * h + h + 2 * h + inter)
+    else:
+        projection_inputs = act * (h + h + h + inter)
+    lora_inputs = shape.lora_inputs_per_layer
+    dropout = (MASK_BYTES + act) * lora_inputs if recipe.lora_dropout > 0 else 0
+    lora = dropout + act * r * shape.lora_modules_per_layer
+    rotary = 2 * act * (h + kv)
+    attention = act * (2 * h + 2 * kv) + 4 * shape.heads
+    mlp = 3 * act * inter
+    final_norm = 4 * h + 4  # its frozen weight needs no saved input: the fp32 input and the rsqrt
+    return 2 * norm + projection_inputs + lora + rotary + attention + mlp, final_norm
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU, by component."""
+
+    quantized_weights: int
+    unquantized_weights: int
+    adapter: int
+    gradients: int
+    optimizer: int
+    activations: int
+    loss_buffers: int
+    cuda_context: int
+
+    @property
+    def total(self) -> int:
+        return sum(dataclasses.asdict(self).values())
+
+
+def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, strategy: str = "ddp") -> Memory:
+    """Peak memory per GPU at ``micro_batch`` x ``max_length`` tokens; strategy ddp, fsdp or zero3."""
+    tokens = micro_batch * recipe.max_length
+    dense_bytes = 2 if recipe.bf16 else 4
+    sharded = strategy in ("fsdp", "zero3") and num_gpus > 1
+    # One process per GPU: PEFT's k-bit preparation upcasts embeddings, LM head and norms to fp32, and the
+    # residual stream follows. Sharded QLoRA keeps every unquantized tensor in bf16, one dtype to flatten.
+    fp32_residual = (recipe.load_in_4bit and not sharded) or not recipe.bf16
+    if recipe.load_in_4bit:
+        quantized = nf4_bytes(shape.quantizable_tensors, recipe.use_bnb_nested_quant)
+        unquantized = (4 if fp32_residual else 2) * shape.unquantized
+    else:
+        quantized = 0
+        unquantized = dense_bytes * (shape.quantizable + shape.unquantized)
+    adapter = 4 * shape.trainable  # PEFT keeps adapter weights in fp32
+    gradients = 4 * shape.trainable
+    optimizer = 8 * shape.trainable + 4 * 2 * shape.lora_modules_per_layer * shape.layers  # exp_avg, exp_avg_sq, step
+    per_layer, final_norm = activation_bytes_per_token(shape, recipe, fp32_residual)
+    residual = 4 if fp32_residual else 2
+    if recipe.gradient_checkpointing:
+        # layer inputs kept for every layer, plus one layer recomputed in full during its backward
+        activations = tokens * (shape.layers * shape.hidden * residual + final_norm + per_layer)
+    else:
+        activations = tokens * (shape.layers * per_layer + final_norm)
+    tile = min(tokens, TRL_TILE_TOKENS) * min(shape.vocab, TRL_TILE_VOCAB) * 4
+    loss_buffers = 2 * tile + tokens * 4 * 4  # forward and backward tiles, per-token log-prob/entropy stats
+    if sharded:
+        layer_bytes = nf4_bytes([shape.largest_layer], recipe.use_bnb_nested_quant) if recipe.load_in_4bit \
+            else shape.largest_layer * dense_bytes
+        gathered = 2 * layer_bytes  # the layer being computed and the one prefetched, unsharded
+        quantized, unquantized = quantized // num_gpus, unquantized // num_gpus + gathered
+        adapter, gradients, optimizer = adapter // num_gpus, gradients // num_gpus, optimizer // num_gpus
+    return Memory(quantized, unquantized, adapter, gradients, optimizer, int(activations), int(loss_buffers),
+                  int(CUDA_CONTEXT_GIB * GIB))
+
+
+def largest_fitting_micro_batch(shape: Shape, recipe: Recipe, limit_bytes: float, num_gpus: int, strategy: str) -> int | None:
+    per_gpu_batch = recipe.global_batch_size // num_gpus
+    fitting = [
+        mb for mb in range(1, per_gpu_batch + 1)
+        if per_gpu_batch % mb == 0 and memory(shape, recipe, mb, num_gpus, strategy).total <= limit_bytes
+    ]
+    return max(fitting) if fitting else None
+
+
+# ---------------------------------------------------------------- time
+
+
+def flops_per_token(shape: Shape, recipe: Recipe) -> dict[str, float]:
+    """Forward, activation-gradient backward (frozen weights get no weight gradient), recompute, LoRA, attention."""
+    dense = 2 * (shape.quantizable + shape.vocab * shape.hidden)  # every matmul weight once, LM head included
+    attention = 2 * 2 * shape.layers * shape.hidden * (recipe.max_length / 2)  # QK^T and AV, causal average
+    lora = 2 * recipe.lora_r * shape.layers * (shape.lora_inputs_per_layer + _lora_outputs(shape, recipe))
+    terms = {
+        "forward": dense + attention + lora,
+        "backward (activation gradients)": dense + 2 * attention + 2 * lora,  # + LoRA weight gradients
+        "recompute (checkpointing)": (dense - 2 * shape.vocab * shape.hidden + attention + lora)
+        if recipe.gradient_checkpointing else 0.0,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def _lora_outputs(shape: Shape, recipe: Recipe) -> int:
+    per_layer_trainable = shape.trainable // max(shape.layers, 1)
+    return per_layer_trainable // max(recipe.lora_r, 1) - shape.lora_inputs_per_layer
+
+
+# ---------------------------------------------------------------- seed traceability and lints
+
+
+def library_defaults() -> dict[str, Any]:
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import SFTConfig
+
+    def defaults(cls: Any) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+    import inspect
+
+    bnb = {k: v.default for k, v in inspect.signature(BitsAndBytesConfig.__init__).parameters.items() if k != "self"}
+    return {"SFTConfig": defaults(SFTConfig), "LoraConfig": defaults(LoraConfig), "BitsAndBytesConfig": bnb}
+
+
+SEED_MAP = [
+    # (seed hyperparameter, recipe key, library field, seed value)
+    ("LoRA rank", "lora_r", ("LoraConfig", "r"), 16),
+    ("LoRA alpha = 2r", "lora_alpha", ("LoraConfig", "lora_alpha"), 32),
+    ("LoRA dropout", "lora_dropout", ("LoraConfig", "lora_dropout"), 0.05),
+    ("targets: all seven projections", "lora_target_modules", ("LoraConfig", "target_modules"), SEED_TARGET_MODULES),
+    ("peak learning rate", "learning_rate", ("SFTConfig", "learning_rate"), 3e-4),
+    ("cosine decay to 0", "lr_scheduler_type", ("SFTConfig", "lr_scheduler_type"), "cosine"),
+    ("epochs", "num_train_epochs", ("SFTConfig", "num_train_epochs"), 3.0),
+    ("AdamW beta1", "adam_beta1", ("SFTConfig", "adam_beta1"), 0.9),
+    ("AdamW beta2", "adam_beta2", ("SFTConfig", "adam_beta2"), 0.999),
+    ("weight decay", "weight_decay", ("SFTConfig", "weight_decay"), 0.0),
+    ("grad-norm clip", "max_grad_norm", ("SFTConfig", "max_grad_norm"), 1.0),
+    ("micro-batch", "per_device_train_batch_size", ("SFTConfig", "per_device_train_batch_size"), 4),
+    ("global batch 128 (accumulation derived)", "global_batch_size", ("SFTConfig", "global batch"), 128),
+    ("bf16", "bf16", ("SFTConfig", "bf16"), True),
+    ("gradient checkpointing", "gradient_checkpointing", ("SFTConfig", "gradient_checkpointing"), True),
+    ("base in 4-bit", "load_in_4bit", ("BitsAndBytesConfig", "load_in_4bit"), True),
+    ("NF4", "bnb_4bit_quant_type", ("BitsAndBytesConfig", "bnb_4bit_quant_type"), "nf4"),
+    ("double quantization", "use_bnb_nested_quant", ("BitsAndBytesConfig", "bnb_4bit_use_double_quant"), True),
+    ("bf16 compute dtype", "bnb_4bit_compute_dtype", ("BitsAndBytesConfig", "bnb_4bit_compute_dtype"), "bfloat16"),
+    ("max length", "max_length", ("SFTConfig", "max_length"), 512),
+]
+
+
+def traceability(recipe: Recipe) -> list[dict[str, Any]]:
+    defaults = library_defaults()
+    sft = defaults["SFTConfig"]
+    # TRL has no global batch: it is micro-batch x accumulation x processes, 8 x 1 x 1 by default
+    sft["global batch"] = sft["per_device_train_batch_size"] * sft["gradient_accumulation_steps"]
+    rows = []
+    for seed_name, key, (library, library_field), seed_value in SEED_MAP:
+        value = getattr(recipe, key)
+        library_default = defaults[library].get(library_field)
+        rows.append({
+            "seed": seed_name, "field": f"{library}.{library_field}", "value": value, "seed_value": seed_value,
+            "library_default": library_default, "differs_from_seed": value != seed_value,
+            "differs_from_library_default": value != library_default,
+        })
+    return rows
+
+
+@dataclass
+class Lint:
+    level: str  # "warning" or "error"
+    message: str
+    fix: str
+
+
+def lints(recipe: Recipe, shape: Shape, num_gpus: int, gpu_bf16: bool = True,
+          truncated_share: float | None = None, pad_masks_eos: bool = False) -> list[Lint]:
+    found: list[Lint] = []
+    if shape.unmatched_targets:
+        found.append(Lint("error", f"target module(s) {shape.unmatched_targets} match no module of this model",
+                          "use the model's projection names (e.g. q_proj, v_proj for Llama)"))
+    if recipe.lora_alpha == recipe.lora_r:
+        found.append(Lint("warning", f"lora_alpha == lora_r ({recipe.lora_r}): scale alpha/r = 1 under-uses the adapter",
+                          f"set lora_alpha: {2 * recipe.lora_r} (2r, the seed's choice)"))
+    if set(recipe.lora_target_modules) <= {"q_proj", "v_proj"}:
+        found.append(Lint("warning", "only q_proj/v_proj are adapted: underfits instruction following",
+                          f"target all seven projections: {', '.join(SEED_TARGET_MODULES)}"))
+    if not recipe.bf16 and gpu_bf16:
+        found.append(Lint("warning", "bf16 is off on a bf16-capable GPU: fp32 compute is slower and larger, fp16 overflows",
+                          "set bf16: true"))
+    if recipe.load_in_4bit and recipe.bnb_4bit_compute_dtype != "bfloat16":
+        found.append(Lint("warning", f"NF4 with compute dtype {recipe.bnb_4bit_compute_dtype}", "set bnb_4bit_compute_dtype: bfloat16"))
+    if not recipe.completion_only_loss:
+        found.append(Lint("warning", "completion_only_loss is off: the prompt is trained on, so the model learns to echo instructions",
+                          "set completion_only_loss: true"))
+    if pad_masks_eos:
+        found.append(Lint("warning", "the pad token is the EOS token and the collator masks pad positions: EOS is never supervised",
+                          "give the tokenizer a distinct pad token (or build labels before padding, as this package does)"))
+    if not 1e-5 <= recipe.learning_rate <= 1e-3:
+        found.append(Lint("warning", f"learning_rate {recipe.learning_rate:g} is outside the usual LoRA range 1e-5..1e-3",
+                          "the seed uses 3e-4 (LoRA tolerates ~10x the full fine-tuning rate)"))
+    if recipe.global_batch_size % (recipe.per_device_train_batch_size * num_gpus):
+        found.append(Lint("error", f"global_batch_size {recipe.global_batch_size} is not divisible by micro-batch "
+                          f"{recipe.per_device_train_batch_size} x {num_gpus} GPUs", "change the micro-batch or GPU count"))
+    if truncated_share is not None and truncated_share > 0.05:
+        found.append(Lint("warning", f"max_length {recipe.max_length} truncates {truncated_share:.1%} of examples' responses",
+                          "raise max_length or filter long examples"))
+    return found
+
+
+def collator_masks_eos(tokenizer: Any) -> bool:
+    """Run the real collator on one example whose pad token is EOS: is the final EOS still supervised?"""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    eos = tokenizer.eos_token_id
+    batch = collator([{"input_ids": [5, 6, eos], "labels": [-100, 6, eos]}, {"input_ids": [5], "labels": [-100]}])
+    return int(batch["labels"][0, 2]) != eos
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB", gpu_memory_gb: float | None = None,
+              num_gpus: int = 1, mfu: float = 0.4) -> dict[str, Any]:
+    if gpu not in GPUS:
+        raise RecipeError(f"unknown --gpu {gpu!r}; one of {', '.join(GPUS)} (or give --gpu_memory_gb)")
+    memory_gib, peak_tflops = GPUS[gpu]
+    memory_gib = gpu_memory_gb or memory_gib
+    config = read_config(model_config or recipe.model_name_or_path, recipe.trust_remote_code)
+    shape = measure_shape(config, recipe)
+    data = token_counts(recipe)
+    plan: dict[str, Any] = {"model": model_config or recipe.model_name_or_path, "gpu": gpu, "gpu_memory_gib": memory_gib,
+                            "num_gpus": num_gpus}
+    plan["parameters"] = {"total": shape.total, "trainable": shape.trainable,
+                          "trainable_share": shape.trainable / max(shape.total - shape.trainable, 1),
+                          "by_module": shape.lora_by_module}
+    plan["adapter_file_bytes"] = 4 * shape.trainable  # saved in fp32, as PEFT keeps it
+    strategies = ["ddp"] + (["fsdp", "zero3"] if num_gpus > 1 else [])
+    limit = memory_gib * GIB
+    plan["memory"] = {}
+    for strategy in strategies:
+        if shape.unmatched_targets:
+            break
+        estimate = memory(shape, recipe, recipe.per_device_train_batch_size, num_gpus, strategy)
+        other = dataclasses.replace(recipe, gradient_checkpointing=not recipe.gradient_checkpointing)
+        plan["memory"][strategy] = {
+            "bytes": dataclasses.asdict(estimate), "total_bytes": estimate.total, "fits": estimate.total <= limit,
+            f"total_bytes_{'without' if recipe.gradient_checkpointing else 'with'}_checkpointing":
+                memory(shape, other, recipe.per_device_train_batch_size, num_gpus, strategy).total,
+            "nf4_bytes_without_double_quant": nf4_bytes(shape.quantizable_tensors, False) // (num_gpus if strategy != "ddp" else 1)
+                if recipe.load_in_4bit else 0,
+            "largest_micro_batch": largest_fitting_micro_batch(shape, recipe, limit, num_gpus, strategy),
+        }
+    flops = flops_per_token(shape, recipe) if not shape.unmatched_targets else {"total": 0.0}
+    plan["flops_per_token"] = flops
+    epochs = recipe.num_train_epochs
+    if data["examples"]:
+        steps_per_epoch = math.ceil(data["examples"] / recipe.global_batch_size)
+        steps = recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * epochs)
+        tokens = data["tokens"] * (steps / steps_per_epoch)
+        seconds = tokens * flops["total"] / (peak_tflops * 1e12 * mfu * num_gpus)
+        plan["schedule"] = {**data, "steps_per_epoch": steps_per_epoch, "optimizer_steps": steps,
+                            "training_tokens": int(tokens), "peak_tflops": peak_tflops, "mfu": mfu,
+                            "hours": seconds / 3600}
+    else:
+        plan["schedule"] = {**data, "hours": None}
+    plan["seed_traceability"] = traceability(recipe)
+    plan["lints"] = [dataclasses.asdict(l) for l in lints(
+        recipe, shape, num_gpus, truncated_share=data.get("truncated_share"), pad_masks_eos=data.get("pad_masks_eos", False))]
+    return plan
+
+
+def token_counts(recipe: Recipe) -> dict[str, Any]:
+    """Exact counts from the real preprocessing for a local dataset; else an estimate, stated as such."""
+    if Path(recipe.dataset_name).exists():
+        from .data import build_sft_dataset
+        from .tokenizer import tokenizer_for
+
+        tokenizer = tokenizer_for(recipe)
+        dataset, report = build_sft_dataset(recipe, tokenizer)
+        return {"source": "exact (real preprocessing)", "examples": report.examples_out, "tokens": report.total_tokens,
+                "truncated_share": report.truncated / max(report.examples_out, 1),
+                "pad_masks_eos": collator_masks_eos(tokenizer)}
+    if recipe.dataset_name == "tatsu-lab/alpaca":
+        rows, mean = ALPACA_ESTIMATE
+        return {"source": f"estimate: {rows:,} rows x ~{mean} tokens (Llama-2 tokenizer on the Alpaca sample)",
+                "examples": rows, "tokens": rows * min(mean, recipe.max_length)}
+    return {"source": "unknown: point dataset_name at a local copy for exact counts", "examples": None, "tokens": None}
+
+
+# ---------------------------------------------------------------- output
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def render(plan: dict[str, Any]) -> str:
+    p = plan["parameters"]
+    lines = [f"plan for {plan['model']} on {plan['num_gpus']} x {plan['gpu']} ({plan['gpu_memory_gib']:g} GiB)", ""]
+    lines.append(f"parameters     total {p['total']:,}; trainable {p['trainable']:,} ({p['trainable_share']:.3%} of the base)")
+    for module, count in p["by_module"].items():
+        lines.append(f"  {module:<13}{count:>14,}")
+    lines.append(f"adapter file   {_gib(plan['adapter_file_bytes'])} (fp32 safetensors)")
+    for strategy, m in plan["memory"].items():
+        lines.append("")
+        lines.append(f"memory per GPU ({strategy}), micro-batch x max_length as in the recipe:")
+        for name, value in m["bytes"].items():
+            lines.append(f"  {name:<22}{_gib(value):>12}")
+        lines.append(f"  {'total':<22}{_gib(m['total_bytes']):>12}   -> {'FITS' if m['fits'] else 'DOES NOT FIT'}")
+        for key, value in m.items():
+            if key.startswith("total_bytes_with"):
+                lines.append(f"  ({key.removeprefix('total_bytes_').replace('_', ' ')}: {_gib(value)})")
+        if m["nf4_bytes_without_double_quant"]:
+            lines.append(f"  (NF4 without double quantization: {_gib(m['nf4_bytes_without_double_quant'])})")
+        lines.append(f"  largest micro-batch that fits: {m['largest_micro_batch']}")
+    s = plan["schedule"]
+    lines += ["", f"data           {s['source']}"]
+    if s.get("hours") is not None:
+        lines.append(f"  {s['examples']:,} examples, {s['steps_per_epoch']} steps/epoch, {s['optimizer_steps']} optimizer steps, "
+                     f"{s['training_tokens']:,} training tokens")
+        lines.append(f"time           {plan['flops_per_token']['total'] / 1e9:.1f} GFLOP/token at {s['peak_tflops']:g} TFLOP/s "
+                     f"x MFU {s['mfu']:g} x {plan['num_gpus']} GPU(s): {s['hours']:.1f} h")
+    lines += ["", "seed traceability (* differs from the seed, ! differs from the library default):"]
+    for row in plan["seed_traceability"]:
+        marks = ("*" if row["differs_from_seed"] else " ") + ("!" if row["differs_from_library_default"] else " ")
+        value = ",".join(row["value"]) if isinstance(row["value"], list) else row["value"]
+        lines.append(f"  {marks} {row['seed']:<40} {row['field']:<45} {value!s:<14} (library default {row['library_default']!s})")
+    lines += ["", "lints:" if plan["lints"] else "lints: none"]
+    for lint in plan["lints"]:
+        lines.append(f"  {lint['level'].upper()}: {lint['message']}\n      fix: {lint['fix']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-lora-recipe plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_config", help="config.json, a folder with one, or a Hub id (default: the recipe's model)")
+    parser.add_argument("--gpu", default="24GB", help=f"one of {', '.join(GPUS)}")
+    parser.add_argument("--gpu_memory_gb", type=float, help="override the GPU's memory (GiB)")
+    parser.add_argument("--num_gpus", type=int, default=1)
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the time estimate")
+    parser.add_argument("--json", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config_path, overrides = parse_cli_overrides(rest)
+        recipe = load_recipe(config_path, overrides)
+        plan = make_plan(recipe, args.model_config, args.gpu, args.gpu_memory_gb, args.num_gpus, args.mfu)
+    except RecipeError as error:
+        print(f"hf-lora-recipe plan: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, default=str) if args.json else render(plan))
+    return 1 if any(l["level"] == "error" for l in plan["lints"]) else 0
