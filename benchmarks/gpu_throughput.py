@@ -142,6 +142,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--variants", action="store_true",
+                        help="also micro-batch 4 without gradient checkpointing, and bf16 LoRA (no quantization)")
     args = parser.parse_args()
 
     import torch
@@ -177,6 +179,34 @@ def main() -> int:
         print(f"micro-batch {micro_batch}: peak {peak / GIB:.2f} GiB, plan {estimate / GIB:.2f} GiB, {tokens_s:,.0f} tokens/s",
               flush=True)
 
+    variant_rows = []
+    if args.variants:
+        import dataclasses
+
+        del model
+        gc.collect()
+        for label, changes in (("QLoRA, no checkpointing", {"gradient_checkpointing": False}),
+                               ("bf16 LoRA, checkpointing", {"load_in_4bit": False})):
+            variant = dataclasses.replace(recipe, **changes)
+            if variant.load_in_4bit:
+                base = quantized_random_model(config, device, torch.bfloat16)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                torch.manual_seed(0)
+                with torch.device(device):
+                    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+                base.config.use_cache = False
+            variant_model = add_adapter(base, variant)
+            peak, timed = run(variant_model, variant, 4, args.steps + args.warmup, args.warmup, "/tmp/gpu-bench")
+            variant_shape = measure_shape(config, variant)
+            estimate = memory(variant_shape, variant, 4).total - memory(variant_shape, variant, 4).cuda_context
+            tokens_s = 4 * variant.max_length / (sum(timed) / len(timed)) if timed else 0.0
+            variant_rows.append((label, peak, estimate, tokens_s, flops_per_token(variant_shape, variant)["total"]))
+            print(f"{label}: peak {peak / GIB:.2f} GiB, plan {estimate / GIB:.2f} GiB, {tokens_s:,.0f} tokens/s", flush=True)
+            del variant_model, base
+            gc.collect()
+
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     lines = [
         f"### GPU throughput and memory, {datetime.date.today()} - {name}{' (--tiny)' if args.tiny else ''}",
@@ -193,6 +223,13 @@ def main() -> int:
         mfu = lambda peak_tflops: f"{tokens_s * per_token / (peak_tflops * 1e12):.1%}" if tokens_s and device == "cuda" else "n/a"  # noqa: E731
         lines.append(f"| {micro_batch} x {recipe.max_length} | {peak / GIB:.2f} GiB | {estimate / GIB:.2f} GiB | {ratio} | "
                      f"{tokens_s:,.0f} | {mfu(989.4)} | {mfu(790)} |")
+    if variant_rows:
+        lines += ["", "| variant at micro-batch 4 | peak allocated | plan (excl. CUDA context) | plan / measured | tokens/s | MFU (989) |",
+                  "|---|---|---|---|---|---|"]
+        for label, peak, estimate, tokens_s, flops in variant_rows:
+            mfu = f"{tokens_s * flops / 989.4e12:.1%}" if device == "cuda" else "n/a"
+            lines.append(f"| {label} | {peak / GIB:.2f} GiB | {estimate / GIB:.2f} GiB | {estimate / peak:.2f} | "
+                         f"{tokens_s:,.0f} | {mfu} |" if peak else f"| {label} | n/a | {estimate / GIB:.2f} GiB | n/a | {tokens_s:,.0f} | n/a |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
