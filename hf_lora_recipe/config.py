@@ -81,6 +81,8 @@ class Recipe:
     eval_steps: int = 200
     save_steps: int = 200
     save_total_limit: int = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint dir, or true (latest); by default resumes automatically
+    overwrite_output_dir: bool = False  # start fresh even though output_dir holds checkpoints
     report_to: str = "none"
     push_to_hub: bool = False  # push the adapter (not checkpoints) when training ends
     hub_model_id: str | None = None

@@ -64,23 +64,39 @@ def load_base_model(recipe: Recipe) -> Any:
     return model
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def sharded_by_fsdp() -> bool:
+    """Set by ``accelerate launch`` with an FSDP config."""
+    return _env_flag("ACCELERATE_USE_FSDP")
+
+
+def fsdp_checkpoints_activations() -> bool:
+    """FSDP's own activation checkpointing is on: the trainer's would conflict with it."""
+    return _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
+
+
 def prepare_base(model: Any, recipe: Recipe) -> Any:
     """Freeze the base and set up checkpointing; QLoRA bases get PEFT's k-bit preparation.
 
     k-bit preparation keeps norms, embeddings and the LM head in fp32 (the parts bitsandbytes leaves
-    unquantized), which is what the adapter then trains against.
+    unquantized), which is what the adapter then trains against. Under FSDP everything stays in the
+    storage dtype (bf16) instead: FSDP flattens each wrapped layer into one tensor of one dtype.
     """
     from peft import prepare_model_for_kbit_training
 
     checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks LoRA under DDP
-    if getattr(model, "is_loaded_in_4bit", False):
+    checkpointing = recipe.gradient_checkpointing and not fsdp_checkpoints_activations()
+    if getattr(model, "is_loaded_in_4bit", False) and not sharded_by_fsdp():
         return prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=recipe.gradient_checkpointing,
+            use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
     model.requires_grad_(False)
-    if recipe.gradient_checkpointing:
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
     return model

@@ -9,12 +9,21 @@ Both run :func:`run`: recipe -> tokenizer & data -> base & adapter -> TRL SFTTra
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import Recipe, RecipeError, gradient_accumulation_steps, load_recipe, parse_cli_overrides
+
+
+class TrainingStopped(Exception):
+    """Training ended early on purpose (a signal) or for safety (NaN): the message says where to resume from."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def is_main_process() -> bool:
@@ -26,9 +35,16 @@ def log(message: str) -> None:
         print(f"[hf-lora-recipe] {message}", flush=True)
 
 
+def log_every_rank(message: str) -> None:
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    print(f"[hf-lora-recipe rank {rank}/{world}] {message}", flush=True)
+
+
 def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) -> Any:
     import torch
     from trl import SFTConfig
+
+    from .modeling import fsdp_checkpoints_activations
 
     return SFTConfig(
         output_dir=recipe.output_dir,
@@ -45,7 +61,8 @@ def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) ->
         weight_decay=recipe.weight_decay,
         max_grad_norm=recipe.max_grad_norm,
         bf16=recipe.bf16,
-        gradient_checkpointing=recipe.gradient_checkpointing,
+        # Under FSDP with fsdp_activation_checkpointing, FSDP checkpoints each wrapped layer itself.
+        gradient_checkpointing=recipe.gradient_checkpointing and not fsdp_checkpoints_activations(),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=recipe.max_length,
         logging_steps=recipe.logging_steps,
@@ -88,23 +105,49 @@ def run(recipe: Recipe) -> Path:
     log(f"tokens per optimizer step ~ {report.mean_length * recipe.global_batch_size:,.0f} "
         f"({report.mean_length:.0f} mean x {recipe.global_batch_size})")
 
-    # --- Base and adapter
+    # --- Base and adapter (seeded first: LoRA's A matrices are drawn at random)
+    from transformers import set_seed
+
     from .modeling import add_adapter, count_parameters, load_base_model, trainable_line
 
+    set_seed(recipe.seed)
     model = add_adapter(load_base_model(recipe), recipe)
     log(trainable_line(*count_parameters(model)))
 
-    # --- Train
+    # --- Train (resuming if output_dir holds checkpoints)
     from trl import SFTTrainer
 
-    trainer = SFTTrainer(
+    from .resilience import (NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, data_digest_trainer,
+                             resume_checkpoint, resume_note)
+
+    checkpoint = resume_checkpoint(recipe)
+    if checkpoint:
+        log(resume_note(checkpoint, accumulation, world_size))
+    elif recipe.overwrite_output_dir and is_main_process():
+        for old in Path(recipe.output_dir).glob("checkpoint-*"):
+            shutil.rmtree(old)
+    stopper = StopOnSignal()
+    trainer = data_digest_trainer(SFTTrainer)(
         model=model,
         args=trainer_config(recipe, accumulation, has_eval=eval_dataset is not None),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        callbacks=[NonFiniteGuard(), stopper, RunStateCallback(accumulation, world_size)],
     )
-    trainer.train()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteError as error:
+        raise TrainingStopped(str(error), exit_code=3) from None
+    log_every_rank(trainer.data_line())
+    if stopper.signal:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        raise TrainingStopped(
+            f"stopped by signal {stopper.signal} at step {trainer.state.global_step}; checkpoint saved at "
+            f"{get_last_checkpoint(recipe.output_dir)}; run the same command again to resume",
+            exit_code=128 + stopper.signal,
+        )
 
     # --- Artifacts: staged, then published, by the main process only
     from .artifacts import final_losses, publish_directory, remove_pickles, write_run_files
@@ -118,6 +161,9 @@ def run(recipe: Recipe) -> Path:
     if eval_dataset is not None:
         trainer.evaluate()  # the final eval loss, logged like the others
     if trainer.is_world_process_zero():
+        from .resilience import check_saved_adapter
+
+        check_saved_adapter(staging, recipe, trainer.state.global_step)
         remove_pickles(staging)
         save_tokenizer(tokenizer, staging)
         train_loss, eval_loss = final_losses(trainer.state.log_history)
@@ -163,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(f"hf-lora-recipe: error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        if is_main_process():
+            print(f"hf-lora-recipe: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     return 0
 
 
