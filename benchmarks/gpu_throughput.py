@@ -110,9 +110,9 @@ class StepTimer:
 
 def run(model, recipe, micro_batch: int, steps: int, warmup: int, output_dir: str):
     import torch
-    from trl import SFTTrainer
 
     from hf_lora_recipe.train import trainer_config
+    from hf_lora_recipe.trainer import RecipeTrainer, uses_fused_loss
 
     recipe = recipe.__class__(**{**recipe.__dict__, "per_device_train_batch_size": micro_batch,
                                  "global_batch_size": micro_batch, "max_steps": steps, "output_dir": output_dir,
@@ -125,8 +125,8 @@ def run(model, recipe, micro_batch: int, steps: int, warmup: int, output_dir: st
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=padding_tokenizer(),
-                         callbacks=[timer.callback()])
+    trainer = RecipeTrainer(model=model, args=args, train_dataset=dataset, processing_class=padding_tokenizer(),
+                            callbacks=[timer.callback()], fused_loss=uses_fused_loss(recipe.lm_head_loss))
     trainer.train()
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     timed = timer.timed()
@@ -143,7 +143,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--variants", action="store_true",
-                        help="also micro-batch 4 without gradient checkpointing, and bf16 LoRA (no quantization)")
+                        help="also micro-batch 4 with the plain loss, without gradient checkpointing, and bf16 LoRA")
     args = parser.parse_args()
 
     import torch
@@ -185,7 +185,8 @@ def main() -> int:
 
         del model
         gc.collect()
-        for label, changes in (("QLoRA, no checkpointing", {"gradient_checkpointing": False}),
+        for label, changes in (("QLoRA, model cross-entropy instead of TRL's fused LM head", {"lm_head_loss": "plain"}),
+                               ("QLoRA, no checkpointing", {"gradient_checkpointing": False}),
                                ("bf16 LoRA, checkpointing", {"load_in_4bit": False})):
             variant = dataclasses.replace(recipe, **changes)
             if variant.load_in_4bit:

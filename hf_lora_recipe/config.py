@@ -57,6 +57,10 @@ class Recipe:
     oasst_languages: list[str] = field(default_factory=list)  # e.g. [en, de]; empty keeps every language
     oasst_all_paths: bool = False  # every root-to-leaf path instead of the best-ranked one
     max_length: int = 512
+    padding_free: str = "auto"  # true/false; auto = on for CPU, and for GPUs with flash-attention (see README)
+    train_sampling_strategy: str = "random"  # or group_by_length: similar lengths together, less padding
+    use_liger_kernel: bool = False  # pip install hf-lora-recipe[fast]: Liger's RMSNorm/SwiGLU/RoPE kernels on CUDA
+    lm_head_loss: str = "auto"  # fused (TRL's tiled kernel, no full logits) | plain; auto = fused on GPU only
     completion_only_loss: bool = True  # loss on responses + EOS only; false also trains on prompts (echoing)
     # --- Batch: the global batch is the recipe's; accumulation is derived from it and the world size
     global_batch_size: int = 128
@@ -203,6 +207,13 @@ def load_recipe(config_path: str | os.PathLike | None = None, overrides: dict[st
 def validate(recipe: Recipe) -> None:
     if recipe.dataset_format not in DATASET_FORMATS:
         raise RecipeError(f"dataset_format must be one of {', '.join(DATASET_FORMATS)}; got {recipe.dataset_format!r}")
+    if recipe.padding_free not in ("auto", "true", "false"):
+        raise RecipeError(f"padding_free must be auto, true or false; got {recipe.padding_free!r}")
+    if recipe.train_sampling_strategy not in ("random", "sequential", "group_by_length"):
+        raise RecipeError(f"train_sampling_strategy must be random, sequential or group_by_length; "
+                          f"got {recipe.train_sampling_strategy!r}")
+    if recipe.lm_head_loss not in ("auto", "fused", "plain"):
+        raise RecipeError(f"lm_head_loss must be auto, fused or plain; got {recipe.lm_head_loss!r}")
     if recipe.on_bad_rows not in ("error", "skip"):
         raise RecipeError(f"on_bad_rows must be error or skip; got {recipe.on_bad_rows!r}")
     if recipe.eval_split_size < 0 or (recipe.eval_split_size and recipe.dataset_test_split):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -43,6 +44,34 @@ def quantization_config(recipe: Recipe) -> Any | None:
     )
 
 
+@functools.lru_cache(maxsize=None)  # decide (and say why) once per run
+def available_attention(requested: str) -> str:
+    """The attention implementation to use: flash-attention only when its package is installed."""
+    import importlib.util
+
+    if requested.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+        print(f"[hf-lora-recipe] attn_implementation {requested} asked for but flash-attn is not installed: using sdpa",
+              flush=True)
+        return "sdpa"
+    return requested
+
+
+@functools.lru_cache(maxsize=None)
+def liger_active(requested: bool) -> bool:
+    """Liger's kernels are Triton, so CUDA only; off (with a reason) when not installed or not usable."""
+    import importlib.util
+
+    import torch
+
+    if not requested:
+        return False
+    if importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available():
+        print("[hf-lora-recipe] use_liger_kernel asked for but liger-kernel is not installed or there is no CUDA "
+              "device: off", flush=True)
+        return False
+    return True
+
+
 def load_base_model(recipe: Recipe) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
@@ -50,7 +79,7 @@ def load_base_model(recipe: Recipe) -> Any:
     kwargs: dict[str, Any] = dict(
         revision=recipe.model_revision,
         trust_remote_code=recipe.trust_remote_code,
-        attn_implementation=recipe.attn_implementation,
+        attn_implementation=available_attention(recipe.attn_implementation),
         dtype=torch.bfloat16 if recipe.bf16 else torch.float32,
     )
     quant = quantization_config(recipe)

@@ -40,6 +40,7 @@ NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit block sizes (weights, th
 TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 8192  # TRL's fused LM head works on tiles, never the full logits
 ALPACA_ESTIMATE = (52_002, 197)  # rows; mean tokens/example (Llama-2 tokenizer on the 999-row sample, max 512)
 MASK_BYTES = 1  # dropout keeps a bool mask per element it drops from
+PLAIN_LOSS_BYTES_PER_LOGIT = 12
 
 
 @dataclass
@@ -205,8 +206,12 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
         activations = tokens * (shape.layers * shape.hidden * residual + final_norm + per_layer)
     else:
         activations = tokens * (shape.layers * per_layer + final_norm)
-    tile = min(tokens, TRL_TILE_TOKENS) * min(shape.vocab, TRL_TILE_VOCAB) * 4
-    loss_buffers = 2 * tile + tokens * 4 * 4  # forward and backward tiles, per-token log-prob/entropy stats
+    if recipe.lm_head_loss == "plain":
+        # full logits: bf16 output, fp32 upcast for the loss, fp32 and bf16 gradients (~12 bytes, measured on an H200)
+        loss_buffers = tokens * shape.vocab * PLAIN_LOSS_BYTES_PER_LOGIT
+    else:
+        tile = min(tokens, TRL_TILE_TOKENS) * min(shape.vocab, TRL_TILE_VOCAB) * 4
+        loss_buffers = 2 * tile + tokens * 4 * 4  # forward and backward tiles, per-token log-prob/entropy stats
     if sharded:
         layer_bytes = nf4_bytes([shape.largest_layer], recipe.use_bnb_nested_quant) if recipe.load_in_4bit \
             else shape.largest_layer * dense_bytes

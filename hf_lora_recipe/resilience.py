@@ -7,7 +7,6 @@ were taken under, so a resume at another world size can say what changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -114,28 +113,6 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
-
-
-def data_digest_trainer(base: type) -> type:
-    """``base`` (SFTTrainer) that fingerprints the batches each rank trains on, for the DDP log line."""
-
-    class Trainer(base):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.examples_seen = 0
-            self._digest = hashlib.sha256()
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            mask = inputs.get("attention_mask")
-            ids = inputs["input_ids"] if mask is None else inputs["input_ids"][mask.bool()]
-            self._digest.update(ids.detach().cpu().numpy().tobytes())
-            self.examples_seen += int(inputs["input_ids"].shape[0])
-            return super().training_step(model, inputs, *args, **kwargs)
-
-        def data_line(self) -> str:
-            return f"consumed {self.examples_seen} examples, data digest {self._digest.hexdigest()[:12]}"
-
-    return Trainer
 
 
 def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> None:

@@ -40,11 +40,22 @@ def log_every_rank(message: str) -> None:
     print(f"[hf-lora-recipe rank {rank}/{world}] {message}", flush=True)
 
 
+def padding_free(recipe: Recipe) -> bool:
+    """``auto``: on the CPU always; on a GPU only with flash-attention, whose varlen kernel keeps its speed."""
+    if recipe.padding_free != "auto":
+        return recipe.padding_free == "true"
+    import torch
+
+    from .modeling import available_attention
+
+    return not torch.cuda.is_available() or available_attention(recipe.attn_implementation).startswith("flash_attention")
+
+
 def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) -> Any:
     import torch
     from trl import SFTConfig
 
-    from .modeling import fsdp_checkpoints_activations
+    from .modeling import available_attention, fsdp_checkpoints_activations, liger_active
 
     return SFTConfig(
         output_dir=recipe.output_dir,
@@ -64,7 +75,7 @@ def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) ->
         # Under FSDP with fsdp_activation_checkpointing, FSDP checkpoints each wrapped layer itself.
         gradient_checkpointing=recipe.gradient_checkpointing and not fsdp_checkpoints_activations(),
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        max_length=recipe.max_length,
+        max_length=None,  # our data step already truncated to recipe.max_length
         logging_steps=recipe.logging_steps,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=recipe.eval_steps,
@@ -77,6 +88,11 @@ def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) ->
         # Our dataset already holds input_ids and labels, masked and truncated exactly as `preview` shows.
         dataset_kwargs={"skip_prepare_dataset": True},
         ddp_find_unused_parameters=False,
+        # Examples concatenated into one row with restarting position_ids: no padding is computed, and the
+        # attention mask built from the position ids keeps examples from seeing each other.
+        padding_free=padding_free(recipe),
+        train_sampling_strategy=recipe.train_sampling_strategy,
+        use_liger_kernel=liger_active(recipe.use_liger_kernel),
     )
 
 
@@ -108,17 +124,15 @@ def run(recipe: Recipe) -> Path:
     # --- Base and adapter (seeded first: LoRA's A matrices are drawn at random)
     from transformers import set_seed
 
-    from .modeling import add_adapter, count_parameters, load_base_model, trainable_line
+    from .modeling import add_adapter, available_attention, count_parameters, liger_active, load_base_model, trainable_line
 
     set_seed(recipe.seed)
     model = add_adapter(load_base_model(recipe), recipe)
     log(trainable_line(*count_parameters(model)))
 
     # --- Train (resuming if output_dir holds checkpoints)
-    from trl import SFTTrainer
-
-    from .resilience import (NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, data_digest_trainer,
-                             resume_checkpoint, resume_note)
+    from .resilience import NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, resume_checkpoint, resume_note
+    from .trainer import RecipeTrainer, uses_fused_loss
 
     checkpoint = resume_checkpoint(recipe)
     if checkpoint:
@@ -127,8 +141,13 @@ def run(recipe: Recipe) -> Path:
         for old in Path(recipe.output_dir).glob("checkpoint-*"):
             shutil.rmtree(old)
     stopper = StopOnSignal()
-    trainer = data_digest_trainer(SFTTrainer)(
+    fused_loss = uses_fused_loss(recipe.lm_head_loss)
+    log(f"loss: {'TRL fused LM head (no full logits)' if fused_loss else 'model cross-entropy'}; "
+        f"attention: {available_attention(recipe.attn_implementation)}; padding-free: {padding_free(recipe)}; "
+        f"liger-kernel: {'on' if liger_active(recipe.use_liger_kernel) else 'off'}")
+    trainer = RecipeTrainer(
         model=model,
+        fused_loss=fused_loss,
         args=trainer_config(recipe, accumulation, has_eval=eval_dataset is not None),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
