@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     _, overrides = parse_cli_overrides(sys.argv[1:] if argv is None else argv)
-    recipe = load_recipe(DEMO_RECIPE, overrides)
+    # The demo rebuilds its base and data every time, so it trains from scratch rather than resuming.
+    recipe = load_recipe(DEMO_RECIPE, {"overwrite_output_dir": "true", **overrides})
     work = Path(recipe.output_dir).parent
     data_path, base_path = Path(recipe.dataset_name), Path(recipe.model_name_or_path)
     for path in (data_path.parent, base_path):
