@@ -185,7 +185,9 @@ def main() -> int:
 
         del model
         gc.collect()
-        for label, changes in (("QLoRA, model cross-entropy instead of TRL's fused LM head", {"lm_head_loss": "plain"}),
+        for label, changes in (("QLoRA, embeddings/norms/LM head kept bf16 (kbit_upcast_fp32: false)",
+                                {"kbit_upcast_fp32": False}),
+                               ("QLoRA, model cross-entropy instead of TRL's fused LM head", {"lm_head_loss": "plain"}),
                                ("QLoRA, no checkpointing", {"gradient_checkpointing": False}),
                                ("bf16 LoRA, checkpointing", {"load_in_4bit": False})):
             variant = dataclasses.replace(recipe, **changes)

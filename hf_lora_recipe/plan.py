@@ -189,7 +189,7 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
     sharded = strategy in ("fsdp", "zero3") and num_gpus > 1
     # One process per GPU: PEFT's k-bit preparation upcasts embeddings, LM head and norms to fp32, and the
     # residual stream follows. Sharded QLoRA keeps every unquantized tensor in bf16, one dtype to flatten.
-    fp32_residual = (recipe.load_in_4bit and not sharded) or not recipe.bf16
+    fp32_residual = (recipe.load_in_4bit and not sharded and recipe.kbit_upcast_fp32) or not recipe.bf16
     if recipe.load_in_4bit:
         quantized = nf4_bytes(shape.quantizable_tensors, recipe.use_bnb_nested_quant)
         unquantized = (4 if fp32_residual else 2) * shape.unquantized

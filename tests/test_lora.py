@@ -37,7 +37,12 @@ def fp32_recipe(tiny_base):
 
 @pytest.fixture(scope="module")
 def nf4_recipe(tiny_base):
-    return Recipe(model_name_or_path=str(tiny_base), lora_dropout=0.0)
+    return Recipe(model_name_or_path=str(tiny_base), lora_dropout=0.0, kbit_upcast_fp32=True)
+
+
+@pytest.fixture(scope="module")
+def nf4_bf16_kept_recipe(tiny_base):
+    return Recipe(model_name_or_path=str(tiny_base), lora_dropout=0.0, kbit_upcast_fp32=False)
 
 
 @pytest.mark.parametrize("which", ["fp32_recipe", "nf4_recipe"])
@@ -56,7 +61,7 @@ def test_adapters_only_on_the_seven_projections_and_only_lora_trains(which, requ
     assert len(trainable) == 2 * 7 * 2 and sum(model.get_parameter(n).numel() for n in trainable) == 2 * per_layer
 
 
-@pytest.mark.parametrize("which", ["fp32_recipe", "nf4_recipe"])
+@pytest.mark.parametrize("which", ["fp32_recipe", "nf4_recipe", "nf4_bf16_kept_recipe"])
 def test_step_zero_logits_are_bit_identical_to_the_base(which, request, llama2_tokenizer):
     recipe = request.getfixturevalue(which)
     torch.manual_seed(0)

@@ -98,8 +98,10 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def test_estimated_weights_adapter_and_optimizer_equal_real_allocations(tiny_recipe):
+@pytest.mark.parametrize("upcast", [True, False], ids=["fp32-upcast", "bf16-kept"])
+def test_estimated_weights_adapter_and_optimizer_equal_real_allocations(tiny_recipe, upcast):
     """Count the bytes the process really holds after one optimizer step, tensor by tensor."""
+    tiny_recipe = dataclasses.replace(tiny_recipe, kbit_upcast_fp32=upcast)
     model = add_adapter(load_base_model(tiny_recipe), tiny_recipe)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -152,18 +154,18 @@ def _saved_activation_bytes(model, input_ids, bf16: bool) -> int:
 ACTIVATION_TOLERANCE = 0.15  # the formula counts a Llama layer tensor by tensor; CPU kernels keep a few extra
 
 
-@pytest.mark.parametrize("quantized", [True, False], ids=["qlora", "bf16-lora"])
+@pytest.mark.parametrize("quantized", ["qlora", "qlora-bf16-kept", "bf16-lora"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 @pytest.mark.parametrize("seq_len", [128, 384])
 def test_activation_estimate_matches_measured_saved_tensors(tiny_base, quantized, checkpointing, seq_len):
-    recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=quantized, gradient_checkpointing=checkpointing,
-                    max_length=seq_len)
+    recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=quantized != "bf16-lora",
+                    kbit_upcast_fp32=quantized == "qlora", gradient_checkpointing=checkpointing, max_length=seq_len)
     model = add_adapter(load_base_model(recipe), recipe).train()
     measured = _saved_activation_bytes(model, torch.randint(3, 1000, (2, seq_len)), bf16=True)
     shape = measure_shape(read_config(str(tiny_base)), recipe)
     estimate = memory(shape, recipe, 2).activations
     if checkpointing:  # what stays saved; the one layer recomputed during backward is a transient on top
-        per_layer, _ = activation_bytes_per_token(shape, recipe, fp32_residual=quantized)
+        per_layer, _ = activation_bytes_per_token(shape, recipe, fp32_residual=quantized == "qlora")
         estimate -= 2 * seq_len * per_layer
     assert abs(estimate - measured) / measured < ACTIVATION_TOLERANCE, (estimate, measured)
 
