@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import os
 import sys
 import time
 from pathlib import Path

@@ -137,49 +137,54 @@ def _column(dataset: Any, name: str) -> np.ndarray:
     return dataset.data.column(name).to_numpy(zero_copy_only=False)
 
 
-def _first_with(dataset: Any, name: str) -> dict:
-    values = _column(dataset, name)
+def _first_with(dataset: Any, values: np.ndarray) -> dict:
+    """The first example whose string column ``values`` is non-empty."""
     return dataset[int(np.flatnonzero(values != "")[0])]
 
 
-def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport]:
+def conversation_source(recipe: Recipe, rows: Rows) -> tuple[Any, str, Callable[[int], str]]:
+    """(rows to format, their format, row -> where it came from); OpenAssistant trees become conversations first."""
     columns = rows.dataset.column_names
     dataset_format = formats.detect_format(columns) if recipe.dataset_format == "auto" else recipe.dataset_format
     formats.check_columns(columns, dataset_format, rows.sources[0])
-    source, where = rows.dataset, rows.origin
-    if dataset_format == "oasst":
-        flat = oasst.layout(columns) == "flat"
-        oasst_options = {"flat": flat, "all_paths": recipe.oasst_all_paths, "languages": recipe.oasst_languages}
-        source = _map(source, formats.oasst_conversations, oasst_options, oasst_options, parallel=False,
-                      batched=True, batch_size=None, with_indices=True, remove_columns=columns,
-                      desc="Selecting OpenAssistant conversations")  # a tree's messages must be seen together
-        where = lambda row: f"{rows.sources[0]} conversation {row}"  # noqa: E731
-        dataset_format, columns = "conversations", source.column_names
+    if dataset_format != "oasst":
+        return rows.dataset, dataset_format, rows.origin
+    options = {"flat": oasst.layout(columns) == "flat", "all_paths": recipe.oasst_all_paths,
+               "languages": recipe.oasst_languages}
+    source = _map(rows.dataset, formats.oasst_conversations, options, options, parallel=False,
+                  batched=True, batch_size=None, with_indices=True, remove_columns=columns,
+                  desc="Selecting OpenAssistant conversations")  # a tree's messages must be seen together
+    return source, "conversations", lambda row: f"{rows.sources[0]} conversation {row}"
+
+
+def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport]:
+    source, dataset_format, where = conversation_source(recipe, rows)
     ids = special_ids(tokenizer)
     options = {"dataset_format": dataset_format, "ids": ids, "max_length": recipe.max_length,
                "completion_only": recipe.completion_only_loss}
     key = {**options, "tokenizer": tokenizer_digest(tokenizer)}
-    prepared = _map(source, prepare_batch, key, {**options, "tokenizer": tokenizer},
-                    batched=True, with_indices=True, remove_columns=columns, desc="Formatting, tokenizing, auditing")
+    prepared = _map(source, prepare_batch, key, {**options, "tokenizer": tokenizer}, batched=True,
+                    with_indices=True, remove_columns=source.column_names, desc="Formatting, tokenizing, auditing")
 
     report = DataReport()
-    problems = Counter(p for p in _column(prepared, "problem") if p)
+    problem_column, audit_column = _column(prepared, "problem"), _column(prepared, "audit")
+    problems = Counter(p for p in problem_column if p)
     report.examples_in = len(prepared)
     if problems and recipe.on_bad_rows == "error":
-        first = _first_with(prepared, "problem")
+        first = _first_with(prepared, problem_column)
         raise RecipeError(
             f"{where(first['row'])}: {first['problem']} ({sum(problems.values())} bad row(s) in all; "
             "fix them or set on_bad_rows: skip to drop and count them)"
         )
     report.dropped.update(problems)
-    cut = int(((_column(prepared, "problem") == "") & (_column(prepared, "num_supervised") == 0)).sum())
+    cut = int(((problem_column == "") & (_column(prepared, "num_supervised") == 0)).sum())
     if cut:
         report.dropped["response cut by max_length"] = cut
-    if (_column(prepared, "audit") != "").any():
+    if (audit_column != "").any():
         from .preview import render_example
 
-        failures = int((_column(prepared, "audit") != "").sum())
-        example = _first_with(prepared, "audit")
+        failures = int((audit_column != "").sum())
+        example = _first_with(prepared, audit_column)
         raise RecipeError(
             f"label audit failed on {failures} example(s); first ({where(example['row'])}): {example['audit']}\n"
             + render_example(example, tokenizer, color=False)
@@ -207,15 +212,11 @@ def build_sft_dataset(recipe: Recipe, tokenizer: Any, rows: Rows | None = None) 
 
 def conversations(recipe: Recipe, rows: Rows) -> Any:
     """Just the conversations a recipe selects (no tokenizer): used to compare data layouts."""
-    columns = rows.dataset.column_names
-    if oasst.layout(columns) and recipe.dataset_format in ("oasst", "auto"):
-        options = {"flat": oasst.layout(columns) == "flat", "all_paths": recipe.oasst_all_paths,
-                   "languages": recipe.oasst_languages}
-        return rows.dataset.map(formats.oasst_conversations, fn_kwargs=options, batched=True, batch_size=None,
-                                with_indices=True, remove_columns=columns)
-    dataset_format = formats.detect_format(columns) if recipe.dataset_format == "auto" else recipe.dataset_format
-    return rows.dataset.map(formats.to_conversations, fn_kwargs={"dataset_format": dataset_format}, batched=True,
-                            with_indices=True, remove_columns=columns)
+    source, dataset_format, _ = conversation_source(recipe, rows)
+    if dataset_format == "conversations":
+        return source
+    return source.map(formats.to_conversations, fn_kwargs={"dataset_format": dataset_format}, batched=True,
+                      with_indices=True, remove_columns=source.column_names)
 
 
 def train_and_eval(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None, DataReport]:

@@ -10,7 +10,6 @@ the same ids), tokens stream to stdout as they are generated, and generation sto
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 

@@ -55,7 +55,7 @@ def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) ->
     import torch
     from trl import SFTConfig
 
-    from .modeling import available_attention, fsdp_checkpoints_activations, liger_active
+    from .modeling import fsdp_checkpoints_activations, liger_active
 
     return SFTConfig(
         output_dir=recipe.output_dir,
