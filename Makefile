@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench env clean
+.PHONY: demo test test-slow bench env clean
 
 env: $(STAMP)
 
@@ -22,7 +22,11 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m hf_lora_recipe.demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+# Multi-process launches and real signals (SIGKILL/SIGTERM resume): CI runs them after `make test`.
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m slow
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py

@@ -25,33 +25,36 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 
-def quantized_random_model(config, device: str, compute_dtype):
-    """Random init on ``device``, then every decoder nn.Linear replaced by an NF4 ``Linear4bit``."""
+def quantized_random_model(config, device: str, recipe):
+    """Random init on ``device``, then every decoder nn.Linear replaced by a 4-bit ``Linear4bit`` quantized as the
+    recipe's ``BitsAndBytesConfig`` (``modeling.quantization_config``) would."""
     import bitsandbytes as bnb
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
+    from hf_lora_recipe.modeling import quantization_config
+
+    bnb_config = quantization_config(recipe)
+    compute, storage = bnb_config.bnb_4bit_compute_dtype, bnb_config.bnb_4bit_quant_storage
+    quant = dict(compress_statistics=bnb_config.bnb_4bit_use_double_quant, quant_type=bnb_config.bnb_4bit_quant_type,
+                 quant_storage=storage)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=compute)
     for layer in model.model.layers:
         for name, module in list(layer.named_modules()):
             if isinstance(module, torch.nn.Linear):
                 parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
                 quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
-                                              compute_dtype=compute_dtype, compress_statistics=True,
-                                              quant_type="nf4", quant_storage=compute_dtype, device="meta")
-                quantized.weight = bnb.nn.Params4bit(module.weight.data.to(compute_dtype), requires_grad=False,
-                                                     compress_statistics=True, quant_type="nf4",
-                                                     quant_storage=compute_dtype, module=quantized)
+                                              compute_dtype=compute, device="meta", **quant)
+                quantized.weight = bnb.nn.Params4bit(module.weight.data.to(compute), requires_grad=False,
+                                                     module=quantized, **quant)
                 quantized.weight._quantize(device) if device != "cpu" else quantized.weight._quantize("cpu")
                 setattr(parent, name.rsplit(".", 1)[-1], quantized)
                 del module
     # What from_pretrained(quantization_config=...) records, so PEFT's k-bit preparation treats it the same.
     model.is_loaded_in_4bit = True
-    model.config.quantization_config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
+    model.config.quantization_config = bnb_config
     model.config.use_cache = False
     gc.collect()
     return model
@@ -110,7 +113,7 @@ class StepTimer:
 def run(model, recipe, micro_batch: int, steps: int, warmup: int, output_dir: str):
     import torch
 
-    from hf_lora_recipe.train import trainer_config
+    from hf_lora_recipe.trainer import trainer_config
     from hf_lora_recipe.trainer import RecipeTrainer, uses_fused_loss
 
     recipe = recipe.__class__(**{**recipe.__dict__, "per_device_train_batch_size": micro_batch,
@@ -166,7 +169,7 @@ def main() -> int:
     per_token = flops_per_token(shape, recipe)["total"]
 
     started = time.perf_counter()
-    model = add_adapter(quantized_random_model(config, device, torch.bfloat16), recipe)
+    model = add_adapter(quantized_random_model(config, device, recipe), recipe)
     build_s = time.perf_counter() - started
     rows = []
     for micro_batch in (1, 2, 4):
@@ -191,7 +194,7 @@ def main() -> int:
                                ("bf16 LoRA, checkpointing", {"load_in_4bit": False})):
             variant = dataclasses.replace(recipe, **changes)
             if variant.load_in_4bit:
-                base = quantized_random_model(config, device, torch.bfloat16)
+                base = quantized_random_model(config, device, variant)
             else:
                 from transformers import AutoModelForCausalLM
 

@@ -162,7 +162,7 @@ def ours(recipe) -> dict:
     from hf_lora_recipe.data import build_sft_dataset
     from hf_lora_recipe.modeling import add_adapter, load_base_model
     from hf_lora_recipe.tokenizer import tokenizer_for
-    from hf_lora_recipe.train import trainer_config
+    from hf_lora_recipe.trainer import trainer_config
     from hf_lora_recipe.trainer import RecipeTrainer, uses_fused_loss
 
     torch.manual_seed(0)

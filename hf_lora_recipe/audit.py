@@ -94,8 +94,23 @@ def audit_examples(
     return problems
 
 
-def example_problem(
-    input_ids: list[int], labels: list[int], messages: list[dict], tokenizer: Any, ids: SpecialIds, truncated: bool
-) -> str | None:
-    """The first invariant one example breaks, or None."""
-    return audit_examples([input_ids], [labels], [messages], [truncated], tokenizer, ids)[0] or None
+TRAINED, MASKED, RESET = "\033[1;32m", "\033[2m", "\033[0m"
+
+
+def render_example(example: dict, tokenizer: Any, color: bool) -> str:
+    """Decode runs of masked / trained tokens; special tokens are shown, so BOS and EOS are visible."""
+    pieces: list[str] = []
+    input_ids, labels = example["input_ids"], example["labels"]
+    start = 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tokenizer.decode(input_ids[start:i], skip_special_tokens=False)
+            trained = labels[start] != IGNORE_INDEX
+            if color:
+                pieces.append(f"{TRAINED if trained else MASKED}{text}{RESET}")
+            else:
+                pieces.append(f"«{text}»" if trained else text)
+            start = i
+    supervised = sum(1 for y in labels if y != IGNORE_INDEX)
+    cut = " (truncated)" if example.get("full_length", 0) > len(input_ids) else ""
+    return "".join(pieces) + f"\n  [{len(input_ids)} tokens, {supervised} trained{cut}]"

@@ -78,12 +78,27 @@ def _hyperparameters(recipe: dict[str, Any]) -> str:
     return "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
+RESULT_LABELS = {
+    "final_train_loss": "final train loss", "final_eval_loss": "final eval loss", "optimizer_steps": "optimizer steps",
+    "epochs": "epochs", "training_examples": "training examples", "tokens_per_epoch": "tokens per epoch",
+    "supervised_tokens_per_epoch": "supervised tokens per epoch", "wall_time_s": "wall time (s)",
+}
+
+
+def _shown(key: str, value: Any) -> str:
+    if value is None:
+        return "no held-out set" if key == "final_eval_loss" else "not logged"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def _results(results: dict[str, Any]) -> str:
-    shown = {k: v for k, v in results.items() if k not in ("dataset", "libraries")}
-    return "\n".join(f"| {name} | {value} |" for name, value in shown.items()) or "| (not recorded) | |"
+    rows = [f"| {label} | {_shown(key, results[key])} |" for key, label in RESULT_LABELS.items() if key in results]
+    return "\n".join(rows) or "| (not recorded) | |"
 
 
-def _load_snippet(kind: str, location: str, base: str, load_in_4bit: bool) -> str:
+def _load_snippet(kind: str, location: str, base: str, quantization: dict[str, Any] | None) -> str:
     prompt = (
         'inputs = tokenizer.apply_chat_template(\n'
         f'    [{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}],\n'
@@ -99,13 +114,16 @@ def _load_snippet(kind: str, location: str, base: str, load_in_4bit: bool) -> st
             "tokenizer = AutoTokenizer.from_pretrained(model_id)\n"
             "model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.bfloat16)\n" + prompt
         )
-    quantized = (
-        "# Trained against an NF4 base: load it the same way for outputs closest to training\n"
-        "# (needs bitsandbytes), or drop quantization_config for a bf16 base.\n"
-        "quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\",\n"
-        "                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)\n"
-        if load_in_4bit else "quantization_config = None\n"
-    )
+    if quantization:
+        arguments = ", ".join(f"{k}=torch.{v}" if k.endswith(("_dtype", "_storage")) else f"{k}={v!r}"
+                              for k, v in quantization.items())
+        quantized = (
+            "# Trained against this quantized base: load it the same way for outputs closest to training\n"
+            "# (needs bitsandbytes), or drop quantization_config for a bf16 base.\n"
+            f"quantization_config = BitsAndBytesConfig({arguments})\n"
+        )
+    else:
+        quantized = "quantization_config = None\n"
     return (
         "import torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig\n\n"
         f'adapter = "{location}"\n'
@@ -114,6 +132,14 @@ def _load_snippet(kind: str, location: str, base: str, load_in_4bit: bool) -> st
         "model = PeftModel.from_pretrained(base, adapter)\n"
         "tokenizer = AutoTokenizer.from_pretrained(adapter)\n" + prompt
     )
+
+
+def _quantization(recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """The BitsAndBytesConfig arguments training used, read back from the run's recipe.yaml."""
+    from .config import load_recipe_dict
+    from .modeling import quantization_kwargs
+
+    return quantization_kwargs(load_recipe_dict(recipe)) if recipe else None
 
 
 def render_card(
@@ -179,7 +205,7 @@ were tokenized as text.
 ## How to load
 
 ```python
-{_load_snippet(kind, location, base, quantized)}
+{_load_snippet(kind, location, base, _quantization(recipe))}
 ```
 """
 

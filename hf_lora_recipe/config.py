@@ -2,7 +2,9 @@
 
 Precedence, lowest to highest: the seed defaults below < the recipe YAML < ``--key value`` flags.
 Field names follow TRL (``SFTConfig``, ``ModelConfig``, ``ScriptArguments``) wherever TRL has the concept,
-so a TRL user reads a recipe without a glossary. This module imports nothing else of ours: everything
+so a TRL user reads a recipe without a glossary. Each field carries its help text and group in
+``metadata``: :mod:`hf_lora_recipe.arguments` builds the command line (and ``--help``) from them, so the
+explanation a user reads is the one written here. This module imports nothing else of ours: everything
 downstream reads a validated :class:`Recipe`.
 """
 
@@ -11,136 +13,198 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
 SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the decoder, never the LM head
 DATASET_FORMATS = ("alpaca", "oasst", "prompt_completion", "messages", "auto")
 
 
 class RecipeError(ValueError):
-    """A recipe that cannot run: raised before any model or dataset is loaded."""
+    """A recipe (or any other user input) that cannot run: raised before anything heavy is loaded."""
+
+
+GROUPS: list[str] = []  # in the order --help shows them
+
+
+def _group(title: str) -> Callable[..., Any]:
+    """A field factory whose fields carry ``title`` as their --help group."""
+    GROUPS.append(title)
+
+    def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:  # noqa: A002 - argparse's name
+        metadata = {"help": help, "group": title, "choices": choices}
+        if isinstance(default, list):
+            return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+        return dataclasses.field(default=default, metadata=metadata)
+
+    return knob
+
+
+model = _group("model")
+quantization = _group("QLoRA: base quantization (bitsandbytes)")
+lora = _group("LoRA (peft.LoraConfig)")
+data = _group("data")
+speed = _group("speed")
+batch = _group("batch")
+optimisation = _group("optimisation (trl.SFTConfig)")
+output = _group("output, checkpoints, logging and publishing")
 
 
 @dataclass
 class Recipe:
     """Every knob of a run. The defaults *are* the seed recipe; nothing else in the package restates them."""
 
-    # --- Model
-    model_name_or_path: str = "meta-llama/Meta-Llama-3-8B"
-    model_revision: str = "main"
-    trust_remote_code: bool = False  # executing a repo's Python is opt-in
-    attn_implementation: str = "sdpa"
-    # --- QLoRA: base weights in NF4, double-quantized, bf16 compute; bf16 storage lets FSDP shard them
-    load_in_4bit: bool = True
-    bnb_4bit_quant_type: str = "nf4"
-    use_bnb_nested_quant: bool = True  # TRL's default is False; the seed double-quantizes (~0.4 bit/param saved)
-    bnb_4bit_compute_dtype: str = "bfloat16"
-    bnb_4bit_quant_storage: str = "bfloat16"
-    # Keep the unquantized norms, embeddings and LM head in bf16. true = PEFT's k-bit preparation, which upcasts
-    # them to fp32 (a guard for fp16 training): on an H200 that cost 2.75 GiB and 15% speed (benchmarks/RESULTS.md).
-    kbit_upcast_fp32: bool = False
-    # --- LoRA: W' = W0 + (alpha/r) B A, B = 0 at step 0
-    lora_r: int = 16
-    lora_alpha: int = 32  # 2r: alpha == r under-uses the adapter
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: list(SEED_TARGET_MODULES))
-    # --- Data
-    dataset_name: str = "tatsu-lab/alpaca"
-    dataset_config: str | None = None
-    dataset_revision: str | None = None
-    dataset_train_split: str = "train"
-    dataset_test_split: str | None = None  # a named held-out split, for eval loss
-    eval_split_size: float = 0.0  # or hold out this share (< 1) / count (>= 1) of the training rows
-    dataset_format: str = "alpaca"
-    on_bad_rows: str = "error"  # or "skip": drop and count rows with missing/null/empty fields
-    oasst_languages: list[str] = field(default_factory=list)  # e.g. [en, de]; empty keeps every language
-    oasst_all_paths: bool = False  # every root-to-leaf path instead of the best-ranked one
-    max_length: int = 512
-    padding_free: str = "auto"  # true/false; auto = on for CPU, and for GPUs with flash-attention (see README)
-    train_sampling_strategy: str = "random"  # or group_by_length: similar lengths together, less padding
-    use_liger_kernel: bool = False  # pip install hf-lora-recipe[fast]: Liger's RMSNorm/SwiGLU/RoPE kernels on CUDA
-    lm_head_loss: str = "auto"  # fused (TRL's tiled kernel, no full logits) | plain; auto = fused on GPU only
-    completion_only_loss: bool = True  # loss on responses + EOS only; false also trains on prompts (echoing)
-    # --- Batch: the global batch is the recipe's; accumulation is derived from it and the world size
-    global_batch_size: int = 128
-    per_device_train_batch_size: int = 4
-    # --- Optimisation
-    learning_rate: float = 3e-4
-    lr_scheduler_type: str = "cosine"  # decays to 0 at the last step
-    warmup_steps: float = 0.0  # < 1 is a fraction of the run (transformers 5); the seed has no warm-up
-    num_train_epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    optim: str = "adamw_torch"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    bf16: bool = True
-    gradient_checkpointing: bool = True
-    seed: int = 42
-    # --- Output and logging
-    output_dir: str = "outputs/run"
-    logging_steps: int = 10
-    eval_steps: int = 200
-    save_steps: int = 200
-    save_total_limit: int = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint dir, or true (latest); by default resumes automatically
-    overwrite_output_dir: bool = False  # start fresh even though output_dir holds checkpoints
-    report_to: str = "none"
-    push_to_hub: bool = False  # push the adapter (not checkpoints) when training ends
-    hub_model_id: str | None = None
-    hub_private_repo: bool = False
+    model_name_or_path: str = model("meta-llama/Meta-Llama-3-8B", "base model: a Hub id or a local folder")
+    model_revision: str = model("main", "Hub revision (branch, tag or commit) of the base")
+    trust_remote_code: bool = model(False, "run Python code shipped with the model repo (opt-in: it executes code)")
+    attn_implementation: str = model(
+        "sdpa", "attention kernel; flash_attention_2 when flash-attn is installed (falls back to sdpa otherwise)")
+
+    load_in_4bit: bool = quantization(True, "QLoRA: load the frozen base in 4 bits (false: a bf16/fp32 base, plain LoRA)")
+    bnb_4bit_quant_type: str = quantization("nf4", "4-bit data type; NF4 suits normally distributed weights",
+                                            ("nf4", "fp4"))
+    use_bnb_nested_quant: bool = quantization(
+        True, "double quantization of the block constants (~0.4 bit/param saved; TRL's default is false)")
+    bnb_4bit_compute_dtype: str = quantization("bfloat16", "dtype the 4-bit weights are dequantized to for matmuls",
+                                               ("bfloat16", "float16", "float32"))
+    bnb_4bit_quant_storage: str = quantization(
+        "bfloat16", "storage dtype of the packed weights; the compute dtype lets FSDP shard them like any tensor",
+        ("bfloat16", "float16", "float32", "uint8"))
+    kbit_upcast_fp32: bool = quantization(
+        False, "PEFT's k-bit preparation: upcast embeddings, norms and LM head to fp32 (a guard for fp16); "
+        "on an H200 it cost 2.75 GiB and 15% speed, so the seed keeps them bf16")
+
+    lora_r: int = lora(16, "adapter rank r: W' = W0 + (alpha/r) B A")
+    lora_alpha: int = lora(32, "scale numerator; 2r (alpha == r under-uses the adapter)")
+    lora_dropout: float = lora(0.05, "dropout on the adapter's input")
+    lora_target_modules: list[str] = lora(
+        SEED_TARGET_MODULES, "module names to adapt (space- or comma-separated), or all-linear (PEFT: every "
+        "linear layer but the LM head); never embeddings, norms or the LM head")
+
+    dataset_name: str = data("tatsu-lab/alpaca", "Hub dataset id, or a local .json/.jsonl/.csv/.parquet file or folder")
+    dataset_config: str | None = data(None, "Hub dataset configuration name")
+    dataset_revision: str | None = data(None, "Hub dataset revision")
+    dataset_train_split: str = data("train", "split to train on")
+    dataset_test_split: str | None = data(None, "a named held-out split, for eval loss")
+    eval_split_size: float = data(0.0, "or hold out this share (< 1) or count (>= 1) of the training rows")
+    dataset_format: str = data("alpaca", "row layout; auto picks the one format the columns fit", DATASET_FORMATS)
+    on_bad_rows: str = data("error", "a row with a missing/null/empty field stops the run, or is dropped and counted",
+                            ("error", "skip"))
+    oasst_languages: list[str] = data([], "OpenAssistant: keep trees whose root prompt is in these languages "
+                                          "(e.g. en de); empty keeps all")
+    oasst_all_paths: bool = data(False, "OpenAssistant: every root-to-leaf path instead of the best-ranked one")
+    max_length: int = data(512, "tokens per example; longer ones are truncated (the start is kept)")
+    completion_only_loss: bool = data(
+        True, "loss on responses and their EOS only; false also trains on prompts (the model learns to echo)")
+
+    padding_free: str = speed("auto", "concatenate examples into one row with restarting position ids (no padding); "
+                                      "auto = on for CPU, and for GPUs with flash-attention", ("auto", "true", "false"))
+    train_sampling_strategy: str = speed("random", "group_by_length puts similar lengths together (less padding)",
+                                         ("random", "sequential", "group_by_length"))
+    use_liger_kernel: bool = speed(False, "Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA "
+                                          "(pip install hf-lora-recipe[fast])")
+    lm_head_loss: str = speed("auto", "fused = TRL's tiled LM-head loss (never builds the full logits); plain = the "
+                                      "model's cross-entropy; auto = fused on GPU only (same loss either way)",
+                              ("auto", "fused", "plain"))
+
+    global_batch_size: int = batch(128, "examples per optimizer step across all processes; gradient accumulation is "
+                                        "derived from it, never typed")
+    per_device_train_batch_size: int = batch(4, "micro-batch per process")
+
+    learning_rate: float = optimisation(3e-4, "peak learning rate")
+    lr_scheduler_type: str = optimisation("cosine", "transformers scheduler name; cosine decays to 0 at the last step")
+    warmup_steps: float = optimisation(0.0, "warm-up steps; < 1 is a fraction of the run; the seed has none")
+    num_train_epochs: float = optimisation(3.0, "passes over the training set")
+    max_steps: int = optimisation(-1, "> 0 stops after this many optimizer steps (overrides num_train_epochs)")
+    optim: str = optimisation("adamw_torch", "transformers optimizer name")
+    adam_beta1: float = optimisation(0.9, "AdamW beta1")
+    adam_beta2: float = optimisation(0.999, "AdamW beta2")
+    weight_decay: float = optimisation(0.0, "AdamW weight decay (the adapter starts at B = 0: no decay needed)")
+    max_grad_norm: float = optimisation(1.0, "gradient-norm clip")
+    bf16: bool = optimisation(True, "bf16 weights and autocast (false: fp32)")
+    gradient_checkpointing: bool = optimisation(
+        True, "recompute activations in backward: ~30% slower, ~10x less activation memory")
+    seed: int = optimisation(42, "seeds data order, dropout and the adapter's A matrices")
+
+    output_dir: str = output("outputs/run", "where checkpoints and the final adapter go")
+    logging_steps: int = output(10, "log loss every N optimizer steps")
+    eval_steps: int = output(200, "evaluate every N steps (with a held-out set)")
+    save_steps: int = output(200, "checkpoint every N steps")
+    save_total_limit: int = output(2, "checkpoints kept")
+    resume_from_checkpoint: str | None = output(
+        None, "a checkpoint folder, or true (the latest); by default a rerun resumes from the latest by itself")
+    overwrite_output_dir: bool = output(False, "start fresh even though output_dir holds checkpoints")
+    report_to: list[str] = output(["none"], "trackers for the training metrics, as transformers names them "
+                                            "(tensorboard, trackio, wandb, ...; all; none)")
+    push_to_hub: bool = output(False, "push the adapter (never checkpoints) to hub_model_id when training ends")
+    hub_model_id: str | None = output(None, "Hub repo for push_to_hub, e.g. your-name/llama3-8b-alpaca-qlora")
+    hub_private_repo: bool = output(False, "create the Hub repo private")
 
 
 # Written to recipe.yaml under ``derived:`` for the record; re-derived (never read back) on the next run.
 DERIVED_KEYS = ("gradient_accumulation_steps", "world_size")
 
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Recipe)}
 FIELD_TYPES: dict[str, Any] = get_type_hints(Recipe)
-FIELD_NAMES = [f.name for f in dataclasses.fields(Recipe)]
 
 
-def _nearest(key: str) -> str:
-    match = difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.0)
-    return match[0] if match else FIELD_NAMES[0]
+def field_type(name: str) -> tuple[Any, bool]:
+    """(the field's base type, whether it may be null)."""
+    hint = FIELD_TYPES[name]
+    optional = type(None) in get_args(hint)
+    base = next((a for a in get_args(hint) if a is not type(None)), hint) if optional else hint
+    return base, optional
 
 
-def _unknown_key_error(key: str, where: str) -> RecipeError:
+def is_list(name: str) -> bool:
+    return get_origin(field_type(name)[0]) is list
+
+
+def nearest(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
+    return match[0] if match else candidates[0]
+
+
+def unknown_key_error(key: str, where: str) -> RecipeError:
     if key in DERIVED_KEYS:
         return RecipeError(
             f"{key} ({where}) is derived, never typed: set global_batch_size and per_device_train_batch_size"
         )
-    return RecipeError(f"unknown recipe key {key!r} ({where}); did you mean {_nearest(key)!r}?")
+    return RecipeError(f"unknown recipe key {key!r} ({where}); did you mean {nearest(key, list(FIELDS))!r}?")
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Turn a YAML value or a command-line string into the field's declared type."""
-    hint = FIELD_TYPES[name]
-    optional = type(None) in get_args(hint)
-    base = next((a for a in get_args(hint) if a is not type(None)), hint) if optional else hint
+    """Turn a YAML value or command-line string(s) into the field's declared type."""
+    base, optional = field_type(name)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
         raise RecipeError(f"{name} must not be null")
     try:
         if get_origin(base) is list:
-            if isinstance(value, str):
-                value = [part.strip() for part in value.split(",") if part.strip()]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, str) for v in items):
                 raise TypeError
-            return list(value)
+            # "q_proj v_proj" (several flag values), "q_proj,v_proj" and YAML lists all mean the same
+            return [part.strip() for item in items for part in item.split(",") if part.strip()]
         if base is bool:
-            if isinstance(value, bool):
-                return value
-            lowered = str(value).lower()
-            if lowered in ("true", "1", "yes"):
-                return True
-            if lowered in ("false", "0", "no"):
-                return False
-            raise TypeError
+            return parse_bool(value)
         if base is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
@@ -158,67 +222,79 @@ def _coerce(name: str, value: Any) -> Any:
     raise RecipeError(f"{name}: cannot read {value!r} as {getattr(base, '__name__', base)}")
 
 
-def parse_cli_overrides(argv: list[str]) -> tuple[str | None, dict[str, str]]:
-    """``--config PATH --key value --key=value ...`` -> (config path, overrides). No positional arguments."""
-    config_path: str | None = None
-    overrides: dict[str, str] = {}
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--"):
-            raise RecipeError(f"unexpected argument {token!r}: recipe settings are given as --key value")
-        key, has_value, value = token[2:].partition("=")
-        if not has_value:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise RecipeError(f"--{key} needs a value")
-            value = argv[i + 1]
-            i += 1
-        i += 1
-        if key == "config":
-            config_path = value
-        elif key not in FIELD_TYPES:
-            raise _unknown_key_error(key, "on the command line")
-        else:
-            overrides[key] = value
-    return config_path, overrides
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice is an error instead of the last one silently winning."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise RecipeError(f"{loader.name}: line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file, with its name and line in every error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not UTF-8 text") from None
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read ({error.strerror})") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise RecipeError(f"{path}: {where}: invalid YAML ({error.problem})") from None
+    finally:
+        loader.dispose()
 
 
 def load_recipe(config_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Seed defaults < YAML at ``config_path`` < ``overrides``; validated before anything heavy happens."""
     values: dict[str, Any] = {}
     if config_path is not None:
-        path = Path(config_path)
+        path = Path(config_path).expanduser()
         if not path.is_file():
             raise RecipeError(f"recipe not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of key: value")
-        loaded.pop("derived", None)
         for key in loaded:
-            if key not in FIELD_TYPES:
-                raise _unknown_key_error(str(key), f"in {path}")
+            if key not in FIELDS and key != "derived":
+                raise unknown_key_error(str(key), f"in {path}")
         values.update(loaded)
     for key, value in (overrides or {}).items():
-        if key not in FIELD_TYPES:
-            raise _unknown_key_error(key, "in overrides")
+        if key not in FIELDS:
+            raise unknown_key_error(key, "in overrides")
         values[key] = value
-    recipe = Recipe(**{key: _coerce(key, value) for key, value in values.items()})
+    return load_recipe_dict(values)
+
+
+def load_recipe_dict(values: dict[str, Any]) -> Recipe:
+    """A validated recipe from ``key: value`` pairs (e.g. a saved ``recipe.yaml``); ``derived`` is ignored."""
+    unknown = [key for key in values if key not in FIELDS and key != "derived"]
+    if unknown:
+        raise unknown_key_error(str(unknown[0]), "in the recipe")
+    recipe = Recipe(**{key: _coerce(key, value) for key, value in values.items() if key != "derived"})
     validate(recipe)
     return recipe
 
 
 def validate(recipe: Recipe) -> None:
-    if recipe.dataset_format not in DATASET_FORMATS:
-        raise RecipeError(f"dataset_format must be one of {', '.join(DATASET_FORMATS)}; got {recipe.dataset_format!r}")
-    if recipe.padding_free not in ("auto", "true", "false"):
-        raise RecipeError(f"padding_free must be auto, true or false; got {recipe.padding_free!r}")
-    if recipe.train_sampling_strategy not in ("random", "sequential", "group_by_length"):
-        raise RecipeError(f"train_sampling_strategy must be random, sequential or group_by_length; "
-                          f"got {recipe.train_sampling_strategy!r}")
-    if recipe.lm_head_loss not in ("auto", "fused", "plain"):
-        raise RecipeError(f"lm_head_loss must be auto, fused or plain; got {recipe.lm_head_loss!r}")
-    if recipe.on_bad_rows not in ("error", "skip"):
-        raise RecipeError(f"on_bad_rows must be error or skip; got {recipe.on_bad_rows!r}")
+    for name, spec in FIELDS.items():
+        choices = spec.metadata.get("choices")
+        if choices and getattr(recipe, name) not in choices:
+            raise RecipeError(f"{name} must be one of {', '.join(choices)}; got {getattr(recipe, name)!r}")
     if recipe.eval_split_size < 0 or (recipe.eval_split_size and recipe.dataset_test_split):
         raise RecipeError("set either eval_split_size (>= 0) or dataset_test_split, not both")
     for name in ("lora_r", "lora_alpha", "global_batch_size", "per_device_train_batch_size", "max_length"):
@@ -228,12 +304,14 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"lora_dropout must be in [0, 1); got {recipe.lora_dropout}")
     if not recipe.lora_target_modules:
         raise RecipeError("lora_target_modules is empty: LoRA would train nothing")
-    if recipe.load_in_4bit and recipe.bnb_4bit_quant_type not in ("nf4", "fp4"):
-        raise RecipeError(f"bnb_4bit_quant_type must be nf4 or fp4; got {recipe.bnb_4bit_quant_type!r}")
+    if ALL_LINEAR in recipe.lora_target_modules and len(recipe.lora_target_modules) > 1:
+        raise RecipeError(f"lora_target_modules: {ALL_LINEAR} already means every linear layer; give it alone")
     if recipe.push_to_hub and not recipe.hub_model_id:
         raise RecipeError("push_to_hub: true needs hub_model_id (e.g. your-name/llama3-8b-alpaca-qlora)")
     if recipe.learning_rate <= 0:
         raise RecipeError(f"learning_rate must be positive; got {recipe.learning_rate}")
+    if len(recipe.report_to) > 1 and {"none", "all"} & set(recipe.report_to):
+        raise RecipeError(f"report_to: none and all stand alone; got {' '.join(recipe.report_to)}")
     # Divisibility for one process is checked here; the launcher's world size is checked again at train time.
     gradient_accumulation_steps(recipe, world_size=1)
 
@@ -251,6 +329,11 @@ def gradient_accumulation_steps(recipe: Recipe, world_size: int) -> int:
     return steps
 
 
+def peft_target_modules(recipe: Recipe) -> list[str] | str:
+    """``lora_target_modules`` as PEFT takes it: a list of names, or the string ``all-linear``."""
+    return ALL_LINEAR if recipe.lora_target_modules == [ALL_LINEAR] else list(recipe.lora_target_modules)
+
+
 def recipe_to_dict(recipe: Recipe, **derived: Any) -> dict[str, Any]:
     """The fully resolved recipe, plus derived values (e.g. gradient_accumulation_steps) for ``recipe.yaml``."""
     resolved = dataclasses.asdict(recipe)
@@ -261,3 +344,19 @@ def recipe_to_dict(recipe: Recipe, **derived: Any) -> dict[str, Any]:
 
 def dump_recipe(recipe: Recipe, path: str | os.PathLike, **derived: Any) -> None:
     Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe, **derived), sort_keys=False))
+
+
+def saved_recipe(location: str | os.PathLike) -> Recipe | None:
+    """The recipe a run saved with its adapter or merged model (``recipe.yaml`` in a folder or a Hub repo);
+    None for one trained elsewhere, which has none."""
+    path = Path(location) / "recipe.yaml"
+    if not path.is_file():
+        if Path(location).is_dir():
+            return None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(location), "recipe.yaml"))
+        except Exception:  # noqa: BLE001 - not found, offline, or not a repo: there is no recipe to read
+            return None
+    return load_recipe(path)

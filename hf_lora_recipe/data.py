@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import formats, oasst
-from .audit import audit_examples
+from .audit import audit_examples, render_example
 from .config import Recipe, RecipeError
 from .sources import Rows, load_rows
 from .template import IGNORE_INDEX, SpecialIds, encode_conversations, special_ids
@@ -181,8 +181,6 @@ def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport
     if cut:
         report.dropped["response cut by max_length"] = cut
     if (audit_column != "").any():
-        from .preview import render_example
-
         failures = int((audit_column != "").sum())
         example = _first_with(prepared, audit_column)
         raise RecipeError(
@@ -208,15 +206,6 @@ def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport
 def build_sft_dataset(recipe: Recipe, tokenizer: Any, rows: Rows | None = None) -> tuple[Any, DataReport]:
     """The training examples: ``messages``, ``input_ids``, ``labels`` (``-100`` where masked), and counts."""
     return prepare(recipe, tokenizer, load_rows(recipe) if rows is None else rows)
-
-
-def conversations(recipe: Recipe, rows: Rows) -> Any:
-    """Just the conversations a recipe selects (no tokenizer): used to compare data layouts."""
-    source, dataset_format, _ = conversation_source(recipe, rows)
-    if dataset_format == "conversations":
-        return source
-    return source.map(formats.to_conversations, fn_kwargs={"dataset_format": dataset_format}, batched=True,
-                      with_indices=True, remove_columns=source.column_names)
 
 
 def train_and_eval(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None, DataReport]:

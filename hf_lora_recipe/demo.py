@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .arguments import RecipeParser, command
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO_ROOT / "recipes" / "tiny-demo.yaml"
 
@@ -104,18 +106,21 @@ def exact_match(model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: in
     return hits / len(rows), outputs
 
 
-def main(argv: list[str] | None = None) -> int:
+PARSER = RecipeParser("demo", __doc__, usage="python -m hf_lora_recipe.demo [--key value ...]")
+
+
+@command
+def main(argv: list[str]) -> int:
+    # The demo rebuilds its base and data every time, so it trains from scratch rather than resuming.
+    recipe, _ = PARSER.parse_recipe(["--config", str(DEMO_RECIPE), "--overwrite_output_dir", "true", *argv])
+
     import torch
 
-    from .config import load_recipe, parse_cli_overrides
     from .tiny import build_tiny_llama
     from .tokenizer import load_tokenizer
     from .train import run
 
     started = time.time()
-    _, overrides = parse_cli_overrides(sys.argv[1:] if argv is None else argv)
-    # The demo rebuilds its base and data every time, so it trains from scratch rather than resuming.
-    recipe = load_recipe(DEMO_RECIPE, {"overwrite_output_dir": "true", **overrides})
     work = Path(recipe.output_dir).parent
     data_path, base_path = Path(recipe.dataset_name), Path(recipe.model_name_or_path)
     for path in (data_path.parent, base_path):

@@ -9,22 +9,33 @@ the same ids), tokens stream to stdout as they are generated, and generation sto
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from typing import Any
+
+from .arguments import CommandParser, command
+from .config import Recipe, RecipeError, saved_recipe
 
 
 def load_for_inference(adapter: str | None, model_path: str | None, load_in_4bit: bool) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    """The model ready to generate, and its tokenizer (saved with the adapter or merged model).
 
+    ``load_in_4bit`` loads the base quantized exactly as training did, from the adapter's ``recipe.yaml``
+    (the seed's NF4 settings for an adapter that has none, or for a merged model).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modeling import quantization_config
+    from .quiet import quiet_libraries
+
+    quiet_libraries()
     source = adapter or model_path
     tokenizer = AutoTokenizer.from_pretrained(source)
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
     if load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+        trained = (saved_recipe(adapter) if adapter else None) or Recipe()
+        kwargs["quantization_config"] = quantization_config(
+            dataclasses.replace(trained, load_in_4bit=True))
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     if adapter:
@@ -61,17 +72,24 @@ def generate(
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-lora-recipe generate", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--adapter", help="adapter directory or Hub repo (its base is loaded from adapter_config.json)")
-    source.add_argument("--model", help="merged model directory or Hub repo")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--system", help="optional system prompt")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--load_in_4bit", action="store_true", help="load the base in NF4, as QLoRA trained it")
-    args = parser.parse_args(argv)
+PARSER = CommandParser("generate", __doc__)
+_SOURCE = PARSER.add_mutually_exclusive_group(required=True)
+_SOURCE.add_argument("--adapter", help="adapter directory or Hub repo (its base is loaded from adapter_config.json)")
+_SOURCE.add_argument("--model", help="merged model directory or Hub repo")
+PARSER.add_argument("--prompt", required=True, help="the user turn")
+PARSER.add_argument("--system", help="optional system prompt")
+PARSER.add_argument("--max_new_tokens", type=int, default=256, help="(default: 256)")
+PARSER.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+PARSER.add_flag("--load_in_4bit", help="load the base quantized as training did (from the adapter's recipe.yaml)")
+
+
+@command
+def main(argv: list[str]) -> int:
+    args = PARSER.parse(argv)
+    if args.max_new_tokens < 1:
+        raise RecipeError(f"--max_new_tokens must be >= 1; got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise RecipeError(f"--temperature must be >= 0; got {args.temperature}")
     model, tokenizer = load_for_inference(args.adapter, args.model, args.load_in_4bit)
     generate(model, tokenizer, args.prompt, args.system, args.max_new_tokens, args.temperature)
     return 0

@@ -12,50 +12,30 @@ Only the main process writes, into a temporary directory renamed into place when
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import log
+from .arguments import CommandParser, command
+from .config import Recipe, RecipeError, saved_recipe
+
 MERGE_INTO = ("dequantized", "original")
+DTYPES = ("bfloat16", "float16", "float32")
 
 
-def adapter_recipe(adapter: str) -> dict[str, Any]:
-    """The training recipe stored with an adapter (local dir or Hub repo); empty when there is none."""
-    import yaml
-
-    path = Path(adapter) / "recipe.yaml"
-    if not path.is_file():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(adapter, "recipe.yaml"))
-        except Exception:  # noqa: BLE001 - an adapter from elsewhere has no recipe; treat it as plain LoRA
-            return {}
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def load_merge_base(base: str, recipe: dict[str, Any], merge_into: str, dtype: Any) -> Any:
+def load_merge_base(base: str, recipe: Recipe | None, merge_into: str, dtype: Any) -> Any:
     """The base as dense weights: NF4-rounded (dequantized) or the original checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import quantization_config, torch_dtype
 
     if merge_into == "original":
         return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    compute = getattr(torch, recipe.get("bnb_4bit_compute_dtype", "bfloat16"))
     quantized = AutoModelForCausalLM.from_pretrained(
-        base,
-        dtype=compute,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=recipe.get("bnb_4bit_quant_type", "nf4"),
-            bnb_4bit_use_double_quant=recipe.get("use_bnb_nested_quant", True),
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_storage=getattr(torch, recipe.get("bnb_4bit_quant_storage", "bfloat16")),
-        ),
+        base, dtype=torch_dtype(recipe.bnb_4bit_compute_dtype), quantization_config=quantization_config(recipe)
     )
     # Quantization is deterministic, so these are exactly the weights the adapter saw during training.
     return quantized.dequantize(dtype=dtype)
@@ -76,20 +56,28 @@ def merge(
     adapter: str, output: str | Path, base: str | None = None, dtype: str = "bfloat16", merge_into: str | None = None
 ) -> Path:
     """Merge ``adapter`` into its base and write the model to ``output``; returns ``output``."""
+    if dtype not in DTYPES:
+        raise RecipeError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if Path(adapter).exists() and not (Path(adapter) / "adapter_config.json").is_file():
+        raise RecipeError(f"--adapter {adapter}: no adapter_config.json there (is it a training output_dir?)")
+    recipe = saved_recipe(adapter)
+    quantized = bool(recipe and recipe.load_in_4bit)
+    merge_into = merge_into or ("dequantized" if quantized else "original")
+    if merge_into not in MERGE_INTO:
+        raise RecipeError(f"--merge_into must be one of {', '.join(MERGE_INTO)}; got {merge_into!r}")
+    if merge_into == "dequantized" and not quantized:
+        raise RecipeError("--merge_into dequantized is for QLoRA adapters; this one was trained on an unquantized base")
+
     import torch
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer, GenerationConfig
 
     from .card import LOSS_PLOT, RESULTS_FILE, write_card
+    from .quiet import quiet_libraries
     from .tokenizer import save_tokenizer
 
-    recipe = adapter_recipe(adapter)
+    quiet_libraries()
     base = base or PeftConfig.from_pretrained(adapter).base_model_name_or_path
-    merge_into = merge_into or ("dequantized" if recipe.get("load_in_4bit") else "original")
-    if merge_into not in MERGE_INTO:
-        raise ValueError(f"--merge_into must be one of {', '.join(MERGE_INTO)}; got {merge_into!r}")
-    if merge_into == "dequantized" and not recipe.get("load_in_4bit"):
-        raise ValueError("--merge_into dequantized is for QLoRA adapters; this one was trained on an unquantized base")
     torch_dtype = getattr(torch, dtype)
 
     model = PeftModel.from_pretrained(load_merge_base(base, recipe, merge_into, torch_dtype), adapter)
@@ -102,7 +90,7 @@ def merge(
     merged.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not log.is_main_process():
         return Path(output)
 
     output = Path(output).resolve()
@@ -126,18 +114,17 @@ def merge(
     return output
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-lora-recipe merge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter", required=True, help="adapter directory or Hub repo id")
-    parser.add_argument("--output", required=True, help="directory for the merged model")
-    parser.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--merge_into", choices=MERGE_INTO, help="default: dequantized for QLoRA adapters, else original")
-    args = parser.parse_args(argv)
-    try:
-        path = merge(args.adapter, args.output, args.base, args.dtype, args.merge_into)
-    except ValueError as error:
-        print(f"hf-lora-recipe merge: error: {error}", file=sys.stderr)
-        return 2
-    print(f"merged model written to {path}")
+PARSER = CommandParser("merge", __doc__)
+PARSER.add_argument("--adapter", required=True, help="adapter directory or Hub repo id")
+PARSER.add_argument("--output", required=True, help="directory for the merged model")
+PARSER.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
+PARSER.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype of the merged weights (default: bfloat16)")
+PARSER.add_argument("--merge_into", choices=MERGE_INTO, help="default: dequantized for QLoRA adapters, else original")
+
+
+@command
+def main(argv: list[str]) -> int:
+    args = PARSER.parse(argv)
+    path = merge(args.adapter, args.output, args.base, args.dtype, args.merge_into)
+    log.info(f"merged model written to {path}")
     return 0

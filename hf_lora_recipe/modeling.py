@@ -6,13 +6,14 @@ import functools
 import os
 from typing import Any
 
-from .config import Recipe
+from . import log
+from .config import Recipe, peft_target_modules
 
 
 def torch_dtype(name: str) -> Any:
     import torch
 
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return getattr(torch, name)  # names are checked against the recipe's choices when it loads
 
 
 def lora_config(recipe: Recipe) -> Any:
@@ -23,25 +24,38 @@ def lora_config(recipe: Recipe) -> Any:
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
         lora_dropout=recipe.lora_dropout,
-        target_modules=list(recipe.lora_target_modules),
+        target_modules=peft_target_modules(recipe),
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
-def quantization_config(recipe: Recipe) -> Any | None:
+def quantization_kwargs(recipe: Recipe) -> dict[str, Any] | None:
+    """``BitsAndBytesConfig`` arguments for the recipe's base, dtypes by name; None for an unquantized base.
+
+    The one place the quantization is spelled out: training, merge, generate and the model card's load
+    snippet all read it from the run's recipe, so they load the base exactly as training did.
+    """
     if not recipe.load_in_4bit:
         return None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
+    return dict(
         load_in_4bit=True,
         bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=recipe.use_bnb_nested_quant,
-        bnb_4bit_compute_dtype=torch_dtype(recipe.bnb_4bit_compute_dtype),
+        bnb_4bit_compute_dtype=recipe.bnb_4bit_compute_dtype,
         # Storage in the compute dtype makes the packed NF4 weights shardable by FSDP like any bf16 tensor.
-        bnb_4bit_quant_storage=torch_dtype(recipe.bnb_4bit_quant_storage),
+        bnb_4bit_quant_storage=recipe.bnb_4bit_quant_storage,
     )
+
+
+def quantization_config(recipe: Recipe) -> Any | None:
+    kwargs = quantization_kwargs(recipe)
+    if kwargs is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    dtypes = ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
+    return BitsAndBytesConfig(**{k: torch_dtype(v) if k in dtypes else v for k, v in kwargs.items()})
 
 
 @functools.lru_cache(maxsize=None)  # decide (and say why) once per run
@@ -50,8 +64,7 @@ def available_attention(requested: str) -> str:
     import importlib.util
 
     if requested.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
-        print(f"[hf-lora-recipe] attn_implementation {requested} asked for but flash-attn is not installed: using sdpa",
-              flush=True)
+        log.warn(f"attn_implementation {requested} asked for but flash-attn is not installed: using sdpa")
         return "sdpa"
     return requested
 
@@ -66,8 +79,7 @@ def liger_active(requested: bool) -> bool:
     if not requested:
         return False
     if importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available():
-        print("[hf-lora-recipe] use_liger_kernel asked for but liger-kernel is not installed or there is no CUDA "
-              "device: off", flush=True)
+        log.warn("use_liger_kernel asked for but liger-kernel is not installed or there is no CUDA device: off")
         return False
     return True
 
@@ -127,7 +139,10 @@ def prepare_base(model: Any, recipe: Recipe) -> Any:
         )
     model.requires_grad_(False)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
     return model
 

@@ -10,16 +10,15 @@ knows. Memory and time are estimates from the formulas below, each stated in the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import SEED_TARGET_MODULES, Recipe, RecipeError, load_recipe, parse_cli_overrides
+from .arguments import RecipeParser, command
+from .config import ALL_LINEAR, Recipe, RecipeError
 
 GIB = 1024**3
 
@@ -86,7 +85,8 @@ def measure_shape(config: Any, recipe: Recipe) -> Shape:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    unmatched = [t for t in recipe.lora_target_modules if t not in names]
+    all_linear = recipe.lora_target_modules == [ALL_LINEAR]
+    unmatched = [] if all_linear else [t for t in recipe.lora_target_modules if t not in names]
     layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else None
     if layers is None:
         raise RecipeError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
@@ -99,7 +99,7 @@ def measure_shape(config: Any, recipe: Recipe) -> Shape:
     adapted = [
         (name.rsplit(".", 1)[-1], module.in_features)
         for name, module in layers[0].named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in recipe.lora_target_modules
+        if isinstance(module, torch.nn.Linear) and (all_linear or name.rsplit(".", 1)[-1] in recipe.lora_target_modules)
     ]
     shape = Shape(
         layers=len(layers), hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
@@ -278,38 +278,39 @@ def library_defaults() -> dict[str, Any]:
 
 
 SEED_MAP = [
-    # (seed hyperparameter, recipe key, library field, seed value)
-    ("LoRA rank", "lora_r", ("LoraConfig", "r"), 16),
-    ("LoRA alpha = 2r", "lora_alpha", ("LoraConfig", "lora_alpha"), 32),
-    ("LoRA dropout", "lora_dropout", ("LoraConfig", "lora_dropout"), 0.05),
-    ("targets: all seven projections", "lora_target_modules", ("LoraConfig", "target_modules"), SEED_TARGET_MODULES),
-    ("peak learning rate", "learning_rate", ("SFTConfig", "learning_rate"), 3e-4),
-    ("cosine decay to 0", "lr_scheduler_type", ("SFTConfig", "lr_scheduler_type"), "cosine"),
-    ("epochs", "num_train_epochs", ("SFTConfig", "num_train_epochs"), 3.0),
-    ("AdamW beta1", "adam_beta1", ("SFTConfig", "adam_beta1"), 0.9),
-    ("AdamW beta2", "adam_beta2", ("SFTConfig", "adam_beta2"), 0.999),
-    ("weight decay", "weight_decay", ("SFTConfig", "weight_decay"), 0.0),
-    ("grad-norm clip", "max_grad_norm", ("SFTConfig", "max_grad_norm"), 1.0),
-    ("micro-batch", "per_device_train_batch_size", ("SFTConfig", "per_device_train_batch_size"), 4),
-    ("global batch 128 (accumulation derived)", "global_batch_size", ("SFTConfig", "global batch"), 128),
-    ("bf16", "bf16", ("SFTConfig", "bf16"), True),
-    ("gradient checkpointing", "gradient_checkpointing", ("SFTConfig", "gradient_checkpointing"), True),
-    ("base in 4-bit", "load_in_4bit", ("BitsAndBytesConfig", "load_in_4bit"), True),
-    ("NF4", "bnb_4bit_quant_type", ("BitsAndBytesConfig", "bnb_4bit_quant_type"), "nf4"),
-    ("double quantization", "use_bnb_nested_quant", ("BitsAndBytesConfig", "bnb_4bit_use_double_quant"), True),
-    ("bf16 compute dtype", "bnb_4bit_compute_dtype", ("BitsAndBytesConfig", "bnb_4bit_compute_dtype"), "bfloat16"),
-    ("max length", "max_length", ("SFTConfig", "max_length"), 512),
+    # (seed hyperparameter, recipe key, library field); the seed's value is Recipe()'s, never restated here
+    ("LoRA rank", "lora_r", ("LoraConfig", "r")),
+    ("LoRA alpha = 2r", "lora_alpha", ("LoraConfig", "lora_alpha")),
+    ("LoRA dropout", "lora_dropout", ("LoraConfig", "lora_dropout")),
+    ("targets: all seven projections", "lora_target_modules", ("LoraConfig", "target_modules")),
+    ("peak learning rate", "learning_rate", ("SFTConfig", "learning_rate")),
+    ("cosine decay to 0", "lr_scheduler_type", ("SFTConfig", "lr_scheduler_type")),
+    ("epochs", "num_train_epochs", ("SFTConfig", "num_train_epochs")),
+    ("AdamW beta1", "adam_beta1", ("SFTConfig", "adam_beta1")),
+    ("AdamW beta2", "adam_beta2", ("SFTConfig", "adam_beta2")),
+    ("weight decay", "weight_decay", ("SFTConfig", "weight_decay")),
+    ("grad-norm clip", "max_grad_norm", ("SFTConfig", "max_grad_norm")),
+    ("micro-batch", "per_device_train_batch_size", ("SFTConfig", "per_device_train_batch_size")),
+    ("global batch (accumulation derived)", "global_batch_size", ("SFTConfig", "global batch")),
+    ("bf16", "bf16", ("SFTConfig", "bf16")),
+    ("gradient checkpointing", "gradient_checkpointing", ("SFTConfig", "gradient_checkpointing")),
+    ("base in 4-bit", "load_in_4bit", ("BitsAndBytesConfig", "load_in_4bit")),
+    ("NF4", "bnb_4bit_quant_type", ("BitsAndBytesConfig", "bnb_4bit_quant_type")),
+    ("double quantization", "use_bnb_nested_quant", ("BitsAndBytesConfig", "bnb_4bit_use_double_quant")),
+    ("bf16 compute dtype", "bnb_4bit_compute_dtype", ("BitsAndBytesConfig", "bnb_4bit_compute_dtype")),
+    ("max length", "max_length", ("SFTConfig", "max_length")),
 ]
 
 
 def traceability(recipe: Recipe) -> list[dict[str, Any]]:
     defaults = library_defaults()
+    seed = Recipe()
     sft = defaults["SFTConfig"]
     # TRL has no global batch: it is micro-batch x accumulation x processes, 8 x 1 x 1 by default
     sft["global batch"] = sft["per_device_train_batch_size"] * sft["gradient_accumulation_steps"]
     rows = []
-    for seed_name, key, (library, library_field), seed_value in SEED_MAP:
-        value = getattr(recipe, key)
+    for seed_name, key, (library, library_field) in SEED_MAP:
+        value, seed_value = getattr(recipe, key), getattr(seed, key)
         library_default = defaults[library].get(library_field)
         rows.append({
             "seed": seed_name, "field": f"{library}.{library_field}", "value": value, "seed_value": seed_value,
@@ -337,7 +338,7 @@ def lints(recipe: Recipe, shape: Shape, num_gpus: int, gpu_bf16: bool = True,
                           f"set lora_alpha: {2 * recipe.lora_r} (2r, the seed's choice)"))
     if set(recipe.lora_target_modules) <= {"q_proj", "v_proj"}:
         found.append(Lint("warning", "only q_proj/v_proj are adapted: underfits instruction following",
-                          f"target all seven projections: {', '.join(SEED_TARGET_MODULES)}"))
+                          f"target all seven projections: {', '.join(Recipe().lora_target_modules)}"))
     if not recipe.bf16 and gpu_bf16:
         found.append(Lint("warning", "bf16 is off on a bf16-capable GPU: fp32 compute is slower and larger, fp16 overflows",
                           "set bf16: true"))
@@ -387,8 +388,10 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
     data = token_counts(recipe)
     plan: dict[str, Any] = {"model": model_config or recipe.model_name_or_path, "gpu": gpu, "gpu_memory_gib": memory_gib,
                             "num_gpus": num_gpus}
-    plan["parameters"] = {"total": shape.total, "trainable": shape.trainable,
-                          "trainable_share": shape.trainable / max(shape.total - shape.trainable, 1),
+    base_parameters = shape.total - shape.trainable
+    plan["parameters"] = {"base_parameters": base_parameters, "adapter_parameters": shape.trainable,
+                          "total": shape.total, "trainable": shape.trainable,
+                          "trainable_share_of_base": shape.trainable / max(base_parameters, 1),
                           "by_module": shape.lora_by_module}
     plan["adapter_file_bytes"] = 4 * shape.trainable  # saved in fp32, as PEFT keeps it
     strategies = ["ddp"] + (["fsdp", "zero3"] if num_gpus > 1 else [])
@@ -454,7 +457,8 @@ def _gib(n: float) -> str:
 def render(plan: dict[str, Any]) -> str:
     p = plan["parameters"]
     lines = [f"plan for {plan['model']} on {plan['num_gpus']} x {plan['gpu']} ({plan['gpu_memory_gib']:g} GiB)", ""]
-    lines.append(f"parameters     total {p['total']:,}; trainable {p['trainable']:,} ({p['trainable_share']:.3%} of the base)")
+    lines.append(f"parameters     base {p['base_parameters']:,} + adapter {p['adapter_parameters']:,} = total {p['total']:,}; "
+                 f"trainable {p['trainable']:,} ({p['trainable_share_of_base']:.3%} of the base)")
     for module, count in p["by_module"].items():
         lines.append(f"  {module:<13}{count:>14,}")
     lines.append(f"adapter file   {_gib(plan['adapter_file_bytes'])} (fp32 safetensors)")
@@ -488,21 +492,25 @@ def render(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-lora-recipe plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_config", help="config.json, a folder with one, or a Hub id (default: the recipe's model)")
-    parser.add_argument("--gpu", default="24GB", help=f"one of {', '.join(GPUS)}")
-    parser.add_argument("--gpu_memory_gb", type=float, help="override the GPU's memory (GiB)")
-    parser.add_argument("--num_gpus", type=int, default=1)
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the time estimate")
-    parser.add_argument("--json", action="store_true")
-    args, rest = parser.parse_known_args(argv)
-    try:
-        config_path, overrides = parse_cli_overrides(rest)
-        recipe = load_recipe(config_path, overrides)
-        plan = make_plan(recipe, args.model_config, args.gpu, args.gpu_memory_gb, args.num_gpus, args.mfu)
-    except RecipeError as error:
-        print(f"hf-lora-recipe plan: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan, default=str) if args.json else render(plan))
+PARSER = RecipeParser("plan", __doc__, usage="hf-lora-recipe plan [--config RECIPE.yaml] [--key value ...] "
+                     "[--model_config PATH_OR_REPO] [--gpu NAME] [--gpu_memory_gb G] [--num_gpus N] [--mfu F] [--json]")
+PARSER.add_argument("--model_config", help="config.json, a folder with one, or a Hub id (default: the recipe's model)")
+PARSER.add_argument("--gpu", default="24GB", choices=list(GPUS), metavar="NAME", help=f"one of {', '.join(GPUS)} (default: 24GB)")
+PARSER.add_argument("--gpu_memory_gb", type=float, help="override the GPU's memory (GiB)")
+PARSER.add_argument("--num_gpus", type=int, default=1, help="GPUs the run is spread over (default: 1)")
+PARSER.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the time estimate (default: 0.4)")
+PARSER.add_flag("--json", help="the plan as one JSON object")
+
+
+@command
+def main(argv: list[str]) -> int:
+    recipe, options = PARSER.parse_recipe(argv)
+    if options.num_gpus < 1:
+        raise RecipeError(f"--num_gpus must be >= 1; got {options.num_gpus}")
+    if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
+        raise RecipeError(f"--gpu_memory_gb must be positive; got {options.gpu_memory_gb}")
+    if not 0 < options.mfu <= 1:
+        raise RecipeError(f"--mfu must be in (0, 1]; got {options.mfu}")
+    plan = make_plan(recipe, options.model_config, options.gpu, options.gpu_memory_gb, options.num_gpus, options.mfu)
+    print(json.dumps(plan, default=str) if options.json else render(plan))
     return 1 if any(l["level"] == "error" for l in plan["lints"]) else 0

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
+
 from transformers import TrainerCallback
 
+from . import log
 from .config import Recipe, RecipeError
 
 RUN_STATE = "hf_lora_recipe.json"
@@ -49,6 +52,17 @@ def resume_note(checkpoint: str, accumulation: int, world_size: int) -> str:
         note += (f" (world size {before.get('world_size')} -> {world_size}: gradient accumulation re-derived "
                  f"{before.get('gradient_accumulation_steps')} -> {accumulation}, global batch unchanged)")
     return note
+
+
+def prepare_output_dir(recipe: Recipe, accumulation: int, world_size: int) -> str | None:
+    """The checkpoint to resume from (logged), after clearing old checkpoints for ``overwrite_output_dir``."""
+    checkpoint = resume_checkpoint(recipe)
+    if checkpoint:
+        log.info(resume_note(checkpoint, accumulation, world_size))
+    elif recipe.overwrite_output_dir and log.is_main_process():
+        for old in Path(recipe.output_dir).glob("checkpoint-*"):
+            shutil.rmtree(old)
+    return checkpoint
 
 
 class RunStateCallback(TrainerCallback):

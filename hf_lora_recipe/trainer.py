@@ -1,4 +1,5 @@
-"""TRL's SFTTrainer with the two things this recipe adds: a loss path per backend, and a record of what it read.
+"""TRL's SFTTrainer, configured from the recipe, with the two things this recipe adds: a loss path per
+backend, and a record of what each rank read.
 
 ``lm_head_loss``: TRL computes the loss with its fused, tiled LM-head kernel, which never materialises the
 (batch x length x vocab) logits - the right trade on a GPU, where the 128k-vocabulary logits of Llama 3 cost
@@ -9,17 +10,83 @@ the whole accumulated, all-process batch (``num_items_in_batch``), so the choice
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
+import torch
 from transformers import Trainer
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
+
+from .config import Recipe, RecipeError
+from .modeling import available_attention, fsdp_checkpoints_activations, liger_active
+
+# Recipe keys that are SFTConfig fields with the same name and meaning: passed through unchanged.
+SFT_CONFIG_KEYS = (
+    "output_dir", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps",
+    "num_train_epochs", "max_steps", "optim", "adam_beta1", "adam_beta2", "weight_decay", "max_grad_norm", "bf16",
+    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "seed", "train_sampling_strategy",
+)
+
+# transformers 5.24 renamed TrainingArguments' gradient_checkpointing* to activation_checkpointing* (the old
+# names warn); older 5.x releases know only the old ones.
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+                 else "gradient_checkpointing")
 
 
 def uses_fused_loss(lm_head_loss: str) -> bool:
-    import torch
-
     return lm_head_loss == "fused" or (lm_head_loss == "auto" and torch.cuda.is_available())
+
+
+def padding_free(recipe: Recipe) -> bool:
+    """``auto``: on the CPU always; on a GPU only with flash-attention, whose varlen kernel keeps its speed."""
+    if recipe.padding_free != "auto":
+        return recipe.padding_free == "true"
+    return not torch.cuda.is_available() or available_attention(recipe.attn_implementation).startswith("flash_attention")
+
+
+def speed_line(recipe: Recipe) -> str:
+    """What the run chose for speed, logged once at the start."""
+    return (f"loss: {'TRL fused LM head (no full logits)' if uses_fused_loss(recipe.lm_head_loss) else 'model cross-entropy'}; "
+            f"attention: {available_attention(recipe.attn_implementation)}; padding-free: {padding_free(recipe)}; "
+            f"liger-kernel: {'on' if liger_active(recipe.use_liger_kernel) else 'off'}")
+
+
+def check_report_to(recipe: Recipe) -> None:
+    """Every tracker in ``report_to`` is one transformers knows and is installed: checked before the model loads."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    if recipe.report_to in (["none"], ["all"]):
+        return
+    installed = set(get_available_reporting_integrations())
+    for name in recipe.report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise RecipeError(f"report_to: unknown tracker {name!r}; transformers supports "
+                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or all / none)")
+        if name not in installed:
+            raise RecipeError(f"report_to: {name} is not installed here; pip install {name} (or report_to none)")
+
+
+def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) -> SFTConfig:
+    return SFTConfig(
+        **{key: getattr(recipe, key) for key in SFT_CONFIG_KEYS},
+        gradient_accumulation_steps=accumulation,  # derived from global_batch_size and the world size
+        # Under FSDP with fsdp_activation_checkpointing, FSDP checkpoints each wrapped layer itself.
+        **{CHECKPOINTING: recipe.gradient_checkpointing and not fsdp_checkpoints_activations(),
+           f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},  # reentrant checkpointing breaks LoRA under DDP
+        max_length=None,  # our data step already truncated to recipe.max_length
+        eval_strategy="steps" if has_eval else "no",
+        per_device_eval_batch_size=recipe.per_device_train_batch_size,
+        use_cpu=not torch.cuda.is_available(),
+        # Our dataset already holds input_ids and labels, masked and truncated exactly as `preview` shows.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        ddp_find_unused_parameters=False,
+        # Examples concatenated into one row with restarting position_ids: no padding is computed, and the
+        # attention mask built from the position ids keeps examples from seeing each other.
+        padding_free=padding_free(recipe),
+        use_liger_kernel=liger_active(recipe.use_liger_kernel),
+    )
 
 
 class RecipeTrainer(SFTTrainer):
@@ -52,3 +119,18 @@ class RecipeTrainer(SFTTrainer):
         padding = 1 - self.tokens / max(self.positions, 1)
         return (f"consumed {self.examples_seen} examples, data digest {self._digest.hexdigest()[:12]}; "
                 f"{self.supervised:,} supervised of {self.positions:,} processed positions ({padding:.1%} padding)")
+
+
+def build_trainer(
+    recipe: Recipe, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any | None, accumulation: int,
+    callbacks: list[Any],
+) -> RecipeTrainer:
+    return RecipeTrainer(
+        model=model,
+        fused_loss=uses_fused_loss(recipe.lm_head_loss),
+        args=trainer_config(recipe, accumulation, has_eval=eval_dataset is not None),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from .conftest import PYTHON, REPO_ROOT, run_cli, shared_asset
 
 
+@pytest.mark.slow  # five model builds and training loops: a script check, not package behaviour
 def test_gpu_throughput_script_runs_on_cpu_at_a_tiny_shape(tmp_path):
     config = shared_asset("model_configs/llama-3-8b")
     out = tmp_path / "table.md"

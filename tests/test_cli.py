@@ -6,7 +6,7 @@ import pytest
 
 from hf_lora_recipe.cli import COMMANDS
 
-from .conftest import CLI, PYTHON, run_cli
+from .conftest import CLI, PYTHON, REPO_ROOT, run_cli
 
 
 def test_help_lists_every_command_and_is_instant():
@@ -33,9 +33,46 @@ def test_every_command_has_help(name):
 
 def test_train_help_lists_recipe_keys():
     result = run_cli(CLI, "train", "--help")
-    assert "--lora_r 16" in result.stdout and "--global_batch_size 128" in result.stdout
+    flat = " ".join(result.stdout.split())
+    assert "--lora_r INT adapter rank r" in flat and "(default: 16)" in flat
+    assert "--global_batch_size INT examples per optimizer step" in flat and "(default: 128)" in flat
 
 
 def test_unknown_command_suggests_the_nearest():
     result = run_cli(CLI, "trian")
     assert result.returncode == 2 and "did you mean 'train'" in result.stderr
+
+
+COMMAND_MODULES = {"__main__", "cli", "train", "preview", "merge", "push", "generate", "plan", "demo"}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (at the top or inside functions), read from the source."""
+    import ast
+
+    package = REPO_ROOT / "hf_lora_recipe"
+    graph: dict[str, set[str]] = {}
+    modules = {path.stem for path in package.glob("*.py")} - {"__init__", "__main__"}
+    for path in sorted(package.glob("*.py")):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_lora_recipe."):
+                found.add(node.module.split(".")[1])
+        graph[path.stem] = found & modules
+    return graph
+
+
+def test_imports_flow_one_way_and_no_command_module_is_imported_from_below():
+    from graphlib import TopologicalSorter
+
+    graph = import_graph()
+    order = list(TopologicalSorter(graph).static_order())  # raises CycleError on any cycle
+    assert order.index("config") < order.index("data") < order.index("train")
+    assert not graph["config"], "config imports nothing of ours"
+    for module, imported in graph.items():
+        if module not in COMMAND_MODULES:
+            assert not imported & COMMAND_MODULES, f"{module} imports command module(s) {imported & COMMAND_MODULES}"
+    for command in ("merge", "push", "generate", "plan", "preview"):
+        assert "train" not in graph[command]

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from hf_lora_recipe import oasst
-from hf_lora_recipe.audit import example_problem, supervised_spans
+from hf_lora_recipe import formats
+from hf_lora_recipe.audit import audit_examples, supervised_spans
 from hf_lora_recipe.config import Recipe, RecipeError
-from hf_lora_recipe.data import build_sft_dataset, conversations
+from hf_lora_recipe.data import build_sft_dataset, conversation_source
 from hf_lora_recipe.sources import load_rows
 from hf_lora_recipe.template import IGNORE_INDEX, special_ids
 
@@ -19,6 +20,15 @@ from .conftest import shared_asset
 
 def _recipe(dataset: Path | str, **overrides) -> Recipe:
     return Recipe(dataset_name=str(dataset), **overrides)
+
+
+def conversations(recipe: Recipe, rows):
+    """Just the conversations a recipe selects (no tokenizer), to compare data layouts."""
+    source, dataset_format, _ = conversation_source(recipe, rows)
+    if dataset_format == "conversations":
+        return source
+    return source.map(formats.to_conversations, fn_kwargs={"dataset_format": dataset_format}, batched=True,
+                      with_indices=True, remove_columns=source.column_names)
 
 
 def _check_invariants(example: dict, tokenizer, max_length: int) -> None:
@@ -219,7 +229,7 @@ def test_audit_catches_each_silent_failure(llama2_tokenizer):
     from hf_lora_recipe.template import encode_conversations
 
     [input_ids], [labels] = encode_conversations(llama2_tokenizer, [messages], ids)
-    check = lambda x, y: example_problem(x, y, messages, llama2_tokenizer, ids, truncated=False)  # noqa: E731
+    check = lambda x, y: audit_examples([x], [y], [messages], [False], llama2_tokenizer, ids)[0] or None  # noqa: E731
     assert check(input_ids, labels) is None
     first = next(i for i, y in enumerate(labels) if y != IGNORE_INDEX)
     unmasked = list(input_ids)  # prompt supervised

@@ -9,6 +9,7 @@ import torch
 
 from hf_lora_recipe.config import Recipe
 from hf_lora_recipe.data import build_sft_dataset
+from hf_lora_recipe.preview import main as preview_main
 from hf_lora_recipe.tokenizer import load_tokenizer
 
 from .conftest import CLI, run_cli, shared_asset
@@ -51,25 +52,24 @@ def test_preview_json_equals_the_trainers_dataloader(tiny_base, small_alpaca, tm
     assert sorted(seen) == sorted((p["input_ids"], p["labels"]) for p in previewed)
 
 
-def test_preview_human_view_marks_trained_tokens(tiny_base, small_alpaca):
-    result = run_cli(CLI, "preview", "--model_name_or_path", str(tiny_base), "--dataset_name", str(small_alpaca),
-                     "--num_examples", "2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("data: 12 examples in, 12 kept")
-    assert result.stdout.count("--- example") == 2
-    assert "<s> [INST]" in result.stdout and "</s>»" in result.stdout and "trained]" in result.stdout
+def test_preview_human_view_marks_trained_tokens(tiny_base, small_alpaca, capsys):
+    assert preview_main(["--model_name_or_path", str(tiny_base), "--dataset_name", str(small_alpaca),
+                         "--num_examples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("data: 12 examples in, 12 kept")
+    assert out.count("--- example") == 2
+    assert "<s> [INST]" in out and "</s>»" in out and "trained]" in out
 
 
-def test_preview_needs_only_a_tokenizer_directory(small_alpaca):
+def test_preview_needs_only_a_tokenizer_directory(small_alpaca, capsys):
     tokenizer_dir = shared_asset("tokenizers/gpt-neox-20b")  # no model weights, no config.json
-    result = run_cli(CLI, "preview", "--model_name_or_path", str(tokenizer_dir), "--dataset_name", str(small_alpaca),
-                     "--num_examples", "1", "--json")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["labels"][-1] == 0  # <|endoftext|> is supervised
+    assert preview_main(["--model_name_or_path", str(tokenizer_dir), "--dataset_name", str(small_alpaca),
+                         "--num_examples", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"][-1] == 0  # <|endoftext|> is supervised
 
 
-def test_preview_reports_a_bad_row(tmp_path, tiny_base):
+def test_preview_reports_a_bad_row(tmp_path, tiny_base, capsys):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([{"instruction": "x", "input": "", "output": None}]))
-    result = run_cli(CLI, "preview", "--model_name_or_path", str(tiny_base), "--dataset_name", str(path))
-    assert result.returncode == 2 and "bad.json row 0: field 'output' is missing or null" in result.stderr
+    assert preview_main(["--model_name_or_path", str(tiny_base), "--dataset_name", str(path)]) == 2
+    assert "\nhf-lora-recipe: error: bad.json row 0: field 'output' is missing or null" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from hf_lora_recipe.merge import merge
 
 from .conftest import CLI, REPO_ROOT
+from .fixtures import build_adapter_dir
 from .hub_server import start_hub_server
 
 TOKEN = "hf_local_SECRET_token_0123456789"
@@ -26,15 +27,10 @@ def hub():
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_base, alpaca_path, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("push") / "adapter"
-    result = subprocess.run(
-        [CLI, "train", "--model_name_or_path", str(tiny_base), "--dataset_name", str(alpaca_path), "--max_steps", "2",
-         "--global_batch_size", "8", "--max_length", "96", "--learning_rate", "1e-2", "--load_in_4bit", "false",
-         "--bf16", "false", "--save_steps", "1", "--logging_steps", "1", "--output_dir", str(output_dir)],
-        capture_output=True, text=True, cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+def adapter(tiny_base, tmp_path_factory):
+    """A finished run's output_dir, built in-process (tests/fixtures.py): random non-zero LoRA, run files and a
+    checkpoint-2/ that must not be published. A real training run is pushed in the last test."""
+    output_dir = build_adapter_dir(tiny_base, tmp_path_factory.mktemp("push") / "adapter")
     assert (output_dir / "checkpoint-2").is_dir()  # checkpoints exist locally and must not be published
     return output_dir
 
@@ -118,13 +114,3 @@ def test_a_push_that_fails_loses_nothing_and_rerunning_completes_it(hub, adapter
     again = _cli(hub, tmp_path, "push", "--path", str(adapter), "--repo_id", "user/resumed")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "adapter_model.safetensors" in hub.files("user/resumed")
-
-
-def test_push_to_hub_at_the_end_of_training(hub, tiny_base, alpaca_path, tmp_path):
-    output_dir = tmp_path / "adapter"
-    result = _cli(hub, tmp_path, "train", "--model_name_or_path", str(tiny_base), "--dataset_name", str(alpaca_path),
-                  "--max_steps", "1", "--global_batch_size", "4", "--max_length", "64", "--load_in_4bit", "false",
-                  "--output_dir", str(output_dir), "--push_to_hub", "true", "--hub_model_id", "user/auto-pushed")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "pushed to" in result.stdout
-    assert set(hub.files("user/auto-pushed")) >= {"adapter_model.safetensors", "adapter_config.json", "README.md"}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from .conftest import ACCELERATE, CLI, REPO_ROOT, run_cli
@@ -43,6 +44,7 @@ def _free_port() -> int:
 DDP_TOLERANCE = 1e-5  # fp32; the same examples per optimizer step, gradients averaged by DDP vs accumulated
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_base, alpaca_path, tmp_path):
     single = run_cli(CLI, "train", *_args(tiny_base, alpaca_path, tmp_path / "one", "--max_steps", "3"))
     assert single.returncode == 0, single.stderr[-3000:]
@@ -53,12 +55,25 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_base, a
     ranks = dict(re.findall(r"rank (\d)/2\] consumed 12 examples, data digest (\w+)", ddp.stdout))
     assert set(ranks) == {"0", "1"} and ranks["0"] != ranks["1"]  # each rank read its own share
     assert "rank 0/1] consumed 24 examples" in single.stdout
-    assert ddp.stdout.count("adapter written to") == 1
+    assert ddp.stdout.count("adapter written to") == 1  # only the main process writes
+    assert yaml.safe_load((tmp_path / "two" / "recipe.yaml").read_text())["derived"] == {
+        "gradient_accumulation_steps": 1, "world_size": 2}
     difference = _max_diff(_adapter(tmp_path / "one"), _adapter(tmp_path / "two"))
     print(f"\nmax |adapter difference| 1 process vs 2 processes: {difference:.2e}")
     assert difference < DDP_TOLERANCE
 
 
+@pytest.mark.slow
+def test_indivisible_batch_for_the_launch_fails_before_loading(tiny_base, alpaca_path, tmp_path):
+    output_dir = tmp_path / "adapter"
+    result = run_cli(ACCELERATE, "launch", "--config_file", CPU_DDP, "--num_processes", "2", "--main_process_port",
+                     str(_free_port()), "-m", "hf_lora_recipe.train",
+                     *_args(tiny_base, alpaca_path, output_dir, "--global_batch_size", "12"))
+    assert result.returncode != 0 and "not a whole multiple" in result.stderr
+    assert "Loading weights" not in result.stderr and not output_dir.exists()
+
+
+@pytest.mark.slow
 def test_two_nodes_on_loopback(tiny_base, alpaca_path, tmp_path):
     port = str(_free_port())
     commands = [
@@ -86,7 +101,7 @@ def test_accumulation_equals_a_bigger_batch(tiny_base, alpaca_path, tmp_path):
     from hf_lora_recipe.data import build_sft_dataset
     from hf_lora_recipe.modeling import add_adapter
     from hf_lora_recipe.tokenizer import load_tokenizer
-    from hf_lora_recipe.train import trainer_config
+    from hf_lora_recipe.trainer import trainer_config
 
     recipe = Recipe(model_name_or_path=str(tiny_base), dataset_name=str(alpaca_path), max_length=64, lora_dropout=0.0,
                     load_in_4bit=False, bf16=False, max_grad_norm=1e9, max_steps=1, output_dir=str(tmp_path))
@@ -122,6 +137,7 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> Non
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_same_adapter(tiny_base, alpaca_path, tmp_path):
     steps = ["--max_steps", "8", "--save_steps", "2", "--max_length", "128"]
     reference = run_cli(CLI, "train", *_args(tiny_base, alpaca_path, tmp_path / "reference", *steps))
@@ -151,7 +167,7 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(tiny_base, alpaca_path, 
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_base, alpaca_path, tmp_path):
     output_dir = tmp_path / "adapter"
     result = run_cli(CLI, "train", *_args(tiny_base, alpaca_path, output_dir, "--learning_rate", "1e30", "--bf16", "true",
-                                          "--max_steps", "6", "--save_steps", "1"))
+                                          "--max_steps", "4", "--save_steps", "1"))
     assert result.returncode == 3, result.stderr[-3000:]
     match = re.search(r"non-finite loss or gradient at step (\d+).*Last good checkpoint: (\S+) \(kept\)", result.stderr)
     assert match, result.stderr[-3000:]
@@ -161,6 +177,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_base, a
     assert not (output_dir / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_rerun_resumes(tiny_base, alpaca_path, tmp_path):
     output_dir = tmp_path / "adapter"
     command = [CLI, "train", *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "200", "--save_steps", "1000")]
@@ -190,6 +207,7 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_rerun_resumes(tiny_bas
     assert (output_dir / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_at_another_world_size_rederives_accumulation(tiny_base, alpaca_path, tmp_path):
     output_dir = tmp_path / "adapter"
     first = run_cli(CLI, "train", *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "2", "--save_steps", "2"))

@@ -1,0 +1,42 @@
+"""Our console lines: ``[hf-lora-recipe] ...`` from the main process only, or from every rank when asked.
+
+Every module logs through here, so a multi-process launch prints each message once and a reader can tell
+our lines from the libraries'. Rank comes from the launcher's environment (``RANK``), which torchrun and
+``accelerate launch`` set before our code runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+PREFIX = "[hf-lora-recipe]"
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def info(message: str) -> None:
+    """A progress or result line, printed once (by the main process)."""
+    if is_main_process():
+        print(f"{PREFIX} {message}", flush=True)
+
+
+def warn(message: str) -> None:
+    """Something the user should know that does not stop the run, on stderr, printed once."""
+    if is_main_process():
+        print(f"{PREFIX} warning: {message}", file=sys.stderr, flush=True)
+
+
+def every_rank(message: str) -> None:
+    """A line each process prints, tagged with its rank (e.g. what data each rank read)."""
+    print(f"[hf-lora-recipe rank {rank()}/{world_size()}] {message}", flush=True)
