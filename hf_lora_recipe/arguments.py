@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -112,15 +113,34 @@ class RecipeParser(CommandParser):
         return load_recipe(args.config, overrides), options
 
 
+DEBUG_ENV = "HF_LORA_RECIPE_DEBUG"  # =1: show the traceback of an expected failure too
+
+
 def command(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
-    """Wrap a command's ``main``: expected failures become one ``hf-lora-recipe: error:`` line and exit code 2."""
+    """Wrap a command's ``main``: expected failures become one ``hf-lora-recipe: error:`` line and exit code 2.
+
+    A :class:`RecipeError` is a failure the user can fix (the message says how); anything else is a bug and
+    keeps its traceback. ``HF_LORA_RECIPE_DEBUG=1`` shows the traceback for the expected ones as well.
+    """
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
+        from .quiet import quiet_libraries
+
+        quiet_libraries()
         try:
             return main(sys.argv[1:] if argv is None else argv)
         except RecipeError as error:
-            print(f"{ERROR_PREFIX} {error}", file=sys.stderr)
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            print(f"{ERROR_PREFIX} {error}", file=sys.stderr, flush=True)
             return 2
+        except BrokenPipeError:
+            # `... | head`: the reader left; say nothing more, and keep Python from complaining at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except KeyboardInterrupt:
+            print(f"{ERROR_PREFIX} interrupted", file=sys.stderr, flush=True)
+            return 130
 
     return run

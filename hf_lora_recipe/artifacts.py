@@ -5,18 +5,107 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from . import log
 from .card import LOSS_PLOT, RESULTS_FILE, library_versions, plot_losses, write_card
-from .config import Recipe, dump_recipe
+from .config import Recipe, RecipeError, dump_recipe
 
 PICKLES = ("training_args.bin",)  # Trainer.save_model writes this pickle; we publish safetensors only
 FINAL_FILES_LAST = "adapter_config.json"  # moved last: without it the directory is not loadable as an adapter
 STAGING = ".staging-final"
+CARD = "README.md"
+CARD_TAG = "hf-lora-recipe"  # in the metadata tags of every card we write: how a README.md is known to be ours
+
+# What train writes at the top of output_dir. The tokenizer names are every file a tokenizer's save_pretrained
+# writes (which depend on its class); a folder holding anything else is not a run of ours.
+RUN_FILES = {"adapter_model.safetensors", FINAL_FILES_LAST, "recipe.yaml", RESULTS_FILE, LOSS_PLOT, CARD, *PICKLES}
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model"}
+RUN_FOLDERS = {"runs", STAGING, "additional_chat_templates"}  # TensorBoard's logs, our staging, extra templates
+CHECKPOINT_FOLDER = re.compile(r"^(incomplete-)?checkpoint-\d+(\.\d+)?$")  # Trainer's, and those set aside
+IGNORED = {".DS_Store"}
+
+
+def card_tags(path: Path) -> list[str]:
+    """The metadata tags of a model card (empty when it has none or cannot be read)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    match = re.match(r"^---\n(.*?)\n---", text, re.S)
+    try:
+        metadata = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        return []
+    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return [str(tag) for tag in tags] if isinstance(tags, list) else []
+
+
+def _trainer_card(path: Path) -> bool:
+    """The draft card TRL's trainer wrote into output_dir at each checkpoint before we stopped it doing so."""
+    try:
+        return "It has been trained using [TRL]" in path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def foreign_entries(output_dir: Path) -> list[str]:
+    """What ``output_dir`` holds that train did not write (and so must never overwrite or mix with)."""
+    if not output_dir.is_dir():
+        return []
+    foreign = []
+    entries = sorted(output_dir.iterdir(), key=lambda p: p.name)
+    has_checkpoints = any(CHECKPOINT_FOLDER.match(p.name) for p in entries)
+    for path in entries:
+        name = path.name
+        if name in IGNORED:
+            continue
+        if path.is_symlink():
+            foreign.append(f"{name} (a symbolic link)")
+        elif path.is_dir():
+            if not (CHECKPOINT_FOLDER.match(name) or name in RUN_FOLDERS):
+                foreign.append(f"{name}/")
+        elif name == CARD:
+            if CARD_TAG not in card_tags(path) and not (has_checkpoints and _trainer_card(path)):
+                foreign.append(f"{CARD} (not a model card written by hf-lora-recipe)")
+        elif name not in RUN_FILES | TOKENIZER_FILES:
+            foreign.append(name)
+    if not foreign and any(p.name in TOKENIZER_FILES | RUN_FILES for p in entries) and not _looks_like_our_run(output_dir):
+        # the right names, but no sign that a run of ours wrote them (e.g. a tokenizer or adapter folder)
+        foreign = [p.name for p in entries if p.name in TOKENIZER_FILES | RUN_FILES]
+    return foreign
+
+
+def _looks_like_our_run(output_dir: Path) -> bool:
+    """A card, a record or a checkpoint of ours is there: the files named like ours are ours."""
+    from .resilience import RUN_STATE
+
+    if CARD_TAG in card_tags(output_dir / CARD):
+        return True
+    try:
+        results = json.loads((output_dir / RESULTS_FILE).read_text())
+        if isinstance(results, dict) and CARD_TAG in (results.get("libraries") or {}):
+            return True
+    except (OSError, ValueError):
+        pass
+    return any((p / RUN_STATE).is_file() for p in output_dir.iterdir() if CHECKPOINT_FOLDER.match(p.name))
+
+
+def check_output_dir_is_ours(output_dir: Path) -> None:
+    """Refuse, before training, an ``output_dir`` that holds files train did not write: it would overwrite them."""
+    foreign = foreign_entries(output_dir)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise RecipeError(f"output_dir {output_dir} holds files hf-lora-recipe did not write: {shown}; training "
+                          "would overwrite or mix with them. Choose another output_dir (or move them out)")
 
 
 def publish_directory(staging: Path, output_dir: Path) -> None:

@@ -286,8 +286,22 @@ def load_recipe_dict(values: dict[str, Any]) -> Recipe:
     if unknown:
         raise unknown_key_error(str(unknown[0]), "in the recipe")
     recipe = Recipe(**{key: _coerce(key, value) for key, value in values.items() if key != "derived"})
+    normalise_paths(recipe)
     validate(recipe)
     return recipe
+
+
+def normalise_paths(recipe: Recipe) -> None:
+    """Expand ``~`` and make ``output_dir`` absolute, once, so every step (checkpoints, the final adapter, the
+    card) writes to the same place whatever it does with the path."""
+    recipe.output_dir = os.path.abspath(os.path.expanduser(recipe.output_dir))
+    resume = recipe.resume_from_checkpoint
+    if resume and resume.lower() not in ("true", "false"):
+        recipe.resume_from_checkpoint = os.path.abspath(os.path.expanduser(resume))
+    for name in ("model_name_or_path", "dataset_name"):
+        value = getattr(recipe, name)
+        if value.startswith("~"):
+            setattr(recipe, name, os.path.expanduser(value))
 
 
 def validate(recipe: Recipe) -> None:

@@ -68,7 +68,11 @@ def _map(dataset: Any, step: Callable, key: dict, fn_kwargs: dict, parallel: boo
 
 @dataclass
 class DataReport:
-    """What preprocessing did, printed before training so nothing is dropped silently."""
+    """What preprocessing did, printed before training so nothing is dropped silently.
+
+    ``dropped`` counts examples (bad rows, responses cut by ``max_length``) and, under the ``oasst.UNUSED``
+    reasons, OpenAssistant messages and trees that no conversation reaches (shown apart in the summary).
+    """
 
     examples_in: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -86,7 +90,10 @@ class DataReport:
         return int(np.percentile(self.lengths, 100 * q, method="lower")) if len(self.lengths) else 0
 
     def summary(self) -> str:
-        dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
+        counts = self.dropped.most_common()
+        dropped = ", ".join(f"{n} {why}" for why, n in counts if why not in oasst.UNUSED) or "none"
+        unused = ", ".join(f"{n} {why.removeprefix('oasst ')}" for why, n in counts if why in oasst.UNUSED)
+        dropped += f"; OpenAssistant data no conversation uses: {unused}" if unused else ""
         return (
             f"data: {self.examples_in} examples in, {self.examples_out} kept (dropped: {dropped}); "
             f"tokens p50/p90/p99/max {self.percentile(0.5)}/{self.percentile(0.9)}/{self.percentile(0.99)}/"
@@ -144,21 +151,30 @@ def _first_with(dataset: Any, values: np.ndarray) -> dict:
 
 def conversation_source(recipe: Recipe, rows: Rows) -> tuple[Any, str, Callable[[int], str]]:
     """(rows to format, their format, row -> where it came from); OpenAssistant trees become conversations first."""
+    return _conversation_source(recipe, rows)[:3]
+
+
+def _conversation_source(recipe: Recipe, rows: Rows) -> tuple[Any, str, Callable[[int], str], Counter]:
+    """:func:`conversation_source`, and the OpenAssistant messages the selection never reaches, by reason."""
     columns = rows.dataset.column_names
     dataset_format = formats.detect_format(columns) if recipe.dataset_format == "auto" else recipe.dataset_format
     formats.check_columns(columns, dataset_format, rows.sources[0])
     if dataset_format != "oasst":
-        return rows.dataset, dataset_format, rows.origin
-    options = {"flat": oasst.layout(columns) == "flat", "all_paths": recipe.oasst_all_paths,
-               "languages": recipe.oasst_languages}
+        return rows.dataset, dataset_format, rows.origin, Counter()
+    flat = oasst.layout(columns) == "flat"
+    options = {"flat": flat, "all_paths": recipe.oasst_all_paths, "languages": recipe.oasst_languages}
     source = _map(rows.dataset, formats.oasst_conversations, options, options, parallel=False,
                   batched=True, batch_size=None, with_indices=True, remove_columns=columns,
                   desc="Selecting OpenAssistant conversations")  # a tree's messages must be seen together
-    return source, "conversations", lambda row: f"{rows.sources[0]} conversation {row}"
+    counting = {"flat": flat, "languages": recipe.oasst_languages}
+    counts = _map(rows.dataset, formats.oasst_dropped, counting, counting, parallel=False, batched=True,
+                  batch_size=None, remove_columns=columns, desc="Counting unused OpenAssistant messages")
+    dropped = Counter(dict(zip(counts["reason"], counts["count"])))
+    return source, "conversations", rows.origin, dropped
 
 
 def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport]:
-    source, dataset_format, where = conversation_source(recipe, rows)
+    source, dataset_format, where, unused = _conversation_source(recipe, rows)
     ids = special_ids(tokenizer)
     options = {"dataset_format": dataset_format, "ids": ids, "max_length": recipe.max_length,
                "completion_only": recipe.completion_only_loss}
@@ -177,6 +193,7 @@ def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport
             "fix them or set on_bad_rows: skip to drop and count them)"
         )
     report.dropped.update(problems)
+    report.dropped.update(unused)  # OpenAssistant messages no conversation reaches, counted, never an error
     cut = int(((problem_column == "") & (_column(prepared, "num_supervised") == 0)).sum())
     if cut:
         report.dropped["response cut by max_length"] = cut

@@ -126,6 +126,14 @@ def to_conversations(batch: dict[str, list], indices: list[int], dataset_format:
 def oasst_conversations(
     batch: dict[str, list], indices: list[int], flat: bool, all_paths: bool, languages: list[str]
 ) -> dict[str, list]:
-    conversations = oasst.conversations_batch(batch, flat, all_paths, languages)["messages"]
-    problems = [conversation_problem(c) or "" for c in conversations]
-    return {"messages": conversations, "problem": problems, "row": list(range(len(conversations)))}
+    """Batched ``datasets`` map over the whole table: conversations, each with the row of its tree's root."""
+    out = oasst.conversations_batch(batch, flat, all_paths, languages)
+    out["problem"] = [problem or conversation_problem(messages) or ""
+                      for messages, problem in zip(out["messages"], out["problem"])]
+    out["row"] = [indices[row] for row in out["row"]]
+    return out
+
+
+def oasst_dropped(batch: dict[str, list], flat: bool, languages: list[str]) -> dict[str, list]:
+    """Batched ``datasets`` map over the whole table: the messages the OpenAssistant rule never reaches, by reason."""
+    return oasst.dropped_messages(batch, flat, languages)

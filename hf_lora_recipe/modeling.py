@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 from . import log
-from .config import Recipe, peft_target_modules
+from .config import ALL_LINEAR, Recipe, RecipeError, nearest, peft_target_modules
 
 
 def torch_dtype(name: str) -> Any:
@@ -187,3 +190,145 @@ def meta_lora_counts(config_path: str, recipe: Recipe) -> tuple[int, int]:
         model = AutoModelForCausalLM.from_config(config)
         model = get_peft_model(model, lora_config(recipe))
     return count_parameters(model)
+
+
+# ---------------------------------------------------------------- checked before anything heavy loads
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(constants.HF_HUB_OFFLINE) or any(flag.upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def model_config(recipe: Recipe) -> Any:
+    """The base's ``config.json`` as a transformers config; a missing, malformed or unknown model is one
+    :class:`RecipeError` naming ``model_name_or_path`` (read from the local folder, the cache or the Hub)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    from transformers import AutoConfig
+
+    name = recipe.model_name_or_path
+    where = f"model_name_or_path {name}"
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise RecipeError(f"{where} is a file: give the base model's folder (holding config.json) or a Hub id")
+        if not (path / "config.json").is_file():
+            hint = " (an adapter folder: give its base model instead)" if (path / "adapter_config.json").is_file() else ""
+            raise RecipeError(f"{where}: no config.json in that folder{hint}; give a model folder or a Hub id")
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (ValueError, UnicodeDecodeError, AttributeError) as error:
+            raise RecipeError(f"{where}: config.json is not valid JSON ({_first_line(error)})") from None
+    else:
+        model_type = None
+        looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+        try:
+            if looks_like_path:
+                raise HFValidationError(name)
+            validate_repo_id(name)
+        except HFValidationError:
+            raise RecipeError(f"{where}: no such folder, and not a Hub model id (NAMESPACE/NAME); check the path") from None
+        if _offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(name, "config.json", revision=recipe.model_revision), str):
+                raise RecipeError(f"{where}: no such folder, and the Hub model is not in the local cache while "
+                                  "HF_HUB_OFFLINE=1; download it once online (hf download "
+                                  f"{name}) or give a local folder")
+    try:
+        return AutoConfig.from_pretrained(name, revision=recipe.model_revision,
+                                          trust_remote_code=recipe.trust_remote_code)
+    except Exception as error:  # noqa: BLE001 - transformers/hub raise many classes; every one is one line here
+        message = _first_line(error)
+        if "does not recognize this architecture" in str(error) or "Unrecognized model" in str(error):
+            import transformers
+
+            if model_type is None and "Unrecognized model" in str(error):
+                raise RecipeError(f"{where}: its config.json names no model_type, so transformers cannot tell the "
+                                  "architecture; is it a transformers model folder?") from None
+            named = re.search(r"model type `([^`]+)`", str(error))
+            model_type = named.group(1) if named else model_type
+            raise RecipeError(f"{where}: config.json has model_type {model_type!r}, which transformers "
+                              f"{transformers.__version__} does not know; upgrade transformers, or set "
+                              "trust_remote_code true if the model ships its own code") from None
+        if "trust_remote_code" in str(error):
+            raise RecipeError(f"{where} ships its own modelling code: set trust_remote_code true if you trust it") from None
+        raise RecipeError(f"{where}: cannot read its config.json ({message})") from None
+
+
+def meta_model(config: Any, recipe: Recipe) -> Any:
+    """The base as a causal LM on the meta device: its modules, no memory, no weights read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.trust_remote_code)
+    except ValueError as error:
+        raise RecipeError(f"model_name_or_path {recipe.model_name_or_path}: a {type(config).__name__} is not a causal "
+                          f"language model transformers can build ({_first_line(error)})") from None
+
+
+def adaptable_types() -> tuple[type, ...]:
+    """Module types PEFT's LoRA can wrap (bitsandbytes' 4-bit linears replace nn.Linear at load time)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def resolve_targets(model: Any, targets: list[str] | str) -> dict[str, list[str]]:
+    """Each requested target -> the module names it adapts, matched as PEFT matches a list (the whole dotted
+    name, or its ending after a dot); ``all-linear`` -> every linear layer but the output head.
+
+    A target that matches nothing, or only modules LoRA cannot wrap, is a :class:`RecipeError` naming it and
+    listing the linear layers this architecture has.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    modules = dict(model.named_modules())
+    linear = {name: m for name, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in linear.items() if m is not output})
+    available = f"linear layers of {type(model).__name__}: {', '.join(linear_names) or 'none'} (or {ALL_LINEAR})"
+    if targets == ALL_LINEAR:
+        matched = {ALL_LINEAR: [name for name, m in linear.items() if m is not output]}
+        if not matched[ALL_LINEAR]:
+            raise RecipeError(f"lora_target_modules: {ALL_LINEAR} matches nothing: {type(model).__name__} has no linear layers")
+        return matched
+    resolved: dict[str, list[str]] = {}
+    unmatched, unsupported = [], []
+    for target in targets:
+        names = [name for name in modules if name and (name == target or name.endswith("." + target))]
+        adaptable = [name for name in names if isinstance(modules[name], adaptable_types())]
+        if not names:
+            unmatched.append(target)
+        elif not adaptable:
+            kinds = sorted({type(modules[name]).__name__ for name in names})
+            unsupported.append(f"{target} ({'/'.join(kinds)})")
+        resolved[target] = adaptable
+    if unmatched:
+        guesses = [nearest(t, linear_names) for t in unmatched] if linear_names else []
+        guess = f" (nearest: {', '.join(guesses)})" if guesses else ""
+        raise RecipeError(f"lora_target_modules: {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} "
+                          f"no module of {type(model).__name__}{guess}; {available}")
+    if unsupported:
+        raise RecipeError(f"lora_target_modules: {', '.join(unsupported)} cannot carry a LoRA adapter (not linear); "
+                          f"{available}")
+    return resolved
+
+
+def check_targets(recipe: Recipe, config: Any | None = None) -> dict[str, list[str]]:
+    """Read the base's config.json and resolve ``lora_target_modules`` against its architecture on the meta
+    device, before any weight loads (see :func:`resolve_targets`)."""
+    config = model_config(recipe) if config is None else config
+    return resolve_targets(meta_model(config, recipe), peft_target_modules(recipe))

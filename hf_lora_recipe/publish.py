@@ -1,22 +1,52 @@
 """Publishing a run's folder to the Hugging Face Hub: what ``hf-lora-recipe push`` and ``push_to_hub: true`` run.
 
-One atomic ``create_commit`` of the files a user needs (never checkpoints, optimizer states or pickles), with
-the token from ``HF_TOKEN`` or the saved login (never printed or written) and retries of transient failures.
+What goes up is decided from the folder's names and file types, and nothing is read through a link:
+
+* **published**: regular files named in :data:`PUBLISHED` - exactly what ``train`` and ``merge`` write (adapter
+  or merged weights and configs, the tokenizer files ``save_pretrained`` writes, with the extra chat templates in
+  ``additional_chat_templates/``, the model card, ``recipe.yaml``, ``training_results.json``, the loss plot) -
+  plus top-level files matching an explicit ``--include PATTERN``;
+* **never**: pickles (:data:`NEVER`, even when ``--include`` matches them), dot-files, any other sub-folder
+  (``checkpoint-*/``, ``runs/``), and symbolic links - a link is skipped with a warning wherever it points;
+* anything else present (a stray ``notes.json``, ``secrets.txt``) is left out and named in one line.
+
+The upload list (names and sizes) is printed before the commit. The commit is one atomic ``create_commit``;
+the token comes from ``HF_TOKEN`` or the saved login and is never printed or written; transient HTTP failures
+are retried with backoff. Every failure a user can cause is a :class:`PushError` (one line, exit code 2):
+a bad ``--path`` or ``--repo_id`` and a missing token before any request, then a refused token (401/403), an
+unreachable endpoint (after the retries) or any other HTTP status, each naming the endpoint and what to do.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import log
 from .config import RecipeError
 
-PUBLISHED = ("*.safetensors", "*.json", "*.jinja", "tokenizer.model", "merges.txt", "vocab.txt", "README.md",
-             "recipe.yaml", "training_loss.png")
+PUBLISHED = (
+    # the adapter (PEFT save_pretrained)
+    "adapter_model.safetensors", "adapter_config.json",
+    # a merged model (transformers save_pretrained: one file, or shards and their index)
+    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "config.json",
+    "generation_config.json",
+    # the tokenizer: fast tokenizers write the first three; the rest are what other tokenizer classes save
+    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
+    "merges.txt",
+    # the model card and the run's record
+    "README.md", "recipe.yaml", "training_results.json", "training_loss.png",
+)
+PUBLISHED_FOLDERS = {"additional_chat_templates": ("*.jinja",)}  # a tokenizer's named extra chat templates
 NEVER = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "training_args*")
+MERGE_MARKER = ".hf-lora-recipe-merge"  # written by merge into every merged model (see merge.py); never published
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -24,17 +54,75 @@ class PushError(RecipeError):
     """A push that cannot start or cannot finish: one line for the user, exit code 2."""
 
 
-def files_to_publish(directory: Path) -> list[Path]:
-    """Top-level files a user needs; sub-directories (checkpoint-*/, staging) are never published."""
-    chosen = []
-    for path in sorted(directory.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
+@dataclass
+class Selection:
+    """A folder's entries sorted into what is published and what is not (names relative to the folder)."""
+
+    files: list[Path] = field(default_factory=list)  # regular files to upload
+    links: list[str] = field(default_factory=list)  # symbolic links: skipped, never read through
+    left_out: list[str] = field(default_factory=list)  # everything else (folders end in "/")
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def select_files(directory: Path, include: Sequence[str] = ()) -> Selection:
+    """Sort ``directory``'s entries (see the module docstring); reads names and types only, follows no link."""
+    selection = Selection()
+    _select(directory, "", (*PUBLISHED, *include), selection)
+    return selection
+
+
+def _select(directory: Path, prefix: str, patterns: Sequence[str], selection: Selection) -> None:
+    with os.scandir(directory) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    for entry in entries:
+        name = prefix + entry.name
+        if entry.is_symlink():
+            selection.links.append(name)
+        elif entry.is_dir(follow_symlinks=False):
+            if not prefix and entry.name in PUBLISHED_FOLDERS:
+                _select(Path(entry.path), f"{name}/", PUBLISHED_FOLDERS[entry.name], selection)
+            else:
+                selection.left_out.append(f"{name}/")
+        elif name == MERGE_MARKER:
             continue
-        if any(fnmatch.fnmatch(path.name, p) for p in NEVER):
-            continue
-        if any(fnmatch.fnmatch(path.name, p) for p in PUBLISHED):
-            chosen.append(path)
-    return chosen
+        elif (entry.is_file(follow_symlinks=False) and not entry.name.startswith(".")
+              and not _matches(entry.name, NEVER) and _matches(entry.name, patterns)):
+            selection.files.append(Path(entry.path))
+        else:
+            selection.left_out.append(name)
+
+
+def files_to_publish(directory: Path, include: Sequence[str] = ()) -> list[Path]:
+    """The files :func:`push` uploads from ``directory``."""
+    return select_files(directory, include).files
+
+
+def check_repo_id(repo_id: str, flag: str = "--repo_id") -> None:
+    """Refuse a repo id the Hub cannot hold, before any request."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise PushError(
+            f"{flag} {repo_id!r} is not a valid Hub repo id: use NAME or NAMESPACE/NAME with letters, digits, "
+            "'-', '_' and '.' (no '--' or '..', not starting or ending with '-' or '.', at most 96 characters)"
+        ) from None
+
+
+def check_folder(path: str | Path) -> Path:
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise PushError(f"--path {directory}: no such folder; give the training output_dir or the merged model's "
+                        "folder")
+    if not directory.is_dir():
+        raise PushError(f"--path {directory} is a file, not a folder; give the training output_dir or the merged "
+                        "model's folder")
+    return directory
 
 
 def _transient(error: Exception) -> bool:
@@ -59,51 +147,146 @@ def with_retries(action: Any, what: str, attempts: int = 5, backoff_s: float = 1
     raise AssertionError("unreachable")
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _report(directory: Path, selection: Selection, include: Sequence[str]) -> None:
+    for name in selection.links:
+        log.warn(f"skipped {directory / name}: a symbolic link (push never follows links; copy the file in "
+                 "if it belongs in the repo)")
+    for pattern in include:
+        if any(fnmatch.fnmatchcase(f.name, pattern) for f in selection.files if f.parent == directory):
+            continue
+        refused = [name for name in (*selection.left_out, *selection.links) if fnmatch.fnmatchcase(name, pattern)]
+        log.warn(f"--include {pattern} matched " + (
+            f"only files push never publishes (pickles, dot-files, folders, links): {', '.join(refused)}" if refused
+            else f"no file in {directory}"))
+    if selection.left_out:
+        log.info(f"not published (not in the allow-list; --include PATTERN adds top-level files): "
+                 f"{', '.join(selection.left_out)}")
+
+
 def push(
     path: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-    commit_message: str | None = None, attempts: int = 5, backoff_s: float = 1.0,
+    commit_message: str | None = None, attempts: int = 5, backoff_s: float = 1.0, include: Sequence[str] = (),
 ) -> str:
-    """Create ``repo_id`` if needed and upload ``path`` in one commit; returns the repo URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    """Create ``repo_id`` if needed and upload ``path``'s publishable files in one commit; returns the repo URL."""
+    directory = check_folder(path)
+    check_repo_id(repo_id)
+    for pattern in include:
+        if "/" in pattern or os.sep in pattern:
+            raise PushError(f"--include {pattern}: patterns match top-level file names only (sub-folders are "
+                            "never published)")
+    selection = select_files(directory, include)
+    _report(directory, selection, include)
+    if not any(f.name.endswith(".safetensors") for f in selection.files):
+        raise PushError(f"--path {directory} holds no .safetensors weights (adapter_model.safetensors or "
+                        "model*.safetensors): give a training output_dir or a merged model's folder")
 
-    from .card import read_run, render_card
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 
-    directory = Path(path)
-    if not directory.is_dir():
-        raise PushError(f"--path {directory} is not a directory")
-    files = files_to_publish(directory)
-    if not any(f.suffix == ".safetensors" for f in files):
-        raise PushError(f"{directory} holds no .safetensors weights: nothing to publish")
+    if constants.HF_HUB_OFFLINE:
+        raise PushError("HF_HUB_OFFLINE is set: push needs the Hub; unset it (or set HF_HUB_OFFLINE=0) and run again")
     token = get_token()
     if not token:
         raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
-    api = HfApi(token=token)
-    with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "create_repo", attempts, backoff_s)
-    if revision and revision != "main":
-        with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "create_branch", attempts, backoff_s)
 
+    contents = _contents(directory, selection.files, repo_id)
+    total = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in contents.values())
+    target = repo_id + (f" (branch {revision})" if revision else "")
+    log.info(f"uploading {len(contents)} files ({_size(total)}) to {target} in one commit:")
+    for name, content in contents.items():
+        log.info(f"  {name}  {_size(len(content) if isinstance(content, bytes) else content.stat().st_size)}")
     operations = []
-    recipe, results = read_run(directory)
-    for file in files:
-        if file.name == "README.md" and recipe:
-            # The card's load snippet names the repo, not the local path it was trained into.
-            kind = "adapter" if (directory / "adapter_config.json").is_file() else "merged"
-            card = render_card(recipe, results, repo_id, kind, _merge_base(file),
-                               has_plot=(directory / "training_loss.png").is_file())
-            operations.append(CommitOperationAdd("README.md", card.encode()))
-        else:
-            operations.append(CommitOperationAdd(file.name, str(file)))
-    kind = "adapter" if (directory / "adapter_config.json").is_file() else "model"
+    for name, content in contents.items():
+        try:  # hashes the file now: an unreadable one fails here, before any request
+            operations.append(CommitOperationAdd(name, content if isinstance(content, bytes) else str(content)))
+        except OSError as error:
+            raise PushError(f"cannot read {directory / name} ({error.strerror or error}): fix its permissions or "
+                            "move it out of the folder") from None
+
+    api = HfApi(token=token)
+    kind = "adapter" if "adapter_config.json" in contents else "model"
     message = commit_message or f"Upload {kind} trained with hf-lora-recipe"
-    with_retries(
-        lambda: api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision),
-        "upload", attempts, backoff_s,
-    )
+    step = "create_repo"
+    try:
+        with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), step, attempts, backoff_s)
+        if revision and revision != "main":
+            step = "create_branch"
+            with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), step, attempts, backoff_s)
+        step = "upload"
+        with_retries(
+            lambda: api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision),
+            step, attempts, backoff_s,
+        )
+    except Exception as error:  # noqa: BLE001 - HTTP failures become one line; anything else stays a bug
+        failure = _push_error(error, step, api.endpoint, repo_id, token, attempts)
+        if failure is error:
+            raise
+        raise failure from error
     return f"{api.endpoint}/{repo_id}"
 
 
+def _contents(directory: Path, files: list[Path], repo_id: str) -> dict[str, Path | bytes]:
+    """name -> file (or bytes for the re-rendered card). The run files are read from the selection only, so
+    nothing is read through a link."""
+    from .card import RESULTS_FILE, render_card
+
+    contents: dict[str, Path | bytes] = {file.relative_to(directory).as_posix(): file for file in files}
+    if "README.md" not in contents or "recipe.yaml" not in contents:
+        return contents
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(contents["recipe.yaml"].read_text())
+        results = json.loads(contents[RESULTS_FILE].read_text()) if RESULTS_FILE in contents else {}
+        if not isinstance(recipe, dict) or not isinstance(results, dict):
+            raise ValueError("not a mapping")
+        # The card's load snippet names the repo, not the local path it was trained into.
+        kind = "adapter" if "adapter_config.json" in contents else "merged"
+        card = render_card(recipe, results, repo_id, kind, _merge_base(contents["README.md"]),
+                           has_plot="training_loss.png" in contents)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
+        log.warn(f"README.md uploaded as written: recipe.yaml / {RESULTS_FILE} in {directory} could not re-render "
+                 f"the card for the repo ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+        return contents
+    contents["README.md"] = card.encode()
+    return contents
+
+
+def _push_error(error: Exception, step: str, endpoint: str, repo_id: str, token: str, attempts: int) -> Exception:
+    """The one line a user sees for a failed request; the token never appears in it."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    server = (getattr(error, "server_message", None) or "").strip().replace(token, "<token>")
+    server = server.splitlines()[0] if server else ""
+    detail = f": {server}" if server else ""
+    if status in (401, 403):
+        return PushError(f"the Hub at {endpoint} refused the token (HTTP {status} on {step}{detail}): check HF_TOKEN "
+                         f"or `hf auth login`, and that the token may write to {repo_id}")
+    if status is not None:
+        if status in RETRY_STATUS or status >= 500:
+            hint = (f"the Hub is failing; run the push again later (nothing was committed after {attempts} "
+                    "attempt(s); --max_retries raises them)")
+        elif status == 404:
+            hint = "check --repo_id and --revision"
+        else:
+            hint = "check --repo_id, --revision and the files listed above"
+        return PushError(f"the Hub at {endpoint} answered HTTP {status} to {step} of {repo_id} "
+                         f"({server or 'no message'}): {hint}")
+    if _transient(error) or type(error).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore"):
+        reason = str(error).replace(token, "<token>").splitlines()[0] if str(error) else type(error).__name__
+        return PushError(f"cannot reach the Hub at {endpoint} ({reason}) after {attempts} attempt(s): check "
+                         "HF_ENDPOINT and the network, then run the push again")
+    return error
+
+
 def _merge_base(card_path: Path) -> str | None:
-    for line in card_path.read_text().splitlines():
+    for line in card_path.read_text(errors="replace").splitlines():
         if line.startswith("- merge base: "):
             return line.removeprefix("- merge base: ").strip("*")
     return None

@@ -2,45 +2,228 @@
 
 Checkpoints are Trainer's own (``checkpoint-N/``: adapter, optimizer, scheduler, RNG states and the data
 position; never the frozen base) plus ``hf_lora_recipe.json`` with the world size and accumulation they
-were taken under, so a resume at another world size can say what changed.
+were taken under, so a resume at another world size can say what changed. That file is written last, so it
+also marks the checkpoint complete: a resume uses only the newest complete checkpoint whose files load, and
+sets newer, incomplete ones aside (renamed ``incomplete-checkpoint-N``, never deleted) with a warning.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
 from . import log
-from .config import Recipe, RecipeError
+from .config import Recipe, RecipeError, peft_target_modules
 
 RUN_STATE = "hf_lora_recipe.json"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATES = {"optimizer.pt", "optimizer.bin", "optimizer_0"}  # plain / FSDP full / FSDP sharded
 
 
 class NonFiniteError(RuntimeError):
     pass
 
 
-def resume_checkpoint(recipe: Recipe) -> str | None:
-    """The checkpoint to resume from: explicit path, ``true`` (latest), or automatic when one exists."""
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+SET_ASIDE = "incomplete-"  # prefix of a checkpoint that could not be trusted: kept for inspection, never resumed
 
-    output_dir = Path(recipe.output_dir)
-    latest = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: fresh, from a checkpoint, or not at all because the run already finished."""
+
+    checkpoint: str | None = None
+    step: int = 0
+    finished: str | None = None  # the run is complete: why, and how to train more
+    publish_only: bool = False  # training reached max_steps but the final adapter was never written
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders, newest (largest N) first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if CHECKPOINT.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)), reverse=True)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no {path.name}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path.name} is unreadable, truncated or corrupt ({error})") from None
+
+
+def checkpoint_problem(checkpoint: Path, require_marker: bool = True) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (None when it is complete).
+
+    Trainer writes ``checkpoint-N`` in place; :class:`RunStateCallback` writes ``hf_lora_recipe.json`` after
+    everything else, so a save cut short (killed, disk full) has no marker. The files are checked too: a
+    truncated adapter, optimizer or trainer state fails here instead of half-way through loading.
+    """
+    from safetensors import safe_open
+
+    try:
+        if require_marker and not isinstance(_read_json(checkpoint / RUN_STATE), dict):
+            return f"{RUN_STATE} is not a mapping"
+        state = _read_json(checkpoint / TRAINER_STATE)
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            return f"{TRAINER_STATE} holds no global_step"
+        adapter = checkpoint / "adapter_model.safetensors"
+        if adapter.is_file():
+            _read_json(checkpoint / "adapter_config.json")
+    except ValueError as problem:
+        if require_marker and str(problem) == f"no {RUN_STATE}":
+            return f"no {RUN_STATE}: its save did not finish (killed, or the disk filled)"
+        return str(problem)
+    if adapter.is_file():
+        try:
+            with safe_open(str(adapter), framework="pt") as tensors:
+                if not list(tensors.keys()):
+                    return "adapter_model.safetensors holds no tensors"
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error class for a damaged file
+            return f"adapter_model.safetensors is truncated or corrupt ({error})"
+    elif not any(checkpoint.glob("pytorch_model_fsdp_*")):  # FSDP's sharded state is a folder of its own
+        return "no adapter_model.safetensors"
+    names = {p.name for p in checkpoint.iterdir()}
+    if not names & OPTIMIZER_STATES and not any(name.startswith("global_step") for name in names):  # DeepSpeed's
+        return "no optimizer state"
+    for path in sorted(checkpoint.iterdir()):  # torch.save writes zip archives: a cut-off one has no central directory
+        if path.suffix in (".pt", ".pth", ".bin") and path.is_file() and not zipfile.is_zipfile(path):
+            return f"{path.name} is truncated or corrupt"
+    return None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"])
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint that passes :func:`checkpoint_problem` (for messages; nothing is moved)."""
+    return next((c for c in checkpoints(Path(output_dir)) if checkpoint_problem(c) is None), None)
+
+
+def set_aside(checkpoint: Path, problem: str) -> None:
+    """Rename an incomplete checkpoint out of Trainer's way (it would resume from it, rotate by it, or save
+    into it); it is ours, but kept for inspection rather than deleted. Main process only."""
+    if not log.is_main_process():
+        log.every_rank(f"skipping {checkpoint}: {problem}")
+        return
+    target = checkpoint.with_name(SET_ASIDE + checkpoint.name)
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = checkpoint.with_name(f"{SET_ASIDE}{checkpoint.name}.{suffix}")
+    try:
+        os.replace(checkpoint, target)
+    except FileNotFoundError:  # another process of this launch moved it already
+        return
+    except OSError as error:
+        raise RecipeError(f"{checkpoint} is incomplete ({problem}) and cannot be moved aside ({error.strerror}); "
+                          "delete it, then rerun") from None
+    log.warn(f"skipped {checkpoint}: {problem}; set aside as {target.name} (delete it to free the space)")
+
+
+def final_adapter_written(output_dir: Path) -> bool:
+    return (output_dir / "adapter_config.json").is_file() and (output_dir / "adapter_model.safetensors").is_file()
+
+
+def _asked_checkpoint(recipe: Recipe) -> Path | None:
     asked = recipe.resume_from_checkpoint
-    if asked and asked.lower() not in ("true", "false"):
-        if not Path(asked).is_dir():
-            raise RecipeError(f"resume_from_checkpoint: {asked} is not a checkpoint directory")
-        return asked
-    if asked and asked.lower() == "false" or recipe.overwrite_output_dir:
+    if not asked or asked.lower() in ("true", "false"):
         return None
-    if asked and asked.lower() == "true" and latest is None:
-        raise RecipeError(f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N directory")
-    return latest
+    path = Path(asked)
+    if not path.is_dir():
+        raise RecipeError(f"resume_from_checkpoint: {asked} is not a checkpoint directory "
+                          "(give a checkpoint-N folder, or true for the newest complete one in output_dir)")
+    problem = checkpoint_problem(path, require_marker=False)
+    if problem:
+        raise RecipeError(f"resume_from_checkpoint: {asked} cannot be resumed from: {problem}; pick another "
+                          "checkpoint (or true for the newest complete one in output_dir)")
+    return path
+
+
+def _check_compatible(checkpoint: Path, recipe: Recipe) -> None:
+    """A checkpoint of another adapter shape would fail deep inside Trainer's loading: say so first."""
+    config = checkpoint / "adapter_config.json"
+    saved = json.loads(config.read_text()) if config.is_file() else {}
+    targets = saved.get("target_modules")
+    wanted = peft_target_modules(recipe)
+    differences = []
+    if saved.get("r") not in (None, recipe.lora_r):
+        differences.append(f"lora_r {saved.get('r')} there, {recipe.lora_r} here")
+    if isinstance(wanted, list) and isinstance(targets, list) and set(targets) != set(wanted):
+        differences.append(f"lora_target_modules {' '.join(sorted(targets))} there, {' '.join(sorted(wanted))} here")
+    if differences:
+        raise RecipeError(f"{checkpoint} holds a different adapter ({'; '.join(differences)}): use the recipe it was "
+                          "trained with to resume, or --overwrite_output_dir true (or another output_dir) to start again")
+
+
+def _finished(checkpoint: Path, recipe: Recipe) -> bool | None:
+    """Did training at ``checkpoint`` reach the recipe's end? None: it went past it."""
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    step = int(state["global_step"])
+    if recipe.max_steps > 0:
+        return True if step == recipe.max_steps else (None if step > recipe.max_steps else False)
+    return step >= int(state.get("max_steps") or 0) > 0 and state.get("num_train_epochs") == recipe.num_train_epochs
+
+
+def choose_start(recipe: Recipe) -> Start:
+    """Where this run starts, decided before anything loads: ``overwrite_output_dir`` starts fresh; an explicit
+    checkpoint is checked; otherwise the newest *complete* checkpoint in ``output_dir``, incomplete newer ones
+    set aside and named. A run that already reached its end does nothing (or only writes its missing adapter)."""
+    output_dir = Path(recipe.output_dir)
+    asked = (recipe.resume_from_checkpoint or "").lower()
+    checkpoint = _asked_checkpoint(recipe)
+    if checkpoint is None:
+        if recipe.overwrite_output_dir or asked == "false":
+            return Start()
+        for candidate in checkpoints(output_dir):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                checkpoint = candidate
+                break
+            set_aside(candidate, problem)
+    if checkpoint is None:
+        if asked == "true":
+            raise RecipeError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-N directory")
+        if final_adapter_written(output_dir):
+            raise RecipeError(f"{output_dir} already holds a finished adapter and no checkpoint to resume from: "
+                              "pass --overwrite_output_dir true to train it again from scratch, or choose another output_dir")
+        return Start()
+    _check_compatible(checkpoint, recipe)
+    step = checkpoint_step(checkpoint)
+    finished = _finished(checkpoint, recipe)
+    if finished is None:
+        raise RecipeError(f"{checkpoint} is at step {step}, past max_steps {recipe.max_steps}: raise --max_steps to "
+                          "resume from it, or pass --overwrite_output_dir true (or another output_dir) to start again")
+    if finished and final_adapter_written(output_dir):
+        end = f"max_steps {recipe.max_steps}" if recipe.max_steps > 0 else f"num_train_epochs {recipe.num_train_epochs:g}"
+        return Start(str(checkpoint), step, finished=f"{output_dir} holds the finished adapter ({checkpoint.name}, "
+                                                     f"{end}); nothing to train. To train more, raise --max_steps; to train "
+                                                     "again from scratch, pass --overwrite_output_dir true")
+    return Start(str(checkpoint), step, publish_only=bool(finished))
+
+
+def load_checkpoint_state(trainer: Any, checkpoint: str) -> None:
+    """Put a checkpoint's adapter weights and trainer state (step, epoch, log history) into ``trainer``
+    without training: for a run that reached its last step but never wrote its final adapter."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
 
 
 def resume_note(checkpoint: str, accumulation: int, world_size: int) -> str:
@@ -54,19 +237,21 @@ def resume_note(checkpoint: str, accumulation: int, world_size: int) -> str:
     return note
 
 
-def prepare_output_dir(recipe: Recipe, accumulation: int, world_size: int) -> str | None:
-    """The checkpoint to resume from (logged), after clearing old checkpoints for ``overwrite_output_dir``."""
-    checkpoint = resume_checkpoint(recipe)
-    if checkpoint:
-        log.info(resume_note(checkpoint, accumulation, world_size))
-    elif recipe.overwrite_output_dir and log.is_main_process():
-        for old in Path(recipe.output_dir).glob("checkpoint-*"):
-            shutil.rmtree(old)
-    return checkpoint
+def clear_for_fresh_start(recipe: Recipe) -> None:
+    """``overwrite_output_dir``: remove our old checkpoints (complete or set aside) so a fresh run never mixes
+    with them. Called once the model has loaded, so a failed start loses nothing."""
+    if not (recipe.overwrite_output_dir and log.is_main_process()):
+        return
+    output_dir = Path(recipe.output_dir)
+    for old in list(checkpoints(output_dir)) + list(output_dir.glob(SET_ASIDE + "checkpoint-*")):
+        shutil.rmtree(old)
 
 
 class RunStateCallback(TrainerCallback):
-    """Records, in every checkpoint, the world size and accumulation it was trained under."""
+    """Records, in every checkpoint, the world size and accumulation it was trained under.
+
+    Written after Trainer has written everything else: its presence marks the checkpoint complete.
+    """
 
     def __init__(self, accumulation: int, world_size: int):
         self.state = {"gradient_accumulation_steps": accumulation, "world_size": world_size}
@@ -75,7 +260,10 @@ class RunStateCallback(TrainerCallback):
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
-                (checkpoint / RUN_STATE).write_text(json.dumps(self.state) + "\n")
+                marker = checkpoint / RUN_STATE
+                partial = marker.with_name(RUN_STATE + ".partial")
+                partial.write_text(json.dumps({**self.state, "global_step": state.global_step}) + "\n")
+                os.replace(partial, marker)  # atomic: a marker is never half-written
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -90,9 +278,7 @@ class NonFiniteGuard(TrainerCallback):
 
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if grads and not all(torch.isfinite(g).all() for g in grads):
-            from transformers.trainer_utils import get_last_checkpoint
-
-            last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+            last = latest_complete_checkpoint(args.output_dir)
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {state.global_step + 1}; training stopped before the update. "
                 f"Last good checkpoint: {last or 'none yet'} (kept). Lower learning_rate or check the data, "

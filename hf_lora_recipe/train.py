@@ -3,19 +3,23 @@
     hf-lora-recipe train --config R.yaml [--key value ...]
     accelerate launch [--config_file accelerate_configs/X.yaml] -m hf_lora_recipe.train --config R.yaml [...]
 
-Both run :func:`run`: launch check -> tokenizer & data -> base & adapter -> TRL SFTTrainer -> train -> artifacts.
+Both run :func:`run`: launch check -> checks before loading (output_dir, names, base and LoRA targets on the
+meta device, where to start) -> tokenizer & data -> base & adapter -> TRL SFTTrainer -> train -> artifacts.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import log
 from .arguments import RecipeParser, command
-from .config import Recipe, gradient_accumulation_steps
+from .config import Recipe, RecipeError, gradient_accumulation_steps
 
 
 class TrainingStopped(Exception):
@@ -46,26 +50,81 @@ def check_launch(recipe: Recipe) -> Launch:
     return launch
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(recipe: Recipe) -> None:
+    """``output_dir`` is (or can be created as) a writable folder holding nothing train did not write.
+
+    Nothing is created here: a write test in the folder (or its nearest existing parent) is removed again, so a
+    run that fails later leaves no empty folder behind.
+    """
+    from .artifacts import check_output_dir_is_ours
+
+    output_dir = Path(recipe.output_dir)
+    existing = _nearest_existing(output_dir)
+    if existing == output_dir and not output_dir.is_dir():
+        what = "a broken symbolic link" if output_dir.is_symlink() else "a file"
+        raise RecipeError(f"output_dir {output_dir} is {what}, not a folder: choose another output_dir")
+    if existing != output_dir and not existing.is_dir():
+        raise RecipeError(f"output_dir {output_dir} cannot be created: {existing} is a file; choose another output_dir")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".hf-lora-recipe-write-test-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        if existing == output_dir:
+            raise RecipeError(f"output_dir {output_dir} is not writable ({reason}): choose another output_dir "
+                              "or make it writable") from None
+        raise RecipeError(f"output_dir {output_dir} cannot be created: {existing} is not writable ({reason}); "
+                          "choose another output_dir") from None
+    check_output_dir_is_ours(output_dir)
+
+
+def check_before_loading(recipe: Recipe, launch: Launch) -> Any:
+    """Everything the recipe, the file system and the base's config.json can tell, before any weight, token or
+    row is read: output_dir, trainer names, the base, the LoRA targets on the meta device, where to start."""
+    check_output_dir(recipe)
+
+    from .modeling import check_targets
+    from .quiet import quiet_libraries
+    from .resilience import choose_start, resume_note
+    from .trainer import check_names
+
+    quiet_libraries()
+    check_names(recipe)
+    targets = check_targets(recipe)
+    modules = sum(len(names) for names in targets.values())
+    log.info(f"LoRA on {modules} modules ({', '.join(targets)})")
+    start = choose_start(recipe)
+    if start.checkpoint and not start.finished:
+        log.info(resume_note(start.checkpoint, launch.accumulation, launch.world_size))
+    return start
+
+
 def run(recipe: Recipe) -> Path:
     """Train and write the adapter; returns ``output_dir``."""
     started = time.time()
     launch = check_launch(recipe)
+    start = check_before_loading(recipe, launch)
+    if start.finished:
+        log.info(f"run complete: {start.finished}")
+        return Path(recipe.output_dir)
 
     import torch
     from accelerate import PartialState
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .artifacts import save_run
     from .data import train_and_eval
     from .modeling import add_adapter, count_parameters, load_base_model, trainable_line
-    from .quiet import quiet_libraries
-    from .resilience import NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, prepare_output_dir
+    from .resilience import (NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, clear_for_fresh_start,
+                             latest_complete_checkpoint, load_checkpoint_state)
     from .tokenizer import tokenizer_for
-    from .trainer import build_trainer, check_report_to, speed_line
-
-    quiet_libraries()
-    check_report_to(recipe)
+    from .trainer import build_trainer, speed_line
 
     # --- Tokenizer and data: cheap, so they fail before the model loads. The main process fills the
     # datasets cache; the other ranks then read it instead of racing to write it.
@@ -81,23 +140,30 @@ def run(recipe: Recipe) -> Path:
     model = add_adapter(load_base_model(recipe), recipe)
     log.info(trainable_line(*count_parameters(model)))
 
-    # --- Trainer, resuming when output_dir holds checkpoints
-    checkpoint = prepare_output_dir(recipe, launch.accumulation, launch.world_size)
+    # --- Trainer, resuming from the checkpoint chosen above (a fresh start clears old checkpoints only now)
+    if start.checkpoint is None:
+        clear_for_fresh_start(recipe)
     stopper = StopOnSignal()
     log.info(speed_line(recipe))
     trainer = build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, launch.accumulation,
                             callbacks=[NonFiniteGuard(), stopper, RunStateCallback(launch.accumulation, launch.world_size)])
 
-    # --- Train
+    # --- Train (Trainer would take one step past max_steps when resumed at it: a run that trained to the end
+    # but never wrote its adapter only writes it)
+    if start.publish_only:
+        log.info(f"{start.checkpoint} reached the last step ({start.step}) but the final adapter was never written: "
+                 "writing it from that checkpoint, without training")
+        load_checkpoint_state(trainer, start.checkpoint)
+        return save_run(trainer, recipe, tokenizer, report, launch.derived(), None, started)
     try:
-        outcome = trainer.train(resume_from_checkpoint=checkpoint)
+        outcome = trainer.train(resume_from_checkpoint=start.checkpoint)
     except NonFiniteError as error:
         raise TrainingStopped(str(error), exit_code=3) from None
     log.every_rank(trainer.data_line())
     if stopper.signal:
         raise TrainingStopped(
             f"stopped by signal {stopper.signal} at step {trainer.state.global_step}; checkpoint saved at "
-            f"{get_last_checkpoint(recipe.output_dir)}; run the same command again to resume",
+            f"{latest_complete_checkpoint(recipe.output_dir)}; run the same command again to resume",
             exit_code=128 + stopper.signal,
         )
 

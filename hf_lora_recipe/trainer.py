@@ -68,6 +68,27 @@ def check_report_to(recipe: Recipe) -> None:
             raise RecipeError(f"report_to: {name} is not installed here; pip install {name} (or report_to none)")
 
 
+def _known_name(key: str, value: str, known: list[str]) -> None:
+    if value not in known:
+        import difflib
+
+        close = [name for name in known if name.startswith(value)] or difflib.get_close_matches(value, known, n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        shown = ", ".join(known[:12]) + (f" and {len(known) - 12} more" if len(known) > 12 else "")
+        raise RecipeError(f"{key}: {value!r} is not a name transformers knows; {guess}(one of {shown})")
+
+
+def check_names(recipe: Recipe) -> None:
+    """``lr_scheduler_type`` and ``optim`` are names transformers knows: checked before the model loads (the
+    trainer would only refuse them once everything is loaded)."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    _known_name("lr_scheduler_type", recipe.lr_scheduler_type, [s.value for s in SchedulerType])
+    _known_name("optim", recipe.optim, [o.value for o in OptimizerNames])
+    check_report_to(recipe)
+
+
 def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) -> SFTConfig:
     return SFTConfig(
         **{key: getattr(recipe, key) for key in SFT_CONFIG_KEYS},
@@ -96,6 +117,10 @@ class RecipeTrainer(SFTTrainer):
         self.examples_seen = 0
         self.positions = self.tokens = self.supervised = 0  # processed, non-padding, trained-on
         self._digest = hashlib.sha256()
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """TRL writes a draft README.md into output_dir at every checkpoint; ours is written once, at the end,
+        and a README.md we did not write is never touched."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.fused_loss:

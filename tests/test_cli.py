@@ -76,3 +76,32 @@ def test_imports_flow_one_way_and_no_command_module_is_imported_from_below():
             assert not imported & COMMAND_MODULES, f"{module} imports command module(s) {imported & COMMAND_MODULES}"
     for command in ("merge", "push", "generate", "plan", "preview"):
         assert "train" not in graph[command]
+
+
+def test_quiet_filters_hide_exactly_the_listed_upstream_notices():
+    import logging
+    import warnings
+
+    from hf_lora_recipe.quiet import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        quiet_libraries()  # idempotent
+        for message in ("`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+                        "`gradient_checkpointing_enable` is deprecated and will be removed in v6."):
+            warnings.warn_explicit(message, FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+    assert [str(w.message) for w in caught] == ["`gradient_checkpointing_enable` is deprecated and will be removed in v6."]
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+        logger.warning("some other bitsandbytes warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["some other bitsandbytes warning"]
+    assert len([f for f in logger.filters]) == 1

@@ -94,7 +94,7 @@ def test_merge_output_appears_atomically(lora_adapter, tmp_path, monkeypatch):
 
     monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        merge(str(lora_adapter), output, dtype="float32")
+        merge(str(lora_adapter), output, dtype="float32", overwrite=True)
     assert (output / "model.safetensors").read_bytes() == before  # the old model is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # and no half-written directory is left
     with pytest.raises(RuntimeError):
