@@ -78,9 +78,10 @@ def foreign_entries(output_dir: Path) -> list[str]:
                 foreign.append(f"{CARD} (not a model card written by hf-lora-recipe)")
         elif name not in RUN_FILES | TOKENIZER_FILES:
             foreign.append(name)
-    if not foreign and any(p.name in TOKENIZER_FILES | RUN_FILES for p in entries) and not _looks_like_our_run(output_dir):
+    named_like_ours = [p.name for p in entries if p.name in TOKENIZER_FILES | RUN_FILES]
+    if not foreign and named_like_ours and not _looks_like_our_run(output_dir):
         # the right names, but no sign that a run of ours wrote them (e.g. a tokenizer or adapter folder)
-        foreign = [p.name for p in entries if p.name in TOKENIZER_FILES | RUN_FILES]
+        foreign = named_like_ours
     return foreign
 
 
@@ -180,6 +181,9 @@ def save_run(
 
     output_dir = Path(recipe.output_dir)
     staging = output_dir / STAGING
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)  # left by a run that died while publishing: never mix its files into this one
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))  # collective under FSDP/DeepSpeed: every rank calls it
     if trainer.eval_dataset is not None:
         trainer.evaluate()  # the final eval loss, logged like the others

@@ -169,7 +169,7 @@ def _conversation_source(recipe: Recipe, rows: Rows) -> tuple[Any, str, Callable
     counting = {"flat": flat, "languages": recipe.oasst_languages}
     counts = _map(rows.dataset, formats.oasst_dropped, counting, counting, parallel=False, batched=True,
                   batch_size=None, remove_columns=columns, desc="Counting unused OpenAssistant messages")
-    dropped = Counter(dict(zip(counts["reason"], counts["count"])))
+    dropped = Counter(dict(zip(counts["reason"], counts["count"]))) if len(counts) else Counter()
     return source, "conversations", rows.origin, dropped
 
 

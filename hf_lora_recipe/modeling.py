@@ -135,12 +135,11 @@ def prepare_base(model: Any, recipe: Recipe) -> Any:
     checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks LoRA under DDP
     checkpointing = recipe.gradient_checkpointing and not fsdp_checkpoints_activations()
     if getattr(model, "is_loaded_in_4bit", False) and not sharded_by_fsdp() and recipe.kbit_upcast_fp32:
-        return prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs=checkpointing_kwargs,
-        )
-    model.requires_grad_(False)
+        # PEFT's preparation for its fp32 upcast (and freezing) only: checkpointing is switched on below, by its
+        # current name (PEFT still calls the deprecated one).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.requires_grad_(False)
     if checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
@@ -179,19 +178,6 @@ def trainable_line(trainable: int, total: int) -> str:
     return f"trainable: {_count(trainable)} / {_count(base)} ({trainable / base:.2%})"
 
 
-def meta_lora_counts(config_path: str, recipe: Recipe) -> tuple[int, int]:
-    """Exact (trainable, total) for a base architecture from its config.json alone, with no weights."""
-    from accelerate import init_empty_weights
-    from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(config_path, trust_remote_code=recipe.trust_remote_code)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-        model = get_peft_model(model, lora_config(recipe))
-    return count_parameters(model)
-
-
 # ---------------------------------------------------------------- checked before anything heavy loads
 
 
@@ -221,7 +207,8 @@ def model_config(recipe: Recipe) -> Any:
         if not path.is_dir():
             raise RecipeError(f"{where} is a file: give the base model's folder (holding config.json) or a Hub id")
         if not (path / "config.json").is_file():
-            hint = " (an adapter folder: give its base model instead)" if (path / "adapter_config.json").is_file() else ""
+            adapter = (path / "adapter_config.json").is_file()
+            hint = " (an adapter folder: give its base model instead)" if adapter else ""
             raise RecipeError(f"{where}: no config.json in that folder{hint}; give a model folder or a Hub id")
         try:
             model_type = json.loads((path / "config.json").read_text()).get("model_type")
@@ -235,7 +222,8 @@ def model_config(recipe: Recipe) -> Any:
                 raise HFValidationError(name)
             validate_repo_id(name)
         except HFValidationError:
-            raise RecipeError(f"{where}: no such folder, and not a Hub model id (NAMESPACE/NAME); check the path") from None
+            raise RecipeError(f"{where}: no such folder, and not a Hub model id (NAMESPACE/NAME); "
+                              "check the path") from None
         if _offline():
             from huggingface_hub import try_to_load_from_cache
 
@@ -260,7 +248,8 @@ def model_config(recipe: Recipe) -> Any:
                               f"{transformers.__version__} does not know; upgrade transformers, or set "
                               "trust_remote_code true if the model ships its own code") from None
         if "trust_remote_code" in str(error):
-            raise RecipeError(f"{where} ships its own modelling code: set trust_remote_code true if you trust it") from None
+            raise RecipeError(f"{where} ships its own modelling code: set trust_remote_code true if you "
+                              "trust it") from None
         raise RecipeError(f"{where}: cannot read its config.json ({message})") from None
 
 
@@ -303,7 +292,8 @@ def resolve_targets(model: Any, targets: list[str] | str) -> dict[str, list[str]
     if targets == ALL_LINEAR:
         matched = {ALL_LINEAR: [name for name, m in linear.items() if m is not output]}
         if not matched[ALL_LINEAR]:
-            raise RecipeError(f"lora_target_modules: {ALL_LINEAR} matches nothing: {type(model).__name__} has no linear layers")
+            raise RecipeError(f"lora_target_modules: {ALL_LINEAR} matches nothing: {type(model).__name__} has no "
+                              "linear layers")
         return matched
     resolved: dict[str, list[str]] = {}
     unmatched, unsupported = [], []

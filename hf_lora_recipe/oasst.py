@@ -12,6 +12,11 @@ The selection rule, the documented default:
 
 Both layouts are read: the official export *trees* (``message_tree_id`` + nested ``prompt``/``replies``)
 and the Hub's *flat* message table (``message_id``, ``parent_id``, ``role``, ``text``, ``rank``, ...).
+
+Nothing is lost silently: messages no conversation can reach - a ``parent_id`` that isn't in the data, a
+``parent_id`` cycle, an ancestor that is deleted, rejected or bad, a tree or message row listed twice - are
+counted by reason in the data report. A flat row that can't be a message (``text`` not a non-empty string,
+an unknown ``role``) is a bad row, named by its line like any other.
 """
 
 from __future__ import annotations

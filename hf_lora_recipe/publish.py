@@ -114,6 +114,19 @@ def check_repo_id(repo_id: str, flag: str = "--repo_id") -> None:
         ) from None
 
 
+def check_push_possible(repo_id: str | None, flag: str = "hub_model_id") -> str:
+    """The token for a push to ``repo_id``, after the checks that need no request: a valid id, online, a token."""
+    from huggingface_hub import constants, get_token
+
+    check_repo_id(repo_id or "", flag)
+    if constants.HF_HUB_OFFLINE:
+        raise PushError("HF_HUB_OFFLINE is set: push needs the Hub; unset it (or set HF_HUB_OFFLINE=0) and run again")
+    token = get_token()
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    return token
+
+
 def check_folder(path: str | Path) -> Path:
     directory = Path(path).expanduser()
     if not directory.exists():
@@ -177,7 +190,7 @@ def push(
 ) -> str:
     """Create ``repo_id`` if needed and upload ``path``'s publishable files in one commit; returns the repo URL."""
     directory = check_folder(path)
-    check_repo_id(repo_id)
+    check_repo_id(repo_id)  # before anything is read; the rest of check_push_possible once the folder is known good
     for pattern in include:
         if "/" in pattern or os.sep in pattern:
             raise PushError(f"--include {pattern}: patterns match top-level file names only (sub-folders are "
@@ -188,13 +201,9 @@ def push(
         raise PushError(f"--path {directory} holds no .safetensors weights (adapter_model.safetensors or "
                         "model*.safetensors): give a training output_dir or a merged model's folder")
 
-    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    if constants.HF_HUB_OFFLINE:
-        raise PushError("HF_HUB_OFFLINE is set: push needs the Hub; unset it (or set HF_HUB_OFFLINE=0) and run again")
-    token = get_token()
-    if not token:
-        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    token = check_push_possible(repo_id)
 
     contents = _contents(directory, selection.files, repo_id)
     total = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in contents.values())

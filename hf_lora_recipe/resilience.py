@@ -117,8 +117,7 @@ def set_aside(checkpoint: Path, problem: str) -> None:
     """Rename an incomplete checkpoint out of Trainer's way (it would resume from it, rotate by it, or save
     into it); it is ours, but kept for inspection rather than deleted. Main process only."""
     if not log.is_main_process():
-        log.every_rank(f"skipping {checkpoint}: {problem}")
-        return
+        return  # the main process moves it and says so; every process skips it all the same
     target = checkpoint.with_name(SET_ASIDE + checkpoint.name)
     suffix = 1
     while target.exists():
@@ -165,8 +164,9 @@ def _check_compatible(checkpoint: Path, recipe: Recipe) -> None:
     if isinstance(wanted, list) and isinstance(targets, list) and set(targets) != set(wanted):
         differences.append(f"lora_target_modules {' '.join(sorted(targets))} there, {' '.join(sorted(wanted))} here")
     if differences:
-        raise RecipeError(f"{checkpoint} holds a different adapter ({'; '.join(differences)}): use the recipe it was "
-                          "trained with to resume, or --overwrite_output_dir true (or another output_dir) to start again")
+        raise RecipeError(f"{checkpoint} holds a different adapter ({'; '.join(differences)}): use the recipe it "
+                          "was trained with to resume, or --overwrite_output_dir true (or another output_dir) to "
+                          "start again")
 
 
 def _finished(checkpoint: Path, recipe: Recipe) -> bool | None:
@@ -199,7 +199,8 @@ def choose_start(recipe: Recipe) -> Start:
             raise RecipeError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-N directory")
         if final_adapter_written(output_dir):
             raise RecipeError(f"{output_dir} already holds a finished adapter and no checkpoint to resume from: "
-                              "pass --overwrite_output_dir true to train it again from scratch, or choose another output_dir")
+                              "pass --overwrite_output_dir true to train it again from scratch, or choose another "
+                              "output_dir")
         return Start()
     _check_compatible(checkpoint, recipe)
     step = checkpoint_step(checkpoint)
@@ -209,9 +210,9 @@ def choose_start(recipe: Recipe) -> Start:
                           "resume from it, or pass --overwrite_output_dir true (or another output_dir) to start again")
     if finished and final_adapter_written(output_dir):
         end = f"max_steps {recipe.max_steps}" if recipe.max_steps > 0 else f"num_train_epochs {recipe.num_train_epochs:g}"
-        return Start(str(checkpoint), step, finished=f"{output_dir} holds the finished adapter ({checkpoint.name}, "
-                                                     f"{end}); nothing to train. To train more, raise --max_steps; to train "
-                                                     "again from scratch, pass --overwrite_output_dir true")
+        done = (f"{output_dir} holds the finished adapter ({checkpoint.name}, {end}); nothing to train. To train more, "
+                "raise --max_steps; to train again from scratch, pass --overwrite_output_dir true")
+        return Start(str(checkpoint), step, finished=done)
     return Start(str(checkpoint), step, publish_only=bool(finished))
 
 

@@ -249,9 +249,9 @@ def read_json(path: Path, name: str) -> tuple[list[dict], str]:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as error:
-            if error.msg != "Extra data":
+            if error.msg != "Extra data" or not text.lstrip().startswith("{"):
                 raise _bad_json(name, error) from None
-            value = None  # more than one value: JSON Lines
+            value = None  # more than one object: JSON Lines, as datasets reads them
         else:
             if isinstance(value, list):
                 if not value:
@@ -269,7 +269,12 @@ def read_json(path: Path, name: str) -> tuple[list[dict], str]:
                     f"{name} holds a JSON {_json_type(value)}{keys}, not a list of rows; write the rows as a list "
                     "[{...}, {...}] or as JSON Lines (one object per line)"
                 )
-    rows, _ = _json_lines(text, name)
+    try:
+        rows, _ = _json_lines(text, name)
+    except RecipeError as error:
+        if text.lstrip().startswith("[") and path.suffix.lower() == ".jsonl":
+            raise RecipeError(f"{error}; this looks like a JSON list: name the file .json") from None
+        raise
     if not rows:
         raise RecipeError(f"{name} is empty: it holds no rows")
     return rows, "lines"
@@ -432,22 +437,31 @@ def _display_name(path: Path, file: Path) -> str:
     return file.name if path.is_file() else (Path(path.resolve().name) / file.relative_to(path)).as_posix()
 
 
+def split_files(recipe: Recipe, split: str | None = None) -> list[Path] | None:
+    """The files of a local dataset's ``split`` (default: the train split, and then ``dataset_test_split`` must
+    exist too), or None for a Hub dataset. Reads no data: a cheap pre-flight check of ``dataset_name``."""
+    path = local_path(recipe)
+    if path is None:
+        return None
+    splits = local_splits(path)
+    if split is None:
+        chosen = _pick_split(splits, recipe.dataset_train_split, "dataset_train_split", path)
+        if recipe.dataset_test_split:
+            _pick_split(splits, recipe.dataset_test_split, "dataset_test_split", path)
+    else:
+        chosen = _pick_split(splits, split, "dataset_test_split", path)
+    return splits[chosen]
+
+
 def load_rows(recipe: Recipe, split: str | None = None) -> Rows:
     """Rows of a local path or of the Hub dataset ``dataset_name`` (``dataset_config``, ``split``)."""
-    path = local_path(recipe)
-    if path is not None:
-        splits = local_splits(path)
-        if split is None:  # the train split: check the held-out one exists too, before any work
-            chosen = _pick_split(splits, recipe.dataset_train_split, "dataset_train_split", path)
-            if recipe.dataset_test_split:
-                _pick_split(splits, recipe.dataset_test_split, "dataset_test_split", path)
-        else:
-            chosen = _pick_split(splits, split, "dataset_test_split", path)
-        files = splits[chosen]
-        names = [_display_name(path, file) for file in files]
-        dataset, meta = _load_split(files, names)
-        return Rows(dataset, names, meta["starts"], meta["kinds"], [str(file) for file in files])
-    return _hub_rows(recipe, split or recipe.dataset_train_split)
+    files = split_files(recipe, split)
+    if files is None:
+        return _hub_rows(recipe, split or recipe.dataset_train_split)
+    path = Path(recipe.dataset_name).expanduser()
+    names = [_display_name(path, file) for file in files]
+    dataset, meta = _load_split(files, names)
+    return Rows(dataset, names, meta["starts"], meta["kinds"], [str(file) for file in files])
 
 
 def _hub_rows(recipe: Recipe, split: str) -> Rows:

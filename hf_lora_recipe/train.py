@@ -15,11 +15,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import log
 from .arguments import RecipeParser, command
 from .config import Recipe, RecipeError, gradient_accumulation_steps
+
+if TYPE_CHECKING:
+    from .resilience import Start
 
 
 class TrainingStopped(Exception):
@@ -84,7 +87,7 @@ def check_output_dir(recipe: Recipe) -> None:
     check_output_dir_is_ours(output_dir)
 
 
-def check_before_loading(recipe: Recipe, launch: Launch) -> Any:
+def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
     """Everything the recipe, the file system and the base's config.json can tell, before any weight, token or
     row is read: output_dir, trainer names, the base, the LoRA targets on the meta device, where to start."""
     check_output_dir(recipe)
@@ -92,10 +95,16 @@ def check_before_loading(recipe: Recipe, launch: Launch) -> Any:
     from .modeling import check_targets
     from .quiet import quiet_libraries
     from .resilience import choose_start, resume_note
+    from .sources import split_files
     from .trainer import check_names
 
     quiet_libraries()
     check_names(recipe)
+    split_files(recipe)  # a local dataset's path and splits exist (reads no rows)
+    if recipe.push_to_hub:  # a push that can only fail must fail now, not after the training it would publish
+        from .publish import check_push_possible
+
+        check_push_possible(recipe.hub_model_id)
     targets = check_targets(recipe)
     modules = sum(len(names) for names in targets.values())
     log.info(f"LoRA on {modules} modules ({', '.join(targets)})")
@@ -145,8 +154,8 @@ def run(recipe: Recipe) -> Path:
         clear_for_fresh_start(recipe)
     stopper = StopOnSignal()
     log.info(speed_line(recipe))
-    trainer = build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, launch.accumulation,
-                            callbacks=[NonFiniteGuard(), stopper, RunStateCallback(launch.accumulation, launch.world_size)])
+    callbacks = [NonFiniteGuard(), stopper, RunStateCallback(launch.accumulation, launch.world_size)]
+    trainer = build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, launch.accumulation, callbacks)
 
     # --- Train (Trainer would take one step past max_steps when resumed at it: a run that trained to the end
     # but never wrote its adapter only writes it)

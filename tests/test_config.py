@@ -101,7 +101,7 @@ def test_every_shipped_recipe_loads_and_starts_with_a_launch_header(path):
 
 def test_seed_recipe_file_equals_the_defaults():
     recipe = load_recipe(REPO_ROOT / "recipes" / "llama3-8b-alpaca-qlora.yaml")
-    expected = Recipe(output_dir="outputs/llama3-8b-alpaca-qlora")
+    expected = Recipe(output_dir=str(Path.cwd() / "outputs" / "llama3-8b-alpaca-qlora"))  # made absolute once, on load
     assert recipe == expected
     assert recipe.model_name_or_path == "meta-llama/Meta-Llama-3-8B" and recipe.dataset_name == "tatsu-lab/alpaca"
     assert recipe.lora_target_modules == SEED_TARGET_MODULES
@@ -135,7 +135,7 @@ def test_trl_style_command_lines_parse(line):
         assert recipe.push_to_hub is True and recipe.load_in_4bit is True  # bare booleans
         assert recipe.report_to == ["tensorboard"] and recipe.num_train_epochs == 1.0
     else:
-        assert (recipe.lora_r, recipe.lora_alpha, recipe.output_dir) == (32, 16, "Qwen2-0.5B-SFT-LoRA")
+        assert (recipe.lora_r, recipe.lora_alpha, recipe.output_dir) == (32, 16, str(Path.cwd() / "Qwen2-0.5B-SFT-LoRA"))
 
 
 def test_flag_forms_lists_booleans_and_yaml_precedence(tmp_path):

@@ -143,7 +143,7 @@ def test_bad_alpaca_rows(bad_row, reason, tmp_path, llama2_tokenizer):
     good = {"instruction": "Say hi", "input": "", "output": "hi"}
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([good, good, bad_row, good]))
-    with pytest.raises(RecipeError, match=rf"rows.json row 2: {reason}"):
+    with pytest.raises(RecipeError, match=rf"rows.json element 2 \(0-based\): {reason}"):
         build_sft_dataset(_recipe(path), llama2_tokenizer)
     dataset, report = build_sft_dataset(_recipe(path, on_bad_rows="skip"), llama2_tokenizer)
     assert len(dataset) == 3 and report.dropped == {reason: 1} and report.examples_in == 4
@@ -163,7 +163,7 @@ def test_bad_conversations(bad, reason, tmp_path, llama2_tokenizer):
     good = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     path = tmp_path / "chats.jsonl"
     path.write_text("\n".join(json.dumps({"messages": m}) for m in [good, bad, good]))
-    with pytest.raises(RecipeError, match=rf"chats.jsonl row 1: {reason}"):
+    with pytest.raises(RecipeError, match=rf"chats.jsonl line 2: {reason}"):
         build_sft_dataset(_recipe(path, dataset_format="messages"), llama2_tokenizer)
     dataset, report = build_sft_dataset(_recipe(path, dataset_format="messages", on_bad_rows="skip"), llama2_tokenizer)
     assert len(dataset) == 2 and sum(report.dropped.values()) == 1

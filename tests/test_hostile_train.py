@@ -9,6 +9,7 @@ they prove that the failure came before anything heavy: a row that passes every 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -168,6 +169,17 @@ def _damaged(name: str, how: str) -> Callable[[Ctx], list[str]]:
     return setup
 
 
+def _interrupted(ctx: Ctx) -> list[str]:
+    """What a killed run leaves: checkpoints, TensorBoard's folder and (before this fix) TRL's draft card."""
+    ctx.out.mkdir()
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        shutil.copytree(ctx.run / checkpoint, ctx.out / checkpoint)
+    (ctx.out / "runs").mkdir()
+    (ctx.out / "README.md").write_text("---\ntags: [trl, sft]\n---\n# Model Card for run\n\n"
+                                       "It has been trained using [TRL](https://github.com/huggingface/trl).\n")
+    return ["--output_dir", str(ctx.out)]
+
+
 def _all_damaged(ctx: Ctx) -> list[str]:
     ctx.copy_run(without_final=True)
     for checkpoint in ("checkpoint-1", "checkpoint-2"):
@@ -203,7 +215,8 @@ def _set_aside(reason: str) -> Callable[[Ctx, dict, dict], None]:
 
 
 def _both_set_aside(ctx: Ctx, before: dict, after: dict) -> None:
-    assert sorted(p.name for p in ctx.out.glob("*checkpoint-*")) == ["incomplete-checkpoint-1", "incomplete-checkpoint-2"]
+    names = sorted(p.name for p in ctx.out.glob("*checkpoint-*"))
+    assert names == ["incomplete-checkpoint-1", "incomplete-checkpoint-2"]
     assert len(after) == len(before)
 
 
@@ -216,11 +229,14 @@ ERRORS = [  # before anything loads: exit code 2, one line
     Case("output-dir-is-a-file", _output_is_file, 2, "is a file, not a folder: choose another output_dir"),
     Case("output-dir-under-a-file", _output_under_file, 2, "cannot be created"),
     Case("tilde-output-dir-is-expanded", _tilde_output, 2, "/out is a file"),
-    Case("unknown-scheduler", _flags("--lr_scheduler_type", "cosin"), 2, "'cosin' is not a name transformers knows; did you mean 'cosine'?"),
-    Case("unknown-optimizer", _flags("--optim", "adamw"), 2, "optim: 'adamw' is not a name transformers knows; did you mean 'adamw_torch'?"),
+    Case("unknown-scheduler", _flags("--lr_scheduler_type", "cosin"), 2,
+         "'cosin' is not a name transformers knows; did you mean 'cosine'?"),
+    Case("unknown-optimizer", _flags("--optim", "adamw"), 2,
+         "optim: 'adamw' is not a name transformers knows; did you mean 'adamw_torch'?"),
     Case("target-matches-nothing", _flags("--lora_target_modules", "q_proj,qkv_proj"), 2,
          "qkv_proj matches no module of LlamaForCausalLM (nearest: "),
-    Case("target-is-not-linear", _flags("--lora_target_modules", "mlp"), 2, "mlp (LlamaMLP) cannot carry a LoRA adapter"),
+    Case("target-is-not-linear", _flags("--lora_target_modules", "mlp"), 2,
+         "mlp (LlamaMLP) cannot carry a LoRA adapter"),
     Case("missing-local-model", _flags("--model_name_or_path", "/nonexistent/llama"), 2, "no such folder"),
     Case("malformed-hub-id", _flags("--model_name_or_path", "meta-llama//Llama 3"), 2, "not a Hub model id"),
     Case("hub-id-not-cached-offline", _flags("--model_name_or_path", "nobody-here/no-such-model"), 2,
@@ -229,7 +245,8 @@ ERRORS = [  # before anything loads: exit code 2, one line
     Case("model-folder-without-config", _no_config, 2, "no config.json in that folder"),
     Case("resume-from-missing-path", _flags("--resume_from_checkpoint", "/nonexistent/checkpoint-9"), 2,
          "is not a checkpoint directory"),
-    Case("explicit-damaged-checkpoint", _explicit_damaged, 2, "checkpoint-2 cannot be resumed from: adapter_model.safetensors is truncated"),
+    Case("explicit-damaged-checkpoint", _explicit_damaged, 2,
+         "checkpoint-2 cannot be resumed from: adapter_model.safetensors is truncated"),
     Case("finished-adapter-without-checkpoints", _final_without_checkpoints, 2,
          "already holds a finished adapter and no checkpoint to resume from: pass --overwrite_output_dir true"),
     Case("checkpoint-past-max-steps", lambda ctx: [*_rerun(ctx), "--max_steps", "1"], 2,
@@ -248,6 +265,7 @@ PASSES = [  # checks pass; the row either finishes without loading (0) or reache
     Case("truncated-optimizer", _damaged("optimizer.pt", "truncate"), LOADS, "checkpoint-2: optimizer.pt is truncated",
          _set_aside("optimizer")),
     Case("every-checkpoint-incomplete", _all_damaged, LOADS, "incomplete-checkpoint-1", _both_set_aside),
+    Case("rerun-of-an-interrupted-run", _interrupted, LOADS, "resuming from "),
 ]
 
 
@@ -319,6 +337,8 @@ def test_checks_pass_and_say_what_they_decided(case, tiny_base, alpaca_path, fin
         assert f"resuming from {tmp_path / 'out' / 'checkpoint-1'}" in out  # the newest complete one
     if case.id == "rerun-of-a-finished-run":
         assert "--max_steps" in out and "--overwrite_output_dir true" in out
+    if case.id == "rerun-of-an-interrupted-run":
+        assert f"resuming from {tmp_path / 'out' / 'checkpoint-2'}" in out
     if case.id == "every-checkpoint-incomplete":
         assert "resuming" not in out  # a fresh start, the incomplete ones kept aside
 
@@ -335,7 +355,7 @@ def _read_only_dir() -> Path:
 
 @pytest.mark.parametrize("where", ["output_dir", "its parent"])
 def test_read_only_output_dir_fails_before_loading(where, tiny_base, alpaca_path, capsys, tripwire):
-    import hf_lora_recipe.artifacts  # noqa: F401 - imported now: nothing is read from disk while unprivileged
+    importlib.import_module("hf_lora_recipe.artifacts")  # imported now: nothing is read while unprivileged
 
     read_only = _read_only_dir()
     output_dir = read_only if where == "output_dir" else read_only / "run"
@@ -351,7 +371,8 @@ def test_read_only_output_dir_fails_before_loading(where, tiny_base, alpaca_path
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.startswith("hf-lora-recipe: error: ")
-    assert ("is not writable (Permission denied)" if where == "output_dir" else f"cannot be created: {read_only} is not writable") in err
+    expected = "is not writable (Permission denied)" if where == "output_dir" else f"cannot be created: {read_only} is not"
+    assert expected in err
     assert sorted(p.name for p in read_only.iterdir()) == ["kept.txt"]
     shutil.rmtree(read_only.parent)
 
@@ -396,5 +417,23 @@ def test_a_run_that_trained_to_the_end_but_never_published_writes_its_adapter_wi
     assert "writing it from that checkpoint, without training" in out and "Traceback" not in err
     assert json.loads((ctx.out / "training_results.json").read_text())["optimizer_steps"] == 2  # not 3
     assert not (ctx.out / "checkpoint-3").exists()
-    final, saved = load_file(ctx.out / "adapter_model.safetensors"), load_file(ctx.out / "checkpoint-2" / "adapter_model.safetensors")
+    final = load_file(ctx.out / "adapter_model.safetensors")
+    saved = load_file(ctx.out / "checkpoint-2" / "adapter_model.safetensors")
     assert final.keys() == saved.keys() and all((final[k] == saved[k]).all() for k in final)
+
+
+def test_paths_are_expanded_and_made_absolute_once_when_the_recipe_loads(tmp_path, monkeypatch):
+    from hf_lora_recipe.config import load_recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(None, {"output_dir": "~/runs/a", "resume_from_checkpoint": "~/runs/a/checkpoint-4",
+                                "model_name_or_path": "~/models/base", "dataset_name": "~/data.jsonl"})
+    assert recipe.output_dir == str(tmp_path / "runs" / "a")
+    assert recipe.resume_from_checkpoint == str(tmp_path / "runs" / "a" / "checkpoint-4")
+    assert recipe.model_name_or_path == str(tmp_path / "models/base")
+    assert recipe.dataset_name == str(tmp_path / "data.jsonl")
+    relative = load_recipe(None, {"output_dir": "out", "resume_from_checkpoint": "true",
+                                  "model_name_or_path": "org/model"})
+    assert relative.output_dir == str(tmp_path / "out") and relative.resume_from_checkpoint == "true"
+    assert relative.model_name_or_path == "org/model"  # a Hub id stays one

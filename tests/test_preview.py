@@ -12,7 +12,7 @@ from hf_lora_recipe.data import build_sft_dataset
 from hf_lora_recipe.preview import main as preview_main
 from hf_lora_recipe.tokenizer import load_tokenizer
 
-from .conftest import CLI, run_cli, shared_asset
+from .conftest import shared_asset
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,10 @@ def small_alpaca(tmp_path_factory):
     return path
 
 
-def test_preview_json_equals_the_trainers_dataloader(tiny_base, small_alpaca, tmp_path):
-    result = run_cli(CLI, "preview", "--model_name_or_path", str(tiny_base), "--dataset_name", str(small_alpaca),
-                     "--max_length", "96", "--num_examples", "12", "--json")
-    assert result.returncode == 0, result.stderr[-2000:]
-    previewed = [json.loads(line) for line in result.stdout.splitlines()]
+def test_preview_json_equals_the_trainers_dataloader(tiny_base, small_alpaca, tmp_path, capsys):
+    assert preview_main(["--model_name_or_path", str(tiny_base), "--dataset_name", str(small_alpaca),
+                         "--max_length", "96", "--num_examples", "12", "--json"]) == 0
+    previewed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(previewed) == 12 and all({"input_ids", "labels", "messages"} <= set(p) for p in previewed)
 
     from transformers import AutoModelForCausalLM
@@ -72,4 +71,4 @@ def test_preview_reports_a_bad_row(tmp_path, tiny_base, capsys):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([{"instruction": "x", "input": "", "output": None}]))
     assert preview_main(["--model_name_or_path", str(tiny_base), "--dataset_name", str(path)]) == 2
-    assert "\nhf-lora-recipe: error: bad.json row 0: field 'output' is missing or null" in capsys.readouterr().err
+    assert "\nhf-lora-recipe: error: bad.json element 0 (0-based): field 'output' is missing or null" in capsys.readouterr().err

@@ -146,7 +146,7 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(tiny_base, alpaca_path, 
     interrupted = tmp_path / "interrupted"
     command = [CLI, "train", *_args(tiny_base, alpaca_path, interrupted, *steps)]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: (interrupted / "checkpoint-4" / "trainer_state.json").is_file(), process)
+    _wait_for(lambda: (interrupted / "checkpoint-4" / "hf_lora_recipe.json").is_file(), process)  # complete
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
@@ -164,13 +164,22 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(tiny_base, alpaca_path, 
     assert len(list(interrupted.glob("checkpoint-*"))) <= 2  # save_total_limit
 
 
-def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_base, alpaca_path, tmp_path):
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_base, alpaca_path, tmp_path, capsys):
+    from hf_lora_recipe.train import main as train_main
+
     output_dir = tmp_path / "adapter"
-    result = run_cli(CLI, "train", *_args(tiny_base, alpaca_path, output_dir, "--learning_rate", "1e30", "--bf16", "true",
-                                          "--max_steps", "4", "--save_steps", "1"))
-    assert result.returncode == 3, result.stderr[-3000:]
-    match = re.search(r"non-finite loss or gradient at step (\d+).*Last good checkpoint: (\S+) \(kept\)", result.stderr)
-    assert match, result.stderr[-3000:]
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:  # in-process: the run installs its SIGTERM/SIGINT handlers here
+        code = train_main(_args(tiny_base, alpaca_path, output_dir, "--learning_rate", "1e30", "--bf16", "true",
+                                "--max_steps", "4", "--save_steps", "1"))
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    err = capsys.readouterr().err
+    assert code == 3, err[-3000:]
+    assert "Traceback" not in err
+    match = re.search(r"non-finite loss or gradient at step (\d+).*Last good checkpoint: (\S+) \(kept\)", err)
+    assert match, err[-3000:]
     step, checkpoint = int(match.group(1)), Path(match.group(2))
     assert checkpoint.name == f"checkpoint-{step - 1}" and (checkpoint / "adapter_model.safetensors").is_file()
     assert all(torch.isfinite(t).all() for t in _adapter(checkpoint).values())

@@ -139,10 +139,11 @@ def scripted_model(llama2_tokenizer, tmp_path_factory):
     return directory
 
 
-def test_generate_streams_through_the_template_and_stops_at_eos(scripted_model):
-    result = run_cli(CLI, "generate", "--model", str(scripted_model), "--prompt", "Say hello", "--max_new_tokens", "20")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "Hello"  # one token, then EOS ended it long before 20 tokens
+def test_generate_streams_through_the_template_and_stops_at_eos(scripted_model, capsys):
+    from hf_lora_recipe.generate import main as generate_main
+
+    assert generate_main(["--model", str(scripted_model), "--prompt", "Say hello", "--max_new_tokens", "20"]) == 0
+    assert capsys.readouterr().out.strip() == "Hello"  # one token, then EOS ended it long before 20 tokens
 
 
 def test_generate_with_an_adapter(scripted_model, tmp_path, capsys):

@@ -207,8 +207,8 @@ def test_accelerate_launch_path_trains_with_the_same_code(tiny_base, alpaca_path
     output_dir = tmp_path / "adapter"
     result = run_cli(
         ACCELERATE, "launch", "--config_file", str(REPO_ROOT / "accelerate_configs" / "single_gpu.yaml"),
-        "-m", "hf_lora_recipe.train", *_train_args(tiny_base, alpaca_path, output_dir, "--eval_split_size", "8",
-                                                    "--load_in_4bit", "false"),
+        "-m", "hf_lora_recipe.train", *_train_args(tiny_base, alpaca_path, output_dir, "--eval_split_size", "4",
+                                                    "--load_in_4bit", "false", "--max_length", "64"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gradient accumulation 2" in result.stdout
