@@ -39,10 +39,11 @@ class CommandParser(argparse.ArgumentParser):
 
     def parse(self, argv: list[str]) -> argparse.Namespace:
         """Parse ``argv``; an unknown flag is an error naming the nearest known one."""
+        for token in argv:  # before argparse, whose "required" check would otherwise hide a misspelt flag
+            flag = token.partition("=")[0]
+            if flag.startswith("--") and flag not in self._option_string_actions:
+                raise self.unknown_flag(flag[2:])
         args, unknown = self.parse_known_args(argv)
-        for token in unknown:
-            if token.startswith("--"):
-                raise self.unknown_flag(token.partition("=")[0][2:])
         if unknown:
             raise RecipeError(f"{self.prog}: unexpected argument {unknown[0]!r}: settings are given as --key value")
         return args

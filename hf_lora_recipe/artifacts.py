@@ -20,6 +20,7 @@ from .config import Recipe, RecipeError, dump_recipe
 PICKLES = ("training_args.bin",)  # Trainer.save_model writes this pickle; we publish safetensors only
 FINAL_FILES_LAST = "adapter_config.json"  # moved last: without it the directory is not loadable as an adapter
 STAGING = ".staging-final"
+WRITE_TEST_PREFIX = ".hf-lora-recipe-write-test-"  # train's check that output_dir is writable
 CARD = "README.md"
 CARD_TAG = "hf-lora-recipe"  # in the metadata tags of every card we write: how a README.md is known to be ours
 
@@ -66,7 +67,7 @@ def foreign_entries(output_dir: Path) -> list[str]:
     has_checkpoints = any(CHECKPOINT_FOLDER.match(p.name) for p in entries)
     for path in entries:
         name = path.name
-        if name in IGNORED:
+        if name in IGNORED or name.startswith(WRITE_TEST_PREFIX):  # another rank's write test, gone in a moment
             continue
         if path.is_symlink():
             foreign.append(f"{name} (a symbolic link)")

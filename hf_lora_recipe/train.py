@@ -65,7 +65,7 @@ def check_output_dir(recipe: Recipe) -> None:
     Nothing is created here: a write test in the folder (or its nearest existing parent) is removed again, so a
     run that fails later leaves no empty folder behind.
     """
-    from .artifacts import check_output_dir_is_ours
+    from .artifacts import WRITE_TEST_PREFIX, check_output_dir_is_ours
 
     output_dir = Path(recipe.output_dir)
     existing = _nearest_existing(output_dir)
@@ -75,7 +75,7 @@ def check_output_dir(recipe: Recipe) -> None:
     if existing != output_dir and not existing.is_dir():
         raise RecipeError(f"output_dir {output_dir} cannot be created: {existing} is a file; choose another output_dir")
     try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".hf-lora-recipe-write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=WRITE_TEST_PREFIX):
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__

@@ -1,0 +1,105 @@
+"""Hostile input to the commands' own flags and recipe files: one `hf-lora-recipe: error:` line, exit 2, nothing loaded.
+
+Each row: (id, command, argv, exit code, a phrase the message must contain). The data, train-time and
+publish/merge tables are tests/test_hostile_data.py, test_hostile_train.py and test_hostile_publish.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import CLI, REPO_ROOT, shared_asset
+
+LLAMA_8B = "model_configs/llama-3-8b"
+
+
+def _recipe(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+ROWS = [
+    ("yaml-duplicate-key", "train", lambda t: ["--config", _recipe(t, "lora_r: 8\nlora_r: 16\n")], 2,
+     "line 2: key 'lora_r' is given twice"),
+    ("yaml-syntax-error", "train", lambda t: ["--config", _recipe(t, "lora_r: [8\n")], 2, "invalid YAML"),
+    ("yaml-not-a-mapping", "preview", lambda t: ["--config", _recipe(t, "- lora_r\n")], 2, "a recipe is a mapping"),
+    ("yaml-not-utf8", "plan", lambda t: ["--config", _binary(t)], 2, "not UTF-8 text"),
+    ("recipe-missing", "train", lambda t: ["--config", str(t / "nope.yaml")], 2, "recipe not found"),
+    ("unknown-key", "train", lambda t: ["--lora_rank", "8"], 2, "did you mean 'lora_r'"),
+    ("typed-accumulation", "train", lambda t: ["--gradient_accumulation_steps", "8"], 2, "derived, never typed"),
+    ("flag-without-value", "train", lambda t: ["--learning_rate"], 2, "expected one argument"),
+    ("stray-positional", "train", lambda t: ["--lora_target_modules", "q_proj", "--lora_r", "8", "v_proj"], 2,
+     "unexpected argument 'v_proj'"),
+    ("bad-bool", "train", lambda t: ["--bf16", "maybe"], 2, "bf16: cannot read 'maybe' as bool"),
+    ("bad-choice", "train", lambda t: ["--dataset_format", "sharegpt"], 2, "dataset_format must be one of"),
+    ("all-linear-plus-names", "train", lambda t: ["--lora_target_modules", "all-linear", "q_proj"], 2, "give it alone"),
+    ("use-peft-false", "train", lambda t: ["--use_peft", "false"], 2, "always trains a LoRA adapter"),
+    ("push-without-repo", "train", lambda t: ["--push_to_hub"], 2, "push_to_hub: true needs hub_model_id"),
+    ("plan-zero-gpus", "plan", lambda t: ["--model_config", str(shared_asset(LLAMA_8B)), "--num_gpus", "0"], 2,
+     "--num_gpus must be >= 1"),
+    ("plan-negative-memory", "plan", lambda t: ["--model_config", str(shared_asset(LLAMA_8B)), "--gpu_memory_gb", "-8"],
+     2, "--gpu_memory_gb must be positive"),
+    ("plan-unknown-gpu", "plan", lambda t: ["--gpu", "GTX480"], 2, "invalid choice: 'GTX480'"),
+    ("plan-unknown-architecture", "plan", lambda t: ["--model_config", _config(t, "notamodel")], 2,
+     "does not recognize this architecture"),
+    ("plan-missing-config", "plan", lambda t: ["--model_config", str(t / "no-model")], 2, "no config.json there"),
+    ("generate-zero-tokens", "generate", lambda t: ["--model", str(t), "--prompt", "hi", "--max_new_tokens", "0"], 2,
+     "--max_new_tokens must be >= 1"),
+    ("generate-no-source", "generate", lambda t: ["--prompt", "hi"], 2, "one of the arguments --adapter --model"),
+    ("preview-negative-count", "preview", lambda t: ["--num_examples", "-1"], 2, "--num_examples must be >= 0"),
+    ("push-bad-retries", "push", lambda t: ["--path", str(t), "--repo_id", "me/x", "--max_retries", "-1"], 2,
+     "--max_retries must be >= 0"),
+    ("merge-abbreviated-flag", "merge", lambda t: ["--adapt", str(t), "--output", str(t / "m")], 2,
+     "unknown flag --adapt; did you mean --adapter?"),
+]
+
+
+def _binary(tmp_path: Path) -> str:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("lora_r: 8 # caf\xe9\n".encode("latin-1"))
+    return str(path)
+
+
+def _config(tmp_path: Path, model_type: str) -> str:
+    folder = tmp_path / "weird-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(f'{{"model_type": "{model_type}", "hidden_size": 8}}')
+    return str(folder)
+
+
+@pytest.mark.parametrize("name, command, argv, code, phrase", ROWS, ids=[row[0] for row in ROWS])
+def test_one_line_and_nothing_loaded(name, command, argv, code, phrase, tmp_path, capsys, monkeypatch):
+    import hf_lora_recipe.modeling as modeling
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded for input that could be refused without one")
+
+    monkeypatch.setattr(modeling, "load_base_model", never)
+    monkeypatch.chdir(tmp_path)
+    arguments = argv(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    main = importlib.import_module(f"hf_lora_recipe.{command}").main
+    assert main(arguments) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert lines and lines[-1].startswith("hf-lora-recipe: error: ") and phrase in lines[-1], err
+    assert not (tmp_path / "outputs").exists()  # no output_dir was created
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`hf-lora-recipe preview ... | head -1`: the reader goes away; no BrokenPipe traceback."""
+    command = [CLI, "preview", "--model_name_or_path", str(shared_asset("tokenizers/llama2")), "--dataset_name",
+               str(shared_asset("data/alpaca_en_demo.json")), "--num_examples", "400"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = process.stdout.readline()
+    process.stdout.close()  # what `head -1` does after its line
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0
+    assert first.startswith(b"data: ") and "Traceback" not in err and "BrokenPipe" not in err
