@@ -93,6 +93,7 @@ def test_one_line_and_nothing_loaded(name, command, argv, code, phrase, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+@pytest.mark.slow  # a real pipe needs a real process (~8 s); CI runs it
 def test_a_closed_pipe_ends_quietly():
     """`hf-lora-recipe preview ... | head -1`: the reader goes away; no BrokenPipe traceback."""
     command = [CLI, "preview", "--model_name_or_path", str(shared_asset("tokenizers/llama2")), "--dataset_name",
