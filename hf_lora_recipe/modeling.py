@@ -194,14 +194,19 @@ def _first_line(error: BaseException) -> str:
 
 
 def model_config(recipe: Recipe) -> Any:
-    """The base's ``config.json`` as a transformers config; a missing, malformed or unknown model is one
-    :class:`RecipeError` naming ``model_name_or_path`` (read from the local folder, the cache or the Hub)."""
+    """The base's ``config.json`` as a transformers config (see :func:`read_model_config`)."""
+    return read_model_config(recipe.model_name_or_path, recipe.model_revision, recipe.trust_remote_code)
+
+
+def read_model_config(name: str, revision: str = "main", trust_remote_code: bool = False,
+                      where: str | None = None) -> Any:
+    """``config.json`` of a model folder or Hub id as a transformers config; a missing, malformed or unknown
+    model is one :class:`RecipeError` starting with ``where`` (read from the folder, the cache or the Hub)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
     from transformers import AutoConfig
 
-    name = recipe.model_name_or_path
-    where = f"model_name_or_path {name}"
+    where = where or f"model_name_or_path {name}"
     path = Path(name)
     if path.exists():
         if not path.is_dir():
@@ -227,13 +232,12 @@ def model_config(recipe: Recipe) -> Any:
         if _offline():
             from huggingface_hub import try_to_load_from_cache
 
-            if not isinstance(try_to_load_from_cache(name, "config.json", revision=recipe.model_revision), str):
+            if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
                 raise RecipeError(f"{where}: no such folder, and the Hub model is not in the local cache while "
                                   "HF_HUB_OFFLINE=1; download it once online (hf download "
                                   f"{name}) or give a local folder")
     try:
-        return AutoConfig.from_pretrained(name, revision=recipe.model_revision,
-                                          trust_remote_code=recipe.trust_remote_code)
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - transformers/hub raise many classes; every one is one line here
         message = _first_line(error)
         if "does not recognize this architecture" in str(error) or "Unrecognized model" in str(error):

@@ -66,23 +66,11 @@ class Shape:
 
 def read_config(model_config: str, trust_remote_code: bool = False) -> Any:
     """The architecture's config from a config.json, a folder holding one, or a Hub id; user errors in one line."""
-    from transformers import AutoConfig
+    from .modeling import read_model_config
 
     path = Path(model_config).expanduser()
-    if path.is_file():
-        path = path.parent
-    if path.exists() or model_config.startswith(("/", ".", "~")):
-        if not (path / "config.json").is_file():
-            raise RecipeError(f"{model_config}: no config.json there; give a model folder, its config.json or a Hub id")
-        model_config = str(path)
-    try:
-        return AutoConfig.from_pretrained(model_config, trust_remote_code=trust_remote_code)
-    except ValueError as error:  # an architecture this transformers does not know
-        first_line = str(error).splitlines()[0]
-        raise RecipeError(f"{model_config}: {first_line} Upgrade transformers, or set trust_remote_code "
-                          "for a model that ships its own code") from None
-    except OSError as error:  # missing, malformed id, offline without a cached copy
-        raise RecipeError(f"{model_config}: cannot read its config.json ({str(error).splitlines()[0]})") from None
+    name = str(path.parent) if path.is_file() else str(path) if path.exists() else model_config
+    return read_model_config(name, trust_remote_code=trust_remote_code, where=model_config)
 
 
 def measure_shape(config: Any, recipe: Recipe) -> Shape:
