@@ -68,3 +68,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict[s
 PYTHON = sys.executable
 CLI = str(Path(sys.executable).with_name("hf-lora-recipe"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+HUB_TOKEN = "hf_local_SECRET_token_0123456789"  # the local Hub's token: must never reach a file or a log
+
+
+@pytest.fixture(scope="module")
+def hub():
+    """A Hub-compatible server on 127.0.0.1 (tests/hub_server.py) that accepts HUB_TOKEN; one per test module."""
+    from .hub_server import start_hub_server
+
+    server = start_hub_server(HUB_TOKEN)
+    yield server
+    server.close()

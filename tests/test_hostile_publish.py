@@ -26,10 +26,11 @@ from hf_lora_recipe.arguments import ERROR_PREFIX
 from hf_lora_recipe.merge import main as merge_main
 from hf_lora_recipe.push import main as push_main
 
+from .conftest import HUB_TOKEN
 from .fixtures import build_adapter_dir
 from .hub_server import HubServer, start_hub_server
 
-TOKEN = "hf_local_SECRET_token_0123456789"
+TOKEN = HUB_TOKEN  # the local Hub's (conftest's `hub` fixture)
 WRONG_TOKEN = "hf_wrong_token_must_not_be_printed"
 SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- the user's key, never to be uploaded"
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -378,13 +379,6 @@ CASES = [
     Case("push-negative-retries", "push", lambda c: pushable(c, "--max_retries", "-1"),
          2, "--max_retries must be >= 0", no_request),
 ]
-
-
-@pytest.fixture(scope="module")
-def hub():
-    server = start_hub_server(TOKEN)
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

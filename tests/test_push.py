@@ -12,18 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from hf_lora_recipe.merge import merge
 
-from .conftest import CLI, REPO_ROOT
+from .conftest import CLI, HUB_TOKEN, REPO_ROOT
 from .fixtures import build_adapter_dir
-from .hub_server import start_hub_server
 
-TOKEN = "hf_local_SECRET_token_0123456789"
-
-
-@pytest.fixture(scope="module")
-def hub():
-    server = start_hub_server(TOKEN)
-    yield server
-    server.close()
+TOKEN = HUB_TOKEN  # the local Hub's (conftest's `hub` fixture)
 
 
 @pytest.fixture(scope="module")

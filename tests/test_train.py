@@ -23,10 +23,9 @@ from transformers import AutoModelForCausalLM
 
 from hf_lora_recipe.train import main as train_main
 
-from .conftest import ACCELERATE, CLI, REPO_ROOT, run_cli
-from .hub_server import start_hub_server
+from .conftest import ACCELERATE, CLI, HUB_TOKEN, REPO_ROOT, run_cli
 
-TOKEN = "hf_local_SECRET_token_0123456789"  # the Hub's token: must never reach a file or a log
+TOKEN = HUB_TOKEN  # the local Hub's (conftest's `hub` fixture)
 
 
 def _sha256(path: Path) -> str:
@@ -45,13 +44,6 @@ def _train_args(tiny_base: Path, alpaca_path: Path, output_dir: Path, *extra: st
         "--output_dir", str(output_dir),
         *extra,
     ]
-
-
-@pytest.fixture(scope="module")
-def hub():
-    server = start_hub_server(TOKEN)
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
