@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import log
-from .card import LOSS_PLOT, RESULTS_FILE, library_versions, plot_losses, write_card
+from .card import LOSS_PLOT, RESULTS_FILE, card_tags, library_versions, plot_losses, write_card
 from .config import Recipe, RecipeError, dump_recipe
 
 PICKLES = ("training_args.bin",)  # Trainer.save_model writes this pickle; we publish safetensors only
@@ -33,21 +31,6 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jin
 RUN_FOLDERS = {"runs", STAGING, "additional_chat_templates"}  # TensorBoard's logs, our staging, extra templates
 CHECKPOINT_FOLDER = re.compile(r"^(incomplete-)?checkpoint-\d+(\.\d+)?$")  # Trainer's, and those set aside
 IGNORED = {".DS_Store"}
-
-
-def card_tags(path: Path) -> list[str]:
-    """The metadata tags of a model card (empty when it has none or cannot be read)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return []
-    match = re.match(r"^---\n(.*?)\n---", text, re.S)
-    try:
-        metadata = yaml.safe_load(match.group(1)) if match else None
-    except yaml.YAMLError:
-        return []
-    tags = metadata.get("tags") if isinstance(metadata, dict) else None
-    return [str(tag) for tag in tags] if isinstance(tags, list) else []
 
 
 def _trainer_card(path: Path) -> bool:

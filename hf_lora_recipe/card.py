@@ -42,11 +42,23 @@ def base_model_license(base: str) -> str | None:
             card = Path(cached) if isinstance(cached, str) else card
         except Exception:  # noqa: BLE001 - an unknown licence is simply not stated
             return None
-    if not card.is_file():
-        return None
-    match = re.match(r"^---\n(.*?)\n---", card.read_text(errors="replace"), re.S)
-    metadata = yaml.safe_load(match.group(1)) if match else None
-    return metadata.get("license") if isinstance(metadata, dict) else None
+    return card_metadata(card).get("license")
+
+
+def card_metadata(path: Path) -> dict[str, Any]:
+    """A model card's YAML metadata block; empty when there is none or it cannot be read or parsed."""
+    try:
+        match = re.match(r"^---\n(.*?)\n---", path.read_text(encoding="utf-8", errors="replace"), re.S)
+        metadata = yaml.safe_load(match.group(1)) if match else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def card_tags(path: Path) -> list[str]:
+    """The metadata tags of a model card (empty when it has none or cannot be read)."""
+    tags = card_metadata(path).get("tags")
+    return [str(tag) for tag in tags] if isinstance(tags, list) else []
 
 
 def read_run(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:

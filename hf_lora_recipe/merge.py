@@ -29,16 +29,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import log
 from .arguments import CommandParser, command
+from .card import card_tags
 from .config import Recipe, RecipeError, saved_recipe
 from .publish import MERGE_MARKER, PUBLISHED, PUBLISHED_FOLDERS, check_repo_id
 
@@ -99,13 +97,7 @@ def merged_output_files(directory: Path) -> set[str] | None:
     card = directory / "README.md"
     if not (directory / "config.json").is_file() or not card.is_file() or card.is_symlink():
         return None
-    try:
-        front = re.match(r"^---\n(.*?)\n---", card.read_text(errors="replace"), re.S)
-        metadata = yaml.safe_load(front.group(1)) if front else None
-    except (OSError, yaml.YAMLError):
-        return None
-    tags = metadata.get("tags") if isinstance(metadata, dict) else None
-    if not isinstance(tags, list) or not {"hf-lora-recipe", "merged"} <= set(map(str, tags)):
+    if not {"hf-lora-recipe", "merged"} <= set(card_tags(card)):
         return None
     return {name for name in os.listdir(directory)
             if name in PUBLISHED_FOLDERS or any(fnmatch.fnmatchcase(name, p) for p in PUBLISHED)}
