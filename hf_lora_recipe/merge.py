@@ -232,6 +232,7 @@ def merge(
 
     from .card import LOSS_PLOT, RESULTS_FILE, write_card
     from .quiet import quiet_libraries
+    from .template import special_ids
     from .tokenizer import save_tokenizer
 
     quiet_libraries()
@@ -255,8 +256,11 @@ def merge(
         raise RuntimeError(f"merge left adapter tensors behind: {leftover[:3]}")
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     merged.config.use_cache = True
+    # Generation must stop at the template's end-of-turn token (e.g. <|eot_id|>), which need not be the EOS.
+    stop_ids = sorted({tokenizer.eos_token_id, special_ids(tokenizer).eos_id} - {None})
     merged.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids[0] if len(stop_ids) == 1 else stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
     )
     if not log.is_main_process():
         return output

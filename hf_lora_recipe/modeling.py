@@ -19,8 +19,9 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, name)  # names are checked against the recipe's choices when it loads
 
 
-def lora_config(recipe: Recipe) -> Any:
-    """The recipe's LoraConfig. Only the named projections get adapters: never embeddings, norms or the LM head."""
+def lora_config(recipe: Recipe, trainable_tokens: list[int] | dict[str, list[int]] | None = None) -> Any:
+    """The recipe's LoraConfig. Only the named projections get adapters: never embeddings, norms or the LM head,
+    except the rows of ``trainable_tokens`` (see :func:`trainable_token_targets`)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -30,7 +31,22 @@ def lora_config(recipe: Recipe) -> Any:
         target_modules=peft_target_modules(recipe),
         bias="none",
         task_type="CAUSAL_LM",
+        trainable_token_indices=trainable_tokens,
     )
+
+
+def trainable_token_targets(model: Any, token_ids: list[int]) -> list[int] | dict[str, list[int]]:
+    """PEFT's ``trainable_token_indices`` that train these tokens' rows wherever the model reads or writes them.
+
+    A list targets the input embedding only; PEFT then ties a tied LM head to those trained rows by itself. An
+    untied head is a matrix of its own whose (zero) rows would stay untrained, so it is named next to the
+    embedding. Only the chosen rows are trained and saved with the adapter, never the whole matrix.
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is embedding.weight:
+        return list(token_ids)
+    names = {id(module): name for name, module in model.named_modules()}
+    return {names[id(embedding)]: list(token_ids), names[id(head)]: list(token_ids)}
 
 
 def quantization_kwargs(recipe: Recipe) -> dict[str, Any] | None:
@@ -149,11 +165,14 @@ def prepare_base(model: Any, recipe: Recipe) -> Any:
     return model
 
 
-def add_adapter(model: Any, recipe: Recipe) -> Any:
-    """Attach LoRA to a prepared base (see :func:`prepare_base`)."""
+def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None) -> Any:
+    """Attach LoRA to a prepared base (see :func:`prepare_base`), training the rows of ``token_ids`` too (the
+    chat template's special tokens, when ``train_template_tokens``)."""
     from peft import get_peft_model
 
-    return get_peft_model(prepare_base(model, recipe), lora_config(recipe))
+    model = prepare_base(model, recipe)
+    tokens = trainable_token_targets(model, token_ids) if token_ids else None
+    return get_peft_model(model, lora_config(recipe, tokens))
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

