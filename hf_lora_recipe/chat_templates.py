@@ -17,10 +17,38 @@ turn: the loss is on assistant turns and their end-of-turn token only.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from .config import RecipeError
-from .template import PROBE_CONVERSATION, IGNORE_INDEX, SpecialIds
+
+IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """How a tokenizer's chat template lays out a conversation, in token ids.
+
+    ``eos_id`` is the end-of-turn token: it closes every assistant turn, is supervised there (it teaches the
+    model to stop) and is what generation stops at - EOS for ``llama2``, e.g. ``<|im_end|>`` for ChatML or
+    ``<|eot_id|>`` for Llama 3. ``layout`` is ``llama2`` (the seed's chunk layout below) or ``template`` (any other
+    Jinja chat template, encoded by :func:`encode_templated`); ``control_ids`` are the special tokens the template
+    writes, none of which may be supervised except the end-of-turn token that closes an assistant turn.
+    """
+
+    bos_id: int | None  # None for tokenizers that add no BOS (GPT-NeoX, Llama 3 base without one)
+    eos_id: int
+    layout: str = "llama2"
+    control_ids: tuple[int, ...] = ()
+
+
+PROBE_CONVERSATION = [
+    {"role": "system", "content": "probe system"}, {"role": "user", "content": "probe question"},
+    {"role": "assistant", "content": "probe answer"}, {"role": "user", "content": "probe follow-up"},
+    {"role": "assistant", "content": "probe second answer"},
+]
+
+
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: never in real text, and untouched by `| trim`
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")

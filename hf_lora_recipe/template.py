@@ -13,10 +13,9 @@ because:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
+from .chat_templates import IGNORE_INDEX, PROBE_CONVERSATION, SpecialIds, encode_templated, templated_ids
 
 SYSTEM_OPEN, SYSTEM_CLOSE = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
@@ -49,23 +48,6 @@ def assistant_chunk(content: str) -> str:
     return f" {content.strip()} "
 
 
-@dataclass(frozen=True)
-class SpecialIds:
-    """How a tokenizer's chat template lays out a conversation, in token ids.
-
-    ``eos_id`` is the end-of-turn token: it closes every assistant turn, is supervised there (it teaches the
-    model to stop) and is what generation stops at - EOS for ``llama2``, e.g. ``<|im_end|>`` for ChatML or
-    ``<|eot_id|>`` for Llama 3. ``layout`` is ``llama2`` (the seed's chunk layout below) or ``template`` (any other
-    Jinja chat template, encoded by :func:`encode_templated`); ``control_ids`` are the special tokens the template
-    writes, none of which may be supervised except the end-of-turn token that closes an assistant turn.
-    """
-
-    bos_id: int | None  # None for tokenizers that add no BOS (GPT-NeoX, Llama 3 base without one)
-    eos_id: int
-    layout: str = "llama2"
-    control_ids: tuple[int, ...] = ()
-
-
 def is_llama2_template(template: str | None) -> bool:
     return template in (chat_template(True), chat_template(False))
 
@@ -73,8 +55,6 @@ def is_llama2_template(template: str | None) -> bool:
 def special_ids(tokenizer: Any) -> SpecialIds:
     """The layout of the tokenizer's installed chat template: BOS (llama2 only), end-of-turn and control tokens."""
     if tokenizer.chat_template and not is_llama2_template(tokenizer.chat_template):
-        from .chat_templates import templated_ids
-
         return templated_ids(tokenizer)
     probe = tokenizer("x", add_special_tokens=True)["input_ids"]
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else None
@@ -134,8 +114,6 @@ def encode_conversations(
     through :func:`encode_templated`, with the same guarantees.
     """
     if ids.layout == "template":
-        from .chat_templates import encode_templated
-
         return encode_templated(tokenizer, conversations, ids)
     per_conversation = [conversation_chunks(messages) for messages in conversations]
     texts = [text for chunks in per_conversation for _, text in chunks]
@@ -166,18 +144,9 @@ def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], ids: SpecialId
     """The generation prompt: the conversation so far, ending where the assistant's reply begins (``[/INST]``,
     or the template's generation prompt such as ``<|im_start|>assistant\\n``)."""
     if ids.layout == "template":
-        from .chat_templates import encode_templated
-
         return encode_templated(tokenizer, [messages], ids, generation_prompt=True)[0][0]
     input_ids, _ = encode_conversations(tokenizer, [messages], ids)
     return input_ids[0]
-
-
-PROBE_CONVERSATION = [
-    {"role": "system", "content": "probe system"}, {"role": "user", "content": "probe question"},
-    {"role": "assistant", "content": "probe answer"}, {"role": "user", "content": "probe follow-up"},
-    {"role": "assistant", "content": "probe second answer"},
-]
 
 
 def template_token_ids(tokenizer: Any) -> list[int]:

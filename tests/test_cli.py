@@ -43,7 +43,8 @@ def test_unknown_command_suggests_the_nearest():
     assert result.returncode == 2 and "did you mean 'train'" in result.stderr
 
 
-COMMAND_MODULES = {"__main__", "cli", "train", "preview", "merge", "push", "generate", "plan", "demo"}
+COMMAND_MODULES = {"__main__", "cli", "train", "preview", "merge", "push", "generate", "plan", "demo", "evaluation",
+                   "realbase"}
 
 
 def import_graph() -> dict[str, set[str]]:
