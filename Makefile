@@ -30,8 +30,10 @@ demo: $(STAMP)
 base: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m hf_lora_recipe.cli base
 
+# One pytest worker per core (pytest-xdist), one torch thread each (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP) base
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 # Multi-process launches and real signals (SIGKILL/SIGTERM resume): CI runs them after `make test`.
 test-slow: $(STAMP) base

@@ -18,10 +18,11 @@ The same side-by-side on the real base, SmolLM2-135M-Instruct (``materialise_smo
 under ~/.cache/hf-lora-recipe), seed loop vs ours: QLoRA NF4 as the recipe's defaults except
 ``bnb_4bit_compute_dtype: float32`` and ``bf16: false`` for both loops - a CPU without fast bf16 matmuls runs
 NF4 with bf16 compute and autocast ~30x slower than with fp32 (measured: ~130 s vs ~4 s per 256 tokens of
-forward+backward). The first 32 Alpaca rows, micro-batch 4 x accumulation 2, max_length 256, so 4 optimizer
+forward+backward). The first 24 Alpaca rows, micro-batch 4 x accumulation 2, max_length 256, so 3 optimizer
 steps each; LoRA r=16/alpha 32 on all seven projections, gradient checkpointing, the llama2 template (the seed
-renders ``[INST]``). The table gives supervised tokens/s, the ratio to the seed loop and the 1-minute load
-average around each loop: the machine may be shared, so compare within one run.
+renders ``[INST]``). The table gives supervised tokens per wall-clock second and the ratio to the seed loop,
+and, because the machine may be shared, supervised tokens per CPU-second of this process (less sensitive to
+other processes) and the 1-minute load average around each loop: compare within one run.
 
 Results are appended to benchmarks/RESULTS.md, one table per section.
 """
@@ -45,8 +46,8 @@ SHARED = Path(os.environ.get("HF_LORA_RECIPE_SHARED", REPO_ROOT.parent / "shared
 sys.path.insert(0, str(REPO_ROOT))
 ROWS, MICRO_BATCH, ACCUMULATION, MAX_LENGTH = 96, 4, 4, 512
 MEMORY_HIDDEN, MEMORY_LAYERS = 1024, 8  # big enough for weights and activations to show above the noise
-# The real-base section: small enough for a few minutes on 2 CPU cores (4 optimizer steps per loop).
-SMOLLM2_ROWS, SMOLLM2_MICRO_BATCH, SMOLLM2_ACCUMULATION, SMOLLM2_MAX_LENGTH = 32, 4, 2, 256
+# The real-base section: 3 optimizer steps per loop, ~3.5 minutes on 2 quiet CPU cores (much longer under load).
+SMOLLM2_ROWS, SMOLLM2_MICRO_BATCH, SMOLLM2_ACCUMULATION, SMOLLM2_MAX_LENGTH = 24, 4, 2, 256
 
 
 def build_base(work: Path, hidden: int = 256, layers: int = 4) -> Path:
@@ -115,7 +116,7 @@ def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokeniz
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, betas=(0.9, 0.999), weight_decay=0.0)
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     examples = []
     for row in rows:
         user = row["instruction"] + (f"\n{row['input']}" if row["input"] else "")
@@ -142,7 +143,7 @@ def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokeniz
         optimizer.zero_grad()
         steps += 1
     return {"seconds": time.perf_counter() - started, "positions": positions, "tokens": tokens, "supervised": supervised,
-            "steps": steps}
+            "steps": steps, "cpu_seconds": time.process_time() - cpu_started}
 
 
 # ------------------------------------------------------------------ TRL, plain and ours
@@ -200,19 +201,20 @@ def ours(recipe) -> dict:
 
     torch.manual_seed(0)
     tokenizer = tokenizer_for(recipe)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     dataset, _ = build_sft_dataset(recipe, tokenizer)
-    preprocessing = time.perf_counter() - started
+    preprocessing, cpu_preprocessing = time.perf_counter() - started, time.process_time() - cpu_started
     args = trainer_config(recipe, accumulation_of(recipe))
     args.save_strategy, args.disable_tqdm = "no", True
     trainer = RecipeTrainer(model=add_adapter(load_base_model(recipe), recipe), args=args, train_dataset=dataset,
                             processing_class=tokenizer, fused_loss=uses_fused_loss(recipe.lm_head_loss))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     trainer.train()
     seconds = time.perf_counter() - started + preprocessing
+    cpu_seconds = time.process_time() - cpu_started + cpu_preprocessing
     trainer.save_model(recipe.output_dir)
     return {"seconds": seconds, "positions": trainer.positions, "tokens": trainer.tokens,
-            "supervised": trainer.supervised, "steps": trainer.state.global_step}
+            "supervised": trainer.supervised, "steps": trainer.state.global_step, "cpu_seconds": cpu_seconds}
 
 
 # ------------------------------------------------------------------ memory, load, merge
@@ -368,8 +370,9 @@ def smollm2_section(work: Path) -> None:
         results[name] = function()
         r = results[name]
         r["load"] = (before, os.getloadavg()[0])
-        print(f"SmolLM2 {name}: {r['steps']} steps, {r['supervised'] / r['seconds']:,.1f} supervised tokens/s "
-              f"(load average {before:.2f} -> {r['load'][1]:.2f})", flush=True)
+        print(f"SmolLM2 {name}: {r['steps']} steps, {r['supervised'] / r['seconds']:,.1f} supervised tokens/s, "
+              f"{r['supervised'] / r['cpu_seconds']:,.1f} per CPU-second (load average {before:.2f} -> "
+              f"{r['load'][1]:.2f})", flush=True)
 
     baseline = results[configurations[0][0]]
     config = json.loads((base / "config.json").read_text())
@@ -387,18 +390,24 @@ def smollm2_section(work: Path) -> None:
         "compare the two rows of one run, not runs with each other.",
         "",
         "| configuration | optimizer steps | supervised tokens | seconds | supervised tok/s | total tok/s "
-        "| padding waste | load average (1 min, before -> after) | vs seed loop (supervised tok/s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| padding waste | vs seed loop (supervised tok/s) | CPU-seconds | supervised tok per CPU-s "
+        "| vs seed loop (per CPU-s) | load average (1 min, before -> after) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         waste = 1 - r["tokens"] / r["positions"]
         ratio = (r["supervised"] / r["seconds"]) / (baseline["supervised"] / baseline["seconds"])
+        cpu_ratio = (r["supervised"] / r["cpu_seconds"]) / (baseline["supervised"] / baseline["cpu_seconds"])
         lines.append(f"| {name} | {r['steps']} | {r['supervised']:,} | {r['seconds']:.1f} | "
                      f"{r['supervised'] / r['seconds']:,.1f} | {r['tokens'] / r['seconds']:,.1f} | {waste:.1%} | "
-                     f"{r['load'][0]:.2f} -> {r['load'][1]:.2f} | {ratio:.2f}x |")
+                     f"{ratio:.2f}x | {r['cpu_seconds']:.1f} | {r['supervised'] / r['cpu_seconds']:,.1f} | "
+                     f"{cpu_ratio:.2f}x | {r['load'][0]:.2f} -> {r['load'][1]:.2f} |")
+    same = len({r["supervised"] for r in results.values()}) == 1
     lines += ["", "Timed from the first tokenizer call (seed) or the data step (ours) to the last optimizer step; "
-              "model loading excluded. The seed loop runs first. Supervised counts differ slightly: the seed "
-              "tokenizes `[INST] prompt [/INST] response EOS` as one text, ours tokenizes the template's chunks.", ""]
+              "model loading excluded; CPU-seconds are this process's (all threads) over the same span. The seed "
+              "loop runs first. " + ("Both train on the same supervised tokens." if same else
+                                     "Supervised counts differ: the seed tokenizes `[INST] prompt [/INST] response "
+                                     "EOS` as one text, ours tokenizes the template's chunks."), ""]
     append_results(lines)
 
 
