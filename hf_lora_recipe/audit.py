@@ -52,7 +52,8 @@ def structural_problem(
     control = set(ids.control_ids)
     for i in range(1, len(input_ids)):
         if input_ids[i] == input_ids[i - 1] and input_ids[i] in control:
-            return f"special token {input_ids[i]} at position {i} is doubled"
+            name = "BOS" if input_ids[i] == ids.bos_id else f"special token {input_ids[i]}"
+            return f"{name} at position {i} is doubled"
     for start, end in spans:
         if any(token in control for token in input_ids[start : end - 1]):
             return "a template token inside an assistant turn is supervised"

@@ -354,7 +354,7 @@ def lints(recipe: Recipe, shape: Shape, num_gpus: int, gpu_bf16: bool = True,
     if not recipe.bf16 and gpu_bf16:
         found.append(Lint("warning", "bf16 is off on a bf16-capable GPU: fp32 compute is slower and larger, fp16 overflows",
                           "set bf16: true"))
-    if recipe.load_in_4bit and recipe.bnb_4bit_compute_dtype != "bfloat16":
+    if recipe.load_in_4bit and recipe.bnb_4bit_compute_dtype != "bfloat16" and gpu_bf16:  # CPUs may lack bf16
         found.append(Lint("warning", f"NF4 with compute dtype {recipe.bnb_4bit_compute_dtype}", "set bnb_4bit_compute_dtype: bfloat16"))
     if not recipe.completion_only_loss:
         found.append(Lint("warning", "completion_only_loss is off: the prompt is trained on, so the model learns to echo instructions",
