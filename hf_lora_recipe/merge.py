@@ -57,7 +57,12 @@ def load_merge_base(base: str, recipe: Recipe | None, merge_into: str, dtype: An
         base, dtype=torch_dtype(recipe.bnb_4bit_compute_dtype), quantization_config=quantization_config(recipe)
     )
     # Quantization is deterministic, so these are exactly the weights the adapter saw during training.
-    return quantized.dequantize(dtype=dtype)
+    dense = quantized.dequantize(dtype=dtype)
+    # dequantize() converts the 4-bit layers only: embeddings and norms would stay in the compute dtype and
+    # config.json would name it, so the written checkpoint would mix dtypes and reload in the wrong one
+    dense.to(dtype)
+    dense.config.dtype = dtype
+    return dense
 
 
 def replace_directory(staging: Path, output: Path) -> None:

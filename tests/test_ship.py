@@ -74,6 +74,12 @@ def test_qlora_merge_into_dequantized_nf4_is_what_was_trained(qlora_adapter, tin
     assert diff_dequantized < 2e-2  # bf16 compute in the NF4 reference
     assert diff_dequantized * 4 < diff_original
     assert "dequantized NF4 weights" in (dequantized / "README.md").read_text()
+    # --dtype float32 means the whole checkpoint, embeddings and norms too, and config.json says so
+    from safetensors import safe_open
+
+    with safe_open(str(dequantized / "model.safetensors"), framework="pt") as tensors:
+        assert {tensors.get_tensor(name).dtype for name in tensors.keys()} == {torch.float32}
+    assert json.loads((dequantized / "config.json").read_text())["dtype"] == "float32"
 
 
 def test_dequantized_merge_of_a_plain_lora_adapter_is_refused(lora_adapter, tmp_path):
