@@ -188,7 +188,10 @@ def templated_ids(tokenizer: Any) -> SpecialIds:
     if not after or after[0][0] != "special":
         raise RecipeError("the chat template closes an assistant turn with no special token (no end-of-turn such as "
                           "<|im_end|> or <|eot_id|>): the model could not learn to stop; use chat_template: llama2")
-    control = sorted({tokenizer.convert_tokens_to_ids(text)
-                      for kind, text in _pieces(tokenizer, PROBE_CONVERSATION[1:], False) if kind == "special"})
+    try:
+        probe = _pieces(tokenizer, PROBE_CONVERSATION, generation_prompt=False)
+    except RecipeError:  # a template that takes no system turn (it raises on one)
+        probe = _pieces(tokenizer, PROBE_CONVERSATION[1:], generation_prompt=False)
+    control = sorted({tokenizer.convert_tokens_to_ids(text) for kind, text in probe if kind == "special"})
     return SpecialIds(bos_id=None, eos_id=tokenizer.convert_tokens_to_ids(after[0][1]), layout="template",
                       control_ids=tuple(control))

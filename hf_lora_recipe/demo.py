@@ -106,17 +106,12 @@ DEMO_TRAIN_ROWS, DEMO_EVAL_ROWS = 64, 32
 
 
 def _evaluate(recipe: Any, adapter_dir: Path) -> tuple[dict[str, Any], list[Any]]:
-    import dataclasses
-
-    from .data import build_sft_dataset
-    from .evaluation import build_report, load_adapter, prepare_examples, record_in_card, score_base_and_adapter
+    from .evaluation import build_report, examples_for, load_adapter, record_in_card, score_base_and_adapter
     from .sources import load_rows
     from .tokenizer import tokenizer_for
 
     tokenizer = tokenizer_for(recipe)
-    held_out = dataclasses.replace(recipe, dataset_test_split=None)
-    dataset, _ = build_sft_dataset(held_out, tokenizer, load_rows(recipe, split="test"))
-    examples = prepare_examples(dataset, tokenizer)
+    examples = examples_for(recipe, tokenizer, load_rows(recipe, split="test"))
     model = load_adapter(recipe, adapter_dir)
     scores = score_base_and_adapter(model, tokenizer, examples, max_new_tokens=16, batch_size=16, bf16=recipe.bf16)
     record_in_card(adapter_dir, build_report(scores, recipe.dataset_name, "test", 16))

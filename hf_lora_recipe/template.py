@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .chat_templates import IGNORE_INDEX, PROBE_CONVERSATION, SpecialIds, encode_templated, templated_ids
+from .chat_templates import IGNORE_INDEX, SpecialIds, encode_templated, templated_ids
 
 SYSTEM_OPEN, SYSTEM_CLOSE = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
@@ -152,8 +152,4 @@ def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], ids: SpecialId
 def template_token_ids(tokenizer: Any) -> list[int]:
     """The special tokens the installed chat template writes (BOS, EOS, turn markers): the rows of the embedding
     the model conditions on or is trained to produce, whichever template is chosen."""
-    special = set(tokenizer.all_special_ids) | {
-        token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
-    }
-    rendered = tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
-    return sorted({token_id for token_id in rendered if token_id in special})
+    return sorted(special_ids(tokenizer).control_ids)

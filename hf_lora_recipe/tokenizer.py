@@ -65,8 +65,7 @@ def _llama2_ids(tokenizer: Any) -> Any:
 def _install_template(tokenizer: Any, name_or_path: str, template: str) -> None:
     """``native`` keeps the tokenizer's own template; a ``.jinja`` path replaces it. Either must reproduce
     ``apply_chat_template`` token for token, or the inference prompt would differ from the training one."""
-    from .chat_templates import encode_templated
-    from .template import PROBE_CONVERSATION
+    from .chat_templates import PROBE_CONVERSATION, encode_templated
 
     if template == "native":
         if not tokenizer.chat_template or is_llama2_template(tokenizer.chat_template):
