@@ -115,13 +115,23 @@ class Recipe:
                                          ("random", "sequential", "group_by_length"))
     use_liger_kernel: bool = speed(False, "Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA "
                                           "(pip install hf-lora-recipe[fast])")
+    activation_offloading: bool = speed(
+        False, "move the activations checkpointing keeps to CPU memory during forward, back for backward (TRL's "
+        "activation_offloading): the memory-lean setting, same numbers")
+    compile: bool = speed(False, "torch.compile each decoder layer (bitsandbytes 4-bit, LoRA and its dropout inside): "
+                                 "fewer kernel launches once compiled; the first steps pay the compile time")
     lm_head_loss: str = speed("auto", "fused = TRL's tiled LM-head loss (never builds the full logits); plain = the "
                                       "model's cross-entropy; auto = fused on GPU only (same loss either way)",
                               ("auto", "fused", "plain"))
 
     global_batch_size: int = batch(128, "examples per optimizer step across all processes; gradient accumulation is "
                                         "derived from it, never typed")
-    per_device_train_batch_size: int = batch(4, "micro-batch per process")
+    per_device_train_batch_size: int | str = batch(
+        4, "micro-batch per process, or auto: the largest that divides the global batch and whose peak, as `plan` "
+        "estimates it, fits memory_budget_gb (accumulation re-derived: the math is unchanged)")
+    memory_budget_gb: float | None = batch(
+        None, "memory per process that auto micro-batch may plan for; default 90% of the GPU's free memory "
+        "(on a CPU: half the available RAM)")
 
     learning_rate: float = optimisation(3e-4, "peak learning rate")
     lr_scheduler_type: str = optimisation("cosine", "transformers scheduler name; cosine decays to 0 at the last step")
@@ -163,9 +173,14 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Re
 FIELD_TYPES: dict[str, Any] = get_type_hints(Recipe)
 
 
+AUTO = "auto"  # the value an ``int | str`` field takes instead of a number: resolved at launch (see micro_batch.py)
+
+
 def field_type(name: str) -> tuple[Any, bool]:
-    """(the field's base type, whether it may be null)."""
+    """(the field's base type, whether it may be null); an ``int | str`` field is an int that may also be auto."""
     hint = FIELD_TYPES[name]
+    if set(get_args(hint)) == {int, str}:
+        return int, False
     optional = type(None) in get_args(hint)
     base = next((a for a in get_args(hint) if a is not type(None)), hint) if optional else hint
     return base, optional
@@ -202,6 +217,8 @@ def parse_bool(value: Any) -> bool:
 def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML value or command-line string(s) into the field's declared type."""
     base, optional = field_type(name)
+    if FIELD_TYPES[name] != base and str(value).lower() == AUTO:
+        return AUTO
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
@@ -324,7 +341,7 @@ def validate(recipe: Recipe) -> None:
     if recipe.eval_split_size < 0 or (recipe.eval_split_size and recipe.dataset_test_split):
         raise RecipeError("set either eval_split_size (>= 0) or dataset_test_split, not both")
     for name in ("lora_r", "lora_alpha", "global_batch_size", "per_device_train_batch_size", "max_length"):
-        if getattr(recipe, name) <= 0:
+        if getattr(recipe, name) != AUTO and getattr(recipe, name) <= 0:
             raise RecipeError(f"{name} must be positive; got {getattr(recipe, name)}")
     if not 0.0 <= recipe.lora_dropout < 1.0:
         raise RecipeError(f"lora_dropout must be in [0, 1); got {recipe.lora_dropout}")
@@ -343,8 +360,11 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"learning_rate must be positive; got {recipe.learning_rate}")
     if len(recipe.report_to) > 1 and {"none", "all"} & set(recipe.report_to):
         raise RecipeError(f"report_to: none and all stand alone; got {' '.join(recipe.report_to)}")
+    if recipe.memory_budget_gb is not None and recipe.memory_budget_gb <= 0:
+        raise RecipeError(f"memory_budget_gb must be positive; got {recipe.memory_budget_gb}")
     # Divisibility for one process is checked here; the launcher's world size is checked again at train time.
-    gradient_accumulation_steps(recipe, world_size=1)
+    if recipe.per_device_train_batch_size != AUTO:
+        gradient_accumulation_steps(recipe, world_size=1)
 
 
 def gradient_accumulation_steps(recipe: Recipe, world_size: int) -> int:
