@@ -246,7 +246,8 @@ def _coerce(name: str, value: Any) -> Any:
             return str(value)
     except (TypeError, ValueError):
         pass
-    raise RecipeError(f"{name}: cannot read {value!r} as {getattr(base, '__name__', base)}")
+    auto = f" or {AUTO}" if FIELD_TYPES[name] != base else ""
+    raise RecipeError(f"{name}: cannot read {value!r} as {getattr(base, '__name__', base)}{auto}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -88,6 +88,18 @@ def available_attention(requested: str) -> str:
     return requested
 
 
+def padding_free(recipe: Recipe, on_gpu: bool | None = None) -> bool:
+    """``auto``: on the CPU always; on a GPU only with flash-attention, whose varlen kernel keeps its speed.
+    ``on_gpu``: for the machine a plan is made for (default: this one)."""
+    if recipe.padding_free != "auto":
+        return recipe.padding_free == "true"
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    return not on_gpu or available_attention(recipe.attn_implementation).startswith("flash_attention")
+
+
 @functools.lru_cache(maxsize=None)
 def liger_active(requested: bool) -> bool:
     """Liger's kernels are Triton, so CUDA only; off (with a reason) when not installed or not usable."""

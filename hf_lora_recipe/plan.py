@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import RecipeParser, command
-from .config import ALL_LINEAR, Recipe, RecipeError
+from .config import ALL_LINEAR, AUTO, Recipe, RecipeError
 from .special_tokens import TemplateTokens, inspect_if_local
 
 GIB = 1024**3
@@ -42,6 +42,7 @@ TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 8192  # TRL's fused LM head works on til
 ALPACA_ESTIMATE = (52_002, 197)  # rows; mean tokens/example (Llama-2 tokenizer on the 999-row sample, max 512)
 MASK_BYTES = 1  # dropout keeps a bool mask per element it drops from
 PLAIN_LOSS_BYTES_PER_LOGIT = 12
+DENSE_MASK_EXAMPLES_PER_ROW = 4
 
 
 @dataclass
@@ -224,10 +225,22 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
                   int(CUDA_CONTEXT_GIB * GIB))
 
 
-def largest_fitting_micro_batch(shape: Shape, recipe: Recipe, limit_bytes: float, num_gpus: int, strategy: str) -> int | None:
+def dense_mask_over_packed_rows(recipe: Recipe, on_gpu: bool | None = None) -> bool:
+    """Padding-free rows under sdpa/eager attention, which build a row-length-squared mask and attend across the
+    whole row; ``on_gpu``: for the machine the plan is for (default: this one)."""
+    from .modeling import available_attention, padding_free
+
+    return padding_free(recipe, on_gpu) and available_attention(recipe.attn_implementation) in ("sdpa", "eager")
+
+
+def largest_fitting_micro_batch(shape: Shape, recipe: Recipe, limit_bytes: float, num_gpus: int, strategy: str = "ddp",
+                                on_gpu: bool | None = None) -> int | None:
+    """The largest divisor of the per-GPU batch whose planned peak fits ``limit_bytes`` (None: not even 1). Under
+    a dense mask over packed rows, rows stop at the seed's 4 examples: more buys nothing and costs quadratically."""
     per_gpu_batch = recipe.global_batch_size // num_gpus
+    cap = DENSE_MASK_EXAMPLES_PER_ROW if dense_mask_over_packed_rows(recipe, on_gpu) else per_gpu_batch
     fitting = [
-        mb for mb in range(1, per_gpu_batch + 1)
+        mb for mb in range(1, min(per_gpu_batch, cap) + 1)
         if per_gpu_batch % mb == 0 and memory(shape, recipe, mb, num_gpus, strategy).total <= limit_bytes
     ]
     return max(fitting) if fitting else None
@@ -408,6 +421,13 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
     plan["adapter_file_bytes"] = 4 * shape.trainable  # saved in fp32, as PEFT keeps it
     strategies = ["ddp"] + (["fsdp", "zero3"] if num_gpus > 1 else [])
     limit = memory_gib * GIB
+    if recipe.per_device_train_batch_size == AUTO:
+        # as train resolves it, against this GPU (or memory_budget_gb); strategies below share the choice
+        budget = recipe.memory_budget_gb * GIB if recipe.memory_budget_gb else limit
+        chosen = None if shape.unmatched_targets else largest_fitting_micro_batch(shape, recipe, budget, num_gpus,
+                                                                                  on_gpu=True)
+        plan["micro_batch_auto"] = {"chosen": chosen, "budget_bytes": budget}
+        recipe = dataclasses.replace(recipe, per_device_train_batch_size=chosen or 1)
     plan["memory"] = {}
     for strategy in strategies:
         if shape.unmatched_targets:
@@ -420,7 +440,7 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
                 memory(shape, other, recipe.per_device_train_batch_size, num_gpus, strategy).total,
             "nf4_bytes_without_double_quant": nf4_bytes(shape.quantizable_tensors, False) // (num_gpus if strategy != "ddp" else 1)
                 if recipe.load_in_4bit else 0,
-            "largest_micro_batch": largest_fitting_micro_batch(shape, recipe, limit, num_gpus, strategy),
+            "largest_micro_batch": largest_fitting_micro_batch(shape, recipe, limit, num_gpus, strategy, on_gpu=True),
         }
     flops = flops_per_token(shape, recipe) if not shape.unmatched_targets else {"total": 0.0}
     plan["flops_per_token"] = flops
@@ -475,6 +495,10 @@ def render(plan: dict[str, Any]) -> str:
     for module, count in p["by_module"].items():
         lines.append(f"  {module:<13}{count:>14,}")
     lines.append(f"adapter file   {_gib(plan['adapter_file_bytes'])} (fp32 safetensors)")
+    auto = plan.get("micro_batch_auto")
+    if auto:
+        lines += ["", f"micro-batch    auto -> {auto['chosen'] or 'none fits (planned below at 1)'} "
+                      f"(largest divisor of the per-GPU batch within {_gib(auto['budget_bytes'])})"]
     for strategy, m in plan["memory"].items():
         lines.append("")
         lines.append(f"memory per GPU ({strategy}), micro-batch x max_length as in the recipe:")

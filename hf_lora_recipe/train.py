@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from . import log
 from .arguments import RecipeParser, command
 from .config import Recipe, RecipeError, gradient_accumulation_steps
+from .micro_batch import MicroBatch, resolve as resolve_micro_batch
 
 if TYPE_CHECKING:
     from .resilience import Start
@@ -40,18 +41,23 @@ class Launch:
 
     world_size: int
     accumulation: int
+    micro_batch: MicroBatch | None = None  # set when the recipe asked for per_device_train_batch_size: auto
 
     def derived(self) -> dict[str, int]:
         return {"gradient_accumulation_steps": self.accumulation, "world_size": self.world_size}
 
 
-def check_launch(recipe: Recipe) -> Launch:
-    """The accumulation for this launch's world size; an indivisible global batch fails before anything loads."""
+def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
+    """The micro-batch (auto resolved against memory) and accumulation for this launch's world size; an
+    indivisible global batch fails before anything loads."""
     world_size = log.world_size()
-    launch = Launch(world_size, gradient_accumulation_steps(recipe, world_size))
+    recipe, micro_batch = resolve_micro_batch(recipe, world_size)
+    if micro_batch:
+        log.info(micro_batch.line())
+    launch = Launch(world_size, gradient_accumulation_steps(recipe, world_size), micro_batch)
     log.info(f"world size {world_size} x micro-batch {recipe.per_device_train_batch_size} x gradient accumulation "
              f"{launch.accumulation} = global batch {recipe.global_batch_size}")
-    return launch
+    return recipe, launch
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -115,10 +121,26 @@ def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
     return start
 
 
+def planned_step(recipe: Recipe, launch: Launch) -> tuple[float | None, int | None]:
+    """On a GPU, plan's FLOPs per token (for the MFU in the log) and planned peak bytes (against the measured
+    peak at the end); on a CPU, neither."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, None
+    from .modeling import model_config, sharded_by_fsdp
+    from .plan import flops_per_token, measure_shape, memory
+
+    shape = measure_shape(model_config(recipe), recipe)
+    strategy = "fsdp" if sharded_by_fsdp() else "ddp"
+    planned = memory(shape, recipe, recipe.per_device_train_batch_size, launch.world_size, strategy).total
+    return flops_per_token(shape, recipe)["total"], planned
+
+
 def run(recipe: Recipe) -> Path:
     """Train and write the adapter; returns ``output_dir``."""
     started = time.time()
-    launch = check_launch(recipe)
+    recipe, launch = check_launch(recipe)
     start = check_before_loading(recipe, launch)
     if start.finished:
         log.info(f"run complete: {start.finished}")
@@ -157,8 +179,9 @@ def run(recipe: Recipe) -> Path:
         clear_for_fresh_start(recipe)
     stopper = StopOnSignal()
     log.info(speed_line(recipe))
+    flops, planned_bytes = planned_step(recipe, launch)
     callbacks = [NonFiniteGuard(), stopper, RunStateCallback(launch.accumulation, launch.world_size)]
-    trainer = build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, launch.accumulation, callbacks)
+    trainer = build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, launch.accumulation, callbacks, flops)
 
     # --- Train (Trainer would take one step past max_steps when resumed at it: a run that trained to the end
     # but never wrote its adapter only writes it)
@@ -174,6 +197,9 @@ def run(recipe: Recipe) -> Path:
     except NonFiniteError as error:
         raise TrainingStopped(str(error), exit_code=3) from None
     log.every_rank(trainer.data_line())
+    if planned_bytes:
+        log.info(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GiB allocated; planned "
+                 f"{planned_bytes / 1024**3:.2f} GiB (including a 1 GiB allowance for the CUDA context)")
     if stopper.signal:
         raise TrainingStopped(
             f"stopped by signal {stopper.signal} at step {trainer.state.global_step}; checkpoint saved at "

@@ -11,15 +11,16 @@ the whole accumulated, all-process batch (``num_items_in_batch``), so the choice
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 from typing import Any
 
 import torch
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
+from . import log
 from .config import Recipe, RecipeError
-from .modeling import available_attention, fsdp_checkpoints_activations, liger_active
+from .modeling import available_attention, fsdp_checkpoints_activations, liger_active, padding_free
 
 # Recipe keys that are SFTConfig fields with the same name and meaning: passed through unchanged.
 SFT_CONFIG_KEYS = (
@@ -38,18 +39,24 @@ def uses_fused_loss(lm_head_loss: str) -> bool:
     return lm_head_loss == "fused" or (lm_head_loss == "auto" and torch.cuda.is_available())
 
 
-def padding_free(recipe: Recipe) -> bool:
-    """``auto``: on the CPU always; on a GPU only with flash-attention, whose varlen kernel keeps its speed."""
-    if recipe.padding_free != "auto":
-        return recipe.padding_free == "true"
-    return not torch.cuda.is_available() or available_attention(recipe.attn_implementation).startswith("flash_attention")
+@functools.lru_cache(maxsize=None)
+def offloading_active(requested: bool) -> bool:
+    """Activation offloading moves saved activations from the GPU to CPU memory; without a GPU they are there."""
+    if requested and not torch.cuda.is_available():
+        log.warn("activation_offloading asked for but there is no GPU (activations already live in RAM): off")
+        return False
+    return requested
 
 
 def speed_line(recipe: Recipe) -> str:
     """What the run chose for speed, logged once at the start."""
+    on = lambda flag: "on" if flag else "off"  # noqa: E731
+    peak = peak_flops()
     return (f"loss: {'TRL fused LM head (no full logits)' if uses_fused_loss(recipe.lm_head_loss) else 'model cross-entropy'}; "
             f"attention: {available_attention(recipe.attn_implementation)}; padding-free: {padding_free(recipe)}; "
-            f"liger-kernel: {'on' if liger_active(recipe.use_liger_kernel) else 'off'}")
+            f"liger-kernel: {on(liger_active(recipe.use_liger_kernel))}; "
+            f"activation offloading: {on(offloading_active(recipe.activation_offloading))}; "
+            f"compile: {on(recipe.compile)}; MFU against: {peak[1] if peak else 'n/a (no known GPU peak)'}")
 
 
 def check_report_to(recipe: Recipe) -> None:
@@ -107,52 +114,156 @@ def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) ->
         # attention mask built from the position ids keeps examples from seeing each other.
         padding_free=padding_free(recipe),
         use_liger_kernel=liger_active(recipe.use_liger_kernel),
+        activation_offloading=offloading_active(recipe.activation_offloading),
     )
 
 
+# The running counts on the device, one tensor so the step never copies to the host: read at logging time.
+COUNTS = ("tokens", "supervised", "examples", "digest", "correct", "scored")
+# splitmix64's constants as signed int64 (torch has no uint64 arithmetic): integer products wrap modulo 2**64
+# identically on every device, so the digest of a token sequence does not depend on where or how it was batched.
+_MIX_1, _MIX_2 = 0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64
+
+
+def token_digest(input_ids: torch.Tensor, real: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """An order-sensitive checksum of the real tokens, continuing a sequence ``offset`` tokens long: each token
+    weighted by a hash of its position in the whole stream (no device->host copy)."""
+    position = offset + torch.cumsum(real.reshape(-1).long(), 0)
+    weight = position * _MIX_1
+    weight = (weight ^ (weight >> 31)) * _MIX_2
+    return ((input_ids.reshape(-1).long() + 1) * weight * real.reshape(-1)).sum()
+
+
+def _score_every_position() -> None:
+    """TRL's fused LM head scores only the supervised positions on GPUs (``hidden[mask]``): a boolean index whose
+    size the host must read, so the GPU drains every micro-batch. Scoring every position keeps the shapes known
+    in advance; ignored positions are zeroed before the loss either way, so the loss is the same, for ~15% more
+    LM-head work on Alpaca (its prompt tokens) instead of a stall. TRL reads this switch from its module at call
+    time; its Triton kernels (chosen in trl.kernels) are untouched."""
+    import trl.trainer.utils as trl_utils
+
+    if hasattr(trl_utils, "_use_triton"):
+        trl_utils._use_triton = lambda device: False
+
+
 class RecipeTrainer(SFTTrainer):
-    def __init__(self, *args: Any, fused_loss: bool = True, **kwargs: Any):
+    """SFTTrainer that keeps the step free of device->host copies (the GPU never waits on Python mid-step):
+    what each rank read, TRL's token accuracy and entropy, and throughput are summed on the device and read
+    when the trainer logs."""
+
+    def __init__(self, *args: Any, fused_loss: bool = True, flops_per_token: float | None = None,
+                 peak_flops: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.fused_loss = fused_loss
-        self.examples_seen = 0
-        self.positions = self.tokens = self.supervised = 0  # processed, non-padding, trained-on
-        self._digest = hashlib.sha256()
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.positions = 0  # padded positions processed: known from shapes on the host
+        self._counts = torch.zeros(len(COUNTS), dtype=torch.int64, device=self.args.device)
+        self._entropy = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        if fused_loss:
+            _score_every_position()
+        self._last_log: tuple[float, int] | None = None
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """TRL writes a draft README.md into output_dir at every checkpoint; ours is written once, at the end,
         and a README.md we did not write is never touched."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.fused_loss:
+        if not self.fused_loss:
+            # Packed rows are kept apart by a mask derived from position_ids, which transformers only builds
+            # when no KV cache exists: never let a model config with use_cache=True merge examples.
+            return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+        if return_outputs or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Packed rows are kept apart by a mask derived from position_ids, which transformers only builds
-        # when no KV cache exists: never let a model config with use_cache=True merge examples.
-        return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+        # TRL's fused LM head (its loss, normalised by num_items_in_batch exactly as TRL's compute_loss does),
+        # with its token-accuracy and entropy metrics summed on the device instead of read per micro-batch.
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True, num_items_in_batch=num_items_in_batch)
+        with torch.no_grad():
+            self._counts[COUNTS.index("correct")] += outputs.is_top1.sum()
+            self._counts[COUNTS.index("scored")] += outputs.label_mask.sum()
+            self._entropy += outputs.entropy.detach().sum()
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages the gradients across ranks
+        return loss
 
     def training_step(self, model, inputs, *args, **kwargs):
-        input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        real = input_ids if mask is None else input_ids[mask.bool()]
-        self._digest.update(real.detach().cpu().numpy().tobytes())
-        self.positions += int(input_ids.numel())
-        self.tokens += int(real.numel())
-        self.supervised += int((inputs["labels"] != -100).sum())
-        position_ids = inputs.get("position_ids")
-        self.examples_seen += int((position_ids == 0).sum()) if mask is None and position_ids is not None else int(input_ids.shape[0])
+        self._count(inputs)
         return super().training_step(model, inputs, *args, **kwargs)
 
+    @torch.no_grad()
+    def _count(self, inputs: dict[str, torch.Tensor]) -> None:
+        input_ids, mask, position_ids = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("position_ids")
+        real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        packed = mask is None and position_ids is not None
+        counts = self._counts
+        counts[COUNTS.index("digest")] += token_digest(input_ids, real, counts[COUNTS.index("tokens")])
+        counts[COUNTS.index("tokens")] += real.sum()
+        counts[COUNTS.index("supervised")] += (inputs["labels"] != -100).sum()
+        counts[COUNTS.index("examples")] += (position_ids == 0).sum() if packed else input_ids.shape[0]
+        self.positions += input_ids.numel()
+
+    def counts(self) -> dict[str, int]:
+        """The running counts, read from the device (a synchronisation: at logging time and at the end only)."""
+        return dict(zip(COUNTS, self._counts.tolist()))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:
+            logs.update(self._throughput())
+        super().log(logs, start_time)
+
+    def _throughput(self) -> dict[str, float]:
+        import time
+
+        counts = self.counts()
+        if counts["scored"]:  # what TRL's compute_loss logs, over the whole logging interval
+            self._metrics["train"]["mean_token_accuracy"] = [counts["correct"] / counts["scored"]]
+            self._metrics["train"]["entropy"] = [self._entropy.item() / counts["scored"]]
+            self._counts[COUNTS.index("correct")] = self._counts[COUNTS.index("scored")] = 0
+            self._entropy.zero_()
+        now, last = time.perf_counter(), self._last_log
+        self._last_log = (now, counts["tokens"])
+        if last is None:  # the first interval includes start-up (and compilation): not a speed
+            return {}
+        tokens_per_second = (counts["tokens"] - last[1]) / max(now - last[0], 1e-9)
+        speed = {"tokens_per_second": round(tokens_per_second, 1)}
+        line = f"step {self.state.global_step}: {tokens_per_second:,.0f} tokens/s (this process)"
+        if self.flops_per_token and self.peak_flops:
+            speed["mfu"] = round(tokens_per_second * self.flops_per_token / self.peak_flops, 4)
+            line += f", MFU {speed['mfu']:.1%} ({self.flops_per_token / 1e9:.1f} GFLOP/token)"
+        log.info(line)
+        return speed
+
     def data_line(self) -> str:
-        padding = 1 - self.tokens / max(self.positions, 1)
-        return (f"consumed {self.examples_seen} examples, data digest {self._digest.hexdigest()[:12]}; "
-                f"{self.supervised:,} supervised of {self.positions:,} processed positions ({padding:.1%} padding)")
+        counts = self.counts()
+        padding = 1 - counts["tokens"] / max(self.positions, 1)
+        digest = f"{counts['digest'] % 2**64:016x}"[:12]
+        return (f"consumed {counts['examples']} examples, data digest {digest}; "
+                f"{counts['supervised']:,} supervised of {self.positions:,} processed positions ({padding:.1%} padding)")
+
+
+def peak_flops() -> tuple[float, str] | None:
+    """This GPU's dense bf16 peak (FLOP/s) and its name, from plan's table; None on a CPU or an unknown GPU."""
+    if not torch.cuda.is_available():
+        return None
+    from .plan import GPUS
+
+    name = torch.cuda.get_device_name().replace(" ", "").upper()
+    for key, (_, tflops) in sorted(GPUS.items(), key=lambda item: -len(item[0])):
+        if key.split("-")[0].upper() in name:
+            return tflops * 1e12, f"{key} {tflops:g} TFLOP/s"
+    return None
 
 
 def build_trainer(
     recipe: Recipe, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any | None, accumulation: int,
-    callbacks: list[Any],
+    callbacks: list[Any], flops_per_token: float | None = None,
 ) -> RecipeTrainer:
+    peak = peak_flops()
     return RecipeTrainer(
         model=model,
         fused_loss=uses_fused_loss(recipe.lm_head_loss),
+        flops_per_token=flops_per_token,
+        peak_flops=peak[0] if peak else None,
         args=trainer_config(recipe, accumulation, has_eval=eval_dataset is not None),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
