@@ -1,28 +1,84 @@
-"""The seed recipe on a Llama-3-8B-shaped model with random weights: tokens/s, MFU and peak memory vs `plan`.
+"""The seed recipe's speed options side by side on a Llama-3-8B-shaped model: tokens/s, MFU, peak vs planned memory.
 
-    python benchmarks/gpu_throughput.py --model_config PATH/llama-3-8b [--out results.md]   # on a GPU
-    python benchmarks/gpu_throughput.py --tiny                                             # CPU smoke run
+    python benchmarks/gpu_throughput.py [--out_dir DIR] [--only NAME,NAME]    # on a GPU, ~6-8 minutes on an H200
+    python benchmarks/gpu_throughput.py --tiny                                # the same variants, tiny, on the CPU
 
-No download: the model is built from config.json straight on the device with random weights, its decoder
-projections quantized to NF4 (double quantization, bf16 compute and storage) exactly as loading with the
-recipe's BitsAndBytesConfig would, then trained through the package's own path (PEFT k-bit preparation,
-LoRA r=16 on all seven projections, TRL SFTTrainer with the recipe's settings) on random token sequences
-of max_length tokens whose first quarter is masked. Measured per micro-batch: peak
-``torch.cuda.max_memory_allocated`` against the planner's estimate; at micro-batch 4: tokens/s over timed
-steps after warm-up and MFU against the FLOPs per token the planner counts.
+No download: each variant builds the model from config.json straight on the device with random weights, its
+decoder projections quantized to NF4 exactly as the recipe's BitsAndBytesConfig would (double quantization, bf16
+compute and storage), then trains through the package's own path (``modeling.add_adapter``: LoRA r=16 on all
+seven projections, compile when asked; ``trainer.build_trainer``: TRL SFTTrainer with the recipe's settings).
+
+Variants run one after another in this one process; the first is run again at the end, so the table shows how
+much the machine drifted. Two data sets: full 512-token rows (the seed's micro-batch 4 x 512 as measured before)
+and rows with Alpaca's length distribution (lognormal around its mean of ~197 tokens, at most 512), where
+padding-free attention has padding to remove. tokens/s counts real tokens of the timed steps (after warm-up);
+MFU is tokens/s x plan's FLOPs per token over the peak: the datasheet's and this GPU's measured bf16 matmul
+peak. Peak memory is ``torch.cuda.max_memory_allocated``; the plan's estimate excludes its 1 GiB CUDA-context
+allowance, which that counter does not see. Each row carries the prediction written before the run.
+
+Writes ``gpu_throughput.jsonl`` (one object per variant) and ``gpu_throughput.md`` (the table) into --out_dir.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
+import json
+import math
 import sys
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+DATASHEET_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
+ALPACA_MEAN, ALPACA_SIGMA = 197, 0.75  # tokens per example (Llama-2 tokenizer), lognormal spread
+
+
+@dataclass
+class Variant:
+    name: str
+    changes: dict[str, Any] = field(default_factory=dict)
+    data: str = "full"  # "full": every row max_length tokens; "alpaca": Alpaca-like lengths
+    trainer: str = "recipe"  # "trl": TRL's own SFTTrainer.compute_loss (reads metrics every micro-batch)
+    needs_cuda: bool = False
+    # written before the first GPU run: tokens/s relative to the seed row, and peak GiB
+    predicted_speed: float | None = None
+    predicted_peak_gib: float | None = None
+
+
+VARIANTS = [
+    Variant("seed (micro-batch 4, fused LM head)", predicted_speed=1.0, predicted_peak_gib=6.8),
+    Variant("seed, TRL's compute_loss (host reads per micro-batch)", trainer="trl", predicted_speed=0.95,
+            predicted_peak_gib=6.8),
+    Variant("per_device_train_batch_size auto", {"per_device_train_batch_size": "auto"}, predicted_speed=2.5,
+            predicted_peak_gib=55),
+    Variant("activation_offloading", {"activation_offloading": True}, needs_cuda=True, predicted_speed=0.9,
+            predicted_peak_gib=6.3),
+    Variant("use_liger_kernel", {"use_liger_kernel": True}, needs_cuda=True, predicted_speed=1.1,
+            predicted_peak_gib=6.5),
+    Variant("compile (per decoder layer)", {"compile": True}, predicted_speed=1.4, predicted_peak_gib=6.5),
+    Variant("memory-lean: auto within 8 GB + compile", {"per_device_train_batch_size": "auto",
+                                                        "memory_budget_gb": 8, "compile": True},
+            predicted_speed=1.4, predicted_peak_gib=6.8),
+    Variant("Alpaca lengths, padded (sdpa)", {"padding_free": "false"}, data="alpaca", predicted_speed=0.45,
+            predicted_peak_gib=6.5),
+    Variant("Alpaca lengths, padding-free, flex attention", {"padding_free": "true",
+                                                             "attn_implementation": "flex_attention"},
+            data="alpaca", predicted_speed=0.45, predicted_peak_gib=6.0),
+    Variant("Alpaca lengths, padding-free, varlen attention", {"padding_free": "true", "attn_implementation": "varlen"},
+            data="alpaca", needs_cuda=True, predicted_speed=0.45, predicted_peak_gib=6.0),
+    Variant("all: auto + compile + liger + varlen, Alpaca lengths",
+            {"per_device_train_batch_size": "auto", "compile": True, "use_liger_kernel": True, "padding_free": "true",
+             "attn_implementation": "varlen"}, data="alpaca", needs_cuda=True, predicted_speed=2.8,
+            predicted_peak_gib=30),
+    Variant("seed again (drift)", predicted_speed=1.0, predicted_peak_gib=6.8),
+]
 
 
 def quantized_random_model(config, device: str, recipe):
@@ -32,7 +88,7 @@ def quantized_random_model(config, device: str, recipe):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.modeling import quantization_config
+    from hf_lora_recipe.modeling import available_attention, quantization_config
 
     bnb_config = quantization_config(recipe)
     compute, storage = bnb_config.bnb_4bit_compute_dtype, bnb_config.bnb_4bit_quant_storage
@@ -40,7 +96,8 @@ def quantized_random_model(config, device: str, recipe):
                  quant_storage=storage)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute)
+        model = AutoModelForCausalLM.from_config(config, dtype=compute,
+                                                 attn_implementation=available_attention(recipe.attn_implementation))
     for layer in model.model.layers:
         for name, module in list(layer.named_modules()):
             if isinstance(module, torch.nn.Linear):
@@ -49,7 +106,7 @@ def quantized_random_model(config, device: str, recipe):
                                               compute_dtype=compute, device="meta", **quant)
                 quantized.weight = bnb.nn.Params4bit(module.weight.data.to(compute), requires_grad=False,
                                                      module=quantized, **quant)
-                quantized.weight._quantize(device) if device != "cpu" else quantized.weight._quantize("cpu")
+                quantized.weight._quantize(device)
                 setattr(parent, name.rsplit(".", 1)[-1], quantized)
                 del module
     # What from_pretrained(quantization_config=...) records, so PEFT's k-bit preparation treats it the same.
@@ -60,14 +117,21 @@ def quantized_random_model(config, device: str, recipe):
     return model
 
 
-def random_dataset(vocab: int, rows: int, length: int):
+def random_dataset(vocab: int, rows: int, length: int, lengths: str):
+    """Token rows whose first quarter is masked (the prompt); ``alpaca``: lognormal lengths around Alpaca's mean."""
     import torch
     from datasets import Dataset
 
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, vocab - 10, (rows, length), generator=generator).tolist()
-    labels = [[-100] * (length // 4) + row[length // 4:] for row in ids]
-    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+    if lengths == "alpaca":
+        sizes = torch.empty(rows).log_normal_(math.log(ALPACA_MEAN) - ALPACA_SIGMA**2 / 2, ALPACA_SIGMA,
+                                              generator=generator)
+        sizes = sizes.clamp(16, length).long().tolist()
+    else:
+        sizes = [length] * rows
+    ids = [torch.randint(10, vocab - 10, (size,), generator=generator).tolist() for size in sizes]
+    labels = [[-100] * (len(row) // 4) + row[len(row) // 4:] for row in ids]
+    return Dataset.from_dict({"input_ids": ids, "labels": labels}), sizes
 
 
 def padding_tokenizer():
@@ -79,73 +143,131 @@ def padding_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
 
 
-class StepTimer:
-    def __init__(self, warmup: int):
-        self.warmup, self.times = warmup, []
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                timer.sync()
-                timer.start = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                timer.sync()
-                timer.times.append(time.perf_counter() - timer.start)
-
-        return Callback()
-
-    @staticmethod
-    def sync():
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def timed(self) -> list[float]:
-        return self.times[self.warmup:]
-
-
-def run(model, recipe, micro_batch: int, steps: int, warmup: int, output_dir: str):
+def sync() -> None:
     import torch
 
-    from hf_lora_recipe.trainer import trainer_config
-    from hf_lora_recipe.trainer import RecipeTrainer, uses_fused_loss
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
-    recipe = recipe.__class__(**{**recipe.__dict__, "per_device_train_batch_size": micro_batch,
-                                 "global_batch_size": micro_batch, "max_steps": steps, "output_dir": output_dir,
-                                 "logging_steps": 10_000, "save_steps": 10_000})
-    args = trainer_config(recipe, accumulation=1)
-    args.save_strategy = "no"
-    args.disable_tqdm = True
-    dataset = random_dataset(model.config.vocab_size, micro_batch * steps, recipe.max_length)
-    timer = StepTimer(warmup)
+
+def step_timer(times: list[float]):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            times.append(time.perf_counter() - self.start)
+
+    return StepTimer()
+
+
+def measured_matmul_tflops() -> float | None:
+    """This GPU's bf16 dense matmul rate at 8192^3, the practical ceiling for MFU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    sync()
+    return 20 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+
+
+def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, warmup: int) -> dict[str, Any]:
+    import torch
+
+    from hf_lora_recipe.micro_batch import resolve
+    from hf_lora_recipe.modeling import add_adapter
+    from hf_lora_recipe.plan import flops_per_token, measure_shape, memory
+    from hf_lora_recipe.trainer import RecipeTrainer, build_trainer
+
+    recipe = dataclasses.replace(seed_recipe, **variant.changes)
+    shape = measure_shape(config, recipe)
+    recipe, chosen = resolve(recipe, world_size=1, shape=shape)
+    micro_batch = recipe.per_device_train_batch_size
+    # one optimizer step per micro-batch: the timing is per micro-batch, the math of the global batch is not at stake
+    recipe = dataclasses.replace(recipe, global_batch_size=micro_batch, max_steps=warmup + steps,
+                                 train_sampling_strategy="sequential", logging_steps=10_000, save_steps=10_000)
+    dataset, sizes = random_dataset(config.vocab_size, micro_batch * (warmup + steps), recipe.max_length, variant.data)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = RecipeTrainer(model=model, args=args, train_dataset=dataset, processing_class=padding_tokenizer(),
-                            callbacks=[timer.callback()], fused_loss=uses_fused_loss(recipe.lm_head_loss))
+    started = time.perf_counter()
+    model = add_adapter(quantized_random_model(config, device, recipe), recipe)
+    build_s = time.perf_counter() - started
+    times: list[float] = []
+    trainer = build_trainer(recipe, model, padding_tokenizer(), dataset, None, 1, [step_timer(times)],
+                            flops_per_token(shape, recipe)["total"])
+    trainer.args.save_strategy, trainer.args.disable_tqdm = "no", True
+    if variant.trainer == "trl":  # TRL's compute_loss as it ships: metrics read every micro-batch, compact head
+        import trl.trainer.utils as trl_utils
+        from trl.kernels.chunked_logprob import _use_triton
+
+        trl_utils._use_triton = _use_triton
+        trainer.compute_loss = lambda *a, **k: super(RecipeTrainer, trainer).compute_loss(*a, **k)
     trainer.train()
+    if variant.trainer == "trl":
+        from hf_lora_recipe.trainer import _score_every_position
+
+        _score_every_position()
+    timed_s = sum(times[warmup:])
+    tokens = sum(sizes[warmup * micro_batch:])
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    timed = timer.timed()
-    del trainer
+    planned = memory(shape, recipe, micro_batch)
+    result = {
+        "variant": variant.name, "changes": variant.changes, "data": variant.data, "micro_batch": micro_batch,
+        "auto": chosen.line() if chosen else None, "timed_steps": len(times) - warmup, "tokens": tokens,
+        "seconds": round(timed_s, 3), "tokens_per_second": tokens / timed_s if timed_s else 0.0,
+        "flops_per_token": flops_per_token(shape, recipe)["total"], "peak_bytes": peak,
+        "planned_bytes": planned.total - planned.cuda_context, "build_seconds": round(build_s, 1),
+        "first_step_seconds": round(times[0], 2) if times else None,
+        "predicted_speed": variant.predicted_speed, "predicted_peak_gib": variant.predicted_peak_gib,
+    }
+    del trainer, model
     gc.collect()
-    return peak, timed
+    return result
+
+
+def table(results: list[dict[str, Any]], datasheet: float | None, matmul: float | None, name: str) -> str:
+    gib = 1024**3
+    seed = next((r["tokens_per_second"] for r in results if r.get("tokens_per_second")), None)
+    header = (f"| variant | micro-batch | tokens/s | vs seed (predicted) | MFU ({datasheet or 'n/a'} datasheet) | "
+              f"MFU ({f'{matmul:.0f}' if matmul else 'n/a'} measured matmul) | peak allocated (predicted) | "
+              "plan (excl. CUDA context) | first step s |")
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for r in results:
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {r['variant']} | {r.get('skipped') or 'failed: ' + r['error']} |" + " |" * 7)
+            continue
+        tps, flops = r["tokens_per_second"], r["flops_per_token"]
+        mfu = lambda peak: f"{tps * flops / (peak * 1e12):.1%}" if peak else "n/a"  # noqa: E731
+        ratio = f"{tps / seed:.2f}x" if seed else "n/a"
+        predicted = f" ({r['predicted_speed']:.2f}x)" if r.get("predicted_speed") else ""
+        peak = f"{r['peak_bytes'] / gib:.2f} GiB" if r["peak_bytes"] else "n/a"
+        peak += f" ({r['predicted_peak_gib']:g})" if r.get("predicted_peak_gib") and r["peak_bytes"] else ""
+        lines.append(f"| {r['variant']} | {r['micro_batch']} | {tps:,.0f} | {ratio}{predicted} | {mfu(datasheet)} | "
+                     f"{mfu(matmul)} | {peak} | {r['planned_bytes'] / gib:.2f} GiB | {r['first_step_seconds']} |")
+    return f"### GPU throughput, {datetime.date.today()} - {name}\n\n" + "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_config", default=str(REPO_ROOT.parent / "shared" / "model_configs" / "llama-3-8b"))
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model of the same family, on the CPU")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--variants", action="store_true",
-                        help="also micro-batch 4 with the plain loss, without gradient checkpointing, and bf16 LoRA")
+    parser.add_argument("--only", help="comma-separated variant names (or unique prefixes) to run")
+    parser.add_argument("--out_dir", default=".", help="where gpu_throughput.jsonl and gpu_throughput.md go")
     args = parser.parse_args()
 
     import torch
@@ -153,8 +275,6 @@ def main() -> int:
     from transformers import AutoConfig
 
     from hf_lora_recipe.config import load_recipe
-    from hf_lora_recipe.modeling import add_adapter
-    from hf_lora_recipe.plan import GIB, flops_per_token, measure_shape, memory
 
     recipe = load_recipe(REPO_ROOT / "recipes" / "llama3-8b-alpaca-qlora.yaml")
     config = AutoConfig.from_pretrained(args.model_config)
@@ -162,84 +282,45 @@ def main() -> int:
         config = config.__class__(**{**config.to_dict(), "hidden_size": 64, "intermediate_size": 224,
                                      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                                      "vocab_size": 4096, "head_dim": 16})
-        recipe = recipe.__class__(**{**recipe.__dict__, "max_length": 64})
-        args.steps, args.warmup = min(args.steps, 4), 1
+        recipe = dataclasses.replace(recipe, max_length=64, global_batch_size=16)
+        args.steps, args.warmup = min(args.steps, 3), 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape = measure_shape(config, recipe)
-    per_token = flops_per_token(shape, recipe)["total"]
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (--tiny)" if args.tiny else "CPU"
+    datasheet = next((tflops for key, tflops in DATASHEET_TFLOPS.items() if key in name), None)
+    matmul = measured_matmul_tflops()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chosen = [v for v in VARIANTS if not args.only or any(v.name.startswith(o.strip()) for o in args.only.split(","))]
+    print(f"{name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"measured bf16 matmul: {f'{matmul:.0f} TFLOP/s' if matmul else 'n/a'}", flush=True)
 
-    started = time.perf_counter()
-    model = add_adapter(quantized_random_model(config, device, recipe), recipe)
-    build_s = time.perf_counter() - started
-    rows = []
-    for micro_batch in (1, 2, 4):
-        steps = args.steps + args.warmup if micro_batch == 4 else 3
-        peak, timed = run(model, recipe, micro_batch, steps, args.warmup if micro_batch == 4 else 1, "/tmp/gpu-bench")
-        estimate = memory(shape, recipe, micro_batch).total - memory(shape, recipe, micro_batch).cuda_context
-        tokens_s = micro_batch * recipe.max_length / (sum(timed) / len(timed)) if timed else 0.0
-        rows.append((micro_batch, peak, estimate, tokens_s))
-        print(f"micro-batch {micro_batch}: peak {peak / GIB:.2f} GiB, plan {estimate / GIB:.2f} GiB, {tokens_s:,.0f} tokens/s",
-              flush=True)
-
-    variant_rows = []
-    if args.variants:
-        import dataclasses
-
-        del model
-        gc.collect()
-        for label, changes in (("QLoRA, embeddings/norms/LM head kept bf16 (kbit_upcast_fp32: false)",
-                                {"kbit_upcast_fp32": False}),
-                               ("QLoRA, model cross-entropy instead of TRL's fused LM head", {"lm_head_loss": "plain"}),
-                               ("QLoRA, no checkpointing", {"gradient_checkpointing": False}),
-                               ("bf16 LoRA, checkpointing", {"load_in_4bit": False})):
-            variant = dataclasses.replace(recipe, **changes)
-            if variant.load_in_4bit:
-                base = quantized_random_model(config, device, variant)
+    results = []
+    with open(out_dir / "gpu_throughput.jsonl", "w") as jsonl:
+        for variant in chosen:
+            if variant.needs_cuda and device != "cuda":
+                result = {"variant": variant.name, "skipped": "skipped: needs CUDA"}
             else:
-                from transformers import AutoModelForCausalLM
+                try:
+                    result = run_variant(variant, recipe, config, device, args.steps, args.warmup)
+                except Exception as error:  # noqa: BLE001 - one failing variant must not lose the others' figures
+                    traceback.print_exc()
+                    result = {"variant": variant.name, "error": f"{type(error).__name__}: {str(error)[:200]}"}
+                    gc.collect()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+            results.append(result)
+            jsonl.write(json.dumps(result) + "\n")
+            jsonl.flush()
+            print(json.dumps(result), flush=True)
 
-                torch.manual_seed(0)
-                with torch.device(device):
-                    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-                base.config.use_cache = False
-            variant_model = add_adapter(base, variant)
-            peak, timed = run(variant_model, variant, 4, args.steps + args.warmup, args.warmup, "/tmp/gpu-bench")
-            variant_shape = measure_shape(config, variant)
-            estimate = memory(variant_shape, variant, 4).total - memory(variant_shape, variant, 4).cuda_context
-            tokens_s = 4 * variant.max_length / (sum(timed) / len(timed)) if timed else 0.0
-            variant_rows.append((label, peak, estimate, tokens_s, flops_per_token(variant_shape, variant)["total"]))
-            print(f"{label}: peak {peak / GIB:.2f} GiB, plan {estimate / GIB:.2f} GiB, {tokens_s:,.0f} tokens/s", flush=True)
-            del variant_model, base
-            gc.collect()
-
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    lines = [
-        f"### GPU throughput and memory, {datetime.date.today()} - {name}{' (--tiny)' if args.tiny else ''}",
-        f"seed recipe (NF4 + double quant, bf16 compute, LoRA r=16 x 7 projections, max_length {recipe.max_length}, "
-        f"gradient checkpointing, TRL SFTTrainer); model built in {build_s:.0f} s; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}",
-        f"FLOPs per token (plan): {per_token / 1e9:.1f} GFLOP; MFU against 989.4 (datasheet) and 790 (measured matmul) TFLOP/s",
-        "",
-        "| micro-batch | peak allocated | plan (excl. CUDA context) | plan / measured | tokens/s | MFU (989) | MFU (790) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for micro_batch, peak, estimate, tokens_s in rows:
-        ratio = f"{estimate / peak:.2f}" if peak else "n/a"
-        mfu = lambda peak_tflops: f"{tokens_s * per_token / (peak_tflops * 1e12):.1%}" if tokens_s and device == "cuda" else "n/a"  # noqa: E731
-        lines.append(f"| {micro_batch} x {recipe.max_length} | {peak / GIB:.2f} GiB | {estimate / GIB:.2f} GiB | {ratio} | "
-                     f"{tokens_s:,.0f} | {mfu(989.4)} | {mfu(790)} |")
-    if variant_rows:
-        lines += ["", "| variant at micro-batch 4 | peak allocated | plan (excl. CUDA context) | plan / measured | tokens/s | MFU (989) |",
-                  "|---|---|---|---|---|---|"]
-        for label, peak, estimate, tokens_s, flops in variant_rows:
-            mfu = f"{tokens_s * flops / 989.4e12:.1%}" if device == "cuda" else "n/a"
-            lines.append(f"| {label} | {peak / GIB:.2f} GiB | {estimate / GIB:.2f} GiB | {estimate / peak:.2f} | "
-                         f"{tokens_s:,.0f} | {mfu} |" if peak else f"| {label} | n/a | {estimate / GIB:.2f} GiB | n/a | {tokens_s:,.0f} | n/a |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table)
-    return 0
+    text = table(results, datasheet, matmul, name)
+    text += (f"\nseed recipe: NF4 + double quant, bf16 compute, LoRA r=16 x 7 projections, max_length "
+             f"{recipe.max_length}, gradient checkpointing; torch {torch.__version__}, transformers "
+             f"{transformers.__version__}; {args.steps} timed steps after {args.warmup} warm-up per variant, each "
+             "an optimizer step of one micro-batch\n")
+    (out_dir / "gpu_throughput.md").write_text(text)
+    print(text)
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
