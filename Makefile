@@ -37,6 +37,7 @@ test: $(STAMP) base
 
 # Multi-process launches and real signals (SIGKILL/SIGTERM resume): CI runs them after `make test`.
 test-slow: $(STAMP) base
+	$(PY) -m pip install --quiet -e ".[fast]"  # Liger for tests/test_liger.py (its Triton kernels need CUDA; the checks do not)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m slow
 
 bench: $(STAMP)

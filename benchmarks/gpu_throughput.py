@@ -70,7 +70,7 @@ VARIANTS = [
             predicted_peak_gib=6.5),
     Variant("Alpaca lengths, padding-free, flex attention", {"padding_free": "true",
                                                              "attn_implementation": "flex_attention"},
-            data="alpaca", predicted_speed=0.45, predicted_peak_gib=6.0),
+            data="alpaca", needs_cuda=True, predicted_speed=0.45, predicted_peak_gib=6.0),
     Variant("Alpaca lengths, padding-free, varlen attention", {"padding_free": "true", "attn_implementation": "varlen"},
             data="alpaca", needs_cuda=True, predicted_speed=0.45, predicted_peak_gib=6.0),
     Variant("all: auto + compile + liger + varlen, Alpaca lengths",

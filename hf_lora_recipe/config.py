@@ -64,7 +64,8 @@ class Recipe:
     model_revision: str = model("main", "Hub revision (branch, tag or commit) of the base")
     trust_remote_code: bool = model(False, "run Python code shipped with the model repo (opt-in: it executes code)")
     attn_implementation: str = model(
-        "sdpa", "attention kernel; flash_attention_2 when flash-attn is installed (falls back to sdpa otherwise)")
+        "sdpa", "attention kernel: sdpa; varlen (PyTorch's own varlen flash kernel, CUDA: padding-free without "
+        "flash-attn); flex_attention; flash_attention_2 when flash-attn is installed (falls back to sdpa otherwise)")
 
     load_in_4bit: bool = quantization(True, "QLoRA: load the frozen base in 4 bits (false: a bf16/fp32 base, plain LoRA)")
     bnb_4bit_quant_type: str = quantization("nf4", "4-bit data type; NF4 suits normally distributed weights",
@@ -110,7 +111,7 @@ class Recipe:
         True, "loss on responses and their EOS only; false also trains on prompts (the model learns to echo)")
 
     padding_free: str = speed("auto", "concatenate examples into one row with restarting position ids (no padding); "
-                                      "auto = on for CPU, and for GPUs with flash-attention", ("auto", "true", "false"))
+                                      "auto = on for CPU, and on GPUs with varlen, flex or flash attention", ("auto", "true", "false"))
     train_sampling_strategy: str = speed("random", "group_by_length puts similar lengths together (less padding)",
                                          ("random", "sequential", "group_by_length"))
     use_liger_kernel: bool = speed(False, "Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA "

@@ -78,18 +78,39 @@ def quantization_config(recipe: Recipe) -> Any | None:
 
 
 @functools.lru_cache(maxsize=None)  # decide (and say why) once per run
+@functools.lru_cache(maxsize=None)
 def available_attention(requested: str) -> str:
-    """The attention implementation to use: flash-attention only when its package is installed."""
+    """The attention implementation to use: flash-attention only when its package is installed; ``varlen``
+    (PyTorch's own varlen flash kernel, :mod:`hf_lora_recipe.attention`) only on a GPU that runs it, and then
+    registered with transformers under that name."""
     import importlib.util
 
     if requested.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
         log.warn(f"attn_implementation {requested} asked for but flash-attn is not installed: using sdpa")
         return "sdpa"
+    if requested == "flex_attention":
+        import torch
+
+        if not torch.cuda.is_available():  # torch 2.13's flex attention has no backward on the CPU
+            log.warn("attn_implementation flex_attention cannot train on a CPU (no backward there): using sdpa")
+            return "sdpa"
+    if requested == "varlen":
+        from . import attention
+
+        if not attention.varlen_available():
+            log.warn("attn_implementation varlen needs a CUDA GPU (compute capability 8.0+): using sdpa")
+            return "sdpa"
+        return attention.register()
     return requested
 
 
+# Attention kernels that take a packed row's example boundaries directly: padding-free costs them nothing.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "varlen", "flex_attention")
+
+
 def padding_free(recipe: Recipe, on_gpu: bool | None = None) -> bool:
-    """``auto``: on the CPU always; on a GPU only with flash-attention, whose varlen kernel keeps its speed.
+    """``auto``: on the CPU always; on a GPU with an attention that takes the examples' boundaries (flash-attention,
+    PyTorch's varlen kernel, flex attention), which computes no padding and no cross-example scores.
     ``on_gpu``: for the machine a plan is made for (default: this one)."""
     if recipe.padding_free != "auto":
         return recipe.padding_free == "true"
@@ -97,7 +118,10 @@ def padding_free(recipe: Recipe, on_gpu: bool | None = None) -> bool:
         import torch
 
         on_gpu = torch.cuda.is_available()
-    return not on_gpu or available_attention(recipe.attn_implementation).startswith("flash_attention")
+        attention = available_attention(recipe.attn_implementation)
+    else:  # planning for a machine that is not this one: assume it has what the recipe asks for
+        attention = recipe.attn_implementation
+    return not on_gpu or attention in VARLEN_ATTENTION
 
 
 @functools.lru_cache(maxsize=None)
