@@ -53,14 +53,21 @@ def trained(tiny_base, alpaca_path, tmp_path_factory, hub):
     output_dir = work / "adapter"
     env = {**hub.client_env(cache_dir=work / "hub-cache"), "TRACKIO_DIR": str(work / "trackio")}
     result = run_cli(CLI, "train", *_train_args(tiny_base, alpaca_path, output_dir, "--report_to", "tensorboard",
-                                                "trackio", "--push_to_hub", "--hub_model_id", "user/seed-tiny"), env=env)
+                                                "trackio", "--push_to_hub", "--hub_model_id", "user/seed-tiny",
+                                                "--per_device_train_batch_size", "auto"), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result, base_hash, work
 
 
 def test_train_prints_the_derived_figures(trained):
     _, result, _, _ = trained
+    # auto: on a CPU the packed rows under sdpa's dense mask stop at 4 examples (the seed's micro-batch)
+    assert re.search(r"micro-batch auto -> 4: planned peak [\d.]+ GiB within [\d.]+ GiB \(50% of the available RAM\)",
+                     result.stdout), result.stdout
     assert "world size 1 x micro-batch 4 x gradient accumulation 2 = global batch 8" in result.stdout
+    # the speed choices, and a throughput line at every log after the first
+    assert "activation offloading: off; compile: off; MFU against: n/a (no known GPU peak)" in result.stdout
+    assert re.search(r"step 2: [\d,]+ tokens/s \(this process\)", result.stdout)
     assert "tokens per optimizer step ~" in result.stdout
     assert "trainable: 34,816 / 4.2M (0.83%)" in result.stdout  # 2 layers x 7 projections, r=16, hidden 64
 
@@ -100,6 +107,7 @@ def test_recipe_yaml_is_resolved_with_the_seed_values_and_derived_accumulation(t
     output_dir, _, _, _ = trained
     recipe = yaml.safe_load((output_dir / "recipe.yaml").read_text())
     assert recipe["derived"] == {"gradient_accumulation_steps": 2, "world_size": 1}
+    assert recipe["per_device_train_batch_size"] == 4  # auto, as resolved for this run
     assert (recipe["lora_r"], recipe["lora_alpha"], recipe["learning_rate"]) == (16, 32, 3e-4)
     assert recipe["load_in_4bit"] and recipe["use_bnb_nested_quant"] and recipe["bf16"]
 
