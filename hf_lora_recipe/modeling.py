@@ -208,7 +208,12 @@ def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None) 
 
     model = prepare_base(model, recipe)
     tokens = trainable_token_targets(model, token_ids) if token_ids else None
-    return get_peft_model(model, lora_config(recipe, tokens))
+    model = get_peft_model(model, lora_config(recipe, tokens))
+    if recipe.compile:  # after PEFT, so LoRA and its dropout are inside each compiled layer
+        from .compiling import compile_decoder_layers
+
+        compile_decoder_layers(model)
+    return model
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
