@@ -1,0 +1,62 @@
+"""``torch.compile`` one decoder layer at a time (the recipe's ``compile`` knob).
+
+Per layer, not the whole model:
+
+* Small graphs. A decoder layer is one attention block and one MLP; the embedding, the LM head and the loss
+  stay eager, so a compile error or a graph break is confined to one layer and the loss code is free to change.
+* bitsandbytes and PEFT stay inside. The layer's graph holds PEFT's LoRA wrappers (A, B, scaling and the
+  adapter's dropout) around the base projections, bitsandbytes' 4-bit ``Linear4bit`` included, so they fuse
+  with the norms, rotary embedding and activations around them.
+* One graph for all layers. Every layer runs the same code on inputs of the same shapes, and dynamo guards on
+  that rather than on the layer object, so all layers share the graph compiled for the first one: compile
+  time does not grow with depth. (A second graph appears only when layer 0's input does not require grad
+  while the others' do, i.e. without checkpointing's ``enable_input_require_grads``.)
+* Checkpointing stays correct and inside. ``Module.compile`` compiles the module's ``__call__``, which in
+  transformers runs ``GradientCheckpointingLayer``'s wrapper, so the non-reentrant checkpoint is traced into
+  the graph and AOTAutograd recomputes the layer in the backward, saving each dropout's RNG state for the
+  replay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import RecipeError
+
+# Dropout draws from the eager generator, not from inductor's own random kernels:
+# * Under checkpointing the backward must differentiate the mask the forward applied. With inductor's RNG the
+#   forward and its recomputation are different kernels, and since PyTorch 2.13 they disagree on CUDA when the
+#   dropout reads a materialised reshape, as o_proj's adapter reads attention's `transpose(1, 2).contiguous()`:
+#   the 1-D forward kernel takes the 4x Philox path (`rand4x`), which also repeats the mask across groups of 4
+#   channels, the tiled recompute does not, so the gradients are silently wrong (pytorch/pytorch#198333, open;
+#   the CPU's C++ kernels are not affected). With eager RNG the partitioner saves the generator state in the
+#   forward and replays the same eager dropout from it in the backward, as eager checkpointing does.
+# * Compiled masks are then eager's masks for the same seed: compile changes the speed, not the run.
+# The cost is an unfused dropout kernel per adapter, what eager LoRA pays anyway. Passed per compile, not set
+# globally, so other compiled code in the process keeps inductor's defaults.
+INDUCTOR_OPTIONS = {"fallback_random": True}
+
+
+def decoder_layers(model: Any) -> Any:
+    """The decoder layers (an ``nn.ModuleList``) of a PEFT-wrapped or plain transformers causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(base, "base_model_prefix", "model") or "model"
+    layers = getattr(getattr(base, prefix, None), "layers", None)
+    if layers is None:
+        raise RecipeError(f"compile: {type(base).__name__} has no decoder layers at .{prefix}.layers; "
+                          "set compile false for this architecture")
+    return layers
+
+
+def compile_decoder_layers(model: Any) -> int:
+    """Compile each decoder layer in place (``nn.Module.compile``); returns how many were compiled.
+
+    Shapes are dynamic from the first step: packed or padding-free batches change length every step, and
+    with static shapes dynamo compiles once per length until its recompile limit (8), after which every
+    further length runs eagerly. With ``dynamic=None`` it compiles a static graph for the first length and a
+    dynamic one at the second; ``dynamic=True`` compiles the dynamic graph once.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True, options=INDUCTOR_OPTIONS)
+    return len(layers)

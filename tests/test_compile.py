@@ -1,0 +1,221 @@
+"""compile_decoder_layers: compiled layers train exactly as eager ones, the adapters' dropout included.
+
+Tiny fp32 Llamas (hidden 64, 2 layers) with LoRA on all seven projections, built by the recipe's own path
+(``load_base_model`` + ``add_adapter``), on the CPU with inductor's C++ backend. A compile costs tens of seconds
+on a small CPU, so the file compiles two models, each once, and every test shares them:
+
+* ``checkpointed``: fp32, non-reentrant checkpointing (the recipe's default), lora_dropout 0.5.
+* ``quantized``: NF4 base (bitsandbytes on the CPU), no checkpointing, a forward hook on every adapter's dropout.
+
+The references are eager models with the same weights. Compiled dropout draws from the eager generator
+(``compiling.INDUCTOR_OPTIONS``), so with the same seed a compiled model must reproduce eager's loss *and*
+gradients at lora_dropout 0.5: one comparison covers the numerics of compiled LoRA and the masks. lora_dropout 0
+(PEFT's ``Identity``) is not compiled separately: ~30 s more for a graph that differs only by the masks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_lora_recipe.compiling import compile_decoder_layers
+from hf_lora_recipe.config import Recipe
+from hf_lora_recipe.modeling import add_adapter, load_base_model
+
+P = 0.5  # the largest mask entropy: keep rate, agreement of independent masks and of equal ones are far apart
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LENGTHS = ((2, 12), (3, 20), (2, 27))  # (rows, tokens): none equals a model dimension (16, 64, 128), see below
+STATS_BATCH = (3, 90)  # 17,280 mask elements per projection on the hidden size
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def build(base_dir, *, quantized: bool = False, checkpointing: bool = False):
+    recipe = Recipe(model_name_or_path=str(base_dir), load_in_4bit=quantized, bnb_4bit_compute_dtype="float32",
+                    bnb_4bit_quant_storage="float32", bf16=False, gradient_checkpointing=checkpointing,
+                    lora_r=4, lora_alpha=8, lora_dropout=P, lora_target_modules=SEVEN)
+    torch.manual_seed(1)  # LoRA A's initialisation
+    model = add_adapter(load_base_model(recipe), recipe)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero, which would make every gradient of A zero
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model.train()
+
+
+def batch(rows: int, tokens: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def step(model, ids: torch.Tensor, seed: int | None = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward/backward from a fixed seed (None: where the generator stands): the loss and each LoRA
+    matrix's gradient."""
+    model.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def assert_same(expected, actual) -> None:
+    (loss_a, grads_a), (loss_b, grads_b) = expected, actual
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * 2  # A and B of 7 projections x 2 layers
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(base_dir):
+    """The compiled, checkpointed model, its first steps run over varying shapes: (model, new graphs)."""
+    model = build(base_dir, checkpointing=True)
+    assert compile_decoder_layers(model) == 2
+    before = graphs()
+    for rows, tokens in LENGTHS:
+        step(model, batch(rows, tokens))
+    return model, graphs() - before
+
+
+@pytest.fixture(scope="module")
+def eager(base_dir):
+    return build(base_dir)
+
+
+def test_one_graph_serves_every_layer_and_every_length(checkpointed):
+    """Both layers and all three shapes ran on a single compiled graph: with ``dynamic=True`` no recompile per
+    length, and the layers share the graph rather than compiling one each. (A length equal to a model dimension,
+    e.g. the head size 16, would be duck-sized to it on the first compile and cost one recompile.)"""
+    model, new_graphs = checkpointed
+    assert new_graphs == 1
+    layers = model.get_base_model().model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+
+
+def test_compiled_checkpointed_training_equals_eager(checkpointed, eager):
+    """Same seed, lora_dropout 0.5: the compiled model under checkpointing gives eager's loss and gradients
+    (eager without checkpointing). The loss shows the forward drew eager's masks; the gradients show the
+    backward's recomputation used the forward's masks, not fresh ones."""
+    model, _ = checkpointed
+    for rows, tokens in LENGTHS[:2]:
+        ids = batch(rows, tokens)
+        assert_same(step(eager, ids), step(model, ids))
+
+
+def test_a_different_mask_would_be_detected(base_dir, eager):
+    """Negative controls for the comparison above, eager only. A different seed (different masks) moves loss and
+    gradients far beyond the tolerance. Checkpointing that does not restore the RNG state for its recomputation
+    (the failure this file guards against) keeps the loss but changes the gradients."""
+    ids = batch(*LENGTHS[0])
+    reference = step(eager, ids, seed=0)
+    other_seed = step(eager, ids, seed=1)
+    assert abs(other_seed[0] - reference[0]) > 1e-3
+    assert max_difference(other_seed[1], reference[1]) > 1e-3
+
+    fresh_masks = build(base_dir)
+    fresh_masks.get_base_model().activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
+    loss, grads = step(fresh_masks, ids, seed=0)
+    torch.testing.assert_close(loss, reference[0], rtol=1e-6, atol=1e-6)
+    assert max_difference(grads, reference[1]) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def quantized(base_dir):
+    """The compiled NF4 model, with the input and output of every adapter's dropout captured at each forward,
+    its first steps run: (model, dropout modules by "layer.block.projection", new graphs)."""
+    import bitsandbytes as bnb
+
+    model = build(base_dir, quantized=True)
+    assert isinstance(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    # Without checkpointing layer 0's input does not require grad and the others' does: two graphs. Making it
+    # require grad keeps this file at one compile per model.
+    model.enable_input_require_grads()
+    dropouts = {}
+    for name, module in model.named_modules():
+        if name.endswith("lora_dropout.default"):
+            # One hook function for all: dynamo guards on the hook, so a hook per layer would be a graph per layer.
+            module.register_forward_hook(capture)
+            dropouts[name.split("layers.", 1)[1].replace(".lora_dropout.default", "")] = module  # "0.self_attn.q_proj"
+    assert compile_decoder_layers(model) == 2
+    before = graphs()
+    for rows, tokens in (LENGTHS[1], STATS_BATCH):
+        step(model, batch(rows, tokens))
+    return model, dropouts, graphs() - before
+
+
+def capture(module, args, output) -> None:
+    module.captured = (args[0].detach(), output.detach())
+
+
+def test_quantized_compiled_training_equals_eager(base_dir, quantized):
+    """bitsandbytes' NF4 Linear4bit compiles inside the layer on the CPU, in one graph for both layers and both
+    shapes, and trains as eager does, same seed, same masks."""
+    model, _, new_graphs = quantized
+    assert new_graphs == 1
+    reference = build(base_dir, quantized=True)
+    ids = batch(*LENGTHS[1])
+    assert_same(step(reference, ids), step(model, ids))
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a == b).float().mean().item()
+
+
+def test_compiled_dropout_masks_are_fresh_independent_and_scaled(quantized):
+    """On the compiled path: each adapter keeps 1-p of its input, scaled by 1/(1-p); adapters that read the same
+    input (q/k/v, gate/up) draw independent masks, as do the two layers, neighbouring channels and tokens, and
+    consecutive steps. Independent masks agree on p^2 + (1-p)^2 of the elements, equal ones on all of them."""
+    model, dropouts, _ = quantized
+    ids = batch(*STATS_BATCH)
+    independent = P**2 + (1 - P) ** 2
+    tolerance = 0.035  # 6.5 standard deviations of a rate over half the smallest mask (8,640 elements)
+
+    step(model, ids, seed=10)
+    assert len(dropouts) == 2 * 7
+    masks = {}
+    for key, module in dropouts.items():
+        x, out = module.captured
+        kept = out != 0
+        masks[key] = kept
+        assert abs(kept.float().mean().item() - (1 - P)) < tolerance, key
+        torch.testing.assert_close(out, torch.where(kept, x / (1 - P), torch.zeros_like(x)), msg=key)
+        assert agreement(kept[..., 0::2], kept[..., 1::2]) == pytest.approx(independent, abs=tolerance), key
+        assert agreement(kept[:, 0::2], kept[:, 1::2]) == pytest.approx(independent, abs=tolerance), key
+    for layer in "01":
+        for a, b in (("q", "k"), ("q", "v"), ("k", "v")):
+            pair = masks[f"{layer}.self_attn.{a}_proj"], masks[f"{layer}.self_attn.{b}_proj"]
+            assert agreement(*pair) == pytest.approx(independent, abs=tolerance), (layer, a, b)
+        pair = masks[f"{layer}.mlp.gate_proj"], masks[f"{layer}.mlp.up_proj"]
+        assert agreement(*pair) == pytest.approx(independent, abs=tolerance), (layer, "gate", "up")
+    for projection in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        assert agreement(masks[f"0.{projection}"], masks[f"1.{projection}"]) == pytest.approx(
+            independent, abs=tolerance), projection
+
+    step(model, ids, seed=None)  # the next step, the generator not reset
+    for key, module in dropouts.items():
+        out = module.captured[1]
+        assert agreement(out != 0, masks[key]) == pytest.approx(independent, abs=tolerance), key
