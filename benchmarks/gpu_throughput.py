@@ -30,6 +30,7 @@ import math
 import sys
 import time
 import traceback
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,8 @@ def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, 
 
     from hf_lora_recipe.micro_batch import resolve
     from hf_lora_recipe.modeling import add_adapter
-    from hf_lora_recipe.plan import flops_per_token, measure_shape, memory
-    from hf_lora_recipe.trainer import RecipeTrainer, build_trainer
+    from hf_lora_recipe.estimates import flops_per_token, measure_shape, memory
+    from hf_lora_recipe.trainer import build_trainer
 
     recipe = dataclasses.replace(seed_recipe, **variant.changes)
     shape = measure_shape(config, recipe)
@@ -211,10 +212,11 @@ def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, 
     trainer.args.save_strategy, trainer.args.disable_tqdm = "no", True
     if variant.trainer == "trl":  # TRL's compute_loss as it ships: metrics read every micro-batch, compact head
         import trl.trainer.utils as trl_utils
+        from trl import SFTTrainer
         from trl.kernels.chunked_logprob import _use_triton
 
         trl_utils._use_triton = _use_triton
-        trainer.compute_loss = lambda *a, **k: super(RecipeTrainer, trainer).compute_loss(*a, **k)
+        trainer.compute_loss = types.MethodType(SFTTrainer.compute_loss, trainer)
     trainer.train()
     if variant.trainer == "trl":
         from hf_lora_recipe.trainer import _score_every_position

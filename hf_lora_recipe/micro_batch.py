@@ -62,7 +62,7 @@ def resolve(recipe: Recipe, world_size: int, shape: Any | None = None) -> tuple[
     if recipe.per_device_train_batch_size != AUTO:
         return recipe, None
     from .modeling import model_config, sharded_by_fsdp
-    from .plan import largest_fitting_micro_batch, measure_shape, memory
+    from .estimates import largest_fitting_micro_batch, measure_shape, memory
 
     if recipe.global_batch_size % world_size:
         raise RecipeError(f"global_batch_size {recipe.global_batch_size} is not a whole multiple of the world size "

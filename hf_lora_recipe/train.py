@@ -129,7 +129,7 @@ def planned_step(recipe: Recipe, launch: Launch) -> tuple[float | None, int | No
     if not torch.cuda.is_available():
         return None, None
     from .modeling import model_config, sharded_by_fsdp
-    from .plan import flops_per_token, measure_shape, memory
+    from .estimates import flops_per_token, measure_shape, memory
 
     shape = measure_shape(model_config(recipe), recipe)
     strategy = "fsdp" if sharded_by_fsdp() else "ddp"

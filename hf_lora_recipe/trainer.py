@@ -245,7 +245,7 @@ def peak_flops() -> tuple[float, str] | None:
     """This GPU's dense bf16 peak (FLOP/s) and its name, from plan's table; None on a CPU or an unknown GPU."""
     if not torch.cuda.is_available():
         return None
-    from .plan import GPUS
+    from .estimates import GPUS
 
     name = torch.cuda.get_device_name().replace(" ", "").upper()
     for key, (_, tflops) in sorted(GPUS.items(), key=lambda item: -len(item[0])):

@@ -10,15 +10,8 @@ import torch
 
 from hf_lora_recipe.config import Recipe, load_recipe
 from hf_lora_recipe.modeling import add_adapter, load_base_model
-from hf_lora_recipe.plan import (
-    GIB,
-    activation_bytes_per_token,
-    lints,
-    make_plan,
-    measure_shape,
-    memory,
-    read_config,
-)
+from hf_lora_recipe.estimates import GIB, activation_bytes_per_token, measure_shape, memory
+from hf_lora_recipe.plan import lints, make_plan, read_config
 
 from .conftest import REPO_ROOT, shared_asset
 

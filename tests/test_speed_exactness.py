@@ -115,14 +115,14 @@ def test_throughput_line_reports_tokens_per_second_and_mfu(tiny_base, alpaca_pat
 
 def _shape(tiny_base, recipe):
     from hf_lora_recipe.modeling import model_config
-    from hf_lora_recipe.plan import measure_shape
+    from hf_lora_recipe.estimates import measure_shape
 
     return measure_shape(model_config(recipe), recipe)
 
 
 def test_auto_micro_batch_is_the_largest_divisor_within_the_budget(tiny_base):
     from hf_lora_recipe.micro_batch import resolve
-    from hf_lora_recipe.plan import memory
+    from hf_lora_recipe.estimates import memory
 
     recipe = load_recipe(overrides={"model_name_or_path": str(tiny_base), "per_device_train_batch_size": "auto",
                                     "global_batch_size": 24, "padding_free": "false"})
