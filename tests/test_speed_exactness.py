@@ -20,7 +20,6 @@ from hf_lora_recipe.modeling import add_adapter
 from hf_lora_recipe.tokenizer import load_tokenizer
 from hf_lora_recipe.trainer import build_trainer
 
-from .conftest import CLI, run_cli
 
 
 def _recipe(tiny_base, alpaca_path, tmp_path, **changes) -> Recipe:
@@ -148,10 +147,14 @@ def test_auto_stops_packed_rows_at_four_examples_under_a_dense_mask(tiny_base):
 
 
 def test_plan_resolves_auto_for_the_gpu_it_plans_for(tiny_base):
-    result = run_cli(CLI, "plan", "--model_name_or_path", str(tiny_base), "--per_device_train_batch_size", "auto",
-                     "--gpu", "H200")
-    assert result.returncode == 0, result.stderr
-    assert "micro-batch    auto -> 128 (largest divisor of the per-GPU batch within 141.00 GiB)" in result.stdout
+    from hf_lora_recipe.plan import make_plan, render
+
+    recipe = load_recipe(overrides={"model_name_or_path": str(tiny_base), "per_device_train_batch_size": "auto"})
+    plan = make_plan(recipe, gpu="H200")
+    assert plan["micro_batch_auto"]["chosen"] == 128  # a tiny model: the whole global batch fits in 141 GiB
+    assert "micro-batch    auto -> 128 (largest divisor of the per-GPU batch within 141.00 GiB)" in render(plan)
+    small = make_plan(dataclasses.replace(recipe, memory_budget_gb=1.05), gpu="H200")["micro_batch_auto"]["chosen"]
+    assert small is not None and small < 128
 
 
 def test_auto_or_a_number_and_nothing_else():
