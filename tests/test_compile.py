@@ -171,6 +171,10 @@ def capture(module, args, output) -> None:
     module.captured = (args[0].detach(), output.detach())
 
 
+# The NF4 model is a second compile (~25-50 s on 2 cores): these two run with CI's slow tests. make test keeps
+# test_compiled_checkpointed_training_equals_eager, whose equal loss at dropout 0.5 already shows the compiled
+# forward draws eager's masks (so their statistics are eager dropout's); these check the statistics directly.
+@pytest.mark.slow
 def test_quantized_compiled_training_equals_eager(base_dir, quantized):
     """bitsandbytes' NF4 Linear4bit compiles inside the layer on the CPU, in one graph for both layers and both
     shapes, and trains as eager does, same seed, same masks."""
@@ -185,6 +189,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a == b).float().mean().item()
 
 
+@pytest.mark.slow
 def test_compiled_dropout_masks_are_fresh_independent_and_scaled(quantized):
     """On the compiled path: each adapter keeps 1-p of its input, scaled by 1/(1-p); adapters that read the same
     input (q/k/v, gate/up) draw independent masks, as do the two layers, neighbouring channels and tokens, and

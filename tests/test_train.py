@@ -203,6 +203,7 @@ def test_unknown_keys_train_nothing(tiny_base, alpaca_path, tmp_path, capsys):
     assert not output_dir.exists()
 
 
+@pytest.mark.slow  # a launcher and a second interpreter (~35 s): CI runs it with the other launches
 def test_accelerate_launch_path_trains_with_the_same_code(tiny_base, alpaca_path, tmp_path):
     output_dir = tmp_path / "adapter"
     result = run_cli(
