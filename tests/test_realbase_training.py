@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hf_lora_recipe.config import Recipe
 from hf_lora_recipe.demo import make_dataset
 
 
+# ~55 s of 135M-parameter training on 2 cores: with the slow tests, which CI runs after make test, so the
+# default suite stays near 3 minutes (make demo runs the same path on more rows)
+@pytest.mark.slow
 def test_a_few_steps_on_smollm2_lower_the_held_out_response_loss(smollm2_base, tmp_path):
     import torch
 
