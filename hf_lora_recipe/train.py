@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from . import log
 from .arguments import RecipeParser, command
 from .config import Recipe, RecipeError, gradient_accumulation_steps
-from .micro_batch import MicroBatch, resolve as resolve_micro_batch
+from .micro_batch import resolve as resolve_micro_batch
 
 if TYPE_CHECKING:
     from .resilience import Start
@@ -41,7 +41,6 @@ class Launch:
 
     world_size: int
     accumulation: int
-    micro_batch: MicroBatch | None = None  # set when the recipe asked for per_device_train_batch_size: auto
 
     def derived(self) -> dict[str, int]:
         return {"gradient_accumulation_steps": self.accumulation, "world_size": self.world_size}
@@ -54,7 +53,7 @@ def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
     recipe, micro_batch = resolve_micro_batch(recipe, world_size)
     if micro_batch:
         log.info(micro_batch.line())
-    launch = Launch(world_size, gradient_accumulation_steps(recipe, world_size), micro_batch)
+    launch = Launch(world_size, gradient_accumulation_steps(recipe, world_size))
     log.info(f"world size {world_size} x micro-batch {recipe.per_device_train_batch_size} x gradient accumulation "
              f"{launch.accumulation} = global batch {recipe.global_batch_size}")
     return recipe, launch
