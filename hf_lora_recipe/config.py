@@ -177,10 +177,15 @@ FIELD_TYPES: dict[str, Any] = get_type_hints(Recipe)
 AUTO = "auto"  # the value an ``int | str`` field takes instead of a number: resolved at launch (see micro_batch.py)
 
 
+def accepts_auto(name: str) -> bool:
+    """An ``int | str`` field: a number, or auto."""
+    return set(get_args(FIELD_TYPES[name])) == {int, str}
+
+
 def field_type(name: str) -> tuple[Any, bool]:
     """(the field's base type, whether it may be null); an ``int | str`` field is an int that may also be auto."""
     hint = FIELD_TYPES[name]
-    if set(get_args(hint)) == {int, str}:
+    if accepts_auto(name):
         return int, False
     optional = type(None) in get_args(hint)
     base = next((a for a in get_args(hint) if a is not type(None)), hint) if optional else hint
@@ -218,7 +223,7 @@ def parse_bool(value: Any) -> bool:
 def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML value or command-line string(s) into the field's declared type."""
     base, optional = field_type(name)
-    if FIELD_TYPES[name] != base and str(value).lower() == AUTO:
+    if accepts_auto(name) and str(value).lower() == AUTO:
         return AUTO
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
@@ -247,7 +252,7 @@ def _coerce(name: str, value: Any) -> Any:
             return str(value)
     except (TypeError, ValueError):
         pass
-    auto = f" or {AUTO}" if FIELD_TYPES[name] != base else ""
+    auto = f" or {AUTO}" if accepts_auto(name) else ""
     raise RecipeError(f"{name}: cannot read {value!r} as {getattr(base, '__name__', base)}{auto}")
 
 

@@ -209,10 +209,9 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
 def dense_mask_over_packed_rows(recipe: Recipe, on_gpu: bool | None = None) -> bool:
     """Padding-free rows under sdpa/eager attention, which build a row-length-squared mask and attend across the
     whole row; ``on_gpu``: for the machine the plan is for (default: this one)."""
-    from .modeling import VARLEN_ATTENTION, available_attention, padding_free
+    from .modeling import VARLEN_ATTENTION, attention_for, padding_free
 
-    attention = recipe.attn_implementation if on_gpu else available_attention(recipe.attn_implementation)
-    return padding_free(recipe, on_gpu) and attention not in VARLEN_ATTENTION
+    return padding_free(recipe, on_gpu) and attention_for(recipe, on_gpu) not in VARLEN_ATTENTION
 
 
 def largest_fitting_micro_batch(shape: Shape, recipe: Recipe, limit_bytes: float, num_gpus: int, strategy: str = "ddp",

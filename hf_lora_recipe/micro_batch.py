@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import AUTO, Recipe, RecipeError
+from .estimates import GIB
 
 GPU_SHARE, RAM_SHARE = 0.9, 0.5
 
@@ -29,9 +30,8 @@ class MicroBatch:
     budget_source: str
 
     def line(self) -> str:
-        gib = 1024**3
-        return (f"micro-batch auto -> {self.size}: planned peak {self.planned_bytes / gib:.2f} GiB within "
-                f"{self.budget_bytes / gib:.2f} GiB ({self.budget_source})")
+        return (f"micro-batch auto -> {self.size}: planned peak {self.planned_bytes / GIB:.2f} GiB within "
+                f"{self.budget_bytes / GIB:.2f} GiB ({self.budget_source})")
 
 
 def memory_budget(recipe: Recipe) -> tuple[int, str]:
@@ -39,7 +39,7 @@ def memory_budget(recipe: Recipe) -> tuple[int, str]:
     import torch
 
     if recipe.memory_budget_gb is not None:
-        return int(recipe.memory_budget_gb * 1024**3), "memory_budget_gb"
+        return int(recipe.memory_budget_gb * GIB), "memory_budget_gb"
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))
         return int(GPU_SHARE * free), f"{GPU_SHARE:.0%} of the GPU's free memory"
@@ -74,7 +74,7 @@ def resolve(recipe: Recipe, world_size: int, shape: Any | None = None) -> tuple[
     if size is None:
         smallest = memory(shape, recipe, 1, world_size, strategy).total
         raise RecipeError(f"per_device_train_batch_size auto: even a micro-batch of 1 is planned at "
-                          f"{smallest / 1024**3:.2f} GiB, over the {budget / 1024**3:.2f} GiB budget ({source}); "
+                          f"{smallest / GIB:.2f} GiB, over the {budget / GIB:.2f} GiB budget ({source}); "
                           "raise memory_budget_gb, lower max_length, or turn gradient_checkpointing on")
     if world_size > 1:
         size = smallest_over_ranks(size)

@@ -78,7 +78,6 @@ def quantization_config(recipe: Recipe) -> Any | None:
 
 
 @functools.lru_cache(maxsize=None)  # decide (and say why) once per run
-@functools.lru_cache(maxsize=None)
 def available_attention(requested: str) -> str:
     """The attention implementation to use: flash-attention only when its package is installed; ``varlen``
     (PyTorch's own varlen flash kernel, :mod:`hf_lora_recipe.attention`) only on a GPU that runs it, and then
@@ -118,10 +117,13 @@ def padding_free(recipe: Recipe, on_gpu: bool | None = None) -> bool:
         import torch
 
         on_gpu = torch.cuda.is_available()
-        attention = available_attention(recipe.attn_implementation)
-    else:  # planning for a machine that is not this one: assume it has what the recipe asks for
-        attention = recipe.attn_implementation
-    return not on_gpu or attention in VARLEN_ATTENTION
+    return not on_gpu or attention_for(recipe, on_gpu) in VARLEN_ATTENTION
+
+
+def attention_for(recipe: Recipe, on_gpu: bool | None = None) -> str:
+    """The attention a run uses: on this machine (``on_gpu`` None) what it has of what the recipe asks; planning
+    for another machine, what the recipe asks (assumed installed there)."""
+    return available_attention(recipe.attn_implementation) if on_gpu is None else recipe.attn_implementation
 
 
 @functools.lru_cache(maxsize=None)
