@@ -159,6 +159,7 @@ def save_run(
     started: float,
 ) -> Path:
     """Write the final adapter and everything beside it into ``output_dir`` (:func:`push_run` publishes it)."""
+    from .engines import current_engine, save_sharded_adapter
     from .resilience import check_saved_adapter
     from .sources import dataset_version
     from .tokenizer import save_tokenizer
@@ -168,7 +169,10 @@ def save_run(
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)  # left by a run that died while publishing: never mix its files into this one
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # collective under FSDP/DeepSpeed: every rank calls it
+    if current_engine().name == "fsdp":
+        save_sharded_adapter(trainer, str(staging))  # gathers the adapter only: every rank calls it
+    else:
+        trainer.save_model(str(staging))  # collective under DeepSpeed (ZeRO-3 gathers in 16 bit): every rank calls it
     if trainer.eval_dataset is not None:
         trainer.evaluate()  # the final eval loss, logged like the others
     if trainer.is_world_process_zero():

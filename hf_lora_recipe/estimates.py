@@ -128,7 +128,7 @@ def activation_bytes_per_token(shape: Shape, recipe: Recipe, fp32_residual: bool
     Counted tensor by tensor from what autograd keeps for backward (matches saved-tensor measurements of
     tiny models on CPU within a few percent; tests/test_plan.py): RMSNorm keeps its fp32 input and output,
     each projection its input (bitsandbytes casts separately per module; dense bf16 projections share
-    one cast), LoRA its dropout mask, dropped input and rank-r intermediate, RoPE its rotated halves,
+    one cast), LoRA (below), RoPE its rotated halves,
     SDPA q/k/v/out and the log-sum-exp, SwiGLU gate, up and activation.
     """
     h, kv, inter, r = shape.hidden, shape.kv_dim, shape.intermediate, recipe.lora_r
@@ -139,8 +139,12 @@ def activation_bytes_per_token(shape: Shape, recipe: Recipe, fp32_residual: bool
     else:
         projection_inputs = act * (h + h + h + inter)
     lora_inputs = shape.lora_inputs_per_layer
-    dropout = (MASK_BYTES + act) * lora_inputs if recipe.lora_dropout > 0 else 0
-    lora = dropout + act * r * shape.lora_modules_per_layer
+    dropout_mask = MASK_BYTES * lora_inputs if recipe.lora_dropout > 0 else 0
+    # PEFT casts each module's input to the adapter's dtype: under bf16 compute an fp32 adapter's A matmul keeps
+    # autocast's bf16 copy of it, 2 bytes per input that a bf16 adapter (QLoRA, as TRL trains it) does not
+    # (measured per module on CPU: fp32 minus bf16 adapter = 2 bytes per input, with and without dropout)
+    wider_adapter = 2 * lora_inputs if adapter_bytes_per_parameter(recipe) > act else 0
+    lora = dropout_mask + wider_adapter + act * r * shape.lora_modules_per_layer
     rotary = 2 * act * (h + kv)
     attention = act * (2 * h + 2 * kv) + 4 * shape.heads
     mlp = 3 * act * inter
@@ -157,6 +161,7 @@ class Memory:
     adapter: int
     gradients: int
     optimizer: int
+    gathered_layers: int  # sharded strategies: the layer being computed and the one prefetched, whole
     activations: int
     loss_buffers: int
     cuda_context: int
@@ -180,9 +185,11 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
     else:
         quantized = 0
         unquantized = dense_bytes * (shape.quantizable + shape.unquantized)
-    adapter = 4 * shape.trainable  # PEFT keeps adapter weights in fp32
-    gradients = 4 * shape.trainable
-    optimizer = 8 * shape.trainable + 4 * 2 * shape.lora_modules_per_layer * shape.layers  # exp_avg, exp_avg_sq, step
+    adapter_bytes = adapter_bytes_per_parameter(recipe, strategy)
+    adapter = adapter_bytes * shape.trainable
+    gradients = adapter_bytes * shape.trainable  # a gradient has its parameter's dtype
+    optimizer = 2 * adapter_bytes * shape.trainable  # AdamW's exp_avg and exp_avg_sq, in the parameter's dtype
+    steps = 4 * 2 * shape.lora_modules_per_layer * shape.layers  # and a step count per tensor (A and B): fp32 scalars
     per_layer, final_norm = activation_bytes_per_token(shape, recipe, fp32_residual)
     residual = 4 if fp32_residual else 2
     if recipe.gradient_checkpointing:
@@ -196,14 +203,26 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
     else:
         tile = min(tokens, TRL_TILE_TOKENS) * min(shape.vocab, TRL_TILE_VOCAB) * 4
         loss_buffers = 2 * tile + tokens * 4 * 4  # forward and backward tiles, per-token log-prob/entropy stats
+    gathered = 0
     if sharded:
         layer_bytes = nf4_bytes([shape.largest_layer], recipe.use_bnb_nested_quant) if recipe.load_in_4bit \
             else shape.largest_layer * dense_bytes
-        gathered = 2 * layer_bytes  # the layer being computed and the one prefetched, unsharded
-        quantized, unquantized = quantized // num_gpus, unquantized // num_gpus + gathered
+        gathered = 2 * layer_bytes
+        if recipe.load_in_4bit:  # the packed weights are sharded; their quantization constants are not
+            packed = sum(n // 2 for n in shape.quantizable_tensors)
+            quantized = packed // num_gpus + (quantized - packed)
+        unquantized = unquantized // num_gpus
         adapter, gradients, optimizer = adapter // num_gpus, gradients // num_gpus, optimizer // num_gpus
-    return Memory(quantized, unquantized, adapter, gradients, optimizer, int(activations), int(loss_buffers),
-                  int(CUDA_CONTEXT_GIB * GIB))
+    return Memory(quantized, unquantized, adapter, gradients, optimizer + steps, gathered, int(activations),
+                  int(loss_buffers), int(CUDA_CONTEXT_GIB * GIB))
+
+
+def adapter_bytes_per_parameter(recipe: Recipe, strategy: str = "ddp") -> int:
+    """PEFT keeps LoRA weights in fp32, except where TRL keeps them in bf16: on a 4-bit base (as the QLoRA paper
+    does) and under ZeRO-3 with a 16-bit base (DeepSpeed gathers one dtype per bucket)."""
+    if recipe.load_in_4bit or (strategy == "zero3" and recipe.bf16):
+        return 2
+    return 4
 
 
 def dense_mask_over_packed_rows(recipe: Recipe, on_gpu: bool | None = None) -> bool:

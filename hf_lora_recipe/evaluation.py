@@ -457,11 +457,11 @@ def evaluate_adapter(
 def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any, model: Any, tokenizer: Any) -> None:
     """``train``'s last step: the saved adapter against its base on ``final_eval_examples`` held-out examples,
     printed and written into the card. The main process only; the others are done. The trained model is
-    scored in place (its base with the adapter switched off); FSDP shards it across the processes, so there
-    the main process loads the saved adapter instead."""
+    scored in place (its base with the adapter switched off); FSDP and ZeRO-3 shard it across the processes,
+    so there the main process loads the saved adapter instead."""
     if eval_dataset is None or recipe.final_eval_examples <= 0 or not log.is_main_process():
         return
-    from .modeling import sharded_by_fsdp
+    from .engines import current_engine
 
     count = min(recipe.final_eval_examples, len(eval_dataset))
     # a reply longer than max_length was never trained: no point generating past it
@@ -472,7 +472,7 @@ def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any,
     try:
         report = evaluate_adapter(recipe, output_dir, eval_dataset, num_examples=count, max_new_tokens=max_new_tokens,
                                   batch_size=recipe.per_device_train_batch_size,  # known to fit beside the model
-                                  model=None if sharded_by_fsdp() else model, tokenizer=tokenizer, write_card=False)
+                                  model=None if current_engine().shards_weights else model, tokenizer=tokenizer, write_card=False)
     except torch.OutOfMemoryError:  # the adapter is saved: say how to evaluate it, don't fail the run
         log.warn(f"the final evaluation ran out of memory; run it alone: hf-lora-recipe eval --adapter {output_dir} "
                  f"--num_examples {count} --batch_size 1")

@@ -61,14 +61,15 @@ def resolve(recipe: Recipe, world_size: int, shape: Any | None = None) -> tuple[
     """The recipe with a number for ``per_device_train_batch_size`` (unchanged when it already has one)."""
     if recipe.per_device_train_batch_size != AUTO:
         return recipe, None
-    from .modeling import model_config, sharded_by_fsdp
+    from .engines import current_engine
     from .estimates import largest_fitting_micro_batch, measure_shape, memory
+    from .modeling import model_config
 
     if recipe.global_batch_size % world_size:
         raise RecipeError(f"global_batch_size {recipe.global_batch_size} is not a whole multiple of the world size "
                           f"{world_size}; choose a global batch or process count that divides it")
     shape = shape or measure_shape(model_config(recipe), recipe)
-    strategy = "fsdp" if sharded_by_fsdp() else "ddp"
+    strategy = current_engine().plan_strategy
     budget, source = memory_budget(recipe)
     size = largest_fitting_micro_batch(shape, recipe, budget, world_size, strategy)
     if size is None:

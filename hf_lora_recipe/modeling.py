@@ -162,20 +162,6 @@ def load_base_model(recipe: Recipe) -> Any:
     return model
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() == "true"
-
-
-def sharded_by_fsdp() -> bool:
-    """Set by ``accelerate launch`` with an FSDP config."""
-    return _env_flag("ACCELERATE_USE_FSDP")
-
-
-def fsdp_checkpoints_activations() -> bool:
-    """FSDP's own activation checkpointing is on: the trainer's would conflict with it."""
-    return _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
-
-
 def prepare_base(model: Any, recipe: Recipe) -> Any:
     """Freeze the base and set up (non-reentrant) checkpointing.
 
@@ -187,8 +173,10 @@ def prepare_base(model: Any, recipe: Recipe) -> Any:
     from peft import prepare_model_for_kbit_training
 
     checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks LoRA under DDP
+    from .engines import current_engine, fsdp_checkpoints_activations
+
     checkpointing = recipe.gradient_checkpointing and not fsdp_checkpoints_activations()
-    if getattr(model, "is_loaded_in_4bit", False) and not sharded_by_fsdp() and recipe.kbit_upcast_fp32:
+    if getattr(model, "is_loaded_in_4bit", False) and current_engine().name != "fsdp" and recipe.kbit_upcast_fp32:
         # PEFT's preparation for its fp32 upcast (and freezing) only: checkpointing is switched on below, by its
         # current name (PEFT still calls the deprecated one).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -208,9 +196,20 @@ def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None) 
     chat template's special tokens, when ``train_template_tokens``)."""
     from peft import get_peft_model
 
+    import torch
+
+    from .engines import current_engine
+    from .estimates import adapter_bytes_per_parameter
+
     model = prepare_base(model, recipe)
     tokens = trainable_token_targets(model, token_ids) if token_ids else None
     model = get_peft_model(model, lora_config(recipe, tokens))
+    if adapter_bytes_per_parameter(recipe, current_engine().plan_strategy) == 2:
+        # bf16 adapter weights (on a 4-bit base, as TRL would make them anyway; under ZeRO-3, one dtype per
+        # bucket): PEFT's default is fp32. DoRA's magnitudes stay fp32: their updates are below bf16's resolution.
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_magnitude_vector" not in name:
+                param.data = param.data.to(torch.bfloat16)
     if recipe.compile:  # after PEFT, so LoRA and its dropout are inside each compiled layer
         from .compiling import compile_decoder_layers
 

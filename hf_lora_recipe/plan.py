@@ -20,8 +20,8 @@ from typing import Any
 
 from .arguments import RecipeParser, command
 from .config import AUTO, Recipe, RecipeError
-from .estimates import (GIB, GPUS, Shape, flops_per_token, largest_fitting_micro_batch, measure_shape, memory,
-                        nf4_bytes)
+from .estimates import (GIB, GPUS, Shape, adapter_bytes_per_parameter, flops_per_token, largest_fitting_micro_batch,
+                        measure_shape, memory, nf4_bytes)
 from .special_tokens import TemplateTokens, inspect_if_local
 
 ALPACA_ESTIMATE = (52_002, 197)  # rows; mean tokens/example (Llama-2 tokenizer on the 999-row sample, max 512)
@@ -186,7 +186,7 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
                           "total": shape.total, "trainable": shape.trainable,
                           "trainable_share_of_base": shape.trainable / max(base_parameters, 1),
                           "by_module": shape.lora_by_module}
-    plan["adapter_file_bytes"] = 4 * shape.trainable  # saved in fp32, as PEFT keeps it
+    plan["adapter_file_bytes"] = adapter_bytes_per_parameter(recipe) * shape.trainable  # saved in the dtype it trains in
     strategies = ["ddp"] + (["fsdp", "zero3"] if num_gpus > 1 else [])
     limit = memory_gib * GIB
     if recipe.per_device_train_batch_size == AUTO:
@@ -262,7 +262,8 @@ def render(plan: dict[str, Any]) -> str:
                  f"trainable {p['trainable']:,} ({p['trainable_share_of_base']:.3%} of the base)")
     for module, count in p["by_module"].items():
         lines.append(f"  {module:<13}{count:>14,}")
-    lines.append(f"adapter file   {_gib(plan['adapter_file_bytes'])} (fp32 safetensors)")
+    lines.append(f"adapter file   {_gib(plan['adapter_file_bytes'])} "
+                 f"({'bf16' if plan['adapter_file_bytes'] < 4 * p['trainable'] else 'fp32'} safetensors)")
     auto = plan.get("micro_batch_auto")
     if auto:
         lines += ["", f"micro-batch    auto -> {auto['chosen'] or 'none fits (planned below at 1)'} "

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING
 from . import log
 from .arguments import RecipeParser, command
 from .config import Recipe, RecipeError, gradient_accumulation_steps
+from .engines import Engine, check_engine, current_engine
 from .micro_batch import resolve as resolve_micro_batch
 
 if TYPE_CHECKING:
+    from .estimates import Memory
     from .resilience import Start
 
 
@@ -41,6 +43,7 @@ class Launch:
 
     world_size: int
     accumulation: int
+    engine: Engine
 
     def derived(self) -> dict[str, int]:
         return {"gradient_accumulation_steps": self.accumulation, "world_size": self.world_size}
@@ -50,11 +53,13 @@ def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
     """The micro-batch (auto resolved against memory) and accumulation for this launch's world size; an
     indivisible global batch fails before anything loads."""
     world_size = log.world_size()
+    engine = current_engine()
+    check_engine(recipe, engine)
     recipe, micro_batch = resolve_micro_batch(recipe, world_size)
     if micro_batch:
         log.info(micro_batch.line())
-    launch = Launch(world_size, gradient_accumulation_steps(recipe, world_size))
-    log.info(f"world size {world_size} x micro-batch {recipe.per_device_train_batch_size} x gradient accumulation "
+    launch = Launch(world_size, gradient_accumulation_steps(recipe, world_size), engine)
+    log.info(f"{engine}: world size {world_size} x micro-batch {recipe.per_device_train_batch_size} x gradient accumulation "
              f"{launch.accumulation} = global batch {recipe.global_batch_size}")
     return recipe, launch
 
@@ -98,6 +103,7 @@ def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
     row is read: output_dir, trainer names, the base, the LoRA targets on the meta device, where to start."""
     check_output_dir(recipe)
 
+    from .engines import check_resume_engine
     from .modeling import check_targets
     from .quiet import quiet_libraries
     from .resilience import choose_start, resume_note
@@ -116,24 +122,22 @@ def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
     log.info(f"LoRA on {modules} modules ({', '.join(targets)})")
     start = choose_start(recipe)
     if start.checkpoint and not start.finished:
+        check_resume_engine(Path(start.checkpoint), launch.engine)
         log.info(resume_note(start.checkpoint, launch.accumulation, launch.world_size))
     return start
 
 
-def planned_step(recipe: Recipe, launch: Launch) -> tuple[float | None, int | None]:
-    """On a GPU, plan's FLOPs per token (for the MFU in the log) and planned peak bytes (against the measured
-    peak at the end); on a CPU, neither."""
+def planned_step(recipe: Recipe, launch: Launch) -> tuple[float | None, Memory]:
+    """Plan's figures for this launch: FLOPs per token on a GPU (for the MFU in the log; None on a CPU) and the
+    memory per process by component (against what each rank holds after step 1, and the measured GPU peak)."""
     import torch
 
-    if not torch.cuda.is_available():
-        return None, None
-    from .modeling import model_config, sharded_by_fsdp
     from .estimates import flops_per_token, measure_shape, memory
+    from .modeling import model_config
 
     shape = measure_shape(model_config(recipe), recipe)
-    strategy = "fsdp" if sharded_by_fsdp() else "ddp"
-    planned = memory(shape, recipe, recipe.per_device_train_batch_size, launch.world_size, strategy).total
-    return flops_per_token(shape, recipe)["total"], planned
+    planned = memory(shape, recipe, recipe.per_device_train_batch_size, launch.world_size, launch.engine.plan_strategy)
+    return (flops_per_token(shape, recipe)["total"] if torch.cuda.is_available() else None), planned
 
 
 def run(recipe: Recipe) -> Path:
@@ -151,6 +155,9 @@ def run(recipe: Recipe) -> Path:
 
     from .artifacts import push_run, save_run
     from .data import train_and_eval
+    from .holdings import HoldingsReport
+    from .engines import let_fsdp_run_on_cpu
+    from .estimates import GIB
     from .modeling import add_adapter, count_parameters, load_base_model, trainable_line
     from .resilience import (NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, clear_for_fresh_start,
                              latest_complete_checkpoint, load_checkpoint_state)
@@ -178,8 +185,11 @@ def run(recipe: Recipe) -> Path:
         clear_for_fresh_start(recipe)
     stopper = StopOnSignal()
     log.info(speed_line(recipe))
-    flops, planned_bytes = planned_step(recipe, launch)
-    callbacks = [NonFiniteGuard(), stopper, RunStateCallback(launch.accumulation, launch.world_size)]
+    flops, planned = planned_step(recipe, launch)
+    if let_fsdp_run_on_cpu():
+        log.info("FSDP on CPU processes: sharding over gloo (accelerate alone would fall back to DDP here)")
+    callbacks = [NonFiniteGuard(), stopper, RunStateCallback(launch.accumulation, launch.world_size),
+                 HoldingsReport(planned, launch.engine, launch.world_size)]
     trainer = build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, launch.accumulation, callbacks, flops)
 
     # --- Train (Trainer would take one step past max_steps when resumed at it: a run that trained to the end
@@ -196,9 +206,9 @@ def run(recipe: Recipe) -> Path:
     except NonFiniteError as error:
         raise TrainingStopped(str(error), exit_code=3) from None
     log.every_rank(trainer.data_line())
-    if planned_bytes:
-        log.info(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GiB allocated; planned "
-                 f"{planned_bytes / 1024**3:.2f} GiB (including a 1 GiB allowance for the CUDA context)")
+    if torch.cuda.is_available():
+        log.info(f"peak GPU memory {torch.cuda.max_memory_allocated() / GIB:.2f} GiB allocated; planned "
+                 f"{planned.total / GIB:.2f} GiB (including a 1 GiB allowance for the CUDA context)")
     if stopper.signal:
         raise TrainingStopped(
             f"stopped by signal {stopper.signal} at step {trainer.state.global_step}; checkpoint saved at "

@@ -20,7 +20,8 @@ from trl import SFTConfig, SFTTrainer
 
 from . import log
 from .config import Recipe, RecipeError
-from .modeling import available_attention, fsdp_checkpoints_activations, liger_active, padding_free
+from .engines import fsdp_checkpoints_activations
+from .modeling import available_attention, liger_active, padding_free
 
 # Recipe keys that are SFTConfig fields with the same name and meaning: passed through unchanged.
 SFT_CONFIG_KEYS = (
