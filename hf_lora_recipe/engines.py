@@ -75,12 +75,6 @@ def current_engine() -> Engine:
     return Engine("ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single")
 
 
-def fsdp_checkpoints_activations() -> bool:
-    """FSDP's own activation checkpointing is on (``fsdp_activation_checkpointing``): the trainer's would
-    conflict with it."""
-    return _flag("ACCELERATE_USE_FSDP") and _flag("FSDP_ACTIVATION_CHECKPOINTING")
-
-
 def check_engine(recipe: Recipe, engine: Engine) -> None:
     """Combinations that cannot train correctly fail here, before anything loads."""
     if engine.name == "fsdp":
@@ -89,6 +83,13 @@ def check_engine(recipe: Recipe, engine: Engine) -> None:
                 f"the accelerate config asks for FSDP{engine.fsdp_version}; hf-lora-recipe runs FSDP2 (fsdp_version: 2, "
                 "per-parameter sharding, as in accelerate_configs/fsdp_lora.yaml and fsdp_qlora.yaml): FSDP1's flat "
                 "parameters need one dtype per unit and its full-state-dict save fails on NF4 bases")
+        if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
+            raise RecipeError(
+                "fsdp_activation_checkpointing: true in the accelerate config: FSDP's checkpoint wrapper renames every "
+                "decoder layer (_checkpoint_wrapped_module), and PEFT then finds no adapter in the model's state dict, "
+                "so each checkpoint and the final adapter would be saved empty (tests/test_engines.py reproduces it); "
+                "set it to false: the recipe's gradient_checkpointing does the same job (as in "
+                "accelerate_configs/fsdp_lora.yaml)")
         if recipe.load_in_4bit:
             storage = recipe.bnb_4bit_quant_storage
             if storage in ("uint8", "int8"):

@@ -173,16 +173,15 @@ def prepare_base(model: Any, recipe: Recipe) -> Any:
     from peft import prepare_model_for_kbit_training
 
     checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks LoRA under DDP
-    from .engines import current_engine, fsdp_checkpoints_activations
+    from .engines import current_engine
 
-    checkpointing = recipe.gradient_checkpointing and not fsdp_checkpoints_activations()
     if getattr(model, "is_loaded_in_4bit", False) and current_engine().name != "fsdp" and recipe.kbit_upcast_fp32:
         # PEFT's preparation for its fp32 upcast (and freezing) only: checkpointing is switched on below, by its
         # current name (PEFT still calls the deprecated one).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model.requires_grad_(False)
-    if checkpointing:
+    if recipe.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
         else:

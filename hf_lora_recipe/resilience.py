@@ -219,11 +219,20 @@ def choose_start(recipe: Recipe) -> Start:
 def load_checkpoint_state(trainer: Any, checkpoint: str) -> None:
     """Put a checkpoint's adapter weights and trainer state (step, epoch, log history) into ``trainer``
     without training: for a run that reached its last step but never wrote its final adapter."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import TrainerState
 
-    set_peft_model_state_dict(trainer.model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    adapter_file = Path(checkpoint) / "adapter_model.safetensors"
+    if adapter_file.is_file():
+        adapter = load_file(str(adapter_file))
+    else:  # FSDP's sharded adapter (a torch.distributed.checkpoint folder): every rank reads it whole, unwrapped
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": {key: tensor.detach().clone() for key, tensor in get_peft_model_state_dict(trainer.model).items()}}
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(next(Path(checkpoint).glob("pytorch_model_fsdp_*")))))
+        adapter = state["model"]
+    set_peft_model_state_dict(trainer.model, adapter)
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
 
 

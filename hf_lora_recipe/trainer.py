@@ -20,7 +20,6 @@ from trl import SFTConfig, SFTTrainer
 
 from . import log
 from .config import Recipe, RecipeError
-from .engines import fsdp_checkpoints_activations
 from .modeling import available_attention, liger_active, padding_free
 
 # Recipe keys that are SFTConfig fields with the same name and meaning: passed through unchanged.
@@ -101,8 +100,7 @@ def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) ->
     return SFTConfig(
         **{key: getattr(recipe, key) for key in SFT_CONFIG_KEYS},
         gradient_accumulation_steps=accumulation,  # derived from global_batch_size and the world size
-        # Under FSDP with fsdp_activation_checkpointing, FSDP checkpoints each wrapped layer itself.
-        **{CHECKPOINTING: recipe.gradient_checkpointing and not fsdp_checkpoints_activations(),
+        **{CHECKPOINTING: recipe.gradient_checkpointing,
            f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},  # reentrant checkpointing breaks LoRA under DDP
         max_length=None,  # our data step already truncated to recipe.max_length
         eval_strategy="steps" if has_eval else "no",
