@@ -46,8 +46,8 @@ class Engine:
 
     @property
     def plan_strategy(self) -> str:
-        """The strategy name :func:`estimates.memory` plans for."""
-        return self.name if self.shards_weights else "ddp"
+        """The strategy name :func:`estimates.memory` plans for (ZeRO-2 holds what DDP does, in DeepSpeed's dtypes)."""
+        return self.name if self.name not in ("single", "ddp") else "ddp"
 
     def __str__(self) -> str:
         return {"fsdp": f"FSDP{self.fsdp_version}", "ddp": "DDP", "single": "one process"}.get(
@@ -64,6 +64,14 @@ def _zero_stage() -> int:
             raise RecipeError(f"the DeepSpeed config file {os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']} is "
                               f"unreadable ({error}): fix it or the accelerate config that names it") from None
     return int(stage if stage is not None else 0)
+
+
+def adapter_bytes_per_parameter(recipe: Recipe, strategy: str = "ddp") -> int:
+    """PEFT keeps LoRA weights in fp32, except on a 4-bit base (bf16, as TRL and the QLoRA paper train them) and
+    under DeepSpeed with bf16 (it runs the whole module in bf16, its optimizer keeping fp32 masters)."""
+    if recipe.load_in_4bit or (strategy.startswith("zero") and recipe.bf16):
+        return 2
+    return 4
 
 
 def current_engine() -> Engine:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ALL_LINEAR, Recipe, RecipeError
+from .engines import adapter_bytes_per_parameter
 
 GIB = 1024**3
 
@@ -172,7 +173,8 @@ class Memory:
 
 
 def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, strategy: str = "ddp") -> Memory:
-    """Peak memory per GPU at ``micro_batch`` x ``max_length`` tokens; strategy ddp, fsdp or zero3."""
+    """Peak memory per GPU at ``micro_batch`` x ``max_length`` tokens; strategy ddp, fsdp, zero2 or zero3 (ZeRO-2
+    holds what DDP holds, in DeepSpeed's dtypes; its optimizer partitions live in flat buffers plan does not count)."""
     tokens = micro_batch * recipe.max_length
     dense_bytes = 2 if recipe.bf16 else 4
     sharded = strategy in ("fsdp", "zero3") and num_gpus > 1
@@ -215,14 +217,6 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
         adapter, gradients, optimizer = adapter // num_gpus, gradients // num_gpus, optimizer // num_gpus
     return Memory(quantized, unquantized, adapter, gradients, optimizer + steps, gathered, int(activations),
                   int(loss_buffers), int(CUDA_CONTEXT_GIB * GIB))
-
-
-def adapter_bytes_per_parameter(recipe: Recipe, strategy: str = "ddp") -> int:
-    """PEFT keeps LoRA weights in fp32, except where TRL keeps them in bf16: on a 4-bit base (as the QLoRA paper
-    does) and under ZeRO-3 with a 16-bit base (DeepSpeed gathers one dtype per bucket)."""
-    if recipe.load_in_4bit or (strategy == "zero3" and recipe.bf16):
-        return 2
-    return 4
 
 
 def dense_mask_over_packed_rows(recipe: Recipe, on_gpu: bool | None = None) -> bool:

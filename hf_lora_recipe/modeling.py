@@ -197,8 +197,7 @@ def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None) 
 
     import torch
 
-    from .engines import current_engine
-    from .estimates import adapter_bytes_per_parameter
+    from .engines import adapter_bytes_per_parameter, current_engine
 
     model = prepare_base(model, recipe)
     tokens = trainable_token_targets(model, token_ids) if token_ids else None

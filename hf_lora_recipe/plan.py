@@ -20,8 +20,8 @@ from typing import Any
 
 from .arguments import RecipeParser, command
 from .config import AUTO, Recipe, RecipeError
-from .estimates import (GIB, GPUS, Shape, adapter_bytes_per_parameter, flops_per_token, largest_fitting_micro_batch,
-                        measure_shape, memory, nf4_bytes)
+from .engines import adapter_bytes_per_parameter
+from .estimates import GIB, GPUS, Shape, flops_per_token, largest_fitting_micro_batch, measure_shape, memory, nf4_bytes
 from .special_tokens import TemplateTokens, inspect_if_local
 
 ALPACA_ESTIMATE = (52_002, 197)  # rows; mean tokens/example (Llama-2 tokenizer on the 999-row sample, max 512)
