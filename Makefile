@@ -37,7 +37,8 @@ test: $(STAMP) base
 
 # Multi-process launches and real signals (SIGKILL/SIGTERM resume): CI runs them after `make test`.
 test-slow: $(STAMP) base
-	$(PY) -m pip install --quiet -e ".[fast]"  # Liger for tests/test_liger.py (its Triton kernels need CUDA; the checks do not)
+	# Liger for tests/test_liger.py (its Triton kernels need CUDA; the checks do not); DeepSpeed for tests/test_engines.py
+	$(PY) -m pip install --quiet -e ".[fast,deepspeed]"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m slow
 
 bench: $(STAMP)

@@ -17,6 +17,7 @@ from .config import Recipe, RecipeError, dump_recipe
 
 PICKLES = ("training_args.bin",)  # Trainer.save_model writes this pickle; we publish safetensors only
 FINAL_FILES_LAST = "adapter_config.json"  # moved last: without it the directory is not loadable as an adapter
+ADAPTER_FILE = "adapter_model.safetensors"
 STAGING = ".staging-final"
 WRITE_TEST_PREFIX = ".hf-lora-recipe-write-test-"  # train's check that output_dir is writable
 CARD = "README.md"
@@ -24,7 +25,7 @@ CARD_TAG = "hf-lora-recipe"  # in the metadata tags of every card we write: how 
 
 # What train writes at the top of output_dir. The tokenizer names are every file a tokenizer's save_pretrained
 # writes (which depend on its class); a folder holding anything else is not a run of ours.
-RUN_FILES = {"adapter_model.safetensors", FINAL_FILES_LAST, "recipe.yaml", RESULTS_FILE, LOSS_PLOT, CARD, *PICKLES}
+RUN_FILES = {ADAPTER_FILE, FINAL_FILES_LAST, "recipe.yaml", RESULTS_FILE, LOSS_PLOT, CARD, *PICKLES}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model"}
@@ -156,9 +157,10 @@ def write_run_files(
 
 def save_run(
     trainer: Any, recipe: Recipe, tokenizer: Any, report: Any, derived: dict[str, Any], mean_train_loss: float | None,
-    started: float,
+    started: float, checkpoint: str | None = None,
 ) -> Path:
-    """Write the final adapter and everything beside it into ``output_dir`` (:func:`push_run` publishes it)."""
+    """Write the final adapter and everything beside it into ``output_dir`` (:func:`push_run` publishes it);
+    ``checkpoint``: the adapter is that checkpoint's (a run that reached its end without writing it)."""
     from .engines import current_engine, save_sharded_adapter
     from .resilience import check_saved_adapter
     from .sources import dataset_version
@@ -169,7 +171,12 @@ def save_run(
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)  # left by a run that died while publishing: never mix its files into this one
     trainer.accelerator.wait_for_everyone()
-    if current_engine().name == "fsdp":
+    if checkpoint and (Path(checkpoint) / ADAPTER_FILE).is_file():
+        if trainer.is_world_process_zero():  # written by the engine that trained it (DeepSpeed's model is not built)
+            staging.mkdir(parents=True)
+            for name in (ADAPTER_FILE, FINAL_FILES_LAST):
+                shutil.copyfile(Path(checkpoint) / name, staging / name)
+    elif current_engine().name == "fsdp" or checkpoint:
         save_sharded_adapter(trainer, str(staging))  # gathers the adapter only: every rank calls it
     else:
         trainer.save_model(str(staging))  # collective under DeepSpeed (ZeRO-3 gathers in 16 bit): every rank calls it

@@ -110,7 +110,8 @@ def _hyperparameters(recipe: dict[str, Any]) -> str:
          f"weight decay {recipe['weight_decay']}, grad-norm clip {recipe['max_grad_norm']}"),
         ("learning rate", f"{recipe['learning_rate']}, {recipe['lr_scheduler_type']}, warm-up {recipe['warmup_steps']}"),
         ("global batch", f"{recipe['global_batch_size']} = micro-batch {recipe['per_device_train_batch_size']} x "
-         f"accumulation {derived.get('gradient_accumulation_steps', '?')} x {derived.get('world_size', '?')} processes"),
+         f"accumulation {derived.get('gradient_accumulation_steps', '?')} x {derived.get('world_size', '?')} processes"
+         + (f" ({derived['engine']})" if "engine" in derived else "")),
         ("epochs / max steps", f"{recipe['num_train_epochs']} / {recipe['max_steps']}"),
         ("max length", recipe["max_length"]),
         ("precision / checkpointing", f"bf16 {recipe['bf16']} / gradient checkpointing {recipe['gradient_checkpointing']}"),

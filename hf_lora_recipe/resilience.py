@@ -217,22 +217,19 @@ def choose_start(recipe: Recipe) -> Start:
 
 
 def load_checkpoint_state(trainer: Any, checkpoint: str) -> None:
-    """Put a checkpoint's adapter weights and trainer state (step, epoch, log history) into ``trainer``
-    without training: for a run that reached its last step but never wrote its final adapter."""
+    """Put a checkpoint's trainer state (step, epoch, log history) into ``trainer`` without training, for a run
+    that reached its last step but never wrote its final adapter. The adapter itself is copied from the
+    checkpoint's file where there is one; FSDP's sharded adapter (a torch.distributed.checkpoint folder, no
+    file) is read whole by every rank into the unwrapped model, to be written from there."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
     from transformers import TrainerState
 
-    adapter_file = Path(checkpoint) / "adapter_model.safetensors"
-    if adapter_file.is_file():
-        adapter = load_file(str(adapter_file))
-    else:  # FSDP's sharded adapter (a torch.distributed.checkpoint folder): every rank reads it whole, unwrapped
+    if not (Path(checkpoint) / "adapter_model.safetensors").is_file():
         import torch.distributed.checkpoint as dcp
 
         state = {"model": {key: tensor.detach().clone() for key, tensor in get_peft_model_state_dict(trainer.model).items()}}
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(next(Path(checkpoint).glob("pytorch_model_fsdp_*")))))
-        adapter = state["model"]
-    set_peft_model_state_dict(trainer.model, adapter)
+        set_peft_model_state_dict(trainer.model, state["model"])
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
 
 

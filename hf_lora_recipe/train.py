@@ -45,8 +45,8 @@ class Launch:
     accumulation: int
     engine: Engine
 
-    def derived(self) -> dict[str, int]:
-        return {"gradient_accumulation_steps": self.accumulation, "world_size": self.world_size}
+    def derived(self) -> dict[str, int | str]:
+        return {"gradient_accumulation_steps": self.accumulation, "world_size": self.world_size, "engine": str(self.engine)}
 
 
 def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
@@ -198,7 +198,7 @@ def run(recipe: Recipe) -> Path:
         log.info(f"{start.checkpoint} reached the last step ({start.step}) but the final adapter was never written: "
                  "writing it from that checkpoint, without training")
         load_checkpoint_state(trainer, start.checkpoint)
-        output_dir = save_run(trainer, recipe, tokenizer, report, launch.derived(), None, started)
+        output_dir = save_run(trainer, recipe, tokenizer, report, launch.derived(), None, started, start.checkpoint)
         push_run(recipe, output_dir)
         return output_dir
     try:

@@ -57,7 +57,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_base, a
     assert "rank 0/1] consumed 24 examples" in single.stdout
     assert ddp.stdout.count("adapter written to") == 1  # only the main process writes
     assert yaml.safe_load((tmp_path / "two" / "recipe.yaml").read_text())["derived"] == {
-        "gradient_accumulation_steps": 1, "world_size": 2}
+        "gradient_accumulation_steps": 1, "world_size": 2, "engine": "DDP"}
     difference = _max_diff(_adapter(tmp_path / "one"), _adapter(tmp_path / "two"))
     print(f"\nmax |adapter difference| 1 process vs 2 processes: {difference:.2e}")
     assert difference < DDP_TOLERANCE

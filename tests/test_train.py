@@ -106,7 +106,7 @@ def test_training_results_are_machine_readable(trained):
 def test_recipe_yaml_is_resolved_with_the_seed_values_and_derived_accumulation(trained):
     output_dir, _, _, _ = trained
     recipe = yaml.safe_load((output_dir / "recipe.yaml").read_text())
-    assert recipe["derived"] == {"gradient_accumulation_steps": 2, "world_size": 1}
+    assert recipe["derived"] == {"gradient_accumulation_steps": 2, "world_size": 1, "engine": "one process"}
     assert recipe["per_device_train_batch_size"] == 4  # auto, as resolved for this run
     assert (recipe["lora_r"], recipe["lora_alpha"], recipe["learning_rate"]) == (16, 32, 3e-4)
     assert recipe["load_in_4bit"] and recipe["use_bnb_nested_quant"] and recipe["bf16"]
