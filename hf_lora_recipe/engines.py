@@ -8,9 +8,8 @@ checkpoint formats stay the engines' own; this module only:
 - refuses, before loading, the combinations that cannot work, saying why;
 - lets FSDP shard across CPU processes (gloo) as it does across GPUs: accelerate 1.15 quietly turns an FSDP
   launch without an accelerator into plain data parallelism (``MULTI_CPU``);
-- gathers the final adapter from FSDP2's shards, and only the adapter: a ``FULL_STATE_DICT`` save would
-  gather the whole base onto rank 0, and PEFT would then drop every key behind activation checkpointing's
-  ``_checkpoint_wrapped_module.`` prefix (an empty adapter);
+- gathers the final adapter from FSDP2's shards, and only the adapter (a ``FULL_STATE_DICT`` save would
+  gather the whole base onto rank 0 to keep a few MB of it);
 - says which engine wrote a checkpoint, so a resume under another one fails with the reason.
 """
 
