@@ -155,9 +155,9 @@ def run(recipe: Recipe) -> Path:
 
     from .artifacts import push_run, save_run
     from .data import train_and_eval
-    from .holdings import HoldingsReport
     from .engines import let_fsdp_run_on_cpu
     from .estimates import GIB
+    from .holdings import HoldingsReport
     from .modeling import add_adapter, count_parameters, load_base_model, trainable_line
     from .resilience import (NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, clear_for_fresh_start,
                              latest_complete_checkpoint, load_checkpoint_state)
