@@ -110,12 +110,12 @@ def check_engine(recipe: Recipe, engine: Engine) -> None:
     if engine.name.startswith("zero"):
         from importlib.util import find_spec
 
-        if find_spec("deepspeed") is None:
-            raise RecipeError("the accelerate config asks for DeepSpeed, which is not installed here: "
-                              "pip install 'hf-lora-recipe[deepspeed]' (or launch with another accelerate config)")
         if engine.name == "zero3" and recipe.load_in_4bit:
             raise RecipeError("DeepSpeed ZeRO-3 with an NF4 base (load_in_4bit: true) is not supported here: shard a "
                               "4-bit base with FSDP (accelerate_configs/fsdp_qlora.yaml), or pass --load_in_4bit false")
+        if find_spec("deepspeed") is None:
+            raise RecipeError("the accelerate config asks for DeepSpeed, which is not installed here: "
+                              "pip install 'hf-lora-recipe[deepspeed]' (or launch with another accelerate config)")
 
 
 def let_fsdp_run_on_cpu() -> bool:
