@@ -98,10 +98,26 @@ def _template_block(chat_template: str) -> str:
     )
 
 
+def lora_variant(recipe: dict[str, Any]) -> str:
+    """``plain LoRA`` or what differs from it: rsLoRA scaling, DoRA, the initialisation, LoRA+ (recipes saved
+    before these keys existed are plain LoRA)."""
+    parts = []
+    if recipe.get("use_rslora"):
+        parts.append("rsLoRA (scaling alpha/sqrt(r))")
+    if recipe.get("use_dora"):
+        parts.append("DoRA (trained magnitudes)")
+    if recipe.get("init_lora_weights", "true") != "true":
+        parts.append(f"init_lora_weights {recipe['init_lora_weights']}")
+    if recipe.get("loraplus_lr_ratio"):
+        parts.append(f"LoRA+ (B learning rate x {recipe['loraplus_lr_ratio']:g})")
+    return ", ".join(parts) or "plain LoRA (scaling alpha/r, B = 0 at step 0, one learning rate)"
+
+
 def _hyperparameters(recipe: dict[str, Any]) -> str:
     derived = recipe.get("derived", {})
     rows = [
         ("LoRA r / alpha / dropout", f"{recipe['lora_r']} / {recipe['lora_alpha']} / {recipe['lora_dropout']}"),
+        ("LoRA variant", lora_variant(recipe)),
         ("target modules", ", ".join(recipe["lora_target_modules"])),
         ("base quantization", f"bitsandbytes {recipe['bnb_4bit_quant_type']}, double quantization "
          f"{recipe['use_bnb_nested_quant']}, compute {recipe['bnb_4bit_compute_dtype']}"

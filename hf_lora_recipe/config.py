@@ -24,6 +24,20 @@ SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the decoder, never the LM head
 CHAT_TEMPLATES = ("llama2", "native")  # or a path to a .jinja file
 DATASET_FORMATS = ("alpaca", "oasst", "prompt_completion", "messages", "auto")
+LORA_INITS = ("true", "gaussian")
+LORAPLUS_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # torch.optim.AdamW, which create_loraplus_optimizer builds
+# PEFT initialisations not offered yet, and why (each needs more than a LoraConfig field to be right)
+LORA_INITS_NOT_YET = {
+    "pissa": "it rewrites the base weights (W - s B A), so merge and publish need PEFT's conversion to a plain "
+             "adapter of the original base, and bitsandbytes 4-bit bases refuse it",
+    "olora": "it rewrites the base weights (re-quantizing a 4-bit base), so merge and publish need PEFT's "
+             "conversion to a plain adapter of the original base",
+    "loftq": "it needs scipy and a CUDA device, and the unquantized base at initialisation",
+    "eva": "it needs a pass over the data after the adapter is built (initialize_lora_eva_weights), which "
+           "redistributes ranks",
+    "orthogonal": "PEFT casts it to the base weight's dtype, which fails on a 4-bit base",
+    "corda": "it needs a covariance pass over the data first (preprocess_corda)",
+}
 
 
 class RecipeError(ValueError):
@@ -87,6 +101,12 @@ class Recipe:
     lora_target_modules: list[str] = lora(
         SEED_TARGET_MODULES, "module names to adapt (space- or comma-separated), or all-linear (PEFT: every "
         "linear layer but the LM head); never embeddings, norms or the LM head")
+    use_rslora: bool = lora(False, "rank-stabilised LoRA: scale B A by alpha/sqrt(r) instead of alpha/r (PEFT use_rslora)")
+    use_dora: bool = lora(False, "DoRA: a trained magnitude per output row beside B A (PEFT use_dora); more memory "
+                                 "and compute (plan counts them)")
+    init_lora_weights: str = lora(
+        "true", "adapter initialisation (PEFT init_lora_weights): true = Kaiming-uniform A, B = 0; gaussian = "
+        "A ~ N(0, 1/r), B = 0. Both leave step 0 equal to the base", LORA_INITS)
 
     dataset_name: str = data("tatsu-lab/alpaca", "Hub dataset id, or a local .json/.jsonl/.csv/.parquet file or folder")
     dataset_config: str | None = data(None, "Hub dataset configuration name")
@@ -135,6 +155,9 @@ class Recipe:
         "(on a CPU: half the available RAM)")
 
     learning_rate: float = optimisation(3e-4, "peak learning rate")
+    loraplus_lr_ratio: float | None = optimisation(
+        None, "LoRA+: the B matrices learn at learning_rate x this ratio (PEFT's create_loraplus_optimizer; the "
+        "paper suggests 16); null: one learning rate")
     lr_scheduler_type: str = optimisation("cosine", "transformers scheduler name; cosine decays to 0 at the last step")
     warmup_steps: float = optimisation(0.0, "warm-up steps; < 1 is a fraction of the run; the seed has none")
     num_train_epochs: float = optimisation(3.0, "passes over the training set")
@@ -341,6 +364,10 @@ def normalise_paths(recipe: Recipe) -> None:
 
 
 def validate(recipe: Recipe) -> None:
+    init = recipe.init_lora_weights.split("_niter_")[0]
+    if init in LORA_INITS_NOT_YET:
+        raise RecipeError(f"init_lora_weights: {recipe.init_lora_weights} is not supported yet: "
+                          f"{LORA_INITS_NOT_YET[init]}; use {' or '.join(LORA_INITS)}")
     for name, spec in FIELDS.items():
         choices = spec.metadata.get("choices")
         if choices and getattr(recipe, name) not in choices:
@@ -367,6 +394,11 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"learning_rate must be positive; got {recipe.learning_rate}")
     if len(recipe.report_to) > 1 and {"none", "all"} & set(recipe.report_to):
         raise RecipeError(f"report_to: none and all stand alone; got {' '.join(recipe.report_to)}")
+    if recipe.loraplus_lr_ratio is not None and recipe.loraplus_lr_ratio <= 0:
+        raise RecipeError(f"loraplus_lr_ratio must be positive (or null); got {recipe.loraplus_lr_ratio}")
+    if recipe.loraplus_lr_ratio is not None and recipe.optim not in LORAPLUS_OPTIMIZERS:
+        raise RecipeError(f"loraplus_lr_ratio works with optim {' or '.join(LORAPLUS_OPTIMIZERS)} (PEFT builds the "
+                          f"optimizer itself); got optim {recipe.optim}")
     if recipe.memory_budget_gb is not None and recipe.memory_budget_gb <= 0:
         raise RecipeError(f"memory_budget_gb must be positive; got {recipe.memory_budget_gb}")
     # Divisibility for one process is checked here; the launcher's world size is checked again at train time.

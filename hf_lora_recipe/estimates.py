@@ -149,8 +149,10 @@ def activation_bytes_per_token(shape: Shape, recipe: Recipe, fp32_residual: bool
     rotary = 2 * act * (h + kv)
     attention = act * (2 * h + 2 * kv) + 4 * shape.heads
     mlp = 3 * act * inter
+    # DoRA keeps two output-sized tensors per adapted module (the base output and its rescaled form)
+    dora = 2 * act * lora_outputs_per_layer(shape, recipe) if recipe.use_dora else 0
     final_norm = 4 * h + 4  # its frozen weight needs no saved input: the fp32 input and the rsqrt
-    return 2 * norm + projection_inputs + lora + rotary + attention + mlp, final_norm
+    return 2 * norm + projection_inputs + lora + dora + rotary + attention + mlp, final_norm
 
 
 @dataclass
@@ -194,11 +196,12 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
     steps = 4 * 2 * shape.lora_modules_per_layer * shape.layers  # and a step count per tensor (A and B): fp32 scalars
     per_layer, final_norm = activation_bytes_per_token(shape, recipe, fp32_residual)
     residual = 4 if fp32_residual else 2
+    dora_weights = dora_weight_bytes(shape, recipe)
     if recipe.gradient_checkpointing:
         # layer inputs kept for every layer, plus one layer recomputed in full during its backward
-        activations = tokens * (shape.layers * shape.hidden * residual + final_norm + per_layer)
+        activations = tokens * (shape.layers * shape.hidden * residual + final_norm + per_layer) + dora_weights
     else:
-        activations = tokens * (shape.layers * per_layer + final_norm)
+        activations = tokens * (shape.layers * per_layer + final_norm) + shape.layers * dora_weights
     if recipe.lm_head_loss == "plain":
         # full logits: bf16 output, fp32 upcast for the loss, fp32 and bf16 gradients (~12 bytes, measured on an H200)
         loss_buffers = tokens * shape.vocab * PLAIN_LOSS_BYTES_PER_LOGIT
@@ -217,6 +220,12 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
         adapter, gradients, optimizer = adapter // num_gpus, gradients // num_gpus, optimizer // num_gpus
     return Memory(quantized, unquantized, adapter, gradients, optimizer + steps, gathered, int(activations),
                   int(loss_buffers), int(CUDA_CONTEXT_GIB * GIB))
+
+
+def dora_weight_bytes(shape: Shape, recipe: Recipe) -> int:
+    """What DoRA keeps per decoder layer whatever the tokens: for each adapted module, two weight-sized tensors
+    (the dequantized W and W + s B A, for the norm it rescales by); bounded by every weight of the layer."""
+    return 2 * (2 if recipe.bf16 else 4) * shape.largest_layer if recipe.use_dora else 0
 
 
 def dense_mask_over_packed_rows(recipe: Recipe, on_gpu: bool | None = None) -> bool:
@@ -247,7 +256,7 @@ def flops_per_token(shape: Shape, recipe: Recipe) -> dict[str, float]:
     """Forward, activation-gradient backward (frozen weights get no weight gradient), recompute, LoRA, attention."""
     dense = 2 * (shape.quantizable + shape.vocab * shape.hidden)  # every matmul weight once, LM head included
     attention = 2 * 2 * shape.layers * shape.hidden * (recipe.max_length / 2)  # QK^T and AV, causal average
-    lora = 2 * recipe.lora_r * shape.layers * (shape.lora_inputs_per_layer + _lora_outputs(shape, recipe))
+    lora = 2 * recipe.lora_r * shape.layers * (shape.lora_inputs_per_layer + lora_outputs_per_layer(shape, recipe))
     terms = {
         "forward": dense + attention + lora,
         "backward (activation gradients)": dense + 2 * attention + 2 * lora,  # + LoRA weight gradients
@@ -258,6 +267,9 @@ def flops_per_token(shape: Shape, recipe: Recipe) -> dict[str, float]:
     return terms
 
 
-def _lora_outputs(shape: Shape, recipe: Recipe) -> int:
+def lora_outputs_per_layer(shape: Shape, recipe: Recipe) -> int:
+    """Sum of out_features over one layer's adapted modules, from the exact trainable count: r x (in + out) per
+    module, plus DoRA's magnitude per output row."""
+    r = max(recipe.lora_r, 1)
     per_layer_trainable = shape.trainable // max(shape.layers, 1)
-    return per_layer_trainable // max(recipe.lora_r, 1) - shape.lora_inputs_per_layer
+    return (per_layer_trainable - r * shape.lora_inputs_per_layer) // (r + (1 if recipe.use_dora else 0))

@@ -32,7 +32,41 @@ def lora_config(recipe: Recipe, trainable_tokens: list[int] | dict[str, list[int
         bias="none",
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_tokens,
+        use_rslora=recipe.use_rslora,
+        use_dora=recipe.use_dora,
+        init_lora_weights=peft_init_lora_weights(recipe.init_lora_weights),
     )
+
+
+def peft_init_lora_weights(value: str) -> bool | str:
+    """The recipe's ``init_lora_weights`` as LoraConfig takes it (``true`` is PEFT's boolean default)."""
+    return True if value == "true" else value
+
+
+def check_variants(model: Any, recipe: Recipe) -> None:
+    """Prove the recipe's LoRA variant is the one PEFT built, layer by layer, before any step: a config that
+    accepted a variant and silently trained plain LoRA stops the run here."""
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    expected_scaling = recipe.lora_alpha / (math.sqrt(recipe.lora_r) if recipe.use_rslora else recipe.lora_r)
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    if not layers:
+        raise RuntimeError("no LoRA layer in the model: the adapter was not applied")
+    for name, layer in layers:
+        for adapter, scaling in layer.scaling.items():
+            if not math.isclose(scaling, expected_scaling, rel_tol=1e-6):
+                raise RuntimeError(f"{name}: LoRA scaling {scaling:g}, but use_rslora {recipe.use_rslora} with "
+                                   f"alpha {recipe.lora_alpha} and r {recipe.lora_r} means {expected_scaling:g}")
+            magnitude = adapter in getattr(layer, "lora_magnitude_vector", {})
+            if magnitude != recipe.use_dora or (magnitude and not all(
+                    p.requires_grad for p in layer.lora_magnitude_vector[adapter].parameters())):
+                raise RuntimeError(f"{name}: use_dora {recipe.use_dora}, but the layer "
+                                   f"{'has a' if magnitude else 'has no'} trainable DoRA magnitude vector")
+            if layer.lora_B[adapter].weight.abs().max() != 0:
+                raise RuntimeError(f"{name}: lora_B is not zero at step 0 (init_lora_weights "
+                                   f"{recipe.init_lora_weights}): the adapted model would not start at the base")
 
 
 def trainable_token_targets(model: Any, token_ids: list[int]) -> list[int] | dict[str, list[int]]:

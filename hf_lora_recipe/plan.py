@@ -22,6 +22,7 @@ from .arguments import RecipeParser, command
 from .config import AUTO, Recipe, RecipeError
 from .engines import adapter_bytes_per_parameter
 from .estimates import GIB, GPUS, Shape, flops_per_token, largest_fitting_micro_batch, measure_shape, memory, nf4_bytes
+from .modeling import peft_init_lora_weights
 from .special_tokens import TemplateTokens, inspect_if_local
 
 ALPACA_ESTIMATE = (52_002, 197)  # rows; mean tokens/example (Llama-2 tokenizer on the 999-row sample, max 512)
@@ -57,7 +58,9 @@ def library_defaults() -> dict[str, Any]:
     import inspect
 
     bnb = {k: v.default for k, v in inspect.signature(BitsAndBytesConfig.__init__).parameters.items() if k != "self"}
-    return {"SFTConfig": defaults(SFTConfig), "LoraConfig": defaults(LoraConfig), "BitsAndBytesConfig": bnb}
+    # LoRA+ is off unless PEFT's create_loraplus_optimizer is called (its ratio has no default)
+    return {"SFTConfig": defaults(SFTConfig), "LoraConfig": defaults(LoraConfig), "BitsAndBytesConfig": bnb,
+            "create_loraplus_optimizer": {"loraplus_lr_ratio": None}}
 
 
 SEED_MAP = [
@@ -66,6 +69,10 @@ SEED_MAP = [
     ("LoRA alpha = 2r", "lora_alpha", ("LoraConfig", "lora_alpha")),
     ("LoRA dropout", "lora_dropout", ("LoraConfig", "lora_dropout")),
     ("targets: all seven projections", "lora_target_modules", ("LoraConfig", "target_modules")),
+    ("scaling alpha/r (not rsLoRA)", "use_rslora", ("LoraConfig", "use_rslora")),
+    ("plain LoRA (not DoRA)", "use_dora", ("LoraConfig", "use_dora")),
+    ("B = 0 at step 0", "init_lora_weights", ("LoraConfig", "init_lora_weights")),
+    ("one learning rate (no LoRA+)", "loraplus_lr_ratio", ("create_loraplus_optimizer", "loraplus_lr_ratio")),
     ("peak learning rate", "learning_rate", ("SFTConfig", "learning_rate")),
     ("cosine decay to 0", "lr_scheduler_type", ("SFTConfig", "lr_scheduler_type")),
     ("epochs", "num_train_epochs", ("SFTConfig", "num_train_epochs")),
@@ -94,6 +101,8 @@ def traceability(recipe: Recipe) -> list[dict[str, Any]]:
     rows = []
     for seed_name, key, (library, library_field) in SEED_MAP:
         value, seed_value = getattr(recipe, key), getattr(seed, key)
+        if key == "init_lora_weights":  # compared as LoraConfig takes it (PEFT's default is the boolean True)
+            value, seed_value = peft_init_lora_weights(value), peft_init_lora_weights(seed_value)
         library_default = defaults[library].get(library_field)
         rows.append({
             "seed": seed_name, "field": f"{library}.{library_field}", "value": value, "seed_value": seed_value,

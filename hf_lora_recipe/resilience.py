@@ -337,7 +337,8 @@ def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> 
             raise RuntimeError(f"{path} holds no tensors (the ZeRO-3 empty-adapter failure)")
         for name in names:
             tensor = tensors.get_tensor(name)
-            low_rank = "trainable_tokens" not in name  # train_template_tokens saves whole embedding rows
+            # train_template_tokens saves whole embedding rows; DoRA one magnitude per output row
+            low_rank = "trainable_tokens" not in name and "lora_magnitude_vector" not in name
             if tensor.numel() == 0 or (low_rank and recipe.lora_r not in tensor.shape):
                 raise RuntimeError(f"{path}: {name} has shape {tuple(tensor.shape)}, not a rank-{recipe.lora_r} factor")
             if "lora_B" in name and bool(tensor.abs().sum() > 0):

@@ -158,7 +158,7 @@ def run(recipe: Recipe) -> Path:
     from .engines import let_fsdp_run_on_cpu
     from .estimates import GIB
     from .holdings import HoldingsReport
-    from .modeling import add_adapter, count_parameters, load_base_model, trainable_line
+    from .modeling import add_adapter, check_variants, count_parameters, load_base_model, trainable_line
     from .resilience import (NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, clear_for_fresh_start,
                              latest_complete_checkpoint, load_checkpoint_state)
     from .special_tokens import check_template_tokens
@@ -178,6 +178,7 @@ def run(recipe: Recipe) -> Path:
     # --- Base and adapter (seeded first: LoRA's A matrices are drawn at random)
     set_seed(recipe.seed)
     model = add_adapter(load_base_model(recipe), recipe, template_tokens)
+    check_variants(model, recipe)  # rsLoRA / DoRA / B = 0 are what PEFT built, or the run stops here
     log.info(trainable_line(*count_parameters(model)))
 
     # --- Trainer, resuming from the checkpoint chosen above (a fresh start clears old checkpoints only now)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import torch
@@ -151,9 +152,10 @@ class RecipeTrainer(SFTTrainer):
     when the trainer logs."""
 
     def __init__(self, *args: Any, fused_loss: bool = True, flops_per_token: float | None = None,
-                 peak_flops: float | None = None, **kwargs: Any):
+                 peak_flops: float | None = None, loraplus_lr_ratio: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.fused_loss = fused_loss
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.positions = 0  # padded positions processed: known from shapes on the host
         self._counts = torch.zeros(len(COUNTS), dtype=torch.int64, device=self.args.device)
@@ -161,6 +163,24 @@ class RecipeTrainer(SFTTrainer):
         if fused_loss:
             _score_every_position()
         self._last_log: tuple[float, int] | None = None
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """LoRA+ (``loraplus_lr_ratio``): PEFT's ``create_loraplus_optimizer`` builds AdamW with the B matrices at
+        learning_rate x ratio, then :func:`check_loraplus` proves the groups say so; otherwise Trainer's own."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        args = self.args
+        self.optimizer = create_loraplus_optimizer(
+            self.model if model is None else model, torch.optim.AdamW, lr=args.learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio, loraplus_weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=args.optim == "adamw_torch_fused")
+        check_loraplus(self.optimizer, self.model if model is None else model, args.learning_rate,
+                       self.loraplus_lr_ratio)
+        log.info(f"LoRA+: lora_B at learning_rate x {self.loraplus_lr_ratio:g} = "
+                 f"{args.learning_rate * self.loraplus_lr_ratio:g}, lora_A at {args.learning_rate:g} (checked per tensor)")
+        return self.optimizer
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """TRL writes a draft README.md into output_dir at every checkpoint; ours is written once, at the end,
@@ -253,6 +273,16 @@ def peak_flops() -> tuple[float, str] | None:
     return None
 
 
+def check_loraplus(optimizer: Any, model: Any, learning_rate: float, ratio: float) -> None:
+    """Every lora_B learns at learning_rate x ratio and every lora_A at learning_rate, or the run stops."""
+    rate = {id(param): group["lr"] for group in optimizer.param_groups for param in group["params"]}
+    for name, param in model.named_parameters():
+        for matrix, expected in (("lora_A", learning_rate), ("lora_B", learning_rate * ratio)):
+            if f".{matrix}." in name and param.requires_grad and not math.isclose(rate.get(id(param), -1), expected):
+                raise RuntimeError(f"LoRA+: {name} learns at {rate.get(id(param))}, not {expected:g} "
+                                   f"(learning_rate {learning_rate:g}, loraplus_lr_ratio {ratio:g})")
+
+
 def build_trainer(
     recipe: Recipe, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any | None, accumulation: int,
     callbacks: list[Any], flops_per_token: float | None = None,
@@ -268,4 +298,5 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
+        loraplus_lr_ratio=recipe.loraplus_lr_ratio,
     )

@@ -10,7 +10,7 @@ import torch
 
 from hf_lora_recipe.config import Recipe, load_recipe
 from hf_lora_recipe.modeling import add_adapter, load_base_model
-from hf_lora_recipe.estimates import GIB, activation_bytes_per_token, measure_shape, memory
+from hf_lora_recipe.estimates import GIB, activation_bytes_per_token, dora_weight_bytes, measure_shape, memory
 from hf_lora_recipe.plan import lints, make_plan, read_config
 
 from .conftest import REPO_ROOT, shared_asset
@@ -152,19 +152,20 @@ def _saved_activation_bytes(model, input_ids, bf16: bool) -> int:
 ACTIVATION_TOLERANCE = 0.15  # the formula counts a Llama layer tensor by tensor; CPU kernels keep a few extra
 
 
-@pytest.mark.parametrize("quantized", ["qlora", "qlora-bf16-kept", "bf16-lora"])
+@pytest.mark.parametrize("quantized", ["qlora", "qlora-bf16-kept", "bf16-lora", "qlora-dora", "bf16-dora"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 @pytest.mark.parametrize("seq_len", [128, 384])
 def test_activation_estimate_matches_measured_saved_tensors(tiny_base, quantized, checkpointing, seq_len):
-    recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=quantized != "bf16-lora",
-                    kbit_upcast_fp32=quantized == "qlora", gradient_checkpointing=checkpointing, max_length=seq_len)
+    recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=not quantized.startswith("bf16"),
+                    kbit_upcast_fp32=quantized == "qlora", gradient_checkpointing=checkpointing, max_length=seq_len,
+                    use_dora=quantized.endswith("dora"))
     model = add_adapter(load_base_model(recipe), recipe).train()
     measured = _saved_activation_bytes(model, torch.randint(3, 1000, (2, seq_len)), bf16=True)
     shape = measure_shape(read_config(str(tiny_base)), recipe)
     estimate = memory(shape, recipe, 2).activations
     if checkpointing:  # what stays saved; the one layer recomputed during backward is a transient on top
         per_layer, _ = activation_bytes_per_token(shape, recipe, fp32_residual=quantized == "qlora")
-        estimate -= 2 * seq_len * per_layer
+        estimate -= 2 * seq_len * per_layer + dora_weight_bytes(shape, recipe)
     assert abs(estimate - measured) / measured < ACTIVATION_TOLERANCE, (estimate, measured)
 
 
