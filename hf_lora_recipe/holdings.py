@@ -71,8 +71,9 @@ def _innermost(optimizer: Any) -> Any:
 
 
 def optimizer_holdings(optimizer: Any, model_params: set[int]) -> tuple[int, int]:
-    """(optimizer-state bytes, gradient bytes) the optimizer keeps beyond the model's own tensors: its states
-    and, under DeepSpeed, the fp32 master partitions it steps on and their gradients."""
+    """(optimizer-state bytes, gradient bytes) the torch optimizer keeps beyond the model's own tensors: its
+    states and the parameters it steps on that are not the model's (ZeRO-2's fp32 master partitions; ZeRO-3
+    keeps its masters in buffers of its own, not counted here), with their gradients."""
     import torch
 
     inner = _innermost(optimizer)
