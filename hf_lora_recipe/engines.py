@@ -24,10 +24,6 @@ from typing import Any
 
 from .config import Recipe, RecipeError
 
-# Modules that wrappers insert between a parameter and its model: FSDP1, torch's checkpoint_wrapper, torch.compile
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
 
@@ -150,7 +146,7 @@ def let_fsdp_run_on_cpu() -> bool:
 
 def full_adapter_state(model: Any) -> dict[str, Any]:
     """Every trainable tensor of an FSDP2-sharded model, whole, on the CPU of every rank, under the model's own
-    parameter names (wrapper prefixes included: PEFT matches them against the model's module names).
+    parameter names (FSDP2 shards in place: no wrapper renames them).
 
     A collective (each ``full_tensor`` is an all-gather): every rank calls it and walks the parameters in the
     same order. Only the adapter travels: a few MB, where a full state dict would gather the base too.
@@ -165,32 +161,13 @@ def full_adapter_state(model: Any) -> dict[str, Any]:
     return state
 
 
-def unwrapped_name(key: str) -> str:
-    """A key as the unwrapped model names it (what ``PeftModel.from_pretrained`` expects in the file)."""
-    for prefix in WRAPPER_PREFIXES:
-        key = key.replace(prefix, "")
-    return key
-
-
 def save_sharded_adapter(trainer: Any, directory: str) -> None:
     """The FSDP counterpart of ``trainer.save_model`` for our adapter: gathered by every rank, then written by
-    rank 0 as an unsharded run writes it (PEFT's selection and naming; adapter_config.json in inference mode)."""
-    import copy
-
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
+    rank 0 through PEFT's ``save_pretrained``, as an unsharded run writes it."""
     state = full_adapter_state(trainer.model)
-    if not trainer.is_world_process_zero():
-        return
-    peft_model = trainer.accelerator.unwrap_model(trainer.model)
-    adapter = get_peft_model_state_dict(peft_model, state_dict=state)
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    save_file({unwrapped_name(key): tensor.contiguous() for key, tensor in adapter.items()},
-              str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = copy.deepcopy(peft_model.peft_config["default"])
-    config.inference_mode = True
-    config.save_pretrained(directory)
+    if trainer.is_world_process_zero():
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(directory, state_dict=state,
+                                                                       safe_serialization=True)
 
 
 def checkpoint_engine(checkpoint: Path) -> str:

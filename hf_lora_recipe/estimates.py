@@ -110,12 +110,17 @@ def measure_shape(config: Any, recipe: Recipe) -> Shape:
 # ---------------------------------------------------------------- memory
 
 
+def nf4_packed_bytes(numels: list[int]) -> int:
+    """The packed 4-bit weights alone: two per byte (what FSDP shards; the constants stay whole)."""
+    return sum(math.ceil(n / 2) for n in numels)
+
+
 def nf4_bytes(numels: list[int], double_quant: bool) -> int:
     """Packed 4-bit weights plus their quantization constants, as bitsandbytes allocates them."""
-    total = 0
+    total = nf4_packed_bytes(numels)
     for n in numels:
         blocks = math.ceil(n / NF4_BLOCK)
-        total += math.ceil(n / 2) + 4 * 16  # packed weights; the 16-value NF4 code table each module keeps
+        total += 4 * 16  # the 16-value NF4 code table each module keeps
         if double_quant:  # absmax as uint8, re-quantized in blocks of 256: fp32 constants, offset, 256-entry code
             total += blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + 4 * 256
         else:
@@ -214,7 +219,7 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
             else shape.largest_layer * dense_bytes
         gathered = 2 * layer_bytes
         if recipe.load_in_4bit:  # the packed weights are sharded; their quantization constants are not
-            packed = sum(n // 2 for n in shape.quantizable_tensors)
+            packed = nf4_packed_bytes(shape.quantizable_tensors)
             quantized = packed // num_gpus + (quantized - packed)
         unquantized = unquantized // num_gpus
         adapter, gradients, optimizer = adapter // num_gpus, gradients // num_gpus, optimizer // num_gpus

@@ -202,13 +202,13 @@ def prepare_base(model: Any, recipe: Recipe) -> Any:
     With ``kbit_upcast_fp32`` a QLoRA base goes through PEFT's k-bit preparation, which also casts the parts
     bitsandbytes leaves unquantized (norms, embeddings, LM head) to fp32. By default they stay bf16, as
     loaded: the adapter trains against the base as stored, 2.75 GiB lighter on Llama-3-8B. Under FSDP they
-    always stay bf16: FSDP flattens each wrapped layer into one tensor of one dtype.
+    always stay bf16, the dtype its all-gather casts to (the FSDP2 path tests/test_engines.py runs).
     """
     from peft import prepare_model_for_kbit_training
 
-    checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks LoRA under DDP
     from .engines import current_engine
 
+    checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks LoRA under DDP
     if getattr(model, "is_loaded_in_4bit", False) and current_engine().name != "fsdp" and recipe.kbit_upcast_fp32:
         # PEFT's preparation for its fp32 upcast (and freezing) only: checkpointing is switched on below, by its
         # current name (PEFT still calls the deprecated one).
@@ -227,9 +227,8 @@ def prepare_base(model: Any, recipe: Recipe) -> Any:
 def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None) -> Any:
     """Attach LoRA to a prepared base (see :func:`prepare_base`), training the rows of ``token_ids`` too (the
     chat template's special tokens, when ``train_template_tokens``)."""
-    from peft import get_peft_model
-
     import torch
+    from peft import get_peft_model
 
     from .engines import adapter_bytes_per_parameter, current_engine
 

@@ -171,13 +171,12 @@ class RecipeTrainer(SFTTrainer):
             return super().create_optimizer(model)
         from peft.optimizers import create_loraplus_optimizer
 
-        args = self.args
+        args, model = self.args, self.model if model is None else model
         self.optimizer = create_loraplus_optimizer(
-            self.model if model is None else model, torch.optim.AdamW, lr=args.learning_rate,
+            model, torch.optim.AdamW, lr=args.learning_rate,
             loraplus_lr_ratio=self.loraplus_lr_ratio, loraplus_weight_decay=args.weight_decay,
             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=args.optim == "adamw_torch_fused")
-        check_loraplus(self.optimizer, self.model if model is None else model, args.learning_rate,
-                       self.loraplus_lr_ratio)
+        check_loraplus(self.optimizer, model, args.learning_rate, self.loraplus_lr_ratio)
         log.info(f"LoRA+: lora_B at learning_rate x {self.loraplus_lr_ratio:g} = "
                  f"{args.learning_rate * self.loraplus_lr_ratio:g}, lora_A at {args.learning_rate:g} (checked per tensor)")
         return self.optimizer
