@@ -8,12 +8,14 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from . import log
 from .card import LOSS_PLOT, RESULTS_FILE, card_tags, library_versions, plot_losses, write_card
 from .config import Recipe, RecipeError, dump_recipe
+from .initial_adapter import INITIAL_ADAPTER, rewrites_base
 
 PICKLES = ("training_args.bin",)  # Trainer.save_model writes this pickle; we publish safetensors only
 FINAL_FILES_LAST = "adapter_config.json"  # moved last: without it the directory is not loadable as an adapter
@@ -29,7 +31,8 @@ RUN_FILES = {ADAPTER_FILE, FINAL_FILES_LAST, "recipe.yaml", RESULTS_FILE, LOSS_P
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model"}
-RUN_FOLDERS = {"runs", STAGING, "additional_chat_templates"}  # TensorBoard's logs, our staging, extra templates
+# TensorBoard's logs, our staging, extra templates, PiSSA/OLoRA's step-0 adapter (initial_adapter.py) and its draft
+RUN_FOLDERS = {"runs", STAGING, "additional_chat_templates", INITIAL_ADAPTER, INITIAL_ADAPTER + ".partial"}
 CHECKPOINT_FOLDER = re.compile(r"^(incomplete-)?checkpoint-\d+(\.\d+)?$")  # Trainer's, and those set aside
 IGNORED = {".DS_Store"}
 
@@ -136,9 +139,16 @@ def training_results(
         "final_eval_loss": eval_loss,
         "optimizer_steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 3),
-        "training_examples": len(trainer.train_dataset),
-        "tokens_per_epoch": report.total_tokens,
-        "supervised_tokens_per_epoch": report.supervised_tokens,
+        # a stream has no epoch: what it read while training instead
+        "training_examples": (trainer.state.global_step * trainer.args.gradient_accumulation_steps * trainer.args.world_size
+                              * trainer.args.per_device_train_batch_size) if report.streamed is not None
+                             else len(trainer.train_dataset),
+        "tokens_per_epoch": None if report.streamed is not None else report.total_tokens,
+        "supervised_tokens_per_epoch": None if report.streamed is not None else report.supervised_tokens,
+        **({"stream": {"rows_read_including_read_ahead": report.streamed.rows, "examples_kept": report.streamed.kept,
+                       "dropped": dict(report.streamed.dropped), "tokens": report.streamed.tokens}}
+           if report.streamed is not None else {}),
+        **({"mixture": report.mixture} if report.mixture else {}),
         "wall_time_s": round(seconds, 1),
         "dataset": dataset,
         "libraries": library_versions(),
@@ -163,7 +173,7 @@ def save_run(
     ``checkpoint``: the adapter is that checkpoint's (a run that reached its end without writing it)."""
     from .engines import current_engine, save_sharded_adapter
     from .resilience import check_saved_adapter
-    from .sources import dataset_version
+    from .mixture import dataset_versions
     from .tokenizer import save_tokenizer
 
     output_dir = Path(recipe.output_dir)
@@ -171,7 +181,10 @@ def save_run(
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)  # left by a run that died while publishing: never mix its files into this one
     trainer.accelerator.wait_for_everyone()
-    if checkpoint and (Path(checkpoint) / ADAPTER_FILE).is_file():
+    if rewrites_base(recipe):  # never an unconverted copy: it only means something on the residual base
+        if trainer.is_world_process_zero():
+            save_converted_adapter(trainer, recipe, staging, checkpoint)
+    elif checkpoint and (Path(checkpoint) / ADAPTER_FILE).is_file():
         if trainer.is_world_process_zero():  # written by the engine that trained it (DeepSpeed's model is not built)
             staging.mkdir(parents=True)
             for name in (ADAPTER_FILE, FINAL_FILES_LAST):
@@ -186,12 +199,37 @@ def save_run(
         check_saved_adapter(staging, recipe, trainer.state.global_step)
         remove_pickles(staging)
         save_tokenizer(tokenizer, staging)
-        results = training_results(trainer, report, mean_train_loss, time.time() - started, dataset_version(recipe))
+        results = training_results(trainer, report, mean_train_loss, time.time() - started, dataset_versions(recipe))
         write_run_files(staging, recipe, derived, results, trainer.state.log_history)
         publish_directory(staging, output_dir)
         log.info(f"adapter written to {output_dir}")
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def save_converted_adapter(trainer: Any, recipe: Recipe, directory: Path, checkpoint: str | None = None) -> None:
+    """PiSSA/OLoRA's trained adapter as a plain adapter of the original base (rank 2r, see initial_adapter.py),
+    through PEFT's conversion against ``output_dir/initial_adapter``; ``checkpoint``: that checkpoint's adapter
+    (loaded into the model first). One process, whole model: FSDP and DeepSpeed are refused for these inits."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if checkpoint:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        # the fresh model holds A0, B0 on the residual base it was checked to share with the checkpoint
+        result = set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / ADAPTER_FILE)))
+        missing = [key for key in result.missing_keys if ".lora_" in key]
+        if missing:
+            raise RuntimeError(f"{checkpoint}/{ADAPTER_FILE} lacks {len(missing)} adapter tensors (e.g. {missing[0]})")
+    initial = (Path(recipe.output_dir) / INITIAL_ADAPTER).resolve()
+    if not (initial / "adapter_config.json").is_file():  # saved at step 0: someone removed it since
+        raise RecipeError(f"{initial} is missing, so the trained {recipe.init_lora_weights} adapter cannot be "
+                          "converted to one of the original base: train again with --overwrite_output_dir true")
+    with warnings.catch_warnings():
+        # PEFT loads the initial adapter beside the trained one to convert it, and warns to convert: this is that
+        warnings.filterwarnings("ignore", message=".* changes the base weights of the model and should thus not")
+        model.save_pretrained(str(directory), safe_serialization=True,
+                              path_initial_model_for_weight_conversion=str(initial))
 
 
 def push_run(recipe: Recipe, output_dir: Path) -> None:

@@ -100,14 +100,25 @@ def _template_block(chat_template: str) -> str:
 
 def lora_variant(recipe: dict[str, Any]) -> str:
     """``plain LoRA`` or what differs from it: rsLoRA scaling, DoRA, the initialisation, LoRA+ (recipes saved
-    before these keys existed are plain LoRA)."""
+    before these keys existed are plain LoRA). PiSSA/OLoRA name the shape PEFT's conversion saved them in."""
+    from .config import BASE_REWRITING_INITS, lora_init_family
+
     parts = []
     if recipe.get("use_rslora"):
         parts.append("rsLoRA (scaling alpha/sqrt(r))")
     if recipe.get("use_dora"):
         parts.append("DoRA (trained magnitudes)")
-    if recipe.get("init_lora_weights", "true") != "true":
-        parts.append(f"init_lora_weights {recipe['init_lora_weights']}")
+    init = str(recipe.get("init_lora_weights", "true"))
+    if lora_init_family(init) in BASE_REWRITING_INITS:
+        name = "OLoRA" if init == "olora" else "PiSSA"
+        if init != lora_init_family(init):
+            name += f" (randomized SVD, {init.rsplit('_', 1)[-1]} iterations)"
+        # the conversion doubles r and alpha; with rsLoRA alpha x sqrt(2), which keeps alpha/sqrt(r)
+        alpha = recipe["lora_alpha"] * (math.sqrt(2) if recipe.get("use_rslora") else 2)
+        parts.append(f"{name} init (saved converted: rank {2 * recipe['lora_r']}, alpha {alpha:.4g}, a plain adapter "
+                     "of the original base)")
+    elif init != "true":
+        parts.append(f"init_lora_weights {init}")
     if recipe.get("loraplus_lr_ratio"):
         parts.append(f"LoRA+ (B learning rate x {recipe['loraplus_lr_ratio']:g})")
     return ", ".join(parts) or "plain LoRA (scaling alpha/r, B = 0 at step 0, one learning rate)"
@@ -154,6 +165,28 @@ def _shown(key: str, value: Any) -> str:
 def _results(results: dict[str, Any]) -> str:
     rows = [f"| {label} | {_shown(key, results[key])} |" for key, label in RESULT_LABELS.items() if key in results]
     return "\n".join(rows) or "| (not recorded) | |"
+
+
+def _data_phrase(recipe: dict[str, Any]) -> str:
+    sources = recipe.get("datasets") or []
+    if not sources:
+        return f"`{recipe.get('dataset_name', 'unknown')}`\n({recipe.get('dataset_format', '?')} format)"
+    return "a mixture of " + ", ".join(f"`{Path(s['name']).name if Path(s['name']).exists() else s['name']}` "
+                                       f"({s['format']})" for s in sources) + " (shares below)"
+
+
+def _mixture_block(mixture: list[dict[str, Any]] | None) -> str:
+    """What each source of a mixture became in the training set: asked for, and realised."""
+    if not mixture:
+        return ""
+    rows = "\n".join(
+        f"| {m['source']} | {m['format']} | {m['asked_share']:.1%} |" if m["asked_share"] is not None else
+        f"| {m['source']} | {m['format']} | {'fraction ' + format(m['fraction'], 'g') if m['fraction'] else 'all'} |"
+        for m in mixture)
+    rows = "\n".join(f"{row} {m['examples_kept']:,} | {m['examples_used']:,} | {m['share_of_examples']:.1%} | "
+                      f"{m['share_of_supervised_tokens']:.1%} |" for row, m in zip(rows.splitlines(), mixture))
+    return ("\n## Data mixture\n\n| source | format | asked | examples after cleaning | examples used | share of "
+            "examples | share of supervised tokens |\n|---|---|---|---|---|---|---|\n" + rows + "\n")
 
 
 def _load_snippet(kind: str, location: str, base: str, quantization: dict[str, Any] | None) -> str:
@@ -212,9 +245,10 @@ def render_card(
     if not Path(base).exists():
         metadata["base_model"] = base
     metadata["library_name"] = "peft" if kind == "adapter" else "transformers"
-    dataset_name = recipe.get("dataset_name", "unknown")
-    if not Path(dataset_name).exists():
-        metadata["datasets"] = [dataset_name]
+    names = [source["name"] for source in recipe.get("datasets") or []] or [recipe.get("dataset_name", "unknown")]
+    hub_ids = [name for name in names if not Path(name).exists()]
+    if hub_ids:
+        metadata["datasets"] = hub_ids
     license_name = base_model_license(base)
     if license_name:
         metadata["license"] = license_name
@@ -234,8 +268,7 @@ def render_card(
 
 # {what} for `{base}`
 
-{"QLoRA" if quantized else "LoRA"} supervised fine-tuning of `{base}` on `{recipe.get("dataset_name", "unknown")}`
-({recipe.get("dataset_format", "?")} format) with [hf-lora-recipe](https://pypi.org/project/hf-lora-recipe/):
+{"QLoRA" if quantized else "LoRA"} supervised fine-tuning of `{base}` on {_data_phrase(recipe)} with [hf-lora-recipe](https://pypi.org/project/hf-lora-recipe/):
 the base is frozen and low-rank adapters `W' = W0 + (alpha/r) B A` are trained on
 {", ".join(recipe.get("lora_target_modules", []))}. The full resolved recipe is in `recipe.yaml`.
 
@@ -250,7 +283,7 @@ the base is frozen and low-rank adapters `W' = W0 + (alpha/r) B A` are trained o
 | metric | value |
 |---|---|
 {_results(results)}
-{plot}{_evaluation_block(evaluation)}
+{_mixture_block(results.get("mixture"))}{plot}{_evaluation_block(evaluation)}
 ## Prompt template and loss masking
 
 {_template_block(recipe.get("chat_template", "llama2") if recipe else "llama2")}

@@ -24,18 +24,15 @@ SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the decoder, never the LM head
 CHAT_TEMPLATES = ("llama2", "native")  # or a path to a .jinja file
 DATASET_FORMATS = ("alpaca", "oasst", "prompt_completion", "messages", "auto")
-LORA_INITS = ("true", "gaussian")
+LORA_INITS = ("true", "gaussian", "orthogonal", "pissa", "olora")  # and pissa_niter_N (PiSSA with a randomized SVD of N iterations)
+# initialisations that rewrite the base (W - s B0 A0): a bf16/fp32 base only, converted to a plain adapter when saved
+BASE_REWRITING_INITS = ("pissa", "olora")
 LORAPLUS_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # torch.optim.AdamW, which create_loraplus_optimizer builds
 # PEFT initialisations not offered yet, and why (each needs more than a LoraConfig field to be right)
 LORA_INITS_NOT_YET = {
-    "pissa": "it rewrites the base weights (W - s B A), so merge and publish need PEFT's conversion to a plain "
-             "adapter of the original base, and bitsandbytes 4-bit bases refuse it",
-    "olora": "it rewrites the base weights (re-quantizing a 4-bit base), so merge and publish need PEFT's "
-             "conversion to a plain adapter of the original base",
     "loftq": "it needs scipy and a CUDA device, and the unquantized base at initialisation",
     "eva": "it needs a pass over the data after the adapter is built (initialize_lora_eva_weights), which "
            "redistributes ranks",
-    "orthogonal": "PEFT casts it to the base weight's dtype, which fails on a 4-bit base",
     "corda": "it needs a covariance pass over the data first (preprocess_corda)",
 }
 
@@ -106,9 +103,21 @@ class Recipe:
                                  "and compute (plan counts them)")
     init_lora_weights: str = lora(
         "true", "adapter initialisation (PEFT init_lora_weights): true = Kaiming-uniform A, B = 0; gaussian = "
-        "A ~ N(0, 1/r), B = 0. Both leave step 0 equal to the base", LORA_INITS)
+        "A ~ N(0, 1/r), B = 0; orthogonal = A and B from orthogonal halves of one random rotation, B A = 0; pissa (or pissa_niter_N, a faster randomized SVD) / olora = A and B from the base's "
+        "principal singular vectors / QR, the base keeps the rest. All start at the base's outputs; pissa and olora "
+        "need load_in_4bit false and are saved as a plain adapter of the original base (PEFT's conversion)",
+        LORA_INITS)
 
     dataset_name: str = data("tatsu-lab/alpaca", "Hub dataset id, or a local .json/.jsonl/.csv/.parquet file or folder")
+    datasets: list[dict] = data(
+        [], "several sources mixed into one training set, instead of dataset_name: a list of {name, format, split, "
+        "config, revision, weight or fraction} (on the command line, one YAML mapping per value). weight: the chance "
+        "each next example comes from that source (datasets.interleave_datasets, seeded); fraction: the share of that "
+        "source's examples taken (then concatenated); neither: every example of every source")
+    mixture_stopping_strategy: str = data(
+        "first_exhausted", "weighted mixtures: stop when the first source runs out (no example repeats), or when all "
+        "have (smaller sources repeat); datasets.interleave_datasets' stopping_strategy",
+        ("first_exhausted", "all_exhausted"))
     dataset_config: str | None = data(None, "Hub dataset configuration name")
     dataset_revision: str | None = data(None, "Hub dataset revision")
     dataset_train_split: str = data("train", "split to train on")
@@ -120,6 +129,10 @@ class Recipe:
     oasst_languages: list[str] = data([], "OpenAssistant: keep trees whose root prompt is in these languages "
                                           "(e.g. en de); empty keeps all")
     oasst_all_paths: bool = data(False, "OpenAssistant: every root-to-leaf path instead of the best-ranked one")
+    streaming: bool = data(
+        False, "read, tokenize and audit the training rows as training consumes them (no Arrow copy; Hub datasets "
+        "too large for the disk; local JSON Lines and parquet row by row): needs max_steps; the first rows are checked "
+        "before loading, a resume re-reads the stream up to where the checkpoint stopped")
     max_length: int = data(512, "tokens per example; longer ones are truncated (the start is kept)")
     chat_template: str = data(
         "llama2", "prompt format: llama2 (the seed's <s>[INST] ... [/INST] ... </s>), native (the tokenizer's own chat "
@@ -252,6 +265,8 @@ def _coerce(name: str, value: Any) -> Any:
         if optional:
             return None
         raise RecipeError(f"{name} must not be null")
+    if base == list[dict]:
+        return [_mapping(name, item) for item in (value if isinstance(value, list) else [value])]
     try:
         if get_origin(base) is list:
             items = value if isinstance(value, list) else [value]
@@ -277,6 +292,18 @@ def _coerce(name: str, value: Any) -> Any:
         pass
     auto = f" or {AUTO}" if accepts_auto(name) else ""
     raise RecipeError(f"{name}: cannot read {value!r} as {getattr(base, '__name__', base)}{auto}")
+
+
+def _mapping(name: str, item: Any) -> dict:
+    """One entry of a list-of-mappings key: a YAML mapping, or (a command-line value) its flow text ``{a: 1}``."""
+    if isinstance(item, str):
+        try:
+            item = yaml.safe_load(item)
+        except yaml.YAMLError:
+            pass
+    if not isinstance(item, dict):
+        raise RecipeError(f"{name}: each entry is a mapping like {{name: data.jsonl, weight: 0.5}}; got {item!r}")
+    return item
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -344,6 +371,7 @@ def load_recipe_dict(values: dict[str, Any]) -> Recipe:
         raise unknown_key_error(str(unknown[0]), "in the recipe")
     recipe = Recipe(**{key: _coerce(key, value) for key, value in values.items() if key != "derived"})
     normalise_paths(recipe)
+    normalise_sources(recipe)
     validate(recipe)
     return recipe
 
@@ -363,14 +391,102 @@ def normalise_paths(recipe: Recipe) -> None:
             setattr(recipe, name, os.path.expanduser(value))
 
 
+def lora_init_family(value: str) -> str:
+    """``init_lora_weights`` without PiSSA's ``_niter_N`` (the iterations of its randomized SVD)."""
+    family, niter, iterations = value.partition("_niter_")
+    return family if family == "pissa" and niter and iterations.isdigit() and int(iterations) > 0 else value
+
+
+SOURCE_KEYS = ("name", "format", "split", "config", "revision", "weight", "fraction")
+
+
+def _number(where: str, key: str, value: Any, upper: float | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (upper and value > upper):
+        bound = f"in (0, {upper:g}]" if upper else "> 0"
+        raise RecipeError(f"{where}: {key} must be a number {bound}; got {value!r}")
+    return float(value)
+
+
+def _source(recipe: Recipe, index: int, entry: dict) -> dict:
+    """A ``datasets`` entry with every key filled in (the single-dataset keys give the defaults)."""
+    where = f"datasets[{index}]"
+    for key in entry:
+        if key not in SOURCE_KEYS:
+            raise RecipeError(f"{where}: unknown key {key!r}; did you mean {nearest(str(key), list(SOURCE_KEYS))!r}? "
+                              f"(keys: {', '.join(SOURCE_KEYS)})")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RecipeError(f"{where}: name (a Hub dataset id or a local file or folder) is missing")
+    source = {"name": os.path.expanduser(name) if name.startswith("~") else name,
+              "format": str(entry.get("format", recipe.dataset_format)), "split": str(entry.get("split", "train")),
+              "config": entry.get("config"), "revision": entry.get("revision"), "weight": None, "fraction": None}
+    if source["format"] not in DATASET_FORMATS:
+        raise RecipeError(f"{where}: format must be one of {', '.join(DATASET_FORMATS)}; got {source['format']!r}")
+    for key in ("config", "revision"):
+        source[key] = None if source[key] is None else str(source[key])
+    if entry.get("weight") is not None and entry.get("fraction") is not None:
+        raise RecipeError(f"{where}: give weight or fraction, not both")
+    if entry.get("weight") is not None:
+        source["weight"] = _number(where, "weight", entry["weight"], None)
+    if entry.get("fraction") is not None:
+        source["fraction"] = _number(where, "fraction", entry["fraction"], 1.0)
+    return source
+
+
+SINGLE_DATASET_KEYS = ("dataset_name", "dataset_config", "dataset_revision", "dataset_train_split", "dataset_test_split")
+
+
+def normalise_sources(recipe: Recipe) -> None:
+    """Fill in every ``datasets`` entry and check the mixture as a whole: one way of mixing for all sources."""
+    if not recipe.datasets:
+        return
+    defaults = Recipe.__dataclass_fields__
+    given = [key for key in SINGLE_DATASET_KEYS if getattr(recipe, key) != defaults[key].default]
+    if given:
+        raise RecipeError(f"datasets replaces {given[0]}: give the data either as datasets (each entry with its own "
+                          "name, split, config, revision) or as dataset_name, not both; to hold out examples of a "
+                          "mixture use eval_split_size")
+    recipe.datasets = [_source(recipe, index, entry) for index, entry in enumerate(recipe.datasets)]
+    kinds = {("weight" if s["weight"] is not None else "fraction" if s["fraction"] is not None else "neither")
+             for s in recipe.datasets}
+    if len(kinds) > 1:
+        raise RecipeError(f"datasets: every entry gives a weight, or every entry a fraction, or none does; got a mix "
+                          f"({', '.join(sorted(kinds))})")
+    seen: set = set()
+    for index, source in enumerate(recipe.datasets):
+        key = (source["name"], source["split"], source["config"])
+        if key in seen:
+            raise RecipeError(f"datasets[{index}]: {source['name']} ({source['split']}) is listed twice; give it once "
+                              "with the weight or fraction it should have")
+        seen.add(key)
+
+
 def validate(recipe: Recipe) -> None:
-    init = recipe.init_lora_weights.split("_niter_")[0]
+    init = lora_init_family(recipe.init_lora_weights)
     if init in LORA_INITS_NOT_YET:
         raise RecipeError(f"init_lora_weights: {recipe.init_lora_weights} is not supported yet: "
-                          f"{LORA_INITS_NOT_YET[init]}; use {' or '.join(LORA_INITS)}")
+                          f"{LORA_INITS_NOT_YET[init]}; use {', '.join(LORA_INITS)} or pissa_niter_N")
+    if init in BASE_REWRITING_INITS and recipe.load_in_4bit:
+        raise RecipeError(f"init_lora_weights: {recipe.init_lora_weights} rewrites the base weights (W - s B0 A0), "
+                          "which a 4-bit base cannot hold exactly (PEFT refuses PiSSA there and re-quantizes for "
+                          "OLoRA, so the saved adapter would not match the base users load); set load_in_4bit false "
+                          "or use init_lora_weights true or gaussian")
+    if init == "orthogonal" and (recipe.load_in_4bit or recipe.lora_r % 2):
+        raise RecipeError(f"init_lora_weights: orthogonal needs an even lora_r (got {recipe.lora_r}) and load_in_4bit "
+                          "false (PEFT casts A and B to the base weight's dtype, which a 4-bit base stores as bytes)")
+    if init in BASE_REWRITING_INITS and recipe.use_dora:
+        raise RecipeError(f"init_lora_weights: {recipe.init_lora_weights} with use_dora: true is not supported: PEFT's "
+                          "conversion to an adapter of the original base drops DoRA's magnitudes, so the published "
+                          "adapter would not be the trained one; set use_dora false, or init_lora_weights true or gaussian")
+    if init in BASE_REWRITING_INITS and recipe.train_template_tokens:
+        raise RecipeError(f"init_lora_weights: {recipe.init_lora_weights} with train_template_tokens: true is not "
+                          "supported: PEFT's conversion to an adapter of the original base drops the trained token "
+                          "rows (the saved adapter then fails to load); set train_template_tokens false, or "
+                          "init_lora_weights true or gaussian")
     for name, spec in FIELDS.items():
         choices = spec.metadata.get("choices")
-        if choices and getattr(recipe, name) not in choices:
+        value = lora_init_family(recipe.init_lora_weights) if name == "init_lora_weights" else getattr(recipe, name)
+        if choices and value not in choices:
             raise RecipeError(f"{name} must be one of {', '.join(choices)}; got {getattr(recipe, name)!r}")
     if recipe.eval_split_size < 0 or (recipe.eval_split_size and recipe.dataset_test_split):
         raise RecipeError("set either eval_split_size (>= 0) or dataset_test_split, not both")
@@ -399,11 +515,32 @@ def validate(recipe: Recipe) -> None:
     if recipe.loraplus_lr_ratio is not None and recipe.optim not in LORAPLUS_OPTIMIZERS:
         raise RecipeError(f"loraplus_lr_ratio works with optim {' or '.join(LORAPLUS_OPTIMIZERS)} (PEFT builds the "
                           f"optimizer itself); got optim {recipe.optim}")
+    if recipe.streaming:
+        check_streaming(recipe)
     if recipe.memory_budget_gb is not None and recipe.memory_budget_gb <= 0:
         raise RecipeError(f"memory_budget_gb must be positive; got {recipe.memory_budget_gb}")
     # Divisibility for one process is checked here; the launcher's world size is checked again at train time.
     if recipe.per_device_train_batch_size != AUTO:
         gradient_accumulation_steps(recipe, world_size=1)
+
+
+def check_streaming(recipe: Recipe) -> None:
+    """What a stream (no length, read once in order) cannot do, refused with the way out."""
+    if recipe.max_steps <= 0:
+        raise RecipeError("streaming: true needs max_steps > 0 (a stream has no length to count epochs in); e.g. "
+                          "max_steps = examples to train on / global_batch_size")
+    if recipe.eval_split_size:
+        raise RecipeError("streaming: eval_split_size needs the whole training set to hold rows out of; name a held-out "
+                          "split with dataset_test_split (it is read whole) or set eval_split_size 0")
+    if recipe.datasets:
+        raise RecipeError("streaming: a datasets mixture is prepared and mixed whole; stream one dataset_name, or set "
+                          "streaming false")
+    if recipe.dataset_format == "oasst":
+        raise RecipeError("streaming: OpenAssistant trees must be read whole to pick their conversations; use "
+                          "dataset_format messages (conversations already picked) or streaming false")
+    if recipe.train_sampling_strategy == "group_by_length":
+        raise RecipeError("streaming: group_by_length sorts the whole set by length; use random (a seeded shuffle "
+                          "buffer) or sequential")
 
 
 def gradient_accumulation_steps(recipe: Recipe, world_size: int) -> int:

@@ -81,6 +81,12 @@ class DataReport:
     supervised_tokens: int = 0
     truncated: int = 0
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # a mixture (``datasets:``): each source's own report, how they were mixed, and what each became in the mix
+    sources: list[tuple[str, DataReport]] = field(default_factory=list)
+    mixing: str = ""
+    mixture: list[dict[str, Any]] = field(default_factory=list)
+    # streaming: the report covers the rows checked before loading; this tally counts the stream as it trains
+    streamed: Any = None
 
     @property
     def mean_length(self) -> float:
@@ -90,16 +96,31 @@ class DataReport:
         return int(np.percentile(self.lengths, 100 * q, method="lower")) if len(self.lengths) else 0
 
     def summary(self) -> str:
+        if self.sources:
+            return "\n".join([*(report.summary().replace("data:", f"data: source {label}:", 1)
+                                 for label, report in self.sources), self.mixture_line()])
         counts = self.dropped.most_common()
+        head = (f"data (streaming: the first {self.examples_in} rows, checked before loading; the rest are checked "
+                f"as they stream):" if self.streamed is not None else "data:")
         dropped = ", ".join(f"{n} {why}" for why, n in counts if why not in oasst.UNUSED) or "none"
         unused = ", ".join(f"{n} {why.removeprefix('oasst ')}" for why, n in counts if why in oasst.UNUSED)
         dropped += f"; OpenAssistant data no conversation uses: {unused}" if unused else ""
         return (
-            f"data: {self.examples_in} examples in, {self.examples_out} kept (dropped: {dropped}); "
+            f"{head} {self.examples_in} examples in, {self.examples_out} kept (dropped: {dropped}); "
             f"tokens p50/p90/p99/max {self.percentile(0.5)}/{self.percentile(0.9)}/{self.percentile(0.99)}/"
             f"{self.lengths.max(initial=0)}; supervised {self.supervised_tokens / max(self.total_tokens, 1):.1%}; "
             f"truncated {self.truncated / max(self.examples_out, 1):.1%}"
         )
+
+
+    def mixture_line(self) -> str:
+        parts = []
+        for share in self.mixture:
+            asked = f" (asked {share['asked_share']:.1%})" if share["asked_share"] is not None else ""
+            parts.append(f"{share['source']} {share['examples_used']} = {share['share_of_examples']:.1%} of examples{asked}, "
+                         f"{share['share_of_supervised_tokens']:.1%} of supervised tokens")
+        return (f"mixture: {self.examples_out} examples, {self.mixing}; " + "; ".join(parts) +
+                f"; tokens p50/p90/max {self.percentile(0.5)}/{self.percentile(0.9)}/{self.lengths.max(initial=0)}")
 
 
 def prepare_batch(
@@ -221,14 +242,36 @@ def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport
 
 
 def build_sft_dataset(recipe: Recipe, tokenizer: Any, rows: Rows | None = None) -> tuple[Any, DataReport]:
-    """The training examples: ``messages``, ``input_ids``, ``labels`` (``-100`` where masked), and counts."""
+    """The training examples: ``messages``, ``input_ids``, ``labels`` (``-100`` where masked), and counts; the
+    recipe's ``datasets`` mixed into one (see :mod:`hf_lora_recipe.mixture`) when it names several."""
+    if rows is None and recipe.datasets:
+        return build_mixture(recipe, tokenizer)
     return prepare(recipe, tokenizer, load_rows(recipe) if rows is None else rows)
 
 
+def build_mixture(recipe: Recipe, tokenizer: Any) -> tuple[Any, DataReport]:
+    """Each source prepared on its own (its format, bad rows, audit), then mixed; the report shows both."""
+    from . import mixture
+
+    prepared = [prepare(single, tokenizer, load_rows(single)) for single in mixture.source_recipes(recipe)]
+    mixed = mixture.mix(recipe, [dataset for dataset, _ in prepared])
+    reports = [report for _, report in prepared]
+    full_length = _column(mixed, "full_length")
+    report = DataReport(
+        examples_in=sum(r.examples_in for r in reports), dropped=sum((r.dropped for r in reports), Counter()),
+        examples_out=len(mixed), lengths=np.minimum(full_length, recipe.max_length),
+        supervised_tokens=int(_column(mixed, "num_supervised").sum()), truncated=int((full_length > recipe.max_length).sum()),
+        sources=[(mixture.source_label(s), r) for s, r in zip(recipe.datasets, reports)], mixing=mixture.how(recipe),
+        mixture=mixture.shares(recipe, mixed, reports))
+    report.total_tokens = int(report.lengths.sum())
+    return mixed, report
+
+
 def train_and_eval(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None, DataReport]:
-    """The training set and the held-out set (``dataset_test_split`` or ``eval_split_size``), if any."""
+    """The training set and the held-out set (``dataset_test_split`` or ``eval_split_size``), if any (a stream:
+    :func:`hf_lora_recipe.streaming.stream_and_eval`)."""
     train, report = build_sft_dataset(recipe, tokenizer)
-    if recipe.dataset_test_split:
+    if recipe.dataset_test_split:  # a single dataset only (a mixture holds out with eval_split_size)
         evaluation, _ = build_sft_dataset(recipe, tokenizer, load_rows(recipe, split=recipe.dataset_test_split))
         return train, evaluation, report
     if recipe.eval_split_size:

@@ -80,6 +80,9 @@ def current_engine() -> Engine:
 
 def check_engine(recipe: Recipe, engine: Engine) -> None:
     """Combinations that cannot train correctly fail here, before anything loads."""
+    from .initial_adapter import check_conversion_possible
+
+    check_conversion_possible(recipe, engine.name)  # PiSSA/OLoRA: DoRA, template tokens, FSDP, DeepSpeed
     if engine.name == "fsdp":
         if engine.fsdp_version != 2:
             raise RecipeError(

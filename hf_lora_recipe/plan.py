@@ -22,6 +22,7 @@ from .arguments import RecipeParser, command
 from .config import AUTO, Recipe, RecipeError
 from .engines import adapter_bytes_per_parameter
 from .estimates import GIB, GPUS, Shape, flops_per_token, largest_fitting_micro_batch, measure_shape, memory, nf4_bytes
+from .mixture import source_recipes
 from .modeling import peft_init_lora_weights
 from .special_tokens import TemplateTokens, inspect_if_local
 
@@ -71,7 +72,7 @@ SEED_MAP = [
     ("targets: all seven projections", "lora_target_modules", ("LoraConfig", "target_modules")),
     ("scaling alpha/r (not rsLoRA)", "use_rslora", ("LoraConfig", "use_rslora")),
     ("plain LoRA (not DoRA)", "use_dora", ("LoraConfig", "use_dora")),
-    ("B = 0 at step 0", "init_lora_weights", ("LoraConfig", "init_lora_weights")),
+    ("adapter initialisation (step 0 = the base)", "init_lora_weights", ("LoraConfig", "init_lora_weights")),
     ("one learning rate (no LoRA+)", "loraplus_lr_ratio", ("create_loraplus_optimizer", "loraplus_lr_ratio")),
     ("peak learning rate", "learning_rate", ("SFTConfig", "learning_rate")),
     ("cosine decay to 0", "lr_scheduler_type", ("SFTConfig", "lr_scheduler_type")),
@@ -241,7 +242,7 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
 
 def token_counts(recipe: Recipe) -> dict[str, Any]:
     """Exact counts from the real preprocessing for a local dataset; else an estimate, stated as such."""
-    if Path(recipe.dataset_name).exists():
+    if all(Path(single.dataset_name).exists() for single in source_recipes(recipe)):
         from .data import build_sft_dataset
         from .tokenizer import tokenizer_for
 
@@ -250,11 +251,12 @@ def token_counts(recipe: Recipe) -> dict[str, Any]:
         return {"source": "exact (real preprocessing)", "examples": report.examples_out, "tokens": report.total_tokens,
                 "truncated_share": report.truncated / max(report.examples_out, 1),
                 "pad_masks_eos": collator_masks_eos(tokenizer)}
-    if recipe.dataset_name == "tatsu-lab/alpaca":
+    if recipe.dataset_name == "tatsu-lab/alpaca" and not recipe.datasets:
         rows, mean = ALPACA_ESTIMATE
         return {"source": f"estimate: {rows:,} rows x ~{mean} tokens (Llama-2 tokenizer on the Alpaca sample)",
                 "examples": rows, "tokens": rows * min(mean, recipe.max_length)}
-    return {"source": "unknown: point dataset_name at a local copy for exact counts", "examples": None, "tokens": None}
+    return {"source": "unknown: point dataset_name (or each datasets entry) at a local copy for exact counts",
+            "examples": None, "tokens": None}
 
 
 # ---------------------------------------------------------------- output

@@ -324,12 +324,18 @@ class StopOnSignal(TrainerCallback):
 
 
 def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> None:
-    """ZeRO-3 and some FSDP setups save empty or unsharded-placeholder adapters: refuse to publish one."""
+    """ZeRO-3 and some FSDP setups save empty or unsharded-placeholder adapters: refuse to publish one. PiSSA/OLoRA
+    must be saved converted (rank 2r, ``init_lora_weights: true``): unconverted, they only fit the residual base."""
     from safetensors import safe_open
+
+    from .initial_adapter import rewrites_base
 
     path = directory / "adapter_model.safetensors"
     if not path.is_file():
         raise RuntimeError(f"no adapter_model.safetensors in {directory}")
+    rank = 2 * recipe.lora_r if rewrites_base(recipe) else recipe.lora_r
+    if rewrites_base(recipe):
+        _check_converted_config(directory, recipe)
     nonzero_b = False
     with safe_open(str(path), framework="pt") as tensors:
         names = list(tensors.keys())
@@ -339,10 +345,22 @@ def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> 
             tensor = tensors.get_tensor(name)
             # train_template_tokens saves whole embedding rows; DoRA one magnitude per output row
             low_rank = "trainable_tokens" not in name and "lora_magnitude_vector" not in name
-            if tensor.numel() == 0 or (low_rank and recipe.lora_r not in tensor.shape):
-                raise RuntimeError(f"{path}: {name} has shape {tuple(tensor.shape)}, not a rank-{recipe.lora_r} factor")
+            if tensor.numel() == 0 or (low_rank and rank not in tensor.shape):
+                raise RuntimeError(f"{path}: {name} has shape {tuple(tensor.shape)}, not a rank-{rank} factor")
             if "lora_B" in name and bool(tensor.abs().sum() > 0):
                 nonzero_b = True
     if trained_steps > 0 and not nonzero_b:
         raise RuntimeError(f"{path}: every lora_B is zero after {trained_steps} steps: the adapter was not gathered")
 
+
+def _check_converted_config(directory: Path, recipe: Recipe) -> None:
+    """PEFT's conversion doubles r and alpha (rsLoRA: alpha x sqrt(2), the same scaling) and sets init true."""
+    import math
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    alpha = recipe.lora_alpha * (math.sqrt(2) if recipe.use_rslora else 2)
+    if (config.get("init_lora_weights") is not True or config.get("r") != 2 * recipe.lora_r
+            or not math.isclose(config.get("lora_alpha") or 0, alpha, rel_tol=1e-6)):
+        raise RuntimeError(f"{directory}: init_lora_weights {recipe.init_lora_weights} saved unconverted (init "
+                           f"{config.get('init_lora_weights')}, r {config.get('r')}, alpha {config.get('lora_alpha')}; "
+                           f"converted: true, {2 * recipe.lora_r}, {alpha:g}): it would only fit the residual base")

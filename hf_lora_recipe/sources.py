@@ -487,7 +487,8 @@ def _hub_rows(recipe: Recipe, split: str) -> Rows:
 
 
 def dataset_version(recipe: Recipe) -> dict[str, str]:
-    """What exactly was trained on, for the model card: file hashes, or the Hub id and revision."""
+    """What exactly was trained on, for the model card: file hashes, or the Hub id and revision (a mixture's:
+    :func:`hf_lora_recipe.mixture.dataset_versions`)."""
     path = Path(recipe.dataset_name).expanduser()
     if path.exists():
         digest = hashlib.sha256()

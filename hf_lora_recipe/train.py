@@ -107,12 +107,12 @@ def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
     from .modeling import check_targets
     from .quiet import quiet_libraries
     from .resilience import choose_start, resume_note
-    from .sources import split_files
+    from .mixture import check_sources
     from .trainer import check_names
 
     quiet_libraries()
     check_names(recipe)
-    split_files(recipe)  # a local dataset's path and splits exist (reads no rows)
+    check_sources(recipe)  # each local dataset's path and splits exist (reads no rows)
     if recipe.push_to_hub:  # a push that can only fail must fail now, not after the training it would publish
         from .publish import check_push_possible
 
@@ -158,10 +158,12 @@ def run(recipe: Recipe) -> Path:
     from .engines import let_fsdp_run_on_cpu
     from .estimates import GIB
     from .holdings import HoldingsReport
+    from .initial_adapter import keep_initial_adapter, rewrites_base
     from .modeling import add_adapter, check_variants, count_parameters, load_base_model, trainable_line
     from .resilience import (NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, clear_for_fresh_start,
                              latest_complete_checkpoint, load_checkpoint_state)
     from .special_tokens import check_template_tokens
+    from .streaming import stream_and_eval
     from .tokenizer import tokenizer_for
     from .trainer import build_trainer, speed_line
 
@@ -170,15 +172,17 @@ def run(recipe: Recipe) -> Path:
     tokenizer = tokenizer_for(recipe)
     template_tokens = check_template_tokens(recipe, tokenizer)  # untrained chat-token rows stop the run here
     with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
-        train_dataset, eval_dataset, report = train_and_eval(recipe, tokenizer)
-    log.info(report.summary())
+        train_dataset, eval_dataset, report = (stream_and_eval if recipe.streaming else train_and_eval)(recipe, tokenizer)
+    for line in report.summary().splitlines():  # a mixture: a line per source, then the mixture's
+        log.info(line)
     log.info(f"tokens per optimizer step ~ {report.mean_length * recipe.global_batch_size:,.0f} "
              f"({report.mean_length:.0f} mean x {recipe.global_batch_size})")
 
     # --- Base and adapter (seeded first: LoRA's A matrices are drawn at random)
     set_seed(recipe.seed)
     model = add_adapter(load_base_model(recipe), recipe, template_tokens)
-    check_variants(model, recipe)  # rsLoRA / DoRA / B = 0 are what PEFT built, or the run stops here
+    check_variants(model, recipe)  # rsLoRA / DoRA / B = 0 (PiSSA/OLoRA: W_res + s B0 A0 = W) are what PEFT built
+    keep_initial_adapter(model, recipe, resumed=start.checkpoint is not None)  # PiSSA/OLoRA's A0, B0, for the save
     log.info(trainable_line(*count_parameters(model)))
 
     # --- Trainer, resuming from the checkpoint chosen above (a fresh start clears old checkpoints only now)
@@ -202,6 +206,12 @@ def run(recipe: Recipe) -> Path:
         output_dir = save_run(trainer, recipe, tokenizer, report, launch.derived(), None, started, start.checkpoint)
         push_run(recipe, output_dir)
         return output_dir
+    if start.checkpoint and not trainer.restore_counts(start.checkpoint):
+        log.info(f"{start.checkpoint} holds no data counts for this world size: the data digest covers this run only")
+    if start.checkpoint and recipe.streaming:
+        log.info("streaming: the trainer re-reads the stream from its start and skips the examples the checkpoint "
+                 "trained (the stream's order is fixed by the seed, so training continues at the next example as "
+                 "long as the data is unchanged; the data digest at the end covers the whole run)")
     try:
         outcome = trainer.train(resume_from_checkpoint=start.checkpoint)
     except NonFiniteError as error:
@@ -223,7 +233,9 @@ def run(recipe: Recipe) -> Path:
     # --- Base vs adapter on final_eval_examples held-out examples, into the card (main process only)
     from .evaluation import evaluate_after_training
 
-    evaluate_after_training(recipe, output_dir, eval_dataset, trainer.model, tokenizer)
+    # PiSSA/OLoRA: the trained model's base is the residual; the saved (converted) adapter on the original base
+    # is what users load, so that is what is scored
+    evaluate_after_training(recipe, output_dir, eval_dataset, None if rewrites_base(recipe) else trainer.model, tokenizer)
     push_run(recipe, output_dir)
     return output_dir
 

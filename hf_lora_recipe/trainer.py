@@ -120,6 +120,7 @@ def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) ->
 
 # The running counts on the device, one tensor so the step never copies to the host: read at logging time.
 COUNTS = ("tokens", "supervised", "examples", "digest", "correct", "scored")
+COUNTS_FILE = "data_counts_rank{rank}.json"  # in each checkpoint: the counts so far, so a resume continues them
 # splitmix64's constants as signed int64 (torch has no uint64 arithmetic): integer products wrap modulo 2**64
 # identically on every device, so the digest of a token sequence does not depend on where or how it was batched.
 _MIX_1, _MIX_2 = 0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64
@@ -219,6 +220,37 @@ class RecipeTrainer(SFTTrainer):
         counts[COUNTS.index("supervised")] += (inputs["labels"] != -100).sum()
         counts[COUNTS.index("examples")] += (position_ids == 0).sum() if packed else input_ids.shape[0]
         self.positions += input_ids.numel()
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Each rank's running counts go into the checkpoint too, so a resumed run's data digest covers the whole
+        run: the same digest as an uninterrupted run proves it trained the same tokens in the same order (no
+        example repeated or skipped across the resume)."""
+        import json
+        from pathlib import Path
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if folder.is_dir():
+            state = {"counts": self.counts(), "positions": self.positions, "world_size": self.args.world_size}
+            (folder / COUNTS_FILE.format(rank=self.args.process_index)).write_text(json.dumps(state) + "\n")
+
+    def restore_counts(self, checkpoint: str) -> bool:
+        """The counts a checkpoint saved for this rank (same world size only); False when there are none."""
+        import json
+        from pathlib import Path
+
+        path = Path(checkpoint) / COUNTS_FILE.format(rank=self.args.process_index)
+        if not path.is_file():
+            return False
+        state = json.loads(path.read_text())
+        if state.get("world_size") != self.args.world_size:
+            return False
+        saved = state["counts"]
+        self._counts.copy_(torch.tensor([saved.get(name, 0) for name in COUNTS], dtype=torch.int64))
+        self.positions = state["positions"]
+        return True
 
     def counts(self) -> dict[str, int]:
         """The running counts, read from the device (a synchronisation: at logging time and at the end only)."""

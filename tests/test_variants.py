@@ -138,13 +138,256 @@ def test_plan_counts_doras_magnitudes_and_traces_every_variant_key(tiny_base):
 
 
 @pytest.mark.parametrize("values, match", [
-    ({"init_lora_weights": "pissa"}, "init_lora_weights: pissa is not supported yet: it rewrites the base weights"),
-    ({"init_lora_weights": "pissa_niter_4"}, "pissa_niter_4 is not supported yet"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights: pissa rewrites the base weights .* set load_in_4bit false"),
+    ({"init_lora_weights": "olora", "load_in_4bit": True}, "init_lora_weights: olora rewrites the base weights"),
+    ({"init_lora_weights": "pissa_niter_4"}, "pissa_niter_4 rewrites the base weights"),  # the seed's base is NF4
+    ({"init_lora_weights": "pissa_niter_0", "load_in_4bit": False}, "init_lora_weights must be one of"),
     ({"init_lora_weights": "loftq"}, "needs scipy and a CUDA device"),
     ({"init_lora_weights": "kaiming"}, "init_lora_weights must be one of true, gaussian"),
+    ({"init_lora_weights": "orthogonal"}, "orthogonal needs an even lora_r .* and load_in_4bit false"),  # NF4 seed
+    ({"init_lora_weights": "orthogonal", "load_in_4bit": False, "lora_r": 15}, "orthogonal needs an even lora_r \\(got 15\\)"),
+    ({"init_lora_weights": "eva"}, "needs a pass over the data"),
     ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be positive"),
     ({"loraplus_lr_ratio": 16, "optim": "adafactor"}, "loraplus_lr_ratio works with optim adamw_torch or adamw_torch_fused"),
 ])
 def test_variant_keys_that_cannot_work_are_refused_with_the_reason(values, match):
     with pytest.raises(RecipeError, match=match):
         load_recipe_dict(values)
+
+
+# ------------------------------------------------------------------ PiSSA / OLoRA: base rewritten, saved converted
+
+BASE_REWRITING = ["pissa", "pissa_niter_4", "olora"]
+PROBE = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, inputs=PROBE):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(inputs.to(model.device)).logits.float().cpu()
+    finally:
+        model.train(was_training)
+
+
+@pytest.mark.parametrize("init", BASE_REWRITING)
+def test_a_base_rewriting_init_is_proven_on_every_layer(tiny_base, init):
+    """(a) the base changed, (b) W_res + s B0 A0 = W and (c) the step-0 logits are the base's: check_variants
+    passes, and lora_B is not zero (the B = 0 check does not apply)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model
+
+    recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
+    model = add_adapter(load_base_model(recipe), recipe)
+    check_variants(model, recipe)
+    layers = _lora_layers(model)
+    assert len(layers) == 14 and all(layer.lora_B["default"].weight.abs().max() > 0 for layer in layers)
+    original = AutoModelForCausalLM.from_pretrained(tiny_base)
+    q_proj = original.model.layers[0].self_attn.q_proj.weight
+    assert (layers[0].get_base_layer().weight - q_proj).abs().max() > 1e-3  # layers[0] is layer 0's q_proj
+    assert (_logits(model) - _logits(original)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_unconverted_adapter_is_never_published(tiny_base, tmp_path, init):
+    """Saved as trained (rank r, init pissa/olora), it only fits the residual base: the final check refuses it."""
+    from hf_lora_recipe.modeling import add_adapter, load_base_model
+    from hf_lora_recipe.resilience import check_saved_adapter
+
+    recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
+    add_adapter(load_base_model(recipe), recipe).save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match=f"init_lora_weights {init} saved unconverted \\(init {init}, r 16, "
+                                           "alpha 32; converted: true, 32, 64\\): it would only fit the residual base"):
+        check_saved_adapter(tmp_path, recipe, trained_steps=0)
+
+
+@pytest.mark.parametrize("init", BASE_REWRITING)
+def test_a_base_rewriting_init_that_did_not_apply_or_conserve_stops_the_run(tiny_base, init):
+    from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model, record_base
+
+    asked = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
+    # built with plain LoRA, as a config that dropped the key would: the base was never rewritten
+    plain = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False)
+    base = load_base_model(plain)
+    before = record_base(base, asked)
+    with pytest.raises(RuntimeError, match=rf"^base_model\.model\.model\.layers\.0\.self_attn\.q_proj: "
+                                           rf"init_lora_weights {init} left the base weight unchanged"):
+        check_variants(add_adapter(base, plain), asked, before)
+
+    model = add_adapter(load_base_model(asked), asked)
+    with torch.no_grad():  # B0 lost on one layer: W_res + s B A is no longer W
+        _lora_layers(model)[5].lora_B["default"].weight.mul_(0.5)
+    with pytest.raises(RuntimeError, match=r"^base_model\.model\.model\.layers\.0\.mlp\.up_proj: W_res \+ s B0 A0 "
+                                           r"differs from the original weight"):
+        check_variants(model, asked)
+
+    model = add_adapter(load_base_model(asked), asked)
+    with torch.no_grad():  # every adapted layer conserved, but something else in the model changed
+        model.base_model.model.model.norm.weight.mul_(2)
+    with pytest.raises(RuntimeError, match=f"init_lora_weights {init}: the adapted model's step-0 logits differ"):
+        check_variants(model, asked)
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"use_dora": True}, "init_lora_weights: pissa with use_dora: true is not supported: PEFT's conversion"),
+    ({"train_template_tokens": True}, "init_lora_weights: pissa with train_template_tokens: true is not supported"),
+])
+def test_what_the_conversion_does_not_carry_is_refused_at_recipe_load(values, match):
+    load_recipe_dict({"load_in_4bit": False, "init_lora_weights": "pissa"})
+    with pytest.raises(RecipeError, match=match):
+        load_recipe_dict({"load_in_4bit": False, "init_lora_weights": "pissa", **values})
+
+
+@pytest.mark.parametrize("engine", [("fsdp", 2), ("zero2",), ("zero3",)])
+def test_base_rewriting_inits_are_refused_under_fsdp_and_deepspeed(engine):
+    from hf_lora_recipe.engines import Engine, check_engine
+
+    with pytest.raises(RecipeError, match="init_lora_weights: olora under FSDP or DeepSpeed is not supported"):
+        check_engine(Recipe(load_in_4bit=False, init_lora_weights="olora"), Engine(*engine))
+    check_engine(Recipe(load_in_4bit=False, init_lora_weights="olora"), Engine("ddp"))
+
+
+def _train(monkeypatch, tiny_base, alpaca_path, output_dir, *extra):
+    """``train`` in this process; returns the trained model's logits on PROBE, taken right after its save."""
+    from hf_lora_recipe import artifacts
+    from hf_lora_recipe.train import main as train_main
+
+    captured = {}
+    real_save_run = artifacts.save_run
+
+    def save_run(trainer, *args, **kwargs):
+        written = real_save_run(trainer, *args, **kwargs)
+        captured["logits"] = _logits(trainer.model)
+        return written
+
+    monkeypatch.setattr(artifacts, "save_run", save_run)
+    code = train_main(_args(tiny_base, alpaca_path, output_dir, "--max_steps", "2", "--save_steps", "1", *extra))
+    return code, captured.get("logits")
+
+
+def _on_original_base(tiny_base, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter_dir))
+
+
+@pytest.mark.parametrize("init", BASE_REWRITING)
+def test_training_saves_a_converted_adapter_of_the_original_base(tiny_base, alpaca_path, tmp_path, monkeypatch,
+                                                                 keep_signal_handlers, init):
+    """The published adapter is rank 2r on the ORIGINAL base and computes what the trained model computed; so
+    does its merge. The step-0 adapter stays in output_dir (ours), is never pushed."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_lora_recipe.artifacts import check_output_dir_is_ours
+    from hf_lora_recipe.merge import merge
+    from hf_lora_recipe.publish import files_to_publish
+
+    output_dir = tmp_path / "adapter"
+    code, trained = _train(monkeypatch, tiny_base, alpaca_path, output_dir, "--init_lora_weights", init)
+    assert code == 0
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (32, 64, True)  # lora_r 16, alpha 32
+    converted = _on_original_base(tiny_base, output_dir)
+    merged = _logits(AutoModelForCausalLM.from_pretrained(merge(str(output_dir), tmp_path / "merged", dtype="float32")))
+    base = _logits(AutoModelForCausalLM.from_pretrained(tiny_base))
+    print(f"\n{init}: trained vs base {(trained - base).abs().max():.2e}; converted adapter on the original base vs "
+          f"trained {(converted - trained).abs().max():.2e}; merged vs trained {(merged - trained).abs().max():.2e}")
+    assert (trained - base).abs().max() > 1e-3  # it trained: the comparisons below are not of two bases
+    assert (converted - trained).abs().max() < 1e-4
+    assert (merged - trained).abs().max() < 1e-4
+    name = "OLoRA" if init == "olora" else "PiSSA" + (" (randomized SVD, 4 iterations)" if "niter" in init else "")
+    assert f"{name} init (saved converted: rank 32, alpha 64, a plain adapter of the original base)" in (
+        output_dir / "README.md").read_text()
+    initial = json.loads((output_dir / "initial_adapter" / "adapter_config.json").read_text())
+    assert initial["r"] == 16 and (output_dir / "initial_adapter" / "adapter_model.safetensors").is_file()
+    assert not any("initial_adapter" in str(path) for path in files_to_publish(output_dir))
+    check_output_dir_is_ours(output_dir)  # initial_adapter/ is ours: no refusal
+
+
+def test_resume_and_publish_only_convert_against_the_saved_initial_adapter(tiny_base, alpaca_path, tmp_path,
+                                                                         monkeypatch, keep_signal_handlers, capsys):
+    """pissa_niter_N draws from torch's RNG: the seed makes a rerun's initialisation the saved one, which is
+    checked; another seed is refused before training. A run that never wrote its adapter writes it converted."""
+    from safetensors.torch import load_file
+
+    output_dir = tmp_path / "adapter"
+    flags = ("--init_lora_weights", "pissa_niter_4")
+    assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags)[0] == 0
+    first = load_file(output_dir / "adapter_model.safetensors")
+
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # as if it died before publishing
+        (output_dir / name).unlink()
+    capsys.readouterr()
+    assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags)[0] == 0
+    out = capsys.readouterr().out
+    assert "without training" in out and "this rerun's initialisation equals" in out
+    rewritten = load_file(output_dir / "adapter_model.safetensors")
+    assert first.keys() == rewritten.keys() and all((first[k] == rewritten[k]).all() for k in first)
+
+    code, trained = _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags, "--max_steps", "3")
+    out = capsys.readouterr().out
+    assert code == 0 and "resuming from" in out and "this rerun's initialisation equals" in out
+    assert json.loads((output_dir / "training_results.json").read_text())["optimizer_steps"] == 3
+    assert (_on_original_base(tiny_base, output_dir) - trained).abs().max() < 1e-4
+
+    assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags, "--max_steps", "4", "--seed", "7")[0] == 2
+    assert ("the pissa_niter_4 initialisation of this rerun differs from the one saved in "
+            f"{output_dir / 'initial_adapter'}") in capsys.readouterr().err
+    assert not (output_dir / "checkpoint-4").exists()
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """An in-process run installs SIGINT/SIGTERM handlers (checkpoint on pre-emption): give pytest its own back."""
+    import signal
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+# ------------------------------------------------------------------ orthogonal: B and A non-zero, B A = 0
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_orthogonal_starts_at_the_base_with_non_zero_factors(tiny_base, bf16):
+    from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model
+
+    recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=bf16, init_lora_weights="orthogonal")
+    model = add_adapter(load_base_model(recipe), recipe)
+    check_variants(model, recipe)
+    layers = _lora_layers(model)
+    assert all(layer.lora_B["default"].weight.abs().max() > 0.01 for layer in layers)  # not the B = 0 of the others
+    adapted = _logits(model)
+    with model.disable_adapter():
+        base = _logits(model)
+    assert (adapted - base).abs().max() < (1e-5 if not bf16 else 0.05)  # bf16: PEFT rounds A and B to the base dtype
+
+    plain = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=bf16)
+    with pytest.raises(RuntimeError, match="init_lora_weights orthogonal should give non-zero A and B with B A = 0"):
+        check_variants(add_adapter(load_base_model(plain), plain), recipe)  # built plain: B = 0
+    with torch.no_grad():
+        layers[3].lora_B["default"].weight.normal_()  # B no longer orthogonal to A: step 0 is not the base
+    with pytest.raises(RuntimeError, match=r"layers.0.self_attn.o_proj: init_lora_weights orthogonal .* \|B A\|"):
+        check_variants(model, recipe)
+
+
+def test_orthogonal_trains_and_merges_to_the_adapters_logits(tiny_base, alpaca_path, tmp_path, monkeypatch,
+                                                             keep_signal_handlers):
+    from transformers import AutoModelForCausalLM
+
+    from hf_lora_recipe.merge import merge
+
+    output_dir = tmp_path / "adapter"
+    code, trained = _train(monkeypatch, tiny_base, alpaca_path, output_dir, "--init_lora_weights", "orthogonal")
+    assert code == 0
+    assert json.loads((output_dir / "adapter_config.json").read_text())["init_lora_weights"] == "orthogonal"
+    on_base = _on_original_base(tiny_base, output_dir)  # PEFT re-draws A, B at load, then loads the trained ones
+    merged = _logits(AutoModelForCausalLM.from_pretrained(merge(str(output_dir), tmp_path / "merged", dtype="float32")))
+    assert (trained - _logits(AutoModelForCausalLM.from_pretrained(tiny_base))).abs().max() > 1e-3
+    assert (on_base - trained).abs().max() < 1e-4 and (merged - trained).abs().max() < 1e-4
+    assert "init_lora_weights orthogonal" in (output_dir / "README.md").read_text()
