@@ -15,6 +15,7 @@ from typing import Any
 from . import log
 from .card import LOSS_PLOT, RESULTS_FILE, card_tags, library_versions, plot_losses, write_card
 from .config import Recipe, RecipeError, dump_recipe
+from .eva import EVA_STATE
 from .initial_adapter import INITIAL_ADAPTER, rewrites_base
 
 PICKLES = ("training_args.bin",)  # Trainer.save_model writes this pickle; we publish safetensors only
@@ -31,8 +32,9 @@ RUN_FILES = {ADAPTER_FILE, FINAL_FILES_LAST, "recipe.yaml", RESULTS_FILE, LOSS_P
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model"}
-# TensorBoard's logs, our staging, extra templates, PiSSA/OLoRA's step-0 adapter (initial_adapter.py) and its draft
-RUN_FOLDERS = {"runs", STAGING, "additional_chat_templates", INITIAL_ADAPTER, INITIAL_ADAPTER + ".partial"}
+# TensorBoard's logs, our staging, extra templates, PiSSA/OLoRA's step-0 adapter (initial_adapter.py) and its draft,
+# EVA's step-0 state (eva.py)
+RUN_FOLDERS = {"runs", STAGING, "additional_chat_templates", INITIAL_ADAPTER, INITIAL_ADAPTER + ".partial", EVA_STATE}
 CHECKPOINT_FOLDER = re.compile(r"^(incomplete-)?checkpoint-\d+(\.\d+)?$")  # Trainer's, and those set aside
 IGNORED = {".DS_Store"}
 

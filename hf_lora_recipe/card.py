@@ -117,6 +117,14 @@ def lora_variant(recipe: dict[str, Any]) -> str:
         alpha = recipe["lora_alpha"] * (math.sqrt(2) if recipe.get("use_rslora") else 2)
         parts.append(f"{name} init (saved converted: rank {2 * recipe['lora_r']}, alpha {alpha:.4g}, a plain adapter "
                      "of the original base)")
+    elif init == "eva":
+        # the ranks EVA gave the layers: from the step-0 state the run keeps beside its checkpoints
+        from .eva import saved_rank_range
+
+        found = saved_rank_range(recipe.get("output_dir", ""))
+        ranks = f"ranks {found[0]}-{found[1]} per layer, total {found[2]}" if found else "ranks per layer"
+        parts.append(f"EVA init (A from the training data's principal input directions; {ranks}, see rank_pattern in "
+                     "adapter_config.json)")
     elif init != "true":
         parts.append(f"init_lora_weights {init}")
     if recipe.get("loraplus_lr_ratio"):

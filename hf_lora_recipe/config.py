@@ -24,15 +24,13 @@ SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the decoder, never the LM head
 CHAT_TEMPLATES = ("llama2", "native")  # or a path to a .jinja file
 DATASET_FORMATS = ("alpaca", "oasst", "prompt_completion", "messages", "auto")
-LORA_INITS = ("true", "gaussian", "orthogonal", "pissa", "olora")  # and pissa_niter_N (PiSSA with a randomized SVD of N iterations)
+LORA_INITS = ("true", "gaussian", "orthogonal", "pissa", "olora", "eva")  # and pissa_niter_N (PiSSA with a randomized SVD of N iterations)
 # initialisations that rewrite the base (W - s B0 A0): a bf16/fp32 base only, converted to a plain adapter when saved
 BASE_REWRITING_INITS = ("pissa", "olora")
 LORAPLUS_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # torch.optim.AdamW, which create_loraplus_optimizer builds
 # PEFT initialisations not offered yet, and why (each needs more than a LoraConfig field to be right)
 LORA_INITS_NOT_YET = {
     "loftq": "it needs scipy and a CUDA device, and the unquantized base at initialisation",
-    "eva": "it needs a pass over the data after the adapter is built (initialize_lora_eva_weights), which "
-           "redistributes ranks",
     "corda": "it needs a covariance pass over the data first (preprocess_corda)",
 }
 
@@ -104,7 +102,9 @@ class Recipe:
     init_lora_weights: str = lora(
         "true", "adapter initialisation (PEFT init_lora_weights): true = Kaiming-uniform A, B = 0; gaussian = "
         "A ~ N(0, 1/r), B = 0; orthogonal = A and B from orthogonal halves of one random rotation, B A = 0; pissa (or pissa_niter_N, a faster randomized SVD) / olora = A and B from the base's "
-        "principal singular vectors / QR, the base keeps the rest. All start at the base's outputs; pissa and olora "
+        "principal singular vectors / QR, the base keeps the rest; eva = A from the top principal components of each "
+        "layer's inputs on the training data (a pass of at most 200 batches before step 1), ranks redistributed "
+        "across layers (total r x modules, at most 2r each). All start at the base's outputs; pissa and olora "
         "need load_in_4bit false and are saved as a plain adapter of the original base (PEFT's conversion)",
         LORA_INITS)
 
@@ -115,9 +115,10 @@ class Recipe:
         "each next example comes from that source (datasets.interleave_datasets, seeded); fraction: the share of that "
         "source's examples taken (then concatenated); neither: every example of every source")
     mixture_stopping_strategy: str = data(
-        "first_exhausted", "weighted mixtures: stop when the first source runs out (no example repeats), or when all "
-        "have (smaller sources repeat); datasets.interleave_datasets' stopping_strategy",
-        ("first_exhausted", "all_exhausted"))
+        "first_exhausted", "weighted mixtures: stop when the first source runs out (no example repeats), when all "
+        "have (smaller sources repeat), or when all have without repeating any (the last draws follow what is left, "
+        "not the weights); datasets.interleave_datasets' stopping_strategy",
+        ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement"))
     dataset_config: str | None = data(None, "Hub dataset configuration name")
     dataset_revision: str | None = data(None, "Hub dataset revision")
     dataset_train_split: str = data("train", "split to train on")
@@ -483,6 +484,20 @@ def validate(recipe: Recipe) -> None:
                           "supported: PEFT's conversion to an adapter of the original base drops the trained token "
                           "rows (the saved adapter then fails to load); set train_template_tokens false, or "
                           "init_lora_weights true or gaussian")
+    if init == "eva":
+        for key, reason in (
+            ("use_dora", "DoRA's magnitudes are set from W + s B A before EVA replaces A and the ranks, which is "
+                         "not verified"),
+            ("use_rslora", "PEFT scales each layer's alpha by its new rank / r, which keeps alpha/r, not rsLoRA's "
+                           "alpha/sqrt(r)"),
+            ("train_template_tokens", "PEFT's EVA pass hooks the trained token rows (embedding, LM head) as if "
+                                      "they were LoRA layers and fails on their inputs"),
+            ("streaming", "the EVA pass would read the stream's first batches an extra time before training (and "
+                          "count them in the stream's tally)"),
+        ):
+            if getattr(recipe, key):
+                raise RecipeError(f"init_lora_weights: eva with {key}: true is not supported: {reason}; set {key} "
+                                  "false, or use init_lora_weights true or gaussian")
     for name, spec in FIELDS.items():
         choices = spec.metadata.get("choices")
         value = lora_init_family(recipe.init_lora_weights) if name == "init_lora_weights" else getattr(recipe, name)

@@ -80,9 +80,11 @@ def current_engine() -> Engine:
 
 def check_engine(recipe: Recipe, engine: Engine) -> None:
     """Combinations that cannot train correctly fail here, before anything loads."""
+    from .eva import check_eva_possible
     from .initial_adapter import check_conversion_possible
 
     check_conversion_possible(recipe, engine.name)  # PiSSA/OLoRA: DoRA, template tokens, FSDP, DeepSpeed
+    check_eva_possible(recipe, engine.name)  # EVA: FSDP, DeepSpeed
     if engine.name == "fsdp":
         if engine.fsdp_version != 2:
             raise RecipeError(

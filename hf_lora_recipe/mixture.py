@@ -51,10 +51,17 @@ def dataset_versions(recipe: Recipe) -> dict[str, str]:
 
 def check_sources(recipe: Recipe) -> None:
     """Every local source's path and split exist (reads no rows): the pre-flight check of the data."""
+    from .config import RecipeError
     from .sources import split_files
 
-    for single in source_recipes(recipe):
-        split_files(single)
+    for index, single in enumerate(source_recipes(recipe)):
+        try:
+            split_files(single)
+        except RecipeError as error:  # name the entry: "dataset_name" is not what a mixture's user typed
+            if not recipe.datasets:
+                raise
+            message = str(error).replace("dataset_name ", "name ", 1).replace("dataset_train_split:", "split:", 1)
+            raise RecipeError(f"datasets[{index}]: {message}") from None
 
 
 def source_index(recipe: Recipe, wanted: str) -> int:

@@ -26,6 +26,8 @@ def lora_config(recipe: Recipe, trainable_tokens: list[int] | dict[str, list[int
     except the rows of ``trainable_tokens`` (see :func:`trainable_token_targets`)."""
     from peft import LoraConfig
 
+    from .eva import eva_config
+
     return LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
@@ -37,6 +39,7 @@ def lora_config(recipe: Recipe, trainable_tokens: list[int] | dict[str, list[int
         use_rslora=recipe.use_rslora,
         use_dora=recipe.use_dora,
         init_lora_weights=peft_init_lora_weights(recipe.init_lora_weights),
+        eva_config=eva_config(recipe),
     )
 
 
@@ -127,14 +130,17 @@ def check_variants(model: Any, recipe: Recipe, before: BaseRecord | None = None)
     accepted a variant and silently trained plain LoRA stops the run here.
 
     PiSSA/OLoRA (see :func:`check_conserved`) against ``before``, by default what :func:`add_adapter` recorded;
-    every other initialisation starts with B = 0.
+    every other initialisation starts with B = 0. EVA (see :func:`hf_lora_recipe.eva.check_eva`) only after its
+    data pass has set A and the ranks.
     """
     import math
 
     from peft.tuners.lora import LoraLayer
 
+    from .eva import check_eva, uses_eva
     from .initial_adapter import rewrites_base
 
+    # EVA scales each layer's alpha with its rank, which keeps alpha/r (rsLoRA is refused with it)
     expected_scaling = recipe.lora_alpha / (math.sqrt(recipe.lora_r) if recipe.use_rslora else recipe.lora_r)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
     if not layers:
@@ -161,6 +167,8 @@ def check_variants(model: Any, recipe: Recipe, before: BaseRecord | None = None)
             raise RuntimeError(f"init_lora_weights {recipe.init_lora_weights}: no record of the base before the "
                                "adapter rewrote it (build the model with add_adapter), so it cannot be checked")
         check_conserved(model, recipe, before, layers)
+    if uses_eva(recipe):  # EVA's rank budget is r for every module the recipe adapts
+        check_eva(model, recipe, layers, sum(len(names) for names in check_targets(recipe).values()))
 
 
 # |B A| against |B| |A|, largest entry: fp32 factors leave ~1e-7 (measured 2.7e-8 on the tiny model). PEFT rounds
@@ -390,7 +398,8 @@ def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None) 
     import torch
     from peft import get_peft_model
 
-    from .engines import adapter_bytes_per_parameter, current_engine
+    from .engines import current_engine
+    from .eva import uses_eva
     from .initial_adapter import rewrites_base
 
     model = prepare_base(model, recipe)
@@ -405,6 +414,17 @@ def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None) 
     model = get_peft_model(model, lora_config(recipe, tokens))
     if record is not None:
         _RECORDS[model] = record  # for check_variants: W_res + s B0 A0 = W and the step-0 logits
+    if not uses_eva(recipe):  # EVA replaces A (and the ranks) after its data pass, and finishes the adapter then
+        finish_adapter(model, recipe)
+    return model
+
+
+def finish_adapter(model: Any, recipe: Recipe) -> None:
+    """The adapter's dtype and compilation, once its layers (and their ranks) are final."""
+    import torch
+
+    from .engines import adapter_bytes_per_parameter, current_engine
+
     if adapter_bytes_per_parameter(recipe, current_engine().plan_strategy) == 2:
         # bf16 adapter weights (on a 4-bit base, as TRL would make them anyway; under DeepSpeed with bf16, which
         # runs the module in bf16): PEFT's default is fp32. DoRA's magnitudes stay fp32: their updates are below
@@ -416,7 +436,6 @@ def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None) 
         from .compiling import compile_decoder_layers
 
         compile_decoder_layers(model)
-    return model
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from .arguments import RecipeParser, command
 from .config import AUTO, Recipe, RecipeError
 from .engines import adapter_bytes_per_parameter
 from .estimates import GIB, GPUS, Shape, flops_per_token, largest_fitting_micro_batch, measure_shape, memory, nf4_bytes
+from .initial_adapter import rewrites_base
 from .mixture import source_recipes
 from .modeling import peft_init_lora_weights
 from .special_tokens import TemplateTokens, inspect_if_local
@@ -133,6 +134,11 @@ def lints(recipe: Recipe, shape: Shape, num_gpus: int, gpu_bf16: bool = True,
                               f"{template_tokens.skipped}",
                               "train checks them before the model loads when the base's safetensors are on the "
                               "machine; train_template_tokens: true trains them whatever they hold"))
+    if recipe.init_lora_weights == "eva":
+        found.append(Lint("note", "init_lora_weights eva: the per-layer ranks come from a pass over the training data "
+                          f"before step 1 (total r x modules, at most {2 * recipe.lora_r} per layer): the trainable "
+                          "parameters above assume r everywhere",
+                          "train logs the ranks EVA chose and the resulting trainable count"))
     if shape.unmatched_targets:
         found.append(Lint("error", f"target module(s) {shape.unmatched_targets} match no module of this model",
                           "use the model's projection names (e.g. q_proj, v_proj for Llama)"))
@@ -196,7 +202,8 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
                           "total": shape.total, "trainable": shape.trainable,
                           "trainable_share_of_base": shape.trainable / max(base_parameters, 1),
                           "by_module": shape.lora_by_module}
-    plan["adapter_file_bytes"] = adapter_bytes_per_parameter(recipe) * shape.trainable  # saved in the dtype it trains in
+    # saved in the dtype it trains in; PiSSA/OLoRA are saved converted, [B | -B0] [A ; A0]: twice the rank
+    plan["adapter_file_bytes"] = adapter_bytes_per_parameter(recipe) * shape.trainable * (2 if rewrites_base(recipe) else 1)
     strategies = ["ddp"] + (["fsdp", "zero3"] if num_gpus > 1 else [])
     limit = memory_gib * GIB
     if recipe.per_device_train_batch_size == AUTO:
@@ -241,7 +248,17 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
 
 
 def token_counts(recipe: Recipe) -> dict[str, Any]:
-    """Exact counts from the real preprocessing for a local dataset; else an estimate, stated as such."""
+    """Exact counts from the real preprocessing for a local dataset; else an estimate, stated as such. A stream
+    trains max_steps x global batch examples, at the mean length of its first rows."""
+    if recipe.streaming and Path(recipe.dataset_name).exists():  # a Hub stream: unknown below, as a Hub dataset
+        from .streaming import build_stream
+        from .tokenizer import tokenizer_for
+
+        _, head = build_stream(recipe, tokenizer_for(recipe))
+        examples = recipe.max_steps * recipe.global_batch_size
+        return {"source": f"streaming: max_steps x global batch examples, at the mean length of the first "
+                          f"{head.examples_in} rows", "examples": examples, "tokens": int(head.mean_length * examples),
+                "truncated_share": head.truncated / max(head.examples_out, 1)}
     if all(Path(single.dataset_name).exists() for single in source_recipes(recipe)):
         from .data import build_sft_dataset
         from .tokenizer import tokenizer_for

@@ -161,7 +161,12 @@ def _check_compatible(checkpoint: Path, recipe: Recipe) -> None:
     differences = []
     if saved.get("r") not in (None, recipe.lora_r):
         differences.append(f"lora_r {saved.get('r')} there, {recipe.lora_r} here")
-    if isinstance(wanted, list) and isinstance(targets, list) and set(targets) != set(wanted):
+    if config.is_file() and (saved.get("init_lora_weights") == "eva") != (recipe.init_lora_weights == "eva"):
+        differences.append(f"init_lora_weights {saved.get('init_lora_weights')} there, {recipe.init_lora_weights} here")
+    # EVA saves the modules it kept (full names, or the shortest endings that tell them apart): each one of ours
+    if isinstance(wanted, list) and isinstance(targets, list) and set(targets) != set(wanted) and not (
+            saved.get("init_lora_weights") == "eva"
+            and all(any(target == name or target.endswith("." + name) for name in wanted) for target in targets)):
         differences.append(f"lora_target_modules {' '.join(sorted(targets))} there, {' '.join(sorted(wanted))} here")
     if differences:
         raise RecipeError(f"{checkpoint} holds a different adapter ({'; '.join(differences)}): use the recipe it "
@@ -328,6 +333,7 @@ def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> 
     must be saved converted (rank 2r, ``init_lora_weights: true``): unconverted, they only fit the residual base."""
     from safetensors import safe_open
 
+    from .eva import saved_ranks, uses_eva
     from .initial_adapter import rewrites_base
 
     path = directory / "adapter_model.safetensors"
@@ -336,6 +342,7 @@ def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> 
     rank = 2 * recipe.lora_r if rewrites_base(recipe) else recipe.lora_r
     if rewrites_base(recipe):
         _check_converted_config(directory, recipe)
+    ranks = saved_ranks(directory) if uses_eva(recipe) else {}  # EVA: each layer's own, from its rank_pattern
     nonzero_b = False
     with safe_open(str(path), framework="pt") as tensors:
         names = list(tensors.keys())
@@ -345,8 +352,9 @@ def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> 
             tensor = tensors.get_tensor(name)
             # train_template_tokens saves whole embedding rows; DoRA one magnitude per output row
             low_rank = "trainable_tokens" not in name and "lora_magnitude_vector" not in name
-            if tensor.numel() == 0 or (low_rank and rank not in tensor.shape):
-                raise RuntimeError(f"{path}: {name} has shape {tuple(tensor.shape)}, not a rank-{rank} factor")
+            expected = ranks.get(name.removeprefix("base_model.model.").split(".lora_", 1)[0], rank)
+            if tensor.numel() == 0 or (low_rank and expected not in tensor.shape):
+                raise RuntimeError(f"{path}: {name} has shape {tuple(tensor.shape)}, not a rank-{expected} factor")
             if "lora_B" in name and bool(tensor.abs().sum() > 0):
                 nonzero_b = True
     if trained_steps > 0 and not nonzero_b:

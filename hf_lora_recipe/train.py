@@ -157,6 +157,8 @@ def run(recipe: Recipe) -> Path:
     from .data import train_and_eval
     from .engines import let_fsdp_run_on_cpu
     from .estimates import GIB
+    from .eva import uses_eva
+    from .eva_pass import initialize_eva
     from .holdings import HoldingsReport
     from .initial_adapter import keep_initial_adapter, rewrites_base
     from .modeling import add_adapter, check_variants, count_parameters, load_base_model, trainable_line
@@ -181,9 +183,10 @@ def run(recipe: Recipe) -> Path:
     # --- Base and adapter (seeded first: LoRA's A matrices are drawn at random)
     set_seed(recipe.seed)
     model = add_adapter(load_base_model(recipe), recipe, template_tokens)
-    check_variants(model, recipe)  # rsLoRA / DoRA / B = 0 (PiSSA/OLoRA: W_res + s B0 A0 = W) are what PEFT built
+    if not uses_eva(recipe):  # EVA's A and ranks come from the training data: checked once the trainer batches it
+        check_variants(model, recipe)  # rsLoRA / DoRA / B = 0 (PiSSA/OLoRA: W_res + s B0 A0 = W) are what PEFT built
+        log.info(trainable_line(*count_parameters(model)))
     keep_initial_adapter(model, recipe, resumed=start.checkpoint is not None)  # PiSSA/OLoRA's A0, B0, for the save
-    log.info(trainable_line(*count_parameters(model)))
 
     # --- Trainer, resuming from the checkpoint chosen above (a fresh start clears old checkpoints only now)
     if start.checkpoint is None:
@@ -196,6 +199,7 @@ def run(recipe: Recipe) -> Path:
     callbacks = [NonFiniteGuard(), stopper, RunStateCallback(launch.accumulation, launch.world_size),
                  HoldingsReport(planned, launch.engine, launch.world_size)]
     trainer = build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, launch.accumulation, callbacks, flops)
+    initialize_eva(trainer, recipe, start.checkpoint)  # EVA: A, ranks from its batches (resumed: the saved ones)
 
     # --- Train (Trainer would take one step past max_steps when resumed at it: a run that trained to the end
     # but never wrote its adapter only writes it)

@@ -6,6 +6,7 @@ combinations refused, a checkpoint resumed only by the engine family that wrote 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -320,3 +321,28 @@ def test_a_ddp_checkpoint_under_fsdp_is_refused_before_loading(tiny_base, alpaca
     assert f"hf-lora-recipe: error: {output_dir / 'checkpoint-2'} was written by one process or DDP" in result.stderr
     assert "this launch uses FSDP2, which cannot read that optimizer state" in result.stderr
     assert "trainable:" not in result.stdout
+
+
+VARIANT_FLAGS = ["--use_dora", "true", "--use_rslora", "true", "--loraplus_lr_ratio", "16", "--max_steps", "3"]
+# measured: 0 for FSDP2 and ZeRO-2; ZeRO-3 3e-5 (its reduction order, ~3e-7 for plain LoRA at learning rate 1e-3,
+# amplified by LoRA+'s 16x learning rate on B: 1.4e-5 with LoRA+ alone, 1.1e-6 with DoRA alone)
+VARIANT_TOLERANCE = {"fsdp_lora": TOLERANCE, "deepspeed_zero2": TOLERANCE, "deepspeed_zero3": 1e-4}
+
+
+@pytest.mark.slow
+def test_variants_train_under_each_engine_as_in_one_process(tiny_base, alpaca_path, tmp_path, request):
+    """DoRA + rsLoRA + LoRA+ sharded (FSDP2, ZeRO-3) or not (ZeRO-2): each variant's proof passes on every rank
+    and the adapter is the one-process adapter (magnitude vectors included)."""
+    request.getfixturevalue("deepspeed_installed")
+    single = tmp_path / "one"
+    _ok(run_cli(CLI, "train", *_args(tiny_base, alpaca_path, single, *LORA, *VARIANT_FLAGS)))
+    reference = _adapter(single)
+    assert sum("lora_magnitude_vector" in key for key in reference) == 14
+    for config, tolerance in VARIANT_TOLERANCE.items():
+        result = _ok(run_cli(*_launch(config, *_args(tiny_base, alpaca_path, tmp_path / config, *LORA, *VARIANT_FLAGS))))
+        assert "LoRA+: lora_B at learning_rate x 16 = 0.016, lora_A at 0.001 (checked per tensor)" in result.stdout
+        difference = _max_diff(_adapter(tmp_path / config), reference)
+        print(f"\n{config}: DoRA + rsLoRA + LoRA+, max |adapter difference| vs one process: {difference:.2e}")
+        assert difference <= tolerance, config
+        saved = json.loads((tmp_path / config / "adapter_config.json").read_text())
+        assert saved["use_dora"] and saved["use_rslora"]

@@ -183,3 +183,13 @@ def test_training_on_a_mixture_records_the_realised_shares(tiny_base, sources, t
     assert [m["source"] for m in results["mixture"]] == ["alpaca_en_demo.json", "oasst2_trees_sample.jsonl"]
     card = (out / "README.md").read_text()
     assert "alpaca_en_demo.json" in card and "oasst2_trees_sample.jsonl" in card and "70.0%" in card
+
+
+def test_a_missing_source_is_named_by_its_entry_before_anything_loads(sources):
+    from hf_lora_recipe.mixture import check_sources
+
+    alpaca, _ = sources
+    with pytest.raises(RecipeError, match=r"^datasets\[1\]: name ./nope/x.jsonl: no such file or folder"):
+        check_sources(load_recipe_dict({"datasets": [{"name": alpaca}, {"name": "./nope/x.jsonl"}]}))
+    with pytest.raises(RecipeError, match=r"^datasets\[0\]: split: 'test' is not a split of .*alpaca_en_demo.json"):
+        check_sources(load_recipe_dict({"datasets": [{"name": alpaca, "split": "test"}]}))

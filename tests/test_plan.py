@@ -237,3 +237,11 @@ def test_plan_human_and_json_agree_for_70b_on_two_gpus(capsys):
     fsdp = plan["memory"]["fsdp"]
     assert f"{fsdp['total_bytes'] / GIB:.2f} GiB" in human.out and "(fsdp)" in human.out
     assert set(plan["memory"]) == {"ddp", "fsdp", "zero3"}
+
+
+def test_a_converted_adapter_is_planned_at_twice_the_rank(tiny_base):
+    """PiSSA/OLoRA are published as [B | -B0] [A ; A0]: plan's adapter file is twice the trained adapter."""
+    plain = make_plan(Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False))
+    pissa = make_plan(Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, init_lora_weights="pissa"))
+    assert pissa["parameters"]["trainable"] == plain["parameters"]["trainable"]
+    assert pissa["adapter_file_bytes"] == 2 * plain["adapter_file_bytes"] == 2 * 4 * plain["parameters"]["trainable"]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from hf_lora_recipe.config import RecipeError, load_recipe_dict
 from hf_lora_recipe.data import build_sft_dataset
 from hf_lora_recipe.streaming import HEAD_ROWS, build_stream
+from hf_lora_recipe.tokenizer import load_tokenizer
 
 from .conftest import CLI, REPO_ROOT, run_cli, shared_asset
 
@@ -111,6 +112,18 @@ def test_a_bad_row_later_in_the_stream_stops_it_naming_the_line(tmp_path, rows, 
 def test_what_a_stream_cannot_do_is_refused(keys, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe_dict({"dataset_name": "data.jsonl", "streaming": True, "max_steps": 10, **keys})
+
+
+def test_plan_counts_a_stream_by_max_steps_at_its_first_rows_mean_length(tmp_path, rows, tiny_base):
+    from hf_lora_recipe.plan import token_counts
+
+    path = _write(tmp_path / "data.jsonl", rows)
+    recipe = load_recipe_dict({"model_name_or_path": str(tiny_base), "dataset_name": str(path), "streaming": True,
+                               "max_steps": 100, "max_length": 128})
+    counts = token_counts(recipe)
+    assert counts["examples"] == 100 * 128 and counts["source"].startswith("streaming: max_steps x global batch")
+    _, head = build_stream(recipe, load_tokenizer(str(tiny_base)))
+    assert counts["tokens"] == int(head.mean_length * 100 * 128)
 
 
 def _train_args(tiny_base, data, output_dir, *extra):

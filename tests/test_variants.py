@@ -146,7 +146,7 @@ def test_plan_counts_doras_magnitudes_and_traces_every_variant_key(tiny_base):
     ({"init_lora_weights": "kaiming"}, "init_lora_weights must be one of true, gaussian"),
     ({"init_lora_weights": "orthogonal"}, "orthogonal needs an even lora_r .* and load_in_4bit false"),  # NF4 seed
     ({"init_lora_weights": "orthogonal", "load_in_4bit": False, "lora_r": 15}, "orthogonal needs an even lora_r \\(got 15\\)"),
-    ({"init_lora_weights": "eva"}, "needs a pass over the data"),
+    ({"init_lora_weights": "eva", "use_dora": True}, "init_lora_weights: eva with use_dora: true is not supported"),
     ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be positive"),
     ({"loraplus_lr_ratio": 16, "optim": "adafactor"}, "loraplus_lr_ratio works with optim adamw_torch or adamw_torch_fused"),
 ])
@@ -391,3 +391,182 @@ def test_orthogonal_trains_and_merges_to_the_adapters_logits(tiny_base, alpaca_p
     assert (trained - _logits(AutoModelForCausalLM.from_pretrained(tiny_base))).abs().max() > 1e-3
     assert (on_base - trained).abs().max() < 1e-4 and (merged - trained).abs().max() < 1e-4
     assert "init_lora_weights orthogonal" in (output_dir / "README.md").read_text()
+
+
+# ------------------------------------------------------------------ EVA: A and the ranks from the training data
+
+
+def _eva_state(model, ranks):
+    """A state as PEFT's EVA pass returns it: each adapted layer's name -> orthonormal rows (its top components)."""
+    from peft.tuners.lora import LoraLayer
+
+    generator = torch.Generator().manual_seed(0)
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    return {name: torch.linalg.qr(torch.randn(layer.in_features, max(rank, 1), generator=generator))[0].T[:rank]
+            .contiguous() for (name, layer), rank in zip(layers, ranks, strict=True)}
+
+
+def _eva_model(tiny_base, **values):
+    from hf_lora_recipe.modeling import add_adapter, load_base_model
+
+    recipe = Recipe(model_name_or_path=str(tiny_base), init_lora_weights="eva", **{"load_in_4bit": False, "bf16": False,
+                                                                                  **values})
+    return add_adapter(load_base_model(recipe), recipe), recipe
+
+
+# layers.0.q_proj gives its 16 to k_proj: rank 0 unwraps it, and the budget 16 x 14 modules is kept
+EVA_RANKS = [0, 32] + [16] * 12
+
+
+def test_eva_is_proven_on_every_layer_and_what_eva_did_not_set_stops_the_run(tiny_base, tmp_path):
+    from hf_lora_recipe.eva import apply_state
+    from hf_lora_recipe.eva_pass import rank_line
+    from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.resilience import check_saved_adapter
+
+    model, recipe = _eva_model(tiny_base)
+    with pytest.raises(RuntimeError, match=r"layers\.0\.self_attn\.q_proj: lora_A's rows are not orthonormal"):
+        check_variants(model, recipe)  # built, but no data pass yet: PEFT's Kaiming A
+    apply_state(model, _eva_state(model, EVA_RANKS))
+    check_variants(model, recipe)
+    assert len(_lora_layers(model)) == 13 and _lora_layers(model)[0].lora_A["default"].weight.shape == (32, 64)
+    config = model.peft_config["default"]
+    assert config.rank_pattern == {"model.layers.0.self_attn.k_proj": 32}
+    assert config.alpha_pattern == {"model.layers.0.self_attn.k_proj": 64}  # alpha/r kept: scaling 2 everywhere
+    assert rank_line(model, recipe) == ("EVA ranks: min 16, max 32, total 224 over 13 layers (budget r 16 x 14 "
+                                        "modules, at most 32 per layer; 1 layer(s) got rank 0 and no adapter)")
+    model.save_pretrained(tmp_path / "adapter")
+    check_saved_adapter(tmp_path / "adapter", recipe, trained_steps=0)  # each tensor at its layer's rank
+
+    plain = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False)
+    with pytest.raises(RuntimeError, match="init_lora_weights eva: the adapter was built with init_lora_weights True"):
+        check_variants(add_adapter(load_base_model(plain), plain), recipe)
+    a = _lora_layers(model)[3].lora_A["default"].weight
+    with torch.no_grad():  # one component no longer of unit length
+        a[0].mul_(1.5)
+    with pytest.raises(RuntimeError, match=r"layers\.0\.mlp\.gate_proj: lora_A's rows are not orthonormal "
+                                           r"\(\|A A\^T - I\| 1\.2"):
+        check_variants(model, recipe)
+    with torch.no_grad():
+        a[0].div_(1.5)
+    config.rank_pattern["model.layers.0.self_attn.k_proj"] = 16  # the config no longer says what the layer holds
+    with pytest.raises(RuntimeError, match=r"k_proj: EVA rank 16 in rank_pattern \(at most 32\), but A is \(32, 64\)"):
+        check_variants(model, recipe)
+
+    short, _ = _eva_model(tiny_base)
+    apply_state(short, _eva_state(short, [16] * 13 + [8]))
+    with pytest.raises(RuntimeError, match="the layers' ranks sum to 216, not EVA's budget r 16 x 14 modules = 224"):
+        check_variants(short, recipe)
+    saved = tmp_path / "adapter" / "adapter_config.json"
+    saved.write_text(saved.read_text().replace('"init_lora_weights": "eva"', '"init_lora_weights": true'))
+    with pytest.raises(RuntimeError, match="init_lora_weights True, rank_pattern .*: not the EVA adapter"):
+        check_saved_adapter(tmp_path / "adapter", recipe, trained_steps=0)
+
+
+def _fake_trainer(model, batches=40, length=24):
+    """What the EVA pass uses of a trainer, with random token batches (fully supervised)."""
+    from types import SimpleNamespace
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 32000, (2, length), generator=generator) for _ in range(batches)]
+    data = [{"input_ids": ids, "labels": ids.clone()} for ids in rows]
+    return SimpleNamespace(model=model, get_train_dataloader=lambda: data, accelerator=SimpleNamespace(_dataloaders=[]))
+
+
+def test_eva_on_an_nf4_base_and_a_pass_that_does_not_converge(tiny_base, monkeypatch):
+    """The data pass on a 4-bit base (adapter weights bf16): A orthonormal to bf16 rounding. Capped below
+    convergence, the run stops naming a layer, with PEFT's hooks removed."""
+    from peft.tuners.lora.eva import _Hook
+
+    from hf_lora_recipe import eva, eva_pass
+    from hf_lora_recipe.modeling import check_variants, finish_adapter
+
+    model, recipe = _eva_model(tiny_base, load_in_4bit=True, bf16=True, lora_r=2)
+    state = eva_pass.data_pass(_fake_trainer(model))
+    assert model.training  # the pass ran in eval mode and gave the mode back
+    eva.apply_state(model, state)
+    finish_adapter(model, recipe)
+    check_variants(model, recipe)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    assert sum(eva.ranks(model).values()) == 2 * 14
+
+    monkeypatch.setattr(eva_pass, "MAX_BATCHES", 3)
+    model, recipe = _eva_model(tiny_base, lora_r=2)
+    with pytest.raises(RecipeError, match=r"^init_lora_weights: eva: the input components of \d+ layer\(s\) \(e\.g\. "
+                                          r"model\.layers\.\d\.\S+\) were still moving after 3 batches"):
+        eva_pass.data_pass(_fake_trainer(model))
+    assert not any(isinstance(hook, _Hook) for module in model.modules() for hook in module._forward_hooks.values())
+    assert model.training
+
+
+def test_training_with_eva_saves_its_ranks_and_resumes_on_them(tiny_base, alpaca_path, tmp_path, monkeypatch,
+                                                               keep_signal_handlers, capsys):
+    """`train` with EVA: the data order is the plain run's (same digest); the adapter, on a freshly loaded base and
+    merged, computes what the trained model computed; the card gives the ranks; a rerun resumes on the saved
+    state without a second pass."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_lora_recipe.artifacts import check_output_dir_is_ours
+    from hf_lora_recipe.merge import merge
+    from hf_lora_recipe.publish import files_to_publish
+
+    output_dir = tmp_path / "adapter"
+    flags = ("--init_lora_weights", "eva", "--lora_r", "4", "--final_eval_examples", "0")
+    code, trained = _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags)
+    out = capsys.readouterr().out
+    assert code == 0 and "EVA: every layer's top input components converged after" in out
+    found = re.search(r"EVA ranks: min (\d+), max (\d+), total 56 over \d+ layers \(budget r 4 x 14 modules", out)
+    assert found and int(found[1]) < 4 < int(found[2])  # redistributed, not r everywhere
+    digest = re.search(r"data digest (\w+)", out)[1]
+    assert _train(monkeypatch, tiny_base, alpaca_path, tmp_path / "plain", "--lora_r", "4", "--final_eval_examples",
+                  "0")[0] == 0
+    assert f"data digest {digest}" in capsys.readouterr().out  # the pass changed neither the order nor the RNG
+
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "eva" and config["rank_pattern"] and config["alpha_pattern"]
+    on_base = _on_original_base(tiny_base, output_dir)
+    merged = _logits(AutoModelForCausalLM.from_pretrained(merge(str(output_dir), tmp_path / "merged", dtype="float32")))
+    base = _logits(AutoModelForCausalLM.from_pretrained(tiny_base))
+    with capsys.disabled():
+        print(f"\neva: trained vs base {(trained - base).abs().max():.2e}; adapter on a fresh base vs trained "
+              f"{(on_base - trained).abs().max():.2e}; merged vs trained {(merged - trained).abs().max():.2e}")
+    assert (trained - base).abs().max() > 1e-3
+    assert (on_base - trained).abs().max() < 1e-4 and (merged - trained).abs().max() < 1e-4
+    assert f"EVA init (A from the training data's principal input directions; ranks {found[1]}-{found[2]} per layer, " \
+           "total 56" in (output_dir / "README.md").read_text()
+    assert (output_dir / "eva_state" / "eva_state.safetensors").is_file()
+    assert not any("eva_state" in str(path) for path in files_to_publish(output_dir))
+    check_output_dir_is_ours(output_dir)
+
+    code, trained = _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags, "--max_steps", "3")
+    out = capsys.readouterr().out
+    assert code == 0 and "resuming from" in out and "converged after" not in out
+    assert f"(loaded from {output_dir / 'eva_state' / 'eva_state.safetensors'})" in out
+    assert json.loads((output_dir / "training_results.json").read_text())["optimizer_steps"] == 3
+    assert (_on_original_base(tiny_base, output_dir) - trained).abs().max() < 1e-4
+
+    assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, "--lora_r", "4", "--max_steps", "4")[0] == 2
+    assert "holds a different adapter (init_lora_weights eva there, true here)" in capsys.readouterr().err
+    (output_dir / "eva_state" / "eva_state.safetensors").unlink()
+    assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags, "--max_steps", "4")[0] == 2
+    assert "eva_state.safetensors is missing, so the ranks EVA gave the checkpoint's adapter are unknown" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("key", ["use_dora", "use_rslora", "train_template_tokens", "streaming"])
+def test_eva_with_what_it_was_not_verified_with_is_refused(key):
+    load_recipe_dict({"init_lora_weights": "eva"})  # on the seed's NF4 base: allowed
+    values = {"init_lora_weights": "eva", key: True, **({"max_steps": 10} if key == "streaming" else {})}
+    with pytest.raises(RecipeError, match=f"^init_lora_weights: eva with {key}: true is not supported: "):
+        load_recipe_dict(values)
+
+
+@pytest.mark.parametrize("engine", [("fsdp", 2), ("zero2",), ("zero3",)])
+def test_eva_is_refused_under_fsdp_and_deepspeed(engine):
+    from hf_lora_recipe.engines import Engine, check_engine
+
+    with pytest.raises(RecipeError, match="init_lora_weights: eva under FSDP or DeepSpeed is not supported"):
+        check_engine(Recipe(init_lora_weights="eva"), Engine(*engine))
+    check_engine(Recipe(init_lora_weights="eva"), Engine("ddp"))
