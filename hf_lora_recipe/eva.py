@@ -2,14 +2,14 @@
 data, and the ranks redistributed across layers by how much of those inputs' variance they explain.
 
 PEFT builds the adapter as usual (B = 0), then :func:`hf_lora_recipe.eva_pass.initialize_eva` runs the base
-(adapters off, eval mode, no gradients) over the trainer's own training batches - the dataloader ``train`` itself will read, on every process,
-gathered across processes as DDP would see them - while PEFT's ``get_eva_state_dict`` fits an incremental SVD to
-every target layer's inputs at the supervised positions (labels != -100) until its top components stop moving
-between batches (cosine similarity >= tau, 0.99). A is set to the top components (orthonormal rows), B stays 0, so
-step 0 is still the base. The rank budget (r x adapted modules) goes to the components with the largest explained
-variance ratio, at most rho x r = 2r per layer (a layer that gets none loses its adapter), and each layer's alpha
-is scaled with its rank, which keeps alpha/r. PEFT records the ranks as ``rank_pattern``/``alpha_pattern`` in the
-adapter config, so the saved adapter loads with its own shapes anywhere.
+(adapters off, eval mode, no gradients) over the trainer's own training batches - the dataloader ``train`` itself
+will read, on every process, gathered across processes as DDP would see them - while PEFT's ``get_eva_state_dict``
+fits an incremental SVD to every target layer's inputs at the supervised positions (labels != -100) until its top
+components stop moving between batches (cosine similarity >= tau, 0.99). A is set to the top components (orthonormal
+rows), B stays 0, so step 0 is still the base. The rank budget (r x adapted modules) goes to the components with the
+largest explained variance ratio, at most rho x r = 2r per layer (a layer that gets none loses its adapter), and
+each layer's alpha is scaled with its rank, which keeps alpha/r. PEFT records the ranks as
+``rank_pattern``/``alpha_pattern`` in the adapter config, so the saved adapter loads with its own shapes anywhere.
 
 Bounded: PEFT cycles the dataloader until every layer converges; here at most ``eva_pass.MAX_BATCHES`` forward passes
 (replaying the batches already read when the data has fewer), and a run whose components have not converged by
