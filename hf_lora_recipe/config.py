@@ -101,7 +101,8 @@ class Recipe:
                                  "and compute (plan counts them)")
     init_lora_weights: str = lora(
         "true", "adapter initialisation (PEFT init_lora_weights): true = Kaiming-uniform A, B = 0; gaussian = "
-        "A ~ N(0, 1/r), B = 0; orthogonal = A and B from orthogonal halves of one random rotation, B A = 0; pissa (or pissa_niter_N, a faster randomized SVD) / olora = A and B from the base's "
+        "A ~ N(0, 1/r), B = 0; orthogonal = A and B from orthogonal halves of one random rotation, B A = 0 (even r, "
+        "load_in_4bit false); pissa (or pissa_niter_N, a faster randomized SVD) / olora = A and B from the base's "
         "principal singular vectors / QR, the base keeps the rest; eva = A from the top principal components of each "
         "layer's inputs on the training data (a pass of at most 200 batches before step 1), ranks redistributed "
         "across layers (total r x modules, at most 2r each). All start at the base's outputs; pissa and olora "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 PREFIX = "[hf-lora-recipe]"
 
@@ -25,18 +26,25 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def _line(stream: Any, text: str) -> None:
+    """One write per line: launchers run the processes unbuffered (PYTHONUNBUFFERED), where print's separate
+    write of the newline lets another rank's line land in the middle of this one."""
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def info(message: str) -> None:
     """A progress or result line, printed once (by the main process)."""
     if is_main_process():
-        print(f"{PREFIX} {message}", flush=True)
+        _line(sys.stdout, f"{PREFIX} {message}")
 
 
 def warn(message: str) -> None:
     """Something the user should know that does not stop the run, on stderr, printed once."""
     if is_main_process():
-        print(f"{PREFIX} warning: {message}", file=sys.stderr, flush=True)
+        _line(sys.stderr, f"{PREFIX} warning: {message}")
 
 
 def every_rank(message: str) -> None:
     """A line each process prints, tagged with its rank (e.g. what data each rank read)."""
-    print(f"[hf-lora-recipe rank {rank()}/{world_size()}] {message}", flush=True)
+    _line(sys.stdout, f"[hf-lora-recipe rank {rank()}/{world_size()}] {message}")

@@ -274,7 +274,7 @@ def _on_original_base(tiny_base, adapter_dir):
     return _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter_dir))
 
 
-@pytest.mark.parametrize("init", BASE_REWRITING)
+@pytest.mark.parametrize("init", ["pissa", pytest.param("pissa_niter_4", marks=pytest.mark.slow), "olora"])
 def test_training_saves_a_converted_adapter_of_the_original_base(tiny_base, alpaca_path, tmp_path, monkeypatch,
                                                                  keep_signal_handlers, init):
     """The published adapter is rank 2r on the ORIGINAL base and computes what the trained model computed; so
@@ -307,6 +307,7 @@ def test_training_saves_a_converted_adapter_of_the_original_base(tiny_base, alpa
     check_output_dir_is_ours(output_dir)  # initial_adapter/ is ours: no refusal
 
 
+@pytest.mark.slow  # several trainings in a row: the default suite keeps its time budget
 def test_resume_and_publish_only_convert_against_the_saved_initial_adapter(tiny_base, alpaca_path, tmp_path,
                                                                          monkeypatch, keep_signal_handlers, capsys):
     """pissa_niter_N draws from torch's RNG: the seed makes a rerun's initialisation the saved one, which is
@@ -499,6 +500,7 @@ def test_eva_on_an_nf4_base_and_a_pass_that_does_not_converge(tiny_base, monkeyp
     assert model.training
 
 
+@pytest.mark.slow  # several trainings in a row: the default suite keeps its time budget
 def test_training_with_eva_saves_its_ranks_and_resumes_on_them(tiny_base, alpaca_path, tmp_path, monkeypatch,
                                                                keep_signal_handlers, capsys):
     """`train` with EVA: the data order is the plain run's (same digest); the adapter, on a freshly loaded base and
