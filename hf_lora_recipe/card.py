@@ -187,12 +187,13 @@ def _mixture_block(mixture: list[dict[str, Any]] | None) -> str:
     """What each source of a mixture became in the training set: asked for, and realised."""
     if not mixture:
         return ""
-    rows = "\n".join(
-        f"| {m['source']} | {m['format']} | {m['asked_share']:.1%} |" if m["asked_share"] is not None else
-        f"| {m['source']} | {m['format']} | {'fraction ' + format(m['fraction'], 'g') if m['fraction'] else 'all'} |"
-        for m in mixture)
-    rows = "\n".join(f"{row} {m['examples_kept']:,} | {m['examples_used']:,} | {m['share_of_examples']:.1%} | "
-                      f"{m['share_of_supervised_tokens']:.1%} |" for row, m in zip(rows.splitlines(), mixture))
+    def asked(m: dict[str, Any]) -> str:
+        if m["asked_share"] is not None:
+            return f"{m['asked_share']:.1%}"
+        return f"fraction {m['fraction']:g}" if m["fraction"] else "all"
+
+    rows = "\n".join(f"| {m['source']} | {m['format']} | {asked(m)} | {m['examples_kept']:,} | {m['examples_used']:,} | "
+                      f"{m['share_of_examples']:.1%} | {m['share_of_supervised_tokens']:.1%} |" for m in mixture)
     return ("\n## Data mixture\n\n| source | format | asked | examples after cleaning | examples used | share of "
             "examples | share of supervised tokens |\n|---|---|---|---|---|---|---|\n" + rows + "\n")
 

@@ -232,13 +232,18 @@ def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport
     if len(dataset) == 0:
         raise RecipeError(f"no trainable examples left in {recipe.dataset_name} after preprocessing")
     dataset = dataset.remove_columns(["problem", "audit", "row"])
+    _count_examples(report, dataset, recipe.max_length)
+    return dataset, report
+
+
+def _count_examples(report: DataReport, dataset: Any, max_length: int) -> None:
+    """The report's counts of what ``dataset`` holds: examples, their (truncated) lengths, tokens, supervision."""
     full_length = _column(dataset, "full_length")
     report.examples_out = len(dataset)
-    report.lengths = np.minimum(full_length, recipe.max_length)
+    report.lengths = np.minimum(full_length, max_length)
     report.total_tokens = int(report.lengths.sum())
     report.supervised_tokens = int(_column(dataset, "num_supervised").sum())
-    report.truncated = int((full_length > recipe.max_length).sum())
-    return dataset, report
+    report.truncated = int((full_length > max_length).sum())
 
 
 def build_sft_dataset(recipe: Recipe, tokenizer: Any, rows: Rows | None = None) -> tuple[Any, DataReport]:
@@ -256,14 +261,11 @@ def build_mixture(recipe: Recipe, tokenizer: Any) -> tuple[Any, DataReport]:
     prepared = [prepare(single, tokenizer, load_rows(single)) for single in mixture.source_recipes(recipe)]
     mixed = mixture.mix(recipe, [dataset for dataset, _ in prepared])
     reports = [report for _, report in prepared]
-    full_length = _column(mixed, "full_length")
     report = DataReport(
         examples_in=sum(r.examples_in for r in reports), dropped=sum((r.dropped for r in reports), Counter()),
-        examples_out=len(mixed), lengths=np.minimum(full_length, recipe.max_length),
-        supervised_tokens=int(_column(mixed, "num_supervised").sum()), truncated=int((full_length > recipe.max_length).sum()),
         sources=[(mixture.source_label(s), r) for s, r in zip(recipe.datasets, reports)], mixing=mixture.how(recipe),
         mixture=mixture.shares(recipe, mixed, reports))
-    report.total_tokens = int(report.lengths.sum())
+    _count_examples(report, mixed, recipe.max_length)
     return mixed, report
 
 

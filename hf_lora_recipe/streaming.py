@@ -74,7 +74,7 @@ def _jsonl_rows(path: Path, name: str) -> Iterator[dict]:
 
 
 def _file_rows(path: Path, name: str) -> Iterator[dict]:
-    from .sources import _csv_line, read_csv, read_json
+    from .sources import _csv_records, read_csv, read_json
 
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -88,8 +88,11 @@ def _file_rows(path: Path, name: str) -> Iterator[dict]:
                 yield {**row, ORIGIN: f"{name} row {index}"}
                 index += 1
     elif suffix == ".csv":
-        for index, row in enumerate(read_csv(path, name)):
-            yield {**row, ORIGIN: f"{name} line {_csv_line(path, index)}"}
+        rows = read_csv(path, name)
+        # each record's first line, found in one pass (a quoted value may span lines), the header's dropped
+        lines = [line for line, _ in _csv_records(path.read_text(encoding="utf-8-sig"))][1:]
+        for row, line in zip(rows, lines):
+            yield {**row, ORIGIN: f"{name} line {line}"}
     else:
         rows, kind = read_json(path, name)
         for index, row in enumerate(rows):

@@ -104,3 +104,14 @@ def smollm2_base() -> Path:
         if missing:
             pytest.skip(f"the SmolLM2 base needs {' and '.join(missing)}, not installed here: {INSTALL}")
     return materialise_smollm2()
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """An in-process run installs SIGINT/SIGTERM handlers (checkpoint on pre-emption): give pytest its own back."""
+    import signal
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)

@@ -283,15 +283,6 @@ def finished_run(tiny_base, alpaca_path, tmp_path_factory):
 
 
 @pytest.fixture
-def keep_signal_handlers():
-    """A real run installs SIGINT/SIGTERM handlers (checkpoint on pre-emption): give pytest its own back."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-
-
-@pytest.fixture
 def tripwire(monkeypatch):
     def refuse(*args, **kwargs):
         raise ReachedLoading

@@ -340,17 +340,6 @@ def test_resume_and_publish_only_convert_against_the_saved_initial_adapter(tiny_
     assert not (output_dir / "checkpoint-4").exists()
 
 
-@pytest.fixture
-def keep_signal_handlers():
-    """An in-process run installs SIGINT/SIGTERM handlers (checkpoint on pre-emption): give pytest its own back."""
-    import signal
-
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-
-
 # ------------------------------------------------------------------ orthogonal: B and A non-zero, B A = 0
 
 
