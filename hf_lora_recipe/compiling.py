@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import RecipeError
+from .upstream import torch as torch_upstream
 
 # Dropout draws from the eager generator, not from inductor's own random kernels:
 # * Under checkpointing the backward must differentiate the mask the forward applied. With inductor's RNG the
@@ -49,14 +50,58 @@ def decoder_layers(model: Any) -> Any:
 
 
 def compile_decoder_layers(model: Any) -> int:
-    """Compile each decoder layer in place (``nn.Module.compile``); returns how many were compiled.
+    """Compile each decoder layer in place; returns how many were compiled.
 
     Shapes are dynamic from the first step: packed or padding-free batches change length every step, and
     with static shapes dynamo compiles once per length until its recompile limit (8), after which every
     further length runs eagerly. With ``dynamic=None`` it compiles a static graph for the first length and a
     dynamic one at the second; ``dynamic=True`` compiles the dynamic graph once.
+
+    ``fullgraph=True``: a layer dynamo cannot trace whole raises instead of running partly or wholly eager, and
+    :func:`check_compiled` later proves every layer went through its compiled call.
     """
+    import torch
+
+    for index, layer in enumerate(decoder_layers(model)):
+        compiled = torch.compile(torch_upstream.module_call(layer), dynamic=True, fullgraph=True,
+                                 options=INDUCTOR_OPTIONS)
+        layer_call = CountedCall(index, compiled)
+        torch_upstream.set_compiled_call(layer, layer_call)
+    return len(decoder_layers(model))
+
+
+class CountedCall:
+    """A decoder layer's compiled call that counts its calls and turns a compile failure into one line."""
+
+    def __init__(self, index: int, compiled: Any):
+        self.index, self.compiled, self.calls = index, compiled, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        try:
+            with torch_upstream.checkpoint_side_effects_allowed():
+                return self.compiled(*args, **kwargs)
+        except torch_upstream.COMPILE_ERRORS as error:
+            reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise RecipeError(f"compile: decoder layer {self.index} cannot be compiled as one graph "
+                              f"({reason[:160]}; transformers {_transformers_version()}); set compile false") from None
+
+
+def check_compiled(model: Any) -> str:
+    """After the first optimizer step: every decoder layer ran through its compiled call and dynamo compiled a
+    graph, or the run stops. Returns the line to log."""
     layers = decoder_layers(model)
-    for layer in layers:
-        layer.compile(dynamic=True, options=INDUCTOR_OPTIONS)
-    return len(layers)
+    calls = [getattr(torch_upstream.compiled_call(layer), "calls", 0) for layer in layers]
+    eager = [index for index, count in enumerate(calls) if count == 0]
+    if eager or torch_upstream.graphs_compiled() == 0:
+        what = (f"decoder layers {eager[:8]} never ran their compiled call" if eager
+                else "dynamo compiled no graph (is TORCHDYNAMO_DISABLE set?)")
+        raise RecipeError(f"compile: true was asked, but after step 1 {what} (transformers "
+                          f"{_transformers_version()}); set compile false or report this")
+    return f"compile: all {len(layers)} decoder layers ran compiled in step 1"
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

@@ -328,19 +328,29 @@ def attention_for(recipe: Recipe, on_gpu: bool | None = None) -> str:
     return available_attention(recipe.attn_implementation) if on_gpu is None else recipe.attn_implementation
 
 
-@functools.lru_cache(maxsize=None)
-def liger_active(requested: bool) -> bool:
-    """Liger's kernels are Triton, so CUDA only; off (with a reason) when not installed or not usable."""
+def liger_off_reason() -> str | None:
+    """Why Liger's kernels cannot run here (they are Triton, so CUDA only), or None when they can."""
     import importlib.util
 
     import torch
 
-    if not requested:
-        return False
-    if importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available():
-        log.warn("use_liger_kernel asked for but liger-kernel is not installed or there is no CUDA device: off")
-        return False
-    return True
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed: pip install 'hf-lora-recipe[fast]'"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def liger_active(requested: bool) -> bool:
+    return requested and liger_off_reason() is None
+
+
+def attention_in_use(model: Any) -> str:
+    """The attention implementation the loaded model dispatches to."""
+    from .upstream.transformers import attention_implementation
+
+    return attention_implementation(model)
 
 
 def load_base_model(recipe: Recipe) -> Any:

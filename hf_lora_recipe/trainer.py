@@ -10,18 +10,19 @@ the whole accumulated, all-process batch (``num_items_in_batch``), so the choice
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from . import log
 from .config import Recipe, RecipeError
-from .modeling import available_attention, liger_active, padding_free
+from .modeling import attention_in_use, available_attention, liger_active, padding_free
 
 # Recipe keys that are SFTConfig fields with the same name and meaning: passed through unchanged.
 SFT_CONFIG_KEYS = (
@@ -43,21 +44,23 @@ def uses_fused_loss(lm_head_loss: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def offloading_active(requested: bool) -> bool:
     """Activation offloading moves saved activations from the GPU to CPU memory; without a GPU they are there."""
-    if requested and not torch.cuda.is_available():
-        log.warn("activation_offloading asked for but there is no GPU (activations already live in RAM): off")
-        return False
-    return requested
+    return requested and torch.cuda.is_available()
 
 
 def speed_line(recipe: Recipe) -> str:
-    """What the run chose for speed, logged once at the start."""
-    on = lambda flag: "on" if flag else "off"  # noqa: E731
+    """What the run chose for speed, logged once at the start: each opt-in option on, or off and why."""
+    from .modeling import liger_off_reason
+
+    def state(asked: bool, active: bool, reason: str | None) -> str:
+        return "on" if active else f"off ({reason})" if asked else "off"
+
     peak = peak_flops()
     return (f"loss: {'TRL fused LM head (no full logits)' if uses_fused_loss(recipe.lm_head_loss) else 'model cross-entropy'}; "
             f"attention: {available_attention(recipe.attn_implementation)}; padding-free: {padding_free(recipe)}; "
-            f"liger-kernel: {on(liger_active(recipe.use_liger_kernel))}; "
-            f"activation offloading: {on(offloading_active(recipe.activation_offloading))}; "
-            f"compile: {on(recipe.compile)}; MFU against: {peak[1] if peak else 'n/a (no known GPU peak)'}")
+            f"liger-kernel: {state(recipe.use_liger_kernel, liger_active(recipe.use_liger_kernel), liger_off_reason())}; "
+            f"activation offloading: {state(recipe.activation_offloading, offloading_active(recipe.activation_offloading), 'no GPU: activations already live in RAM')}; "
+            f"compile: {'on (proved after step 1)' if recipe.compile else 'off'}; "
+            f"MFU against: {peak[1] if peak else 'n/a (no known GPU peak)'}")
 
 
 def check_report_to(recipe: Recipe) -> None:
@@ -314,12 +317,80 @@ def check_loraplus(optimizer: Any, model: Any, learning_rate: float, ratio: floa
                                    f"(learning_rate {learning_rate:g}, loraplus_lr_ratio {ratio:g})")
 
 
+class OptionsTookEffect(TrainerCallback):
+    """Opt-in speed options that could silently do nothing prove they ran, or the run stops in one line.
+
+    At start (:meth:`check_start`): the attention the model runs is the one chosen, and activation offloading,
+    when on, wraps the step. After the first optimizer step: every decoder layer ran compiled (``compile``), Liger
+    replaced module forwards (``use_liger_kernel``), and an ``auto`` micro-batch is what the trainer yielded.
+    """
+
+    def __init__(self, recipe: Recipe, accumulation: int, auto_micro_batch: bool):
+        self.recipe, self.accumulation, self.auto_micro_batch = recipe, accumulation, auto_micro_batch
+        self.trainer: RecipeTrainer | None = None
+        self.examples_before: int | None = None
+        self.checked = False
+
+    def check_start(self, trainer: RecipeTrainer) -> None:
+        self.trainer = trainer
+        chosen, running = available_attention(self.recipe.attn_implementation), attention_in_use(trainer.model)
+        if running != chosen:
+            raise RecipeError(f"attn_implementation: {chosen} was chosen but the model runs {running}; "
+                              "choose an attention this transformers supports for the model")
+        if offloading_active(self.recipe.activation_offloading) and isinstance(
+                getattr(trainer, "maybe_activation_offload_context", None), (type(None), contextlib.nullcontext)):
+            raise RecipeError("activation_offloading: true was asked, but the trainer wraps no step in TRL's "
+                              "offloading context; set activation_offloading false or report this")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.auto_micro_batch and self.trainer is not None:
+            self.examples_before = self.trainer.counts()["examples"]
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.checked:
+            return
+        self.checked = True
+        if self.recipe.compile:
+            from .compiling import check_compiled
+
+            log.info(check_compiled(model))
+        if liger_active(self.recipe.use_liger_kernel):
+            log.info(check_liger(model))
+        if self.examples_before is not None:
+            self._check_micro_batch()
+
+    def _check_micro_batch(self) -> None:
+        trainer, size = self.trainer, self.recipe.per_device_train_batch_size
+        dataset = trainer.train_dataset
+        expected = size * self.accumulation
+        if not hasattr(dataset, "__len__") or len(dataset) < expected * trainer.args.world_size:
+            return  # a stream, or less data than one step: the step is not full
+        got = trainer.counts()["examples"] - self.examples_before
+        if got != expected:
+            raise RecipeError(f"per_device_train_batch_size auto chose {size}, but step 1 trained {got} examples on this "
+                              f"process, not {size} x {self.accumulation}; set a number or report this")
+        log.info(f"micro-batch auto: step 1 trained {size} x {self.accumulation} examples per process, as chosen")
+
+
+def check_liger(model: Any) -> str:
+    """Liger's patching (applied by ``Trainer.train``) replaced module forwards with its kernels', or the run stops."""
+    patched = sum(getattr(getattr(module, "forward", None), "__module__", "").startswith("liger_kernel")
+                  for module in model.modules())
+    if not patched:
+        import transformers
+
+        raise RecipeError(f"use_liger_kernel: true was asked, but no module runs a Liger forward after step 1 "
+                          f"(transformers {transformers.__version__}); set use_liger_kernel false or report this")
+    return f"liger-kernel: {patched} modules run Liger's forwards"
+
+
 def build_trainer(
     recipe: Recipe, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any | None, accumulation: int,
-    callbacks: list[Any], flops_per_token: float | None = None,
+    callbacks: list[Any], flops_per_token: float | None = None, auto_micro_batch: bool = False,
 ) -> RecipeTrainer:
     peak = peak_flops()
-    return RecipeTrainer(
+    proof = OptionsTookEffect(recipe, accumulation, auto_micro_batch)
+    trainer = RecipeTrainer(
         model=model,
         fused_loss=uses_fused_loss(recipe.lm_head_loss),
         flops_per_token=flops_per_token,
@@ -328,6 +399,8 @@ def build_trainer(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*callbacks, proof],
         loraplus_lr_ratio=recipe.loraplus_lr_ratio,
     )
+    proof.check_start(trainer)
+    return trainer

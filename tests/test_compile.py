@@ -228,3 +228,115 @@ def test_compiled_dropout_masks_are_fresh_independent_and_scaled(quantized):
     for key, module in dropouts.items():
         out = module.captured[1]
         assert agreement(out != 0, masks[key]) == pytest.approx(independent, abs=tolerance), key
+
+
+def test_every_layer_proves_it_ran_compiled(checkpointed):
+    """The run's check after step 1 (``check_compiled``) passes on the compiled model; each layer's compiled
+    call was taken on every step so far (the fixture's three, and any another test ran on the shared model)."""
+    from hf_lora_recipe.compiling import check_compiled
+
+    model, _ = checkpointed
+    assert check_compiled(model) == "compile: all 2 decoder layers ran compiled in step 1"
+    first, second = (layer._compiled_call_impl.calls for layer in model.get_base_model().model.layers)
+    assert first == second >= len(LENGTHS)
+
+
+class _Layers(torch.nn.Module):
+    """A stand-in causal LM: what ``decoder_layers`` reads (``base_model_prefix`` and ``.model.layers``)."""
+
+    base_model_prefix = "model"
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([layer])
+
+
+class _Breaks(torch.nn.Linear):
+    def forward(self, x):
+        torch._dynamo.graph_break()  # what an untraceable call inside a decoder layer does
+        return super().forward(x)
+
+
+def test_a_layer_that_cannot_be_one_graph_stops_the_run_in_one_line():
+    from hf_lora_recipe.config import RecipeError
+
+    model = _Layers(_Breaks(4, 4))
+    compile_decoder_layers(model)
+    with pytest.raises(RecipeError, match=r"^compile: decoder layer 0 cannot be compiled as one graph \(.*"
+                                          r"transformers \d[^)]*\); set compile false$"):
+        model.model.layers[0](torch.ones(2, 4))
+
+
+def test_a_layer_that_never_ran_compiled_or_no_graph_stops_the_run():
+    from hf_lora_recipe.compiling import check_compiled
+    from hf_lora_recipe.config import RecipeError
+    from hf_lora_recipe.upstream.torch import fresh_dynamo_counters
+
+    model = _Layers(torch.nn.Linear(4, 4))
+    compile_decoder_layers(model)  # never called: the layer ran eagerly or not at all
+    with pytest.raises(RecipeError, match=r"^compile: true was asked, but after step 1 decoder layers \[0\] never ran "
+                                          r"their compiled call \(transformers .*\); set compile false or report this$"):
+        check_compiled(model)
+    model.model.layers[0]._compiled_call_impl.calls = 1  # called, but dynamo compiled nothing (TORCHDYNAMO_DISABLE)
+    with fresh_dynamo_counters(), pytest.raises(RecipeError, match="dynamo compiled no graph"):
+        check_compiled(model)
+
+
+class _ContextSlot:
+    """`kernels`' CompileableContextVar in small: a global that, once written under compilation, stays a global
+    (the lasting flag is the side effect dynamo refuses inside a checkpoint)."""
+
+    def __init__(self):
+        self.value, self.uses_global = None, False
+
+    def set(self, value):
+        if torch.compiler.is_compiling():
+            self.uses_global = True
+        previous, self.value = self.value, value
+        return previous
+
+    def reset(self, token):
+        self.value = token
+
+
+_ACTIVE = _ContextSlot()
+
+
+class _WritesAGlobalUnderCheckpoint(torch.nn.Module):
+    """What transformers >= 5.25's attention does through the `kernels` package: a global write and reset around
+    the forward, here inside a non-reentrant checkpoint as the recipe's checkpointing runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def _inner(self, x):
+        token = _ACTIVE.set("kernel")
+        try:
+            return torch.relu(self.linear(x))
+        finally:
+            _ACTIVE.reset(token)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self._inner, x, use_reentrant=False)
+
+
+def test_a_global_written_and_reset_under_checkpoint_still_compiles_whole():
+    """Without the checkpoint side-effect switch dynamo falls back to eager for such a layer (transformers 5.25
+    trained eagerly under compile: true); with it the layer is one graph and its gradient is eager's."""
+    from hf_lora_recipe.compiling import check_compiled
+
+    torch.manual_seed(0)
+    layer = _WritesAGlobalUnderCheckpoint()
+    x = torch.randn(3, 4, requires_grad=True)
+    layer(x).sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    model = _Layers(layer)
+    compile_decoder_layers(model)
+    before = graphs()
+    model.model.layers[0](x).sum().backward()
+    assert graphs() - before == 1
+    torch.testing.assert_close(x.grad, expected)
+    assert check_compiled(model).startswith("compile: all 1 decoder layers ran compiled")
