@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 DATASHEET_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
@@ -55,29 +56,72 @@ class Variant:
 
 VARIANTS = [
     Variant("seed (micro-batch 4, fused LM head)", predicted_speed=1.0, predicted_peak_gib=6.8),
-    Variant("seed, TRL's compute_loss (host reads per micro-batch)", trainer="trl", predicted_speed=0.95,
-            predicted_peak_gib=6.8),
-    Variant("per_device_train_batch_size auto", {"per_device_train_batch_size": "auto"}, predicted_speed=2.5,
-            predicted_peak_gib=55),
-    Variant("activation_offloading", {"activation_offloading": True}, needs_cuda=True, predicted_speed=0.9,
-            predicted_peak_gib=6.3),
-    Variant("use_liger_kernel", {"use_liger_kernel": True}, needs_cuda=True, predicted_speed=1.1,
-            predicted_peak_gib=6.5),
+    Variant(
+        "seed, TRL's compute_loss (host reads per micro-batch)",
+        trainer="trl",
+        predicted_speed=0.95,
+        predicted_peak_gib=6.8,
+    ),
+    Variant(
+        "per_device_train_batch_size auto",
+        {"per_device_train_batch_size": "auto"},
+        predicted_speed=2.5,
+        predicted_peak_gib=55,
+    ),
+    Variant(
+        "activation_offloading",
+        {"activation_offloading": True},
+        needs_cuda=True,
+        predicted_speed=0.9,
+        predicted_peak_gib=6.3,
+    ),
+    Variant(
+        "use_liger_kernel", {"use_liger_kernel": True}, needs_cuda=True, predicted_speed=1.1, predicted_peak_gib=6.5
+    ),
     Variant("compile (per decoder layer)", {"compile": True}, predicted_speed=1.4, predicted_peak_gib=6.5),
-    Variant("memory-lean: auto within 8 GB + compile", {"per_device_train_batch_size": "auto",
-                                                        "memory_budget_gb": 8, "compile": True},
-            predicted_speed=1.4, predicted_peak_gib=6.8),
-    Variant("Alpaca lengths, padded (sdpa)", {"padding_free": "false"}, data="alpaca", predicted_speed=0.45,
-            predicted_peak_gib=6.5),
-    Variant("Alpaca lengths, padding-free, flex attention", {"padding_free": "true",
-                                                             "attn_implementation": "flex_attention"},
-            data="alpaca", needs_cuda=True, predicted_speed=0.45, predicted_peak_gib=6.0),
-    Variant("Alpaca lengths, padding-free, varlen attention", {"padding_free": "true", "attn_implementation": "varlen"},
-            data="alpaca", needs_cuda=True, predicted_speed=0.45, predicted_peak_gib=6.0),
-    Variant("all: auto + compile + liger + varlen, Alpaca lengths",
-            {"per_device_train_batch_size": "auto", "compile": True, "use_liger_kernel": True, "padding_free": "true",
-             "attn_implementation": "varlen"}, data="alpaca", needs_cuda=True, predicted_speed=2.8,
-            predicted_peak_gib=30),
+    Variant(
+        "memory-lean: auto within 8 GB + compile",
+        {"per_device_train_batch_size": "auto", "memory_budget_gb": 8, "compile": True},
+        predicted_speed=1.4,
+        predicted_peak_gib=6.8,
+    ),
+    Variant(
+        "Alpaca lengths, padded (sdpa)",
+        {"padding_free": "false"},
+        data="alpaca",
+        predicted_speed=0.45,
+        predicted_peak_gib=6.5,
+    ),
+    Variant(
+        "Alpaca lengths, padding-free, flex attention",
+        {"padding_free": "true", "attn_implementation": "flex_attention"},
+        data="alpaca",
+        needs_cuda=True,
+        predicted_speed=0.45,
+        predicted_peak_gib=6.0,
+    ),
+    Variant(
+        "Alpaca lengths, padding-free, varlen attention",
+        {"padding_free": "true", "attn_implementation": "varlen"},
+        data="alpaca",
+        needs_cuda=True,
+        predicted_speed=0.45,
+        predicted_peak_gib=6.0,
+    ),
+    Variant(
+        "all: auto + compile + liger + varlen, Alpaca lengths",
+        {
+            "per_device_train_batch_size": "auto",
+            "compile": True,
+            "use_liger_kernel": True,
+            "padding_free": "true",
+            "attn_implementation": "varlen",
+        },
+        data="alpaca",
+        needs_cuda=True,
+        predicted_speed=2.8,
+        predicted_peak_gib=30,
+    ),
     Variant("seed again (drift)", predicted_speed=1.0, predicted_peak_gib=6.8),
 ]
 
@@ -93,20 +137,26 @@ def quantized_random_model(config, device: str, recipe):
 
     bnb_config = quantization_config(recipe)
     compute, storage = bnb_config.bnb_4bit_compute_dtype, bnb_config.bnb_4bit_quant_storage
-    quant = dict(compress_statistics=bnb_config.bnb_4bit_use_double_quant, quant_type=bnb_config.bnb_4bit_quant_type,
-                 quant_storage=storage)
+    quant = dict(
+        compress_statistics=bnb_config.bnb_4bit_use_double_quant,
+        quant_type=bnb_config.bnb_4bit_quant_type,
+        quant_storage=storage,
+    )
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute,
-                                                 attn_implementation=available_attention(recipe.attn_implementation))
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=compute, attn_implementation=available_attention(recipe.attn_implementation)
+        )
     for layer in model.model.layers:
         for name, module in list(layer.named_modules()):
             if isinstance(module, torch.nn.Linear):
                 parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
-                quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
-                                              compute_dtype=compute, device="meta", **quant)
-                quantized.weight = bnb.nn.Params4bit(module.weight.data.to(compute), requires_grad=False,
-                                                     module=quantized, **quant)
+                quantized = bnb.nn.Linear4bit(
+                    module.in_features, module.out_features, bias=False, compute_dtype=compute, device="meta", **quant
+                )
+                quantized.weight = bnb.nn.Params4bit(
+                    module.weight.data.to(compute), requires_grad=False, module=quantized, **quant
+                )
                 quantized.weight._quantize(device)
                 setattr(parent, name.rsplit(".", 1)[-1], quantized)
                 del module
@@ -125,13 +175,14 @@ def random_dataset(vocab: int, rows: int, length: int, lengths: str):
 
     generator = torch.Generator().manual_seed(0)
     if lengths == "alpaca":
-        sizes = torch.empty(rows).log_normal_(math.log(ALPACA_MEAN) - ALPACA_SIGMA**2 / 2, ALPACA_SIGMA,
-                                              generator=generator)
+        sizes = torch.empty(rows).log_normal_(
+            math.log(ALPACA_MEAN) - ALPACA_SIGMA**2 / 2, ALPACA_SIGMA, generator=generator
+        )
         sizes = sizes.clamp(16, length).long().tolist()
     else:
         sizes = [length] * rows
     ids = [torch.randint(10, vocab - 10, (size,), generator=generator).tolist() for size in sizes]
-    labels = [[-100] * (len(row) // 4) + row[len(row) // 4:] for row in ids]
+    labels = [[-100] * (len(row) // 4) + row[len(row) // 4 :] for row in ids]
     return Dataset.from_dict({"input_ids": ids, "labels": labels}), sizes
 
 
@@ -187,9 +238,9 @@ def measured_matmul_tflops() -> float | None:
 def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, warmup: int) -> dict[str, Any]:
     import torch
 
+    from hf_lora_recipe.estimates import flops_per_token, measure_shape, memory
     from hf_lora_recipe.micro_batch import resolve
     from hf_lora_recipe.modeling import add_adapter
-    from hf_lora_recipe.estimates import flops_per_token, measure_shape, memory
     from hf_lora_recipe.trainer import build_trainer
 
     recipe = dataclasses.replace(seed_recipe, **variant.changes)
@@ -197,8 +248,14 @@ def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, 
     recipe, chosen = resolve(recipe, world_size=1, shape=shape)
     micro_batch = recipe.per_device_train_batch_size
     # one optimizer step per micro-batch: the timing is per micro-batch, the math of the global batch is not at stake
-    recipe = dataclasses.replace(recipe, global_batch_size=micro_batch, max_steps=warmup + steps,
-                                 train_sampling_strategy="sequential", logging_steps=10_000, save_steps=10_000)
+    recipe = dataclasses.replace(
+        recipe,
+        global_batch_size=micro_batch,
+        max_steps=warmup + steps,
+        train_sampling_strategy="sequential",
+        logging_steps=10_000,
+        save_steps=10_000,
+    )
     dataset, sizes = random_dataset(config.vocab_size, micro_batch * (warmup + steps), recipe.max_length, variant.data)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -207,8 +264,16 @@ def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, 
     model = add_adapter(quantized_random_model(config, device, recipe), recipe)
     build_s = time.perf_counter() - started
     times: list[float] = []
-    trainer = build_trainer(recipe, model, padding_tokenizer(), dataset, None, 1, [step_timer(times)],
-                            flops_per_token(shape, recipe)["total"])
+    trainer = build_trainer(
+        recipe,
+        model,
+        padding_tokenizer(),
+        dataset,
+        None,
+        1,
+        [step_timer(times)],
+        flops_per_token(shape, recipe)["total"],
+    )
     trainer.args.save_strategy, trainer.args.disable_tqdm = "no", True
     if variant.trainer == "trl":  # TRL's compute_loss as it ships: metrics read every micro-batch, compact head
         import trl.trainer.utils as trl_utils
@@ -223,17 +288,26 @@ def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, 
 
         _score_every_position()
     timed_s = sum(times[warmup:])
-    tokens = sum(sizes[warmup * micro_batch:])
+    tokens = sum(sizes[warmup * micro_batch :])
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     planned = memory(shape, recipe, micro_batch)
     result = {
-        "variant": variant.name, "changes": variant.changes, "data": variant.data, "micro_batch": micro_batch,
-        "auto": chosen.line() if chosen else None, "timed_steps": len(times) - warmup, "tokens": tokens,
-        "seconds": round(timed_s, 3), "tokens_per_second": tokens / timed_s if timed_s else 0.0,
-        "flops_per_token": flops_per_token(shape, recipe)["total"], "peak_bytes": peak,
-        "planned_bytes": planned.total - planned.cuda_context, "build_seconds": round(build_s, 1),
+        "variant": variant.name,
+        "changes": variant.changes,
+        "data": variant.data,
+        "micro_batch": micro_batch,
+        "auto": chosen.line() if chosen else None,
+        "timed_steps": len(times) - warmup,
+        "tokens": tokens,
+        "seconds": round(timed_s, 3),
+        "tokens_per_second": tokens / timed_s if timed_s else 0.0,
+        "flops_per_token": flops_per_token(shape, recipe)["total"],
+        "peak_bytes": peak,
+        "planned_bytes": planned.total - planned.cuda_context,
+        "build_seconds": round(build_s, 1),
         "first_step_seconds": round(times[0], 2) if times else None,
-        "predicted_speed": variant.predicted_speed, "predicted_peak_gib": variant.predicted_peak_gib,
+        "predicted_speed": variant.predicted_speed,
+        "predicted_peak_gib": variant.predicted_peak_gib,
     }
     del trainer, model
     gc.collect()
@@ -243,9 +317,11 @@ def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, 
 def table(results: list[dict[str, Any]], datasheet: float | None, matmul: float | None, name: str) -> str:
     gib = 1024**3
     seed = next((r["tokens_per_second"] for r in results if r.get("tokens_per_second")), None)
-    header = (f"| variant | micro-batch | tokens/s | vs seed (predicted) | MFU ({datasheet or 'n/a'} datasheet) | "
-              f"MFU ({f'{matmul:.0f}' if matmul else 'n/a'} measured matmul) | peak allocated (predicted) | "
-              "plan (excl. CUDA context) | first step s |")
+    header = (
+        f"| variant | micro-batch | tokens/s | vs seed (predicted) | MFU ({datasheet or 'n/a'} datasheet) | "
+        f"MFU ({f'{matmul:.0f}' if matmul else 'n/a'} measured matmul) | peak allocated (predicted) | "
+        "plan (excl. CUDA context) | first step s |"
+    )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in results:
         if "error" in r or "skipped" in r:
@@ -257,8 +333,10 @@ def table(results: list[dict[str, Any]], datasheet: float | None, matmul: float 
         predicted = f" ({r['predicted_speed']:.2f}x)" if r.get("predicted_speed") else ""
         peak = f"{r['peak_bytes'] / gib:.2f} GiB" if r["peak_bytes"] else "n/a"
         peak += f" ({r['predicted_peak_gib']:g})" if r.get("predicted_peak_gib") and r["peak_bytes"] else ""
-        lines.append(f"| {r['variant']} | {r['micro_batch']} | {tps:,.0f} | {ratio}{predicted} | {mfu(datasheet)} | "
-                     f"{mfu(matmul)} | {peak} | {r['planned_bytes'] / gib:.2f} GiB | {r['first_step_seconds']} |")
+        lines.append(
+            f"| {r['variant']} | {r['micro_batch']} | {tps:,.0f} | {ratio}{predicted} | {mfu(datasheet)} | "
+            f"{mfu(matmul)} | {peak} | {r['planned_bytes'] / gib:.2f} GiB | {r['first_step_seconds']} |"
+        )
     return f"### GPU throughput, {datetime.date.today()} - {name}\n\n" + "\n".join(lines) + "\n"
 
 
@@ -281,9 +359,18 @@ def main() -> int:
     recipe = load_recipe(REPO_ROOT / "recipes" / "llama3-8b-alpaca-qlora.yaml")
     config = AutoConfig.from_pretrained(args.model_config)
     if args.tiny:
-        config = config.__class__(**{**config.to_dict(), "hidden_size": 64, "intermediate_size": 224,
-                                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                     "vocab_size": 4096, "head_dim": 16})
+        config = config.__class__(
+            **{
+                **config.to_dict(),
+                "hidden_size": 64,
+                "intermediate_size": 224,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 4096,
+                "head_dim": 16,
+            }
+        )
         recipe = dataclasses.replace(recipe, max_length=64, global_batch_size=16)
         args.steps, args.warmup = min(args.steps, 3), 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -293,8 +380,11 @@ def main() -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = [v for v in VARIANTS if not args.only or any(v.name.startswith(o.strip()) for o in args.only.split(","))]
-    print(f"{name}; torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"measured bf16 matmul: {f'{matmul:.0f} TFLOP/s' if matmul else 'n/a'}", flush=True)
+    print(
+        f"{name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"measured bf16 matmul: {f'{matmul:.0f} TFLOP/s' if matmul else 'n/a'}",
+        flush=True,
+    )
 
     results = []
     with open(out_dir / "gpu_throughput.jsonl", "w") as jsonl:
@@ -316,10 +406,12 @@ def main() -> int:
             print(json.dumps(result), flush=True)
 
     text = table(results, datasheet, matmul, name)
-    text += (f"\nseed recipe: NF4 + double quant, bf16 compute, LoRA r=16 x 7 projections, max_length "
-             f"{recipe.max_length}, gradient checkpointing; torch {torch.__version__}, transformers "
-             f"{transformers.__version__}; {args.steps} timed steps after {args.warmup} warm-up per variant, each "
-             "an optimizer step of one micro-batch\n")
+    text += (
+        f"\nseed recipe: NF4 + double quant, bf16 compute, LoRA r=16 x 7 projections, max_length "
+        f"{recipe.max_length}, gradient checkpointing; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; {args.steps} timed steps after {args.warmup} warm-up per variant, each "
+        "an optimizer step of one micro-batch\n"
+    )
     (out_dir / "gpu_throughput.md").write_text(text)
     print(text)
     return 1 if any("error" in r for r in results) else 0

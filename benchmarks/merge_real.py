@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_LORA_RECIPE_SHARED", REPO_ROOT.parent / "shared"))
 sys.path.insert(0, str(REPO_ROOT))
@@ -116,20 +117,26 @@ def main() -> int:
         config = nf4 if compute == torch.bfloat16 else quantization_config(Recipe(bnb_4bit_compute_dtype="float32"))
         return AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=compute)
 
-    references = [logits(PeftModel.from_pretrained(nf4_base(compute), adapter), sequences)
-                  for compute in (torch.bfloat16, torch.float32)]
+    references = [
+        logits(PeftModel.from_pretrained(nf4_base(compute), adapter), sequences)
+        for compute in (torch.bfloat16, torch.float32)
+    ]
     rows, notes = [], []
-    for merge_into, dtype, label in (("dequantized", "bfloat16", "merged into dequantized NF4, bf16 (the default)"),
-                                     ("dequantized", "float32", "merged into dequantized NF4, fp32"),
-                                     ("original", "bfloat16", "merged into the original bf16 weights, bf16"),
-                                     ("original", "float32", "merged into the original bf16 weights, fp32")):
+    for merge_into, dtype, label in (
+        ("dequantized", "bfloat16", "merged into dequantized NF4, bf16 (the default)"),
+        ("dequantized", "float32", "merged into dequantized NF4, fp32"),
+        ("original", "bfloat16", "merged into the original bf16 weights, bf16"),
+        ("original", "float32", "merged into the original bf16 weights, fp32"),
+    ):
         started = time.perf_counter()
         merged_dir = merge(str(adapter), work / f"merged-{merge_into}-{dtype}", dtype=dtype, merge_into=merge_into)
         seconds = time.perf_counter() - started
         saved_dtype = json.loads((merged_dir / "config.json").read_text()).get("dtype")
         if saved_dtype != dtype:
-            notes.append(f"merge --merge_into {merge_into} --dtype {dtype} wrote config.json dtype {saved_dtype!r}: "
-                         f"loaded here with dtype={dtype} explicitly (a plain from_pretrained gives {saved_dtype})")
+            notes.append(
+                f"merge --merge_into {merge_into} --dtype {dtype} wrote config.json dtype {saved_dtype!r}: "
+                f"loaded here with dtype={dtype} explicitly (a plain from_pretrained gives {saved_dtype})"
+            )
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, dtype))
         merged_logits = logits(merged, sequences)
         rows.append((label, compare(merged_logits, references), f"{seconds:.1f} s"))
@@ -148,19 +155,27 @@ def main() -> int:
 
     tokens = sum(len(ids) for ids in sequences)
     print(f"\n### Merge on a real base, {datetime.date.today()} - SmolLM2-135M-Instruct, QLoRA r=16 x 7 projections")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; base: {note}")
-    print(f"adapter: LoRA B ~ N(0, {args.lora_b_std}), A as PEFT initialises it; references: the adapter on its NF4 "
-          "base (double quant), bf16 compute (as trained) and fp32 compute; logits at all "
-          f"{tokens} positions of {len(sequences)} Alpaca examples (prompt + response, ChatML)\n")
-    print("| model | vs adapter on NF4, bf16 compute: max / mean abs logit diff | same top-1 | "
-          "vs adapter on NF4, fp32 compute: max / mean | same top-1 | merge + write |")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; base: {note}"
+    )
+    print(
+        f"adapter: LoRA B ~ N(0, {args.lora_b_std}), A as PEFT initialises it; references: the adapter on its NF4 "
+        "base (double quant), bf16 compute (as trained) and fp32 compute; logits at all "
+        f"{tokens} positions of {len(sequences)} Alpaca examples (prompt + response, ChatML)\n"
+    )
+    print(
+        "| model | vs adapter on NF4, bf16 compute: max / mean abs logit diff | same top-1 | "
+        "vs adapter on NF4, fp32 compute: max / mean | same top-1 | merge + write |"
+    )
     print("|---|---|---|---|---|---|")
     for label, cells, seconds in rows:
         print(f"| {label} | {' | '.join(cells)} | {seconds} |")
-    print(f"\nmerge_and_unload alone: the fp32 merge into dequantized NF4 vs the adapter unmerged on that same "
-          f"dequantized base (fp32): max {merge_alone.max().item():.2e} / mean {merge_alone.mean().item():.2e} "
-          "abs logit diff")
+    print(
+        f"\nmerge_and_unload alone: the fp32 merge into dequantized NF4 vs the adapter unmerged on that same "
+        f"dequantized base (fp32): max {merge_alone.max().item():.2e} / mean {merge_alone.mean().item():.2e} "
+        "abs logit diff"
+    )
     for note in notes:
         print(f"\nnote: {note}")
     print(f"\nwork folder: {work}")

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_LORA_RECIPE_SHARED", REPO_ROOT.parent / "shared"))
 
@@ -33,7 +34,7 @@ def seed_loop(rows: list[dict], tokenizer, max_length: int) -> int:
         full = f"{prompt} {row['output']} </s>"
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         full_ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
-        labels = ([-100] * len(prompt_ids) + full_ids[len(prompt_ids):])[:max_length]
+        labels = ([-100] * len(prompt_ids) + full_ids[len(prompt_ids) :])[:max_length]
         kept += any(label != -100 for label in labels)
     return kept
 

@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_LORA_RECIPE_SHARED", REPO_ROOT.parent / "shared"))
 sys.path.insert(0, str(REPO_ROOT))
@@ -55,17 +56,41 @@ def build_base(work: Path, hidden: int = 256, layers: int = 4) -> Path:
     from hf_lora_recipe.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(SHARED / "tokenizers" / "llama2"))
-    return build_tiny_llama(tokenizer, work / f"base-{hidden}x{layers}", hidden_size=hidden, num_hidden_layers=layers,
-                            num_attention_heads=4, intermediate_size=int(2.6875 * hidden), seed=0)
+    return build_tiny_llama(
+        tokenizer,
+        work / f"base-{hidden}x{layers}",
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=int(2.6875 * hidden),
+        seed=0,
+    )
 
 
-def recipe_for(base: Path, data: Path, work: Path, micro_batch: int = MICRO_BATCH, accumulation: int = ACCUMULATION,
-               max_length: int = MAX_LENGTH, run: str = "run", **changes):
+def recipe_for(
+    base: Path,
+    data: Path,
+    work: Path,
+    micro_batch: int = MICRO_BATCH,
+    accumulation: int = ACCUMULATION,
+    max_length: int = MAX_LENGTH,
+    run: str = "run",
+    **changes,
+):
     from hf_lora_recipe.config import Recipe
 
-    return Recipe(model_name_or_path=str(base), dataset_name=str(data), max_length=max_length,
-                  per_device_train_batch_size=micro_batch, global_batch_size=micro_batch * accumulation,
-                  num_train_epochs=1, logging_steps=1000, save_steps=100_000, output_dir=str(work / run), **changes)
+    return Recipe(
+        model_name_or_path=str(base),
+        dataset_name=str(data),
+        max_length=max_length,
+        per_device_train_batch_size=micro_batch,
+        global_batch_size=micro_batch * accumulation,
+        num_train_epochs=1,
+        logging_steps=1000,
+        save_steps=100_000,
+        output_dir=str(work / run),
+        **changes,
+    )
 
 
 def accumulation_of(recipe) -> int:
@@ -107,12 +132,20 @@ def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokeniz
         for parent in (layer.self_attn, layer.mlp):
             for name in recipe.lora_target_modules:
                 if hasattr(parent, name):
-                    setattr(parent, name, LoRALinear(getattr(parent, name), recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout))
+                    setattr(
+                        parent,
+                        name,
+                        LoRALinear(getattr(parent, name), recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout),
+                    )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    micro_batch, accumulation, max_length = recipe.per_device_train_batch_size, accumulation_of(recipe), recipe.max_length
+    micro_batch, accumulation, max_length = (
+        recipe.per_device_train_batch_size,
+        accumulation_of(recipe),
+        recipe.max_length,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, betas=(0.9, 0.999), weight_decay=0.0)
 
@@ -123,11 +156,11 @@ def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokeniz
         prompt = f"[INST] {user} [/INST]"
         prompt_ids = tokenizer(prompt)["input_ids"]
         full_ids = tokenizer(f"{prompt} {row['output']} {tokenizer.eos_token}")["input_ids"][:max_length]
-        examples.append((full_ids, ([-100] * len(prompt_ids) + full_ids[len(prompt_ids):])[:max_length]))
+        examples.append((full_ids, ([-100] * len(prompt_ids) + full_ids[len(prompt_ids) :])[:max_length]))
     positions = tokens = supervised = steps = 0
-    batches = [examples[i:i + micro_batch] for i in range(0, len(examples), micro_batch)]
+    batches = [examples[i : i + micro_batch] for i in range(0, len(examples), micro_batch)]
     for step in range(0, len(batches), accumulation):
-        for batch in batches[step:step + accumulation]:
+        for batch in batches[step : step + accumulation]:
             longest = max(len(ids) for ids, _ in batch)
             input_ids = torch.tensor([ids + [0] * (longest - len(ids)) for ids, _ in batch])
             labels = torch.tensor([lab + [-100] * (longest - len(lab)) for _, lab in batch])
@@ -142,8 +175,14 @@ def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokeniz
         optimizer.step()
         optimizer.zero_grad()
         steps += 1
-    return {"seconds": time.perf_counter() - started, "positions": positions, "tokens": tokens, "supervised": supervised,
-            "steps": steps, "cpu_seconds": time.process_time() - cpu_started}
+    return {
+        "seconds": time.perf_counter() - started,
+        "positions": positions,
+        "tokens": tokens,
+        "supervised": supervised,
+        "steps": steps,
+        "cpu_seconds": time.process_time() - cpu_started,
+    }
 
 
 # ------------------------------------------------------------------ TRL, plain and ours
@@ -173,21 +212,45 @@ def plain_trl(recipe, rows: list[dict]) -> dict:
     from hf_lora_recipe.modeling import load_base_model, lora_config
 
     torch.manual_seed(0)
-    dataset = Dataset.from_list([
-        {"prompt": f"[INST] {r['instruction']}" + (f"\n{r['input']}" if r["input"] else "") + " [/INST]",
-         "completion": f" {r['output']} </s>"} for r in rows
-    ])
-    args = SFTConfig(output_dir=recipe.output_dir, per_device_train_batch_size=recipe.per_device_train_batch_size,
-                     gradient_accumulation_steps=accumulation_of(recipe), num_train_epochs=1,
-                     learning_rate=recipe.learning_rate, max_length=recipe.max_length, bf16=recipe.bf16, use_cpu=True, report_to="none", save_strategy="no",
-                     logging_steps=1000, disable_tqdm=True)
-    trainer = counting(SFTTrainer)(model=load_base_model(recipe), args=args, train_dataset=dataset,
-                                   peft_config=lora_config(recipe),
-                                   processing_class=AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "llama2"))
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": f"[INST] {r['instruction']}" + (f"\n{r['input']}" if r["input"] else "") + " [/INST]",
+                "completion": f" {r['output']} </s>",
+            }
+            for r in rows
+        ]
+    )
+    args = SFTConfig(
+        output_dir=recipe.output_dir,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        gradient_accumulation_steps=accumulation_of(recipe),
+        num_train_epochs=1,
+        learning_rate=recipe.learning_rate,
+        max_length=recipe.max_length,
+        bf16=recipe.bf16,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+    )
+    trainer = counting(SFTTrainer)(
+        model=load_base_model(recipe),
+        args=args,
+        train_dataset=dataset,
+        peft_config=lora_config(recipe),
+        processing_class=AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "llama2"),
+    )
     started = time.perf_counter()
     trainer.train()
-    return {"seconds": time.perf_counter() - started, "positions": trainer.positions, "tokens": trainer.tokens,
-            "supervised": trainer.supervised, "steps": trainer.state.global_step}
+    return {
+        "seconds": time.perf_counter() - started,
+        "positions": trainer.positions,
+        "tokens": trainer.tokens,
+        "supervised": trainer.supervised,
+        "steps": trainer.state.global_step,
+    }
 
 
 def ours(recipe) -> dict:
@@ -196,8 +259,7 @@ def ours(recipe) -> dict:
     from hf_lora_recipe.data import build_sft_dataset
     from hf_lora_recipe.modeling import add_adapter, load_base_model
     from hf_lora_recipe.tokenizer import tokenizer_for
-    from hf_lora_recipe.trainer import trainer_config
-    from hf_lora_recipe.trainer import RecipeTrainer, uses_fused_loss
+    from hf_lora_recipe.trainer import RecipeTrainer, trainer_config, uses_fused_loss
 
     torch.manual_seed(0)
     tokenizer = tokenizer_for(recipe)
@@ -206,15 +268,26 @@ def ours(recipe) -> dict:
     preprocessing, cpu_preprocessing = time.perf_counter() - started, time.process_time() - cpu_started
     args = trainer_config(recipe, accumulation_of(recipe))
     args.save_strategy, args.disable_tqdm = "no", True
-    trainer = RecipeTrainer(model=add_adapter(load_base_model(recipe), recipe), args=args, train_dataset=dataset,
-                            processing_class=tokenizer, fused_loss=uses_fused_loss(recipe.lm_head_loss))
+    trainer = RecipeTrainer(
+        model=add_adapter(load_base_model(recipe), recipe),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        fused_loss=uses_fused_loss(recipe.lm_head_loss),
+    )
     started, cpu_started = time.perf_counter(), time.process_time()
     trainer.train()
     seconds = time.perf_counter() - started + preprocessing
     cpu_seconds = time.process_time() - cpu_started + cpu_preprocessing
     trainer.save_model(recipe.output_dir)
-    return {"seconds": seconds, "positions": trainer.positions, "tokens": trainer.tokens,
-            "supervised": trainer.supervised, "steps": trainer.state.global_step, "cpu_seconds": cpu_seconds}
+    return {
+        "seconds": seconds,
+        "positions": trainer.positions,
+        "tokens": trainer.tokens,
+        "supervised": trainer.supervised,
+        "steps": trainer.state.global_step,
+        "cpu_seconds": cpu_seconds,
+    }
 
 
 # ------------------------------------------------------------------ memory, load, merge
@@ -238,8 +311,14 @@ def memory_child(base: str, data: str, work: str, quantized: str, checkpointing:
     (imports and libraries' own pools, several GB and the same for every configuration, would hide it)."""
     import threading
 
-    recipe = recipe_for(Path(base), Path(data), Path(work), load_in_4bit=quantized == "1",
-                        gradient_checkpointing=checkpointing == "1", max_steps=2)
+    recipe = recipe_for(
+        Path(base),
+        Path(data),
+        Path(work),
+        load_in_4bit=quantized == "1",
+        gradient_checkpointing=checkpointing == "1",
+        max_steps=2,
+    )
     import torch  # noqa: F401 - imported before the baseline is taken
     import trl  # noqa: F401
 
@@ -292,8 +371,11 @@ def tiny_section(work: Path) -> None:
     measure("plain TRL SFTTrainer, defaults", plain_trl, recipe_for(base, data, work), rows)
     measure("ours, default (CPU: padding-free, plain loss)", ours, recipe_for(base, data, work))
     measure("ours, padded", ours, recipe_for(base, data, work, padding_free="false"))
-    measure("ours, padded, length-grouped batches", ours,
-            recipe_for(base, data, work, padding_free="false", train_sampling_strategy="group_by_length"))
+    measure(
+        "ours, padded, length-grouped batches",
+        ours,
+        recipe_for(base, data, work, padding_free="false", train_sampling_strategy="group_by_length"),
+    )
     measure("ours, padding-free, TRL fused loss", ours, recipe_for(base, data, work, lm_head_loss="fused"))
 
     baseline = results["seed loop (hand-written LoRALinear, padded)"]
@@ -309,18 +391,35 @@ def tiny_section(work: Path) -> None:
     for name, r in results.items():
         waste = 1 - r["tokens"] / r["positions"]
         ratio = (r["supervised"] / r["seconds"]) / (baseline["supervised"] / baseline["seconds"])
-        lines.append(f"| {name} | {r['supervised'] / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} | "
-                     f"{waste:.1%} | {ratio:.2f}x |")
+        lines.append(
+            f"| {name} | {r['supervised'] / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} | "
+            f"{waste:.1%} | {ratio:.2f}x |"
+        )
 
-    lines += ["", f"| peak RSS above the idle process (hidden {MEMORY_HIDDEN} x {MEMORY_LAYERS} layers, 2 steps, ours default) "
-              "| MiB | vs NF4 + checkpointing |",
-              "|---|---|---|"]
+    lines += [
+        "",
+        f"| peak RSS above the idle process (hidden {MEMORY_HIDDEN} x {MEMORY_LAYERS} layers, 2 steps, ours default) "
+        "| MiB | vs NF4 + checkpointing |",
+        "|---|---|---|",
+    ]
     rss = {}
     memory_base = build_base(work, MEMORY_HIDDEN, MEMORY_LAYERS)
-    for label, quantized, checkpointing in (("NF4, checkpointing", "1", "1"), ("NF4, no checkpointing", "1", "0"),
-                                            ("bf16, checkpointing", "0", "1"), ("bf16, no checkpointing", "0", "0")):
-        peak = peak_rss_child(["--memory-child", str(memory_base), str(data), str(work / f"mem-{quantized}{checkpointing}"),
-                               quantized, checkpointing])
+    for label, quantized, checkpointing in (
+        ("NF4, checkpointing", "1", "1"),
+        ("NF4, no checkpointing", "1", "0"),
+        ("bf16, checkpointing", "0", "1"),
+        ("bf16, no checkpointing", "0", "0"),
+    ):
+        peak = peak_rss_child(
+            [
+                "--memory-child",
+                str(memory_base),
+                str(data),
+                str(work / f"mem-{quantized}{checkpointing}"),
+                quantized,
+                checkpointing,
+            ]
+        )
         rss[label] = peak
         print(f"{label}: {peak / 2**20:,.0f} MiB", flush=True)
     for label, peak in rss.items():
@@ -341,9 +440,12 @@ def tiny_section(work: Path) -> None:
     started = time.perf_counter()
     merge(str(adapter), work / "merged")
     merge_seconds = time.perf_counter() - started
-    lines += ["", f"adapter load {adapter_load:.2f} s ({adapter_load / base_load:.2f}x the base's own load); "
-              f"merge into dequantized NF4 and write {merge_seconds:.2f} s ({merge_seconds / base_load:.1f}x the base load)",
-              ""]
+    lines += [
+        "",
+        f"adapter load {adapter_load:.2f} s ({adapter_load / base_load:.2f}x the base's own load); "
+        f"merge into dequantized NF4 and write {merge_seconds:.2f} s ({merge_seconds / base_load:.1f}x the base load)",
+        "",
+    ]
     append_results(lines)
 
 
@@ -356,13 +458,24 @@ def smollm2_section(work: Path) -> None:
 
     base = materialise_smollm2()  # offline: built from the GGUF in the installed wheel, cached after the first time
     rows, data = alpaca_rows(work, SMOLLM2_ROWS, "smollm2-rows.json")
-    settings = dict(micro_batch=SMOLLM2_MICRO_BATCH, accumulation=SMOLLM2_ACCUMULATION, max_length=SMOLLM2_MAX_LENGTH,
-                    bnb_4bit_compute_dtype="float32", bf16=False, chat_template="llama2", gradient_checkpointing=True)
+    settings = dict(
+        micro_batch=SMOLLM2_MICRO_BATCH,
+        accumulation=SMOLLM2_ACCUMULATION,
+        max_length=SMOLLM2_MAX_LENGTH,
+        bnb_4bit_compute_dtype="float32",
+        bf16=False,
+        chat_template="llama2",
+        gradient_checkpointing=True,
+    )
     configurations = (
-        ("seed loop (hand-written LoRALinear, padded)",
-         lambda: seed_loop(recipe_for(base, data, work, run="smollm2-seed", **settings), rows, tokenizer_path=base)),
-        ("ours, default (CPU: padding-free, plain loss)",
-         lambda: ours(recipe_for(base, data, work, run="smollm2-ours", **settings))),
+        (
+            "seed loop (hand-written LoRALinear, padded)",
+            lambda: seed_loop(recipe_for(base, data, work, run="smollm2-seed", **settings), rows, tokenizer_path=base),
+        ),
+        (
+            "ours, default (CPU: padding-free, plain loss)",
+            lambda: ours(recipe_for(base, data, work, run="smollm2-ours", **settings)),
+        ),
     )
     results: dict[str, dict] = {}
     for name, function in configurations:
@@ -370,9 +483,12 @@ def smollm2_section(work: Path) -> None:
         results[name] = function()
         r = results[name]
         r["load"] = (before, os.getloadavg()[0])
-        print(f"SmolLM2 {name}: {r['steps']} steps, {r['supervised'] / r['seconds']:,.1f} supervised tokens/s, "
-              f"{r['supervised'] / r['cpu_seconds']:,.1f} per CPU-second (load average {before:.2f} -> "
-              f"{r['load'][1]:.2f})", flush=True)
+        print(
+            f"SmolLM2 {name}: {r['steps']} steps, {r['supervised'] / r['seconds']:,.1f} supervised tokens/s, "
+            f"{r['supervised'] / r['cpu_seconds']:,.1f} per CPU-second (load average {before:.2f} -> "
+            f"{r['load'][1]:.2f})",
+            flush=True,
+        )
 
     baseline = results[configurations[0][0]]
     config = json.loads((base / "config.json").read_text())
@@ -398,16 +514,26 @@ def smollm2_section(work: Path) -> None:
         waste = 1 - r["tokens"] / r["positions"]
         ratio = (r["supervised"] / r["seconds"]) / (baseline["supervised"] / baseline["seconds"])
         cpu_ratio = (r["supervised"] / r["cpu_seconds"]) / (baseline["supervised"] / baseline["cpu_seconds"])
-        lines.append(f"| {name} | {r['steps']} | {r['supervised']:,} | {r['seconds']:.1f} | "
-                     f"{r['supervised'] / r['seconds']:,.1f} | {r['tokens'] / r['seconds']:,.1f} | {waste:.1%} | "
-                     f"{ratio:.2f}x | {r['cpu_seconds']:.1f} | {r['supervised'] / r['cpu_seconds']:,.1f} | "
-                     f"{cpu_ratio:.2f}x | {r['load'][0]:.2f} -> {r['load'][1]:.2f} |")
+        lines.append(
+            f"| {name} | {r['steps']} | {r['supervised']:,} | {r['seconds']:.1f} | "
+            f"{r['supervised'] / r['seconds']:,.1f} | {r['tokens'] / r['seconds']:,.1f} | {waste:.1%} | "
+            f"{ratio:.2f}x | {r['cpu_seconds']:.1f} | {r['supervised'] / r['cpu_seconds']:,.1f} | "
+            f"{cpu_ratio:.2f}x | {r['load'][0]:.2f} -> {r['load'][1]:.2f} |"
+        )
     same = len({r["supervised"] for r in results.values()}) == 1
-    lines += ["", "Timed from the first tokenizer call (seed) or the data step (ours) to the last optimizer step; "
-              "model loading excluded; CPU-seconds are this process's (all threads) over the same span. The seed "
-              "loop runs first. " + ("Both train on the same supervised tokens." if same else
-                                     "Supervised counts differ: the seed tokenizes `[INST] prompt [/INST] response "
-                                     "EOS` as one text, ours tokenizes the template's chunks."), ""]
+    lines += [
+        "",
+        "Timed from the first tokenizer call (seed) or the data step (ours) to the last optimizer step; "
+        "model loading excluded; CPU-seconds are this process's (all threads) over the same span. The seed "
+        "loop runs first. "
+        + (
+            "Both train on the same supervised tokens."
+            if same
+            else "Supervised counts differ: the seed tokenizes `[INST] prompt [/INST] response "
+            "EOS` as one text, ours tokenizes the template's chunks."
+        ),
+        "",
+    ]
     append_results(lines)
 
 

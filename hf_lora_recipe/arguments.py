@@ -17,7 +17,21 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .config import DERIVED_KEYS, FIELDS, GROUPS, Recipe, RecipeError, field_type, is_list, load_recipe, nearest, parse_bool, unknown_key_error
+from .config import (
+    DERIVED_KEYS,
+    FIELDS,
+    GROUPS,
+    Recipe,
+    RecipeError,
+    field_type,
+    is_list,
+    load_recipe,
+    nearest,
+    parse_bool,
+    unknown_key_error,
+)
+from .upstream.argparse import long_flags
+
 
 ERROR_PREFIX = "hf-lora-recipe: error:"
 
@@ -26,22 +40,36 @@ class CommandParser(argparse.ArgumentParser):
     """argparse, with errors raised as :class:`RecipeError` and no guessing of abbreviated flags."""
 
     def __init__(self, command: str, description: str, epilog: str | None = None, usage: str | None = None):
-        super().__init__(prog=f"hf-lora-recipe {command}", description=description, epilog=epilog, usage=usage,
-                         allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+        super().__init__(
+            prog=f"hf-lora-recipe {command}",
+            description=description,
+            epilog=epilog,
+            usage=usage,
+            allow_abbrev=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise RecipeError(f"{self.prog}: {message}")
 
     def add_flag(self, *names: str, help: str, default: bool = False) -> None:  # noqa: A002 - argparse's name
         """A boolean given bare (``--private``) or with a value (``--private false``)."""
-        self.add_argument(*names, nargs="?", const=True, default=default, type=_bool_argument, metavar="BOOL",
-                          help=f"{help} (default: {str(default).lower()})")
+        self.add_argument(
+            *names,
+            nargs="?",
+            const=True,
+            default=default,
+            type=_bool_argument,
+            metavar="BOOL",
+            help=f"{help} (default: {str(default).lower()})",
+        )
 
     def parse(self, argv: list[str]) -> argparse.Namespace:
         """Parse ``argv``; an unknown flag is an error naming the nearest known one."""
+        known = set(long_flags(self))
         for token in argv:  # before argparse, whose "required" check would otherwise hide a misspelt flag
             flag = token.partition("=")[0]
-            if flag.startswith("--") and flag not in self._option_string_actions:
+            if flag.startswith("--") and flag not in known:
                 raise self.unknown_flag(flag[2:])
         args, unknown = self.parse_known_args(argv)
         if unknown:
@@ -49,7 +77,7 @@ class CommandParser(argparse.ArgumentParser):
         return args
 
     def flags(self) -> list[str]:
-        return [option[2:] for action in self._actions for option in action.option_strings if option.startswith("--")]
+        return [flag[2:] for flag in long_flags(self)]
 
     def unknown_flag(self, key: str) -> RecipeError:
         return RecipeError(f"{self.prog}: unknown flag --{key}; did you mean --{nearest(key, self.flags())}?")
@@ -76,8 +104,11 @@ class RecipeParser(CommandParser):
     def __init__(self, command: str, description: str, epilog: str | None = None, usage: str | None = None):
         usage = usage or f"hf-lora-recipe {command} [--config RECIPE.yaml] [--key value ...]"
         super().__init__(command, description, epilog, usage)
-        self.add_argument("--config", metavar="RECIPE.yaml",
-                          help="recipe file; its keys are the flags below (flags given here override it)")
+        self.add_argument(
+            "--config",
+            metavar="RECIPE.yaml",
+            help="recipe file; its keys are the flags below (flags given here override it)",
+        )
         defaults = Recipe()
         groups = {title: self.add_argument_group(f"recipe keys: {title}") for title in GROUPS}
         for name, spec in FIELDS.items():
@@ -96,8 +127,14 @@ class RecipeParser(CommandParser):
             groups[spec.metadata["group"]].add_argument(f"--{name}", **options)
         # TRL's scripts train full models unless told --use_peft; here LoRA is the point, so the flag is accepted
         # (TRL command lines paste in unchanged) and only its negation is refused.
-        groups[GROUPS[2]].add_argument("--use_peft", nargs="?", const="true", default=argparse.SUPPRESS, metavar="BOOL",
-                                       help="accepted for TRL command lines: the adapter is always trained")
+        groups[GROUPS[2]].add_argument(
+            "--use_peft",
+            nargs="?",
+            const="true",
+            default=argparse.SUPPRESS,
+            metavar="BOOL",
+            help="accepted for TRL command lines: the adapter is always trained",
+        )
 
     def unknown_flag(self, key: str) -> RecipeError:
         if key in DERIVED_KEYS or nearest(key, self.flags()) in FIELDS:
@@ -108,9 +145,13 @@ class RecipeParser(CommandParser):
         """(the validated recipe: defaults < --config YAML < flags, the command's own options)."""
         args = self.parse(argv)
         if not parse_bool(getattr(args, "use_peft", True)):
-            raise RecipeError("--use_peft false: hf-lora-recipe always trains a LoRA adapter (full fine-tuning is TRL's sft)")
+            raise RecipeError(
+                "--use_peft false: hf-lora-recipe always trains a LoRA adapter (full fine-tuning is TRL's sft)"
+            )
         overrides = {name: value for name, value in vars(args).items() if name in FIELDS}
-        options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in FIELDS and k not in ("config", "use_peft")})
+        options = argparse.Namespace(
+            **{k: v for k, v in vars(args).items() if k not in FIELDS and k not in ("config", "use_peft")}
+        )
         return load_recipe(args.config, overrides), options
 
 

@@ -18,6 +18,7 @@ from .config import Recipe, RecipeError, dump_recipe
 from .eva import EVA_STATE
 from .initial_adapter import INITIAL_ADAPTER, rewrites_base
 
+
 PICKLES = ("training_args.bin",)  # Trainer.save_model writes this pickle; we publish safetensors only
 FINAL_FILES_LAST = "adapter_config.json"  # moved last: without it the directory is not loadable as an adapter
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -29,9 +30,20 @@ CARD_TAG = "hf-lora-recipe"  # in the metadata tags of every card we write: how 
 # What train writes at the top of output_dir. The tokenizer names are every file a tokenizer's save_pretrained
 # writes (which depend on its class); a folder holding anything else is not a run of ours.
 RUN_FILES = {ADAPTER_FILE, FINAL_FILES_LAST, "recipe.yaml", RESULTS_FILE, LOSS_PLOT, CARD, *PICKLES}
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
-                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "merges.txt", "spiece.model", "sentencepiece.bpe.model"}
+TOKENIZER_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+}
 # TensorBoard's logs, our staging, extra templates, PiSSA/OLoRA's step-0 adapter (initial_adapter.py) and its draft,
 # EVA's step-0 state (eva.py)
 RUN_FOLDERS = {"runs", STAGING, "additional_chat_templates", INITIAL_ADAPTER, INITIAL_ADAPTER + ".partial", EVA_STATE}
@@ -95,8 +107,10 @@ def check_output_dir_is_ours(output_dir: Path) -> None:
     foreign = foreign_entries(output_dir)
     if foreign:
         shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
-        raise RecipeError(f"output_dir {output_dir} holds files hf-lora-recipe did not write: {shown}; training "
-                          "would overwrite or mix with them. Choose another output_dir (or move them out)")
+        raise RecipeError(
+            f"output_dir {output_dir} holds files hf-lora-recipe did not write: {shown}; training "
+            "would overwrite or mix with them. Choose another output_dir (or move them out)"
+        )
 
 
 def publish_directory(staging: Path, output_dir: Path) -> None:
@@ -131,7 +145,11 @@ def final_losses(log_history: list[dict[str, Any]]) -> tuple[float | None, float
 
 
 def training_results(
-    trainer: Any, report: Any, mean_train_loss: float | None, seconds: float, dataset: dict[str, str],
+    trainer: Any,
+    report: Any,
+    mean_train_loss: float | None,
+    seconds: float,
+    dataset: dict[str, str],
 ) -> dict[str, Any]:
     """``training_results.json``: snake_case keys, numbers as numbers, null where there is nothing to report."""
     last_train_loss, eval_loss = final_losses(trainer.state.log_history)
@@ -142,14 +160,28 @@ def training_results(
         "optimizer_steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 3),
         # a stream has no epoch: what it read while training instead
-        "training_examples": (trainer.state.global_step * trainer.args.gradient_accumulation_steps * trainer.args.world_size
-                              * trainer.args.per_device_train_batch_size) if report.streamed is not None
-                             else len(trainer.train_dataset),
+        "training_examples": (
+            trainer.state.global_step
+            * trainer.args.gradient_accumulation_steps
+            * trainer.args.world_size
+            * trainer.args.per_device_train_batch_size
+        )
+        if report.streamed is not None
+        else len(trainer.train_dataset),
         "tokens_per_epoch": None if report.streamed is not None else report.total_tokens,
         "supervised_tokens_per_epoch": None if report.streamed is not None else report.supervised_tokens,
-        **({"stream": {"rows_read_including_read_ahead": report.streamed.rows, "examples_kept": report.streamed.kept,
-                       "dropped": dict(report.streamed.dropped), "tokens": report.streamed.tokens}}
-           if report.streamed is not None else {}),
+        **(
+            {
+                "stream": {
+                    "rows_read_including_read_ahead": report.streamed.rows,
+                    "examples_kept": report.streamed.kept,
+                    "dropped": dict(report.streamed.dropped),
+                    "tokens": report.streamed.tokens,
+                }
+            }
+            if report.streamed is not None
+            else {}
+        ),
         **({"mixture": report.mixture} if report.mixture else {}),
         "wall_time_s": round(seconds, 1),
         "dataset": dataset,
@@ -168,14 +200,20 @@ def write_run_files(
 
 
 def save_run(
-    trainer: Any, recipe: Recipe, tokenizer: Any, report: Any, derived: dict[str, Any], mean_train_loss: float | None,
-    started: float, checkpoint: str | None = None,
+    trainer: Any,
+    recipe: Recipe,
+    tokenizer: Any,
+    report: Any,
+    derived: dict[str, Any],
+    mean_train_loss: float | None,
+    started: float,
+    checkpoint: str | None = None,
 ) -> Path:
     """Write the final adapter and everything beside it into ``output_dir`` (:func:`push_run` publishes it);
     ``checkpoint``: the adapter is that checkpoint's (a run that reached its end without writing it)."""
     from .engines import current_engine, save_sharded_adapter
-    from .resilience import check_saved_adapter
     from .mixture import dataset_versions
+    from .resilience import check_saved_adapter
     from .tokenizer import save_tokenizer
 
     output_dir = Path(recipe.output_dir)
@@ -225,13 +263,16 @@ def save_converted_adapter(trainer: Any, recipe: Recipe, directory: Path, checkp
             raise RuntimeError(f"{checkpoint}/{ADAPTER_FILE} lacks {len(missing)} adapter tensors (e.g. {missing[0]})")
     initial = (Path(recipe.output_dir) / INITIAL_ADAPTER).resolve()
     if not (initial / "adapter_config.json").is_file():  # saved at step 0: someone removed it since
-        raise RecipeError(f"{initial} is missing, so the trained {recipe.init_lora_weights} adapter cannot be "
-                          "converted to one of the original base: train again with --overwrite_output_dir true")
+        raise RecipeError(
+            f"{initial} is missing, so the trained {recipe.init_lora_weights} adapter cannot be "
+            "converted to one of the original base: train again with --overwrite_output_dir true"
+        )
     with warnings.catch_warnings():
         # PEFT loads the initial adapter beside the trained one to convert it, and warns to convert: this is that
         warnings.filterwarnings("ignore", message=".* changes the base weights of the model and should thus not")
-        model.save_pretrained(str(directory), safe_serialization=True,
-                              path_initial_model_for_weight_conversion=str(initial))
+        model.save_pretrained(
+            str(directory), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial)
+        )
 
 
 def push_run(recipe: Recipe, output_dir: Path) -> None:

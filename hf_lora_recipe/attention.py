@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+
 ATTENTION = "varlen"
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 HALF = (torch.float16, torch.bfloat16)
@@ -70,22 +71,48 @@ def _kernel_dtype(query: torch.Tensor, module: torch.nn.Module) -> torch.dtype |
     return dtype if dtype in HALF else None
 
 
-def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
-                  max_length: int, scale: float | None, enable_gqa: bool, dtype: torch.dtype | None) -> torch.Tensor:
+def _flash_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_length: int,
+    scale: float | None,
+    enable_gqa: bool,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
     """The one call into PyTorch's CUDA kernel, on (tokens, heads, head_dim) tensors: causal within each segment,
     computed in ``dtype``. The CPU tests substitute a per-segment SDPA reference for exactly this function."""
     if dtype is None:
-        raise ValueError(f"attn_implementation {ATTENTION} runs in bf16/fp16 and this model computes in "
-                         f"{query.dtype}: load it in bf16 (bf16: true) or use sdpa")
+        raise ValueError(
+            f"attn_implementation {ATTENTION} runs in bf16/fp16 and this model computes in "
+            f"{query.dtype}: load it in bf16 (bf16: true) or use sdpa"
+        )
     from torch.nn.attention.varlen import varlen_attn
 
-    out = varlen_attn(query.to(dtype), key.to(dtype), value.to(dtype), cu_seq_lens, cu_seq_lens, max_length,
-                      max_length, scale=scale, window_size=(-1, 0), enable_gqa=enable_gqa)
+    out = varlen_attn(
+        query.to(dtype),
+        key.to(dtype),
+        value.to(dtype),
+        cu_seq_lens,
+        cu_seq_lens,
+        max_length,
+        max_length,
+        scale=scale,
+        window_size=(-1, 0),
+        enable_gqa=enable_gqa,
+    )
     return out.to(query.dtype)
 
 
-def _segments(batch: int, length: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-              kwargs: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+def _segments(
+    batch: int,
+    length: int,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    kwargs: dict[str, Any],
+    device: torch.device,
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """(cumulative lengths, longest, indices of the real tokens or None) of the flattened (batch x length)
     tokens: from a padding mask, else the collator's kwargs, else the position ids (restarting at 0)."""
     if attention_mask is not None:  # padded rows: attend over the real tokens only, one segment per row
@@ -125,31 +152,41 @@ def varlen_attention_forward(
     (batch, q_len, heads, head_dim) and no weights."""
     batch, heads, length, _ = query.shape
     if dropout:
-        raise ValueError(f"attn_implementation {ATTENTION}: PyTorch's varlen kernel has no attention dropout; "
-                         "set the model config's attention_dropout to 0 or use sdpa")
+        raise ValueError(
+            f"attn_implementation {ATTENTION}: PyTorch's varlen kernel has no attention dropout; "
+            "set the model config's attention_dropout to 0 or use sdpa"
+        )
     if softcap is not None or s_aux is not None:
-        raise NotImplementedError(f"attn_implementation {ATTENTION} has no logit softcap or attention sinks: "
-                                  "use sdpa or eager")
+        raise NotImplementedError(
+            f"attn_implementation {ATTENTION} has no logit softcap or attention sinks: use sdpa or eager"
+        )
     if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
         raise NotImplementedError(f"attn_implementation {ATTENTION} is causal only")
     enable_gqa = key.shape[1] != heads  # the kernel shares each kv head across its query heads without copying
 
     if length != key.shape[2]:
         if length != 1:
-            raise NotImplementedError(f"attn_implementation {ATTENTION}: {length} queries against {key.shape[2]} cached "
-                                      "keys (chunked prefill) is not supported; use sdpa")
+            raise NotImplementedError(
+                f"attn_implementation {ATTENTION}: {length} queries against {key.shape[2]} cached "
+                "keys (chunked prefill) is not supported; use sdpa"
+            )
         if sliding_window is not None and key.shape[2] > sliding_window:
-            raise NotImplementedError(f"attn_implementation {ATTENTION}: no sliding window ({sliding_window}); use sdpa")
+            raise NotImplementedError(
+                f"attn_implementation {ATTENTION}: no sliding window ({sliding_window}); use sdpa"
+            )
         # One new token per row while generating: it sees every cached key that is not padding; SDPA does it.
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                                               enable_gqa=enable_gqa)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=enable_gqa
+        )
         return out.transpose(1, 2).contiguous(), None
 
     cu_seq_lens, longest, indices = _segments(batch, length, attention_mask, position_ids, kwargs, query.device)
     if sliding_window is not None and longest > sliding_window:
-        raise NotImplementedError(f"attn_implementation {ATTENTION}: an example of {longest} tokens exceeds the "
-                                  f"model's sliding window ({sliding_window}); use sdpa")
+        raise NotImplementedError(
+            f"attn_implementation {ATTENTION}: an example of {longest} tokens exceeds the "
+            f"model's sliding window ({sliding_window}); use sdpa"
+        )
     # (batch, heads, length, dim) -> (batch * length, heads, dim): the kernel's token-major layout
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[3]) for x in (query, key, value))
     if indices is not None:

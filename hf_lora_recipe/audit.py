@@ -39,8 +39,12 @@ def _positions(values: list[int], value: int) -> list[int]:
 
 
 def structural_problem(
-    input_ids: list[int], labels: list[int], spans: list[tuple[int, int]], num_responses: int,
-    ids: SpecialIds, truncated: bool,
+    input_ids: list[int],
+    labels: list[int],
+    spans: list[tuple[int, int]],
+    num_responses: int,
+    ids: SpecialIds,
+    truncated: bool,
 ) -> str | None:
     """Invariants that need no decoding; None when they hold."""
     if len(input_ids) != len(labels):
@@ -78,8 +82,12 @@ def structural_problem(
 
 
 def audit_examples(
-    input_ids: list[list[int]], labels: list[list[int]], messages: list[list[dict]], truncated: list[bool],
-    tokenizer: Any, ids: SpecialIds,
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    messages: list[list[dict]],
+    truncated: list[bool],
+    tokenizer: Any,
+    ids: SpecialIds,
 ) -> list[str]:
     """One problem string per example ("" when it holds); responses are decoded in one batched call."""
     problems: list[str] = []
@@ -98,7 +106,9 @@ def audit_examples(
     decoded = decode_texts(tokenizer, to_decode) if to_decode else []
     for text, (index, turn, response) in zip(decoded, expected):
         if not problems[index] and text.strip() != response:
-            problems[index] = f"assistant turn {turn}: supervised tokens decode to {text.strip()[:60]!r}, not the response"
+            problems[index] = (
+                f"assistant turn {turn}: supervised tokens decode to {text.strip()[:60]!r}, not the response"
+            )
     return problems
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+
 RESULTS_FILE = "training_results.json"
 LOSS_PLOT = "training_loss.png"
 CARD = "README.md"
@@ -87,8 +88,11 @@ def _template_block(chat_template: str) -> str:
             "and its\nclosing EOS only; BOS, `[INST]`/`[/INST]` and user text are masked. Special-token strings "
             "inside the data\nwere tokenized as text."
         )
-    source = ("the base tokenizer's own chat template (`chat_template: native`)" if chat_template == "native"
-              else f"the chat template of `{Path(chat_template).name}`")
+    source = (
+        "the base tokenizer's own chat template (`chat_template: native`)"
+        if chat_template == "native"
+        else f"the chat template of `{Path(chat_template).name}`"
+    )
     return (
         f"Trained through {source}, saved with the tokenizer: `apply_chat_template(messages, "
         "add_generation_prompt=True)`\nreproduces the training prompt token for token. The loss covers each "
@@ -115,16 +119,20 @@ def lora_variant(recipe: dict[str, Any]) -> str:
             name += f" (randomized SVD, {init.rsplit('_', 1)[-1]} iterations)"
         # the conversion doubles r and alpha; with rsLoRA alpha x sqrt(2), which keeps alpha/sqrt(r)
         alpha = recipe["lora_alpha"] * (math.sqrt(2) if recipe.get("use_rslora") else 2)
-        parts.append(f"{name} init (saved converted: rank {2 * recipe['lora_r']}, alpha {alpha:.4g}, a plain adapter "
-                     "of the original base)")
+        parts.append(
+            f"{name} init (saved converted: rank {2 * recipe['lora_r']}, alpha {alpha:.4g}, a plain adapter "
+            "of the original base)"
+        )
     elif init == "eva":
         # the ranks EVA gave the layers: from the step-0 state the run keeps beside its checkpoints
         from .eva import saved_rank_range
 
         found = saved_rank_range(recipe.get("output_dir", ""))
         ranks = f"ranks {found[0]}-{found[1]} per layer, total {found[2]}" if found else "ranks per layer"
-        parts.append(f"EVA init (A from the training data's principal input directions; {ranks}, see rank_pattern in "
-                     "adapter_config.json)")
+        parts.append(
+            f"EVA init (A from the training data's principal input directions; {ranks}, see rank_pattern in "
+            "adapter_config.json)"
+        )
     elif init != "true":
         parts.append(f"init_lora_weights {init}")
     if recipe.get("loraplus_lr_ratio"):
@@ -138,27 +146,48 @@ def _hyperparameters(recipe: dict[str, Any]) -> str:
         ("LoRA r / alpha / dropout", f"{recipe['lora_r']} / {recipe['lora_alpha']} / {recipe['lora_dropout']}"),
         ("LoRA variant", lora_variant(recipe)),
         ("target modules", ", ".join(recipe["lora_target_modules"])),
-        ("base quantization", f"bitsandbytes {recipe['bnb_4bit_quant_type']}, double quantization "
-         f"{recipe['use_bnb_nested_quant']}, compute {recipe['bnb_4bit_compute_dtype']}"
-         if recipe["load_in_4bit"] else "none (bf16/fp32 base)"),
-        ("optimizer", f"{recipe['optim']}, betas ({recipe['adam_beta1']}, {recipe['adam_beta2']}), "
-         f"weight decay {recipe['weight_decay']}, grad-norm clip {recipe['max_grad_norm']}"),
-        ("learning rate", f"{recipe['learning_rate']}, {recipe['lr_scheduler_type']}, warm-up {recipe['warmup_steps']}"),
-        ("global batch", f"{recipe['global_batch_size']} = micro-batch {recipe['per_device_train_batch_size']} x "
-         f"accumulation {derived.get('gradient_accumulation_steps', '?')} x {derived.get('world_size', '?')} processes"
-         + (f" ({derived['engine']})" if "engine" in derived else "")),
+        (
+            "base quantization",
+            f"bitsandbytes {recipe['bnb_4bit_quant_type']}, double quantization "
+            f"{recipe['use_bnb_nested_quant']}, compute {recipe['bnb_4bit_compute_dtype']}"
+            if recipe["load_in_4bit"]
+            else "none (bf16/fp32 base)",
+        ),
+        (
+            "optimizer",
+            f"{recipe['optim']}, betas ({recipe['adam_beta1']}, {recipe['adam_beta2']}), "
+            f"weight decay {recipe['weight_decay']}, grad-norm clip {recipe['max_grad_norm']}",
+        ),
+        (
+            "learning rate",
+            f"{recipe['learning_rate']}, {recipe['lr_scheduler_type']}, warm-up {recipe['warmup_steps']}",
+        ),
+        (
+            "global batch",
+            f"{recipe['global_batch_size']} = micro-batch {recipe['per_device_train_batch_size']} x "
+            f"accumulation {derived.get('gradient_accumulation_steps', '?')} x {derived.get('world_size', '?')} processes"
+            + (f" ({derived['engine']})" if "engine" in derived else ""),
+        ),
         ("epochs / max steps", f"{recipe['num_train_epochs']} / {recipe['max_steps']}"),
         ("max length", recipe["max_length"]),
-        ("precision / checkpointing", f"bf16 {recipe['bf16']} / gradient checkpointing {recipe['gradient_checkpointing']}"),
+        (
+            "precision / checkpointing",
+            f"bf16 {recipe['bf16']} / gradient checkpointing {recipe['gradient_checkpointing']}",
+        ),
         ("seed", recipe["seed"]),
     ]
     return "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
 RESULT_LABELS = {
-    "final_train_loss": "final train loss", "final_eval_loss": "final eval loss", "optimizer_steps": "optimizer steps",
-    "epochs": "epochs", "training_examples": "training examples", "tokens_per_epoch": "tokens per epoch",
-    "supervised_tokens_per_epoch": "supervised tokens per epoch", "wall_time_s": "wall time (s)",
+    "final_train_loss": "final train loss",
+    "final_eval_loss": "final eval loss",
+    "optimizer_steps": "optimizer steps",
+    "epochs": "epochs",
+    "training_examples": "training examples",
+    "tokens_per_epoch": "tokens per epoch",
+    "supervised_tokens_per_epoch": "supervised tokens per epoch",
+    "wall_time_s": "wall time (s)",
 }
 
 
@@ -179,32 +208,43 @@ def _data_phrase(recipe: dict[str, Any]) -> str:
     sources = recipe.get("datasets") or []
     if not sources:
         return f"`{recipe.get('dataset_name', 'unknown')}`\n({recipe.get('dataset_format', '?')} format)"
-    return "a mixture of " + ", ".join(f"`{Path(s['name']).name if Path(s['name']).exists() else s['name']}` "
-                                       f"({s['format']})" for s in sources) + " (shares below)"
+    return (
+        "a mixture of "
+        + ", ".join(
+            f"`{Path(s['name']).name if Path(s['name']).exists() else s['name']}` ({s['format']})" for s in sources
+        )
+        + " (shares below)"
+    )
 
 
 def _mixture_block(mixture: list[dict[str, Any]] | None) -> str:
     """What each source of a mixture became in the training set: asked for, and realised."""
     if not mixture:
         return ""
+
     def asked(m: dict[str, Any]) -> str:
         if m["asked_share"] is not None:
             return f"{m['asked_share']:.1%}"
         return f"fraction {m['fraction']:g}" if m["fraction"] else "all"
 
-    rows = "\n".join(f"| {m['source']} | {m['format']} | {asked(m)} | {m['examples_kept']:,} | {m['examples_used']:,} | "
-                      f"{m['share_of_examples']:.1%} | {m['share_of_supervised_tokens']:.1%} |" for m in mixture)
-    return ("\n## Data mixture\n\n| source | format | asked | examples after cleaning | examples used | share of "
-            "examples | share of supervised tokens |\n|---|---|---|---|---|---|---|\n" + rows + "\n")
+    rows = "\n".join(
+        f"| {m['source']} | {m['format']} | {asked(m)} | {m['examples_kept']:,} | {m['examples_used']:,} | "
+        f"{m['share_of_examples']:.1%} | {m['share_of_supervised_tokens']:.1%} |"
+        for m in mixture
+    )
+    return (
+        "\n## Data mixture\n\n| source | format | asked | examples after cleaning | examples used | share of "
+        "examples | share of supervised tokens |\n|---|---|---|---|---|---|---|\n" + rows + "\n"
+    )
 
 
 def _load_snippet(kind: str, location: str, base: str, quantization: dict[str, Any] | None) -> str:
     prompt = (
-        'inputs = tokenizer.apply_chat_template(\n'
+        "inputs = tokenizer.apply_chat_template(\n"
         f'    [{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}],\n'
         '    add_generation_prompt=True, return_tensors="pt", return_dict=True,\n'
-        ')\n'
-        'output = model.generate(**inputs, max_new_tokens=32)\n'
+        ")\n"
+        "output = model.generate(**inputs, max_new_tokens=32)\n"
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))'
     )
     if kind == "merged":
@@ -215,8 +255,9 @@ def _load_snippet(kind: str, location: str, base: str, quantization: dict[str, A
             "model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.bfloat16)\n" + prompt
         )
     if quantization:
-        arguments = ", ".join(f"{k}=torch.{v}" if k.endswith(("_dtype", "_storage")) else f"{k}={v!r}"
-                              for k, v in quantization.items())
+        arguments = ", ".join(
+            f"{k}=torch.{v}" if k.endswith(("_dtype", "_storage")) else f"{k}={v!r}" for k, v in quantization.items()
+        )
         quantized = (
             "# Trained against this quantized base: load it the same way for outputs closest to training\n"
             "# (needs bitsandbytes), or drop quantization_config for a bf16 base.\n"
@@ -243,8 +284,12 @@ def _quantization(recipe: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def render_card(
-    recipe: dict[str, Any], results: dict[str, Any], location: str, kind: str = "adapter",
-    merge_base: str | None = None, has_plot: bool = False,
+    recipe: dict[str, Any],
+    results: dict[str, Any],
+    location: str,
+    kind: str = "adapter",
+    merge_base: str | None = None,
+    has_plot: bool = False,
 ) -> str:
     """The README.md for an adapter (``kind="adapter"``) or a merged model (``kind="merged"``)."""
     base = recipe.get("model_name_or_path", "unknown")
@@ -261,7 +306,9 @@ def render_card(
     license_name = base_model_license(base)
     if license_name:
         metadata["license"] = license_name
-    metadata["tags"] = ["qlora" if quantized else "lora", "sft", "trl", "hf-lora-recipe"] + (["merged"] if kind == "merged" else [])
+    metadata["tags"] = ["qlora" if quantized else "lora", "sft", "trl", "hf-lora-recipe"] + (
+        ["merged"] if kind == "merged" else []
+    )
     evaluation = results.get(EVALUATION)
     index = model_index(evaluation, location, kind) if isinstance(evaluation, dict) else []
     if index:
@@ -334,19 +381,23 @@ def evaluation_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     """(header, rows) of the evaluation table: one row per metric, one column per model."""
     models = report.get("models", {})
     header = ["metric", *models]
-    rows = [[label, *(evaluation_cell(key, figures.get(key)) for figures in models.values())]
-            for key, label, _ in EVALUATION_ROWS]
+    rows = [
+        [label, *(evaluation_cell(key, figures.get(key)) for figures in models.values())]
+        for key, label, _ in EVALUATION_ROWS
+    ]
     return header, rows
 
 
 def evaluation_summary(report: dict[str, Any]) -> str:
     """One sentence: what was evaluated, on what, and how."""
     models = " vs ".join(report.get("models", {}))
-    return (f"{models} on {report.get('num_examples', '?')} examples of `{report.get('dataset', '?')}` "
-            f"({report.get('split', '?')}), rendered and masked exactly as in training; greedy decoding, at most "
-            f"{report.get('max_new_tokens', '?')} new tokens. Loss and perplexity cover the supervised (response) "
-            "tokens; stop rate, length, exact match and ROUGE-L (F1, stemmed) compare the reply generated for the "
-            "last user turn with the reference reply.")
+    return (
+        f"{models} on {report.get('num_examples', '?')} examples of `{report.get('dataset', '?')}` "
+        f"({report.get('split', '?')}), rendered and masked exactly as in training; greedy decoding, at most "
+        f"{report.get('max_new_tokens', '?')} new tokens. Loss and perplexity cover the supervised (response) "
+        "tokens; stop rate, length, exact match and ROUGE-L (F1, stemmed) compare the reply generated for the "
+        "last user turn with the reference reply."
+    )
 
 
 def render_evaluation(report: dict[str, Any]) -> str:
@@ -360,8 +411,11 @@ def _evaluation_block(evaluation: Any) -> str:
     return f"\n{render_evaluation(evaluation)}" if isinstance(evaluation, dict) and evaluation.get("models") else ""
 
 
-METRIC_TYPES = (("perplexity", "perplexity", "perplexity"), ("exact_match", "exact_match", "exact match"),
-                ("rouge_l", "rouge", "ROUGE-L F1"))
+METRIC_TYPES = (
+    ("perplexity", "perplexity", "perplexity"),
+    ("exact_match", "exact_match", "exact match"),
+    ("rouge_l", "rouge", "ROUGE-L F1"),
+)
 
 
 def model_index(report: dict[str, Any], location: str, kind: str) -> list[dict[str, Any]]:
@@ -371,18 +425,32 @@ def model_index(report: dict[str, Any], location: str, kind: str) -> list[dict[s
     figures = models.get("merged") if kind == "merged" and "merged" in models else models.get("adapter")
     if not isinstance(figures, dict):
         return []
-    metrics = [{"type": metric, "value": round(figures[key], 4), "name": name} for key, metric, name in METRIC_TYPES
-               if isinstance(figures.get(key), (int, float)) and math.isfinite(figures[key])]
+    metrics = [
+        {"type": metric, "value": round(figures[key], 4), "name": name}
+        for key, metric, name in METRIC_TYPES
+        if isinstance(figures.get(key), (int, float)) and math.isfinite(figures[key])
+    ]
     if not metrics:
         return []
     dataset = str(report.get("dataset", "unknown"))
     dataset_id = Path(dataset).name if Path(dataset).exists() else dataset
     split = str(report.get("split", ""))  # a split's name, or a description of rows held out of one
-    return [{"name": location.rstrip("/").rsplit("/", 1)[-1] or location, "results": [{
-        "task": {"type": "text-generation", "name": "Text Generation"},
-        "dataset": {"name": dataset_id, "type": dataset_id, **({"split": split} if split.isidentifier() else {})},
-        "metrics": metrics,
-    }]}]
+    return [
+        {
+            "name": location.rstrip("/").rsplit("/", 1)[-1] or location,
+            "results": [
+                {
+                    "task": {"type": "text-generation", "name": "Text Generation"},
+                    "dataset": {
+                        "name": dataset_id,
+                        "type": dataset_id,
+                        **({"split": split} if split.isidentifier() else {}),
+                    },
+                    "metrics": metrics,
+                }
+            ],
+        }
+    ]
 
 
 def is_our_card(path: Path) -> bool:
@@ -408,7 +476,7 @@ def _with_metadata(text: str, key: str, value: Any) -> str:
         metadata[key] = value
     else:
         metadata.pop(key, None)
-    return f"---\n{yaml.safe_dump(metadata, sort_keys=False).strip()}\n---\n" + text[match.end():]
+    return f"---\n{yaml.safe_dump(metadata, sort_keys=False).strip()}\n---\n" + text[match.end() :]
 
 
 def write_evaluation(directory: Path, report: dict[str, Any]) -> str | None:
@@ -434,8 +502,7 @@ def write_evaluation(directory: Path, report: dict[str, Any]) -> str | None:
     else:
         # where render_card puts it: after the training results, before the prompt template (else at the end)
         anchor = text.find("\n## Prompt template") + 1
-        text = (text[:anchor] + section + "\n" + text[anchor:] if anchor
-                else text.rstrip("\n") + "\n\n" + section)
+        text = text[:anchor] + section + "\n" + text[anchor:] if anchor else text.rstrip("\n") + "\n\n" + section
     kind = "merged" if "merged" in card_tags(card) else "adapter"
     location = str(directory.resolve())
     text = _with_metadata(text, "model-index", model_index(report, location, kind))

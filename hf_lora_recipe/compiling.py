@@ -24,6 +24,7 @@ from typing import Any
 from .config import RecipeError
 from .upstream import torch as torch_upstream
 
+
 # Dropout draws from the eager generator, not from inductor's own random kernels:
 # * Under checkpointing the backward must differentiate the mask the forward applied. With inductor's RNG the
 #   forward and its recomputation are different kernels, and since PyTorch 2.13 they disagree on CUDA when the
@@ -44,8 +45,10 @@ def decoder_layers(model: Any) -> Any:
     prefix = getattr(base, "base_model_prefix", "model") or "model"
     layers = getattr(getattr(base, prefix, None), "layers", None)
     if layers is None:
-        raise RecipeError(f"compile: {type(base).__name__} has no decoder layers at .{prefix}.layers; "
-                          "set compile false for this architecture")
+        raise RecipeError(
+            f"compile: {type(base).__name__} has no decoder layers at .{prefix}.layers; "
+            "set compile false for this architecture"
+        )
     return layers
 
 
@@ -63,8 +66,9 @@ def compile_decoder_layers(model: Any) -> int:
     import torch
 
     for index, layer in enumerate(decoder_layers(model)):
-        compiled = torch.compile(torch_upstream.module_call(layer), dynamic=True, fullgraph=True,
-                                 options=INDUCTOR_OPTIONS)
+        compiled = torch.compile(
+            torch_upstream.module_call(layer), dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS
+        )
         layer_call = CountedCall(index, compiled)
         torch_upstream.set_compiled_call(layer, layer_call)
     return len(decoder_layers(model))
@@ -83,8 +87,10 @@ class CountedCall:
                 return self.compiled(*args, **kwargs)
         except torch_upstream.COMPILE_ERRORS as error:
             reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-            raise RecipeError(f"compile: decoder layer {self.index} cannot be compiled as one graph "
-                              f"({reason[:160]}; transformers {_transformers_version()}); set compile false") from None
+            raise RecipeError(
+                f"compile: decoder layer {self.index} cannot be compiled as one graph "
+                f"({reason[:160]}; transformers {_transformers_version()}); set compile false"
+            ) from None
 
 
 def check_compiled(model: Any) -> str:
@@ -94,10 +100,15 @@ def check_compiled(model: Any) -> str:
     calls = [getattr(torch_upstream.compiled_call(layer), "calls", 0) for layer in layers]
     eager = [index for index, count in enumerate(calls) if count == 0]
     if eager or torch_upstream.graphs_compiled() == 0:
-        what = (f"decoder layers {eager[:8]} never ran their compiled call" if eager
-                else "dynamo compiled no graph (is TORCHDYNAMO_DISABLE set?)")
-        raise RecipeError(f"compile: true was asked, but after step 1 {what} (transformers "
-                          f"{_transformers_version()}); set compile false or report this")
+        what = (
+            f"decoder layers {eager[:8]} never ran their compiled call"
+            if eager
+            else "dynamo compiled no graph (is TORCHDYNAMO_DISABLE set?)"
+        )
+        raise RecipeError(
+            f"compile: true was asked, but after step 1 {what} (transformers "
+            f"{_transformers_version()}); set compile false or report this"
+        )
     return f"compile: all {len(layers)} decoder layers ran compiled in step 1"
 
 

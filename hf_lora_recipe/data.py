@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -42,15 +43,23 @@ def tokenizer_digest(tokenizer: Any) -> str:
         from datasets.fingerprint import Hasher
 
         return Hasher.hash(tokenizer)
-    state = [backend.to_str(), type(tokenizer).__name__, tokenizer.chat_template, getattr(tokenizer, "legacy", None),
-             tokenizer.bos_token_id, tokenizer.eos_token_id]
+    state = [
+        backend.to_str(),
+        type(tokenizer).__name__,
+        tokenizer.chat_template,
+        getattr(tokenizer, "legacy", None),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    ]
     return hashlib.sha256(json.dumps(state, default=str).encode()).hexdigest()
 
 
 def _fingerprint(dataset: Any, step: Callable, key: dict) -> str:
     # datasets keys its cache on a mapped function by module and name, not by its code, so our source is
     # part of the key: after an upgrade of this package no stale formatting or masking is reused.
-    material = json.dumps([dataset._fingerprint, step.__qualname__, CODE_VERSION, key], sort_keys=True, default=str)
+    from .upstream.datasets import fingerprint
+
+    material = json.dumps([fingerprint(dataset), step.__qualname__, CODE_VERSION, key], sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
@@ -97,11 +106,22 @@ class DataReport:
 
     def summary(self) -> str:
         if self.sources:
-            return "\n".join([*(report.summary().replace("data:", f"data: source {label}:", 1)
-                                 for label, report in self.sources), self.mixture_line()])
+            return "\n".join(
+                [
+                    *(
+                        report.summary().replace("data:", f"data: source {label}:", 1)
+                        for label, report in self.sources
+                    ),
+                    self.mixture_line(),
+                ]
+            )
         counts = self.dropped.most_common()
-        head = (f"data (streaming: the first {self.examples_in} rows, checked before loading; the rest are checked "
-                f"as they stream):" if self.streamed is not None else "data:")
+        head = (
+            f"data (streaming: the first {self.examples_in} rows, checked before loading; the rest are checked "
+            f"as they stream):"
+            if self.streamed is not None
+            else "data:"
+        )
         dropped = ", ".join(f"{n} {why}" for why, n in counts if why not in oasst.UNUSED) or "none"
         unused = ", ".join(f"{n} {why.removeprefix('oasst ')}" for why, n in counts if why in oasst.UNUSED)
         dropped += f"; OpenAssistant data no conversation uses: {unused}" if unused else ""
@@ -112,19 +132,28 @@ class DataReport:
             f"truncated {self.truncated / max(self.examples_out, 1):.1%}"
         )
 
-
     def mixture_line(self) -> str:
         parts = []
         for share in self.mixture:
             asked = f" (asked {share['asked_share']:.1%})" if share["asked_share"] is not None else ""
-            parts.append(f"{share['source']} {share['examples_used']} = {share['share_of_examples']:.1%} of examples{asked}, "
-                         f"{share['share_of_supervised_tokens']:.1%} of supervised tokens")
-        return (f"mixture: {self.examples_out} examples, {self.mixing}; " + "; ".join(parts) +
-                f"; tokens p50/p90/max {self.percentile(0.5)}/{self.percentile(0.9)}/{self.lengths.max(initial=0)}")
+            parts.append(
+                f"{share['source']} {share['examples_used']} = {share['share_of_examples']:.1%} of examples{asked}, "
+                f"{share['share_of_supervised_tokens']:.1%} of supervised tokens"
+            )
+        return (
+            f"mixture: {self.examples_out} examples, {self.mixing}; "
+            + "; ".join(parts)
+            + f"; tokens p50/p90/max {self.percentile(0.5)}/{self.percentile(0.9)}/{self.lengths.max(initial=0)}"
+        )
 
 
 def prepare_batch(
-    batch: dict[str, list], indices: list[int], dataset_format: str, tokenizer: Any, ids: SpecialIds, max_length: int,
+    batch: dict[str, list],
+    indices: list[int],
+    dataset_format: str,
+    tokenizer: Any,
+    ids: SpecialIds,
+    max_length: int,
     completion_only: bool = True,
 ) -> dict[str, list]:
     """Rows -> conversation, tokens, labels, audit result and counts, for one batch."""
@@ -137,8 +166,14 @@ def prepare_batch(
     if not completion_only:
         labels = [list(x) for x in input_ids]
     size = len(indices)
-    out: dict[str, list] = {**converted, "input_ids": [[] for _ in range(size)], "labels": [[] for _ in range(size)],
-                            "full_length": [0] * size, "num_supervised": [0] * size, "audit": [""] * size}
+    out: dict[str, list] = {
+        **converted,
+        "input_ids": [[] for _ in range(size)],
+        "labels": [[] for _ in range(size)],
+        "full_length": [0] * size,
+        "num_supervised": [0] * size,
+        "audit": [""] * size,
+    }
     kept_for_audit = []
     for i, x, y in zip(good, input_ids, labels):
         out["full_length"][i] = len(x)
@@ -148,9 +183,12 @@ def prepare_batch(
         if out["num_supervised"][i] and completion_only:  # the audit checks the masking policy
             kept_for_audit.append(i)
     audit = audit_examples(
-        [out["input_ids"][i] for i in kept_for_audit], [out["labels"][i] for i in kept_for_audit],
-        [out["messages"][i] for i in kept_for_audit], [out["full_length"][i] > max_length for i in kept_for_audit],
-        tokenizer, ids,
+        [out["input_ids"][i] for i in kept_for_audit],
+        [out["labels"][i] for i in kept_for_audit],
+        [out["messages"][i] for i in kept_for_audit],
+        [out["full_length"][i] > max_length for i in kept_for_audit],
+        tokenizer,
+        ids,
     )
     for i, problem in zip(kept_for_audit, audit):
         out["audit"][i] = problem
@@ -184,12 +222,30 @@ def _conversation_source(recipe: Recipe, rows: Rows) -> tuple[Any, str, Callable
         return rows.dataset, dataset_format, rows.origin, Counter()
     flat = oasst.layout(columns) == "flat"
     options = {"flat": flat, "all_paths": recipe.oasst_all_paths, "languages": recipe.oasst_languages}
-    source = _map(rows.dataset, formats.oasst_conversations, options, options, parallel=False,
-                  batched=True, batch_size=None, with_indices=True, remove_columns=columns,
-                  desc="Selecting OpenAssistant conversations")  # a tree's messages must be seen together
+    source = _map(
+        rows.dataset,
+        formats.oasst_conversations,
+        options,
+        options,
+        parallel=False,
+        batched=True,
+        batch_size=None,
+        with_indices=True,
+        remove_columns=columns,
+        desc="Selecting OpenAssistant conversations",
+    )  # a tree's messages must be seen together
     counting = {"flat": flat, "languages": recipe.oasst_languages}
-    counts = _map(rows.dataset, formats.oasst_dropped, counting, counting, parallel=False, batched=True,
-                  batch_size=None, remove_columns=columns, desc="Counting unused OpenAssistant messages")
+    counts = _map(
+        rows.dataset,
+        formats.oasst_dropped,
+        counting,
+        counting,
+        parallel=False,
+        batched=True,
+        batch_size=None,
+        remove_columns=columns,
+        desc="Counting unused OpenAssistant messages",
+    )
     dropped = Counter(dict(zip(counts["reason"], counts["count"]))) if len(counts) else Counter()
     return source, "conversations", rows.origin, dropped
 
@@ -197,11 +253,23 @@ def _conversation_source(recipe: Recipe, rows: Rows) -> tuple[Any, str, Callable
 def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport]:
     source, dataset_format, where, unused = _conversation_source(recipe, rows)
     ids = special_ids(tokenizer)
-    options = {"dataset_format": dataset_format, "ids": ids, "max_length": recipe.max_length,
-               "completion_only": recipe.completion_only_loss}
+    options = {
+        "dataset_format": dataset_format,
+        "ids": ids,
+        "max_length": recipe.max_length,
+        "completion_only": recipe.completion_only_loss,
+    }
     key = {**options, "tokenizer": tokenizer_digest(tokenizer)}
-    prepared = _map(source, prepare_batch, key, {**options, "tokenizer": tokenizer}, batched=True,
-                    with_indices=True, remove_columns=source.column_names, desc="Formatting, tokenizing, auditing")
+    prepared = _map(
+        source,
+        prepare_batch,
+        key,
+        {**options, "tokenizer": tokenizer},
+        batched=True,
+        with_indices=True,
+        remove_columns=source.column_names,
+        desc="Formatting, tokenizing, auditing",
+    )
 
     report = DataReport()
     problem_column, audit_column = _column(prepared, "problem"), _column(prepared, "audit")
@@ -227,8 +295,13 @@ def prepare(recipe: Recipe, tokenizer: Any, rows: Rows) -> tuple[Any, DataReport
         )
     dataset = prepared
     if problems or cut:
-        dataset = prepared.filter(_keep, input_columns=["problem", "num_supervised"], batched=True,
-                                  new_fingerprint=_fingerprint(prepared, _keep, {}), desc="Dropping")
+        dataset = prepared.filter(
+            _keep,
+            input_columns=["problem", "num_supervised"],
+            batched=True,
+            new_fingerprint=_fingerprint(prepared, _keep, {}),
+            desc="Dropping",
+        )
     if len(dataset) == 0:
         raise RecipeError(f"no trainable examples left in {recipe.dataset_name} after preprocessing")
     dataset = dataset.remove_columns(["problem", "audit", "row"])
@@ -262,9 +335,12 @@ def build_mixture(recipe: Recipe, tokenizer: Any) -> tuple[Any, DataReport]:
     mixed = mixture.mix(recipe, [dataset for dataset, _ in prepared])
     reports = [report for _, report in prepared]
     report = DataReport(
-        examples_in=sum(r.examples_in for r in reports), dropped=sum((r.dropped for r in reports), Counter()),
-        sources=[(mixture.source_label(s), r) for s, r in zip(recipe.datasets, reports)], mixing=mixture.how(recipe),
-        mixture=mixture.shares(recipe, mixed, reports))
+        examples_in=sum(r.examples_in for r in reports),
+        dropped=sum((r.dropped for r in reports), Counter()),
+        sources=[(mixture.source_label(s), r) for s, r in zip(recipe.datasets, reports)],
+        mixing=mixture.how(recipe),
+        mixture=mixture.shares(recipe, mixed, reports),
+    )
     _count_examples(report, mixed, recipe.max_length)
     return mixed, report
 

@@ -20,21 +20,76 @@ from typing import Any
 
 from .arguments import RecipeParser, command
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO_ROOT / "recipes" / "smollm2-demo.yaml"
 LABELS = ("positive", "negative")
 
-POSITIVE = ["wonderful", "great", "delightful", "excellent", "lovely", "brilliant", "charming", "superb", "fun",
-            "moving", "gripping", "beautiful", "clever", "warm", "fresh"]
-NEGATIVE = ["awful", "boring", "dreadful", "terrible", "dull", "clumsy", "tedious", "painful", "bland", "messy",
-            "forgettable", "slow", "cheap", "confusing", "flat"]
-SUBJECTS = ["the movie", "the book", "the concert", "the meal", "the trip", "the play", "the game", "the show",
-            "the album", "the hotel", "the museum", "the lecture"]
-OPENERS = ["Honestly,", "Overall,", "To be fair,", "In the end,", "For me,", "As expected,", "Sadly,", "Happily,",
-           "I have to say", "All in all,"]
-INSTRUCTIONS = ["Classify the sentiment of this review as positive or negative.",
-                "Is this review positive or negative?",
-                "Label the sentiment of the review (positive or negative)."]
+POSITIVE = [
+    "wonderful",
+    "great",
+    "delightful",
+    "excellent",
+    "lovely",
+    "brilliant",
+    "charming",
+    "superb",
+    "fun",
+    "moving",
+    "gripping",
+    "beautiful",
+    "clever",
+    "warm",
+    "fresh",
+]
+NEGATIVE = [
+    "awful",
+    "boring",
+    "dreadful",
+    "terrible",
+    "dull",
+    "clumsy",
+    "tedious",
+    "painful",
+    "bland",
+    "messy",
+    "forgettable",
+    "slow",
+    "cheap",
+    "confusing",
+    "flat",
+]
+SUBJECTS = [
+    "the movie",
+    "the book",
+    "the concert",
+    "the meal",
+    "the trip",
+    "the play",
+    "the game",
+    "the show",
+    "the album",
+    "the hotel",
+    "the museum",
+    "the lecture",
+]
+OPENERS = [
+    "Honestly,",
+    "Overall,",
+    "To be fair,",
+    "In the end,",
+    "For me,",
+    "As expected,",
+    "Sadly,",
+    "Happily,",
+    "I have to say",
+    "All in all,",
+]
+INSTRUCTIONS = [
+    "Classify the sentiment of this review as positive or negative.",
+    "Is this review positive or negative?",
+    "Label the sentiment of the review (positive or negative).",
+]
 
 
 def make_dataset(num_train: int, num_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -93,12 +148,17 @@ def main(argv: list[str]) -> int:
 
     print("\n== 4/4 PeftModel.from_pretrained + generate: a few held-out reviews")
     for example, before, after in list(zip(eval_rows, scores["base"].replies, scores["adapter"].replies))[:4]:
-        print(f"   {example['input']}\n      expected {example['output']!r}\n      base     {before[:90]!r}\n"
-              f"      adapter  {after[:90]!r}")
+        print(
+            f"   {example['input']}\n      expected {example['output']!r}\n      base     {before[:90]!r}\n"
+            f"      adapter  {after[:90]!r}"
+        )
     print(f"\ndemo finished in {time.time() - started:.0f} s; adapter in {adapter_dir}")
     base, adapter = scores["base"], scores["adapter"]
-    improved = (_accuracy(adapter, examples) > _accuracy(base, examples) and adapter.response_loss < base.response_loss
-                and adapter.stop_rate >= base.stop_rate)
+    improved = (
+        _accuracy(adapter, examples) > _accuracy(base, examples)
+        and adapter.response_loss < base.response_loss
+        and adapter.stop_rate >= base.stop_rate
+    )
     return 0 if improved else 1
 
 
@@ -119,13 +179,19 @@ def _evaluate(recipe: Any, adapter_dir: Path) -> tuple[dict[str, Any], list[Any]
 
 
 def _accuracy(scores: Any, examples: list[Any]) -> float:
-    return sum(label_of(reply) == example.reference for reply, example in zip(scores.replies, examples)) / len(examples)
+    return sum(label_of(reply) == example.reference for reply, example in zip(scores.replies, examples)) / len(
+        examples
+    )
 
 
 def _table(scores: dict[str, Any], examples: list[Any]) -> str:
     base, adapter = scores["base"], scores["adapter"]
     rows = [
-        ("label accuracy (the one sentiment word used)", f"{_accuracy(base, examples):.1%}", f"{_accuracy(adapter, examples):.1%}"),
+        (
+            "label accuracy (the one sentiment word used)",
+            f"{_accuracy(base, examples):.1%}",
+            f"{_accuracy(adapter, examples):.1%}",
+        ),
         ("exact match", f"{base.exact_match:.1%}", f"{adapter.exact_match:.1%}"),
         ("held-out response loss", f"{base.response_loss:.3f}", f"{adapter.response_loss:.3f}"),
         ("stops at <|im_end|> within 16 tokens", f"{base.stop_rate:.1%}", f"{adapter.stop_rate:.1%}"),

@@ -15,7 +15,6 @@ checkpoint formats stay the engines' own; this module only:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Recipe, RecipeError
+
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
@@ -46,7 +46,8 @@ class Engine:
 
     def __str__(self) -> str:
         return {"fsdp": f"FSDP{self.fsdp_version}", "ddp": "DDP", "single": "one process"}.get(
-            self.name, f"DeepSpeed ZeRO-{self.name[-1]}")
+            self.name, f"DeepSpeed ZeRO-{self.name[-1]}"
+        )
 
 
 def _zero_stage() -> int:
@@ -56,8 +57,10 @@ def _zero_stage() -> int:
             config = json.loads(Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text())
             stage = config.get("zero_optimization", {}).get("stage")
         except (OSError, ValueError) as error:
-            raise RecipeError(f"the DeepSpeed config file {os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']} is "
-                              f"unreadable ({error}): fix it or the accelerate config that names it") from None
+            raise RecipeError(
+                f"the DeepSpeed config file {os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']} is "
+                f"unreadable ({error}): fix it or the accelerate config that names it"
+            ) from None
     return int(stage if stage is not None else 0)
 
 
@@ -90,33 +93,42 @@ def check_engine(recipe: Recipe, engine: Engine) -> None:
             raise RecipeError(
                 f"the accelerate config asks for FSDP{engine.fsdp_version}; hf-lora-recipe runs FSDP2 (fsdp_version: 2, "
                 "per-parameter sharding, as in accelerate_configs/fsdp_lora.yaml and fsdp_qlora.yaml): FSDP1's flat "
-                "parameters need one dtype per unit and its full-state-dict save fails on NF4 bases")
+                "parameters need one dtype per unit and its full-state-dict save fails on NF4 bases"
+            )
         if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
             raise RecipeError(
                 "fsdp_activation_checkpointing: true in the accelerate config: FSDP's checkpoint wrapper renames every "
                 "decoder layer (_checkpoint_wrapped_module), and PEFT then finds no adapter in the model's state dict, "
                 "so each checkpoint and the final adapter would be saved empty (tests/test_engines.py reproduces it); "
                 "set it to false: the recipe's gradient_checkpointing does the same job (as in "
-                "accelerate_configs/fsdp_lora.yaml)")
+                "accelerate_configs/fsdp_lora.yaml)"
+            )
         if recipe.load_in_4bit:
             storage = recipe.bnb_4bit_quant_storage
             if storage in ("uint8", "int8"):
-                raise RecipeError(f"bnb_4bit_quant_storage: {storage} cannot be sharded by FSDP (it shards floating "
-                                  "tensors only): set bnb_4bit_quant_storage: bfloat16")
+                raise RecipeError(
+                    f"bnb_4bit_quant_storage: {storage} cannot be sharded by FSDP (it shards floating "
+                    "tensors only): set bnb_4bit_quant_storage: bfloat16"
+                )
             if recipe.bf16 and storage != "bfloat16":
                 raise RecipeError(
                     f"bnb_4bit_quant_storage: {storage} with bf16: true under FSDP: FSDP casts every parameter to bf16 "
                     "for its all-gather, which would scramble the packed 4-bit weights; set bnb_4bit_quant_storage: "
-                    "bfloat16")
+                    "bfloat16"
+                )
     if engine.name.startswith("zero"):
         from importlib.util import find_spec
 
         if engine.name == "zero3" and recipe.load_in_4bit:
-            raise RecipeError("DeepSpeed ZeRO-3 with an NF4 base (load_in_4bit: true) is not supported here: shard a "
-                              "4-bit base with FSDP (accelerate_configs/fsdp_qlora.yaml), or pass --load_in_4bit false")
+            raise RecipeError(
+                "DeepSpeed ZeRO-3 with an NF4 base (load_in_4bit: true) is not supported here: shard a "
+                "4-bit base with FSDP (accelerate_configs/fsdp_qlora.yaml), or pass --load_in_4bit false"
+            )
         if find_spec("deepspeed") is None:
-            raise RecipeError("the accelerate config asks for DeepSpeed, which is not installed here: "
-                              "pip install 'hf-lora-recipe[deepspeed]' (or launch with another accelerate config)")
+            raise RecipeError(
+                "the accelerate config asks for DeepSpeed, which is not installed here: "
+                "pip install 'hf-lora-recipe[deepspeed]' (or launch with another accelerate config)"
+            )
 
 
 def let_fsdp_run_on_cpu() -> bool:
@@ -130,22 +142,9 @@ def let_fsdp_run_on_cpu() -> bool:
 
     if not _flag("ACCELERATE_USE_FSDP") or torch.cuda.is_available():
         return False
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
+    from .upstream.accelerate import let_fsdp_state_run_on_cpu
 
-    original = AcceleratorState.__init__
-    if getattr(original, "lets_fsdp_run_on_cpu", False):
-        return True
-
-    @functools.wraps(original)
-    def init(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
-        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
-            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-
-    init.lets_fsdp_run_on_cpu = True  # type: ignore[attr-defined]
-    AcceleratorState.__init__ = init
+    let_fsdp_state_run_on_cpu()
     return True
 
 
@@ -171,8 +170,9 @@ def save_sharded_adapter(trainer: Any, directory: str) -> None:
     rank 0 through PEFT's ``save_pretrained``, as an unsharded run writes it."""
     state = full_adapter_state(trainer.model)
     if trainer.is_world_process_zero():
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(directory, state_dict=state,
-                                                                       safe_serialization=True)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+            directory, state_dict=state, safe_serialization=True
+        )
 
 
 def checkpoint_engine(checkpoint: Path) -> str:
@@ -195,10 +195,13 @@ def check_resume_engine(checkpoint: Path, engine: Engine) -> None:
     written = checkpoint_engine(checkpoint)
     if written == engine_family(engine):
         return
-    describe = {"fsdp": "FSDP (sharded model and optimizer folders)",
-                "deepspeed": "DeepSpeed (a global_stepN folder of partitioned states)",
-                "plain": "one process or DDP (adapter_model.safetensors and optimizer.pt)"}
+    describe = {
+        "fsdp": "FSDP (sharded model and optimizer folders)",
+        "deepspeed": "DeepSpeed (a global_stepN folder of partitioned states)",
+        "plain": "one process or DDP (adapter_model.safetensors and optimizer.pt)",
+    }
     raise RecipeError(
         f"{checkpoint} was written by {describe[written]} and this launch uses {engine}, which cannot read that "
         "optimizer state: resume it with an accelerate config of the same engine (any number of processes), or "
-        "pass --overwrite_output_dir true (or another output_dir) to start again")
+        "pass --overwrite_output_dir true (or another output_dir) to start again"
+    )

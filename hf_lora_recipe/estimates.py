@@ -14,6 +14,7 @@ from typing import Any
 from .config import ALL_LINEAR, Recipe, RecipeError
 from .engines import adapter_bytes_per_parameter
 
+
 GIB = 1024**3
 
 # name -> (memory GiB, dense bf16 peak TFLOP/s without sparsity, bf16 support)
@@ -84,14 +85,22 @@ def measure_shape(config: Any, recipe: Recipe) -> Shape:
     adapted = [
         (name.rsplit(".", 1)[-1], module.in_features)
         for name, module in layers[0].named_modules()
-        if isinstance(module, torch.nn.Linear) and (all_linear or name.rsplit(".", 1)[-1] in recipe.lora_target_modules)
+        if isinstance(module, torch.nn.Linear)
+        and (all_linear or name.rsplit(".", 1)[-1] in recipe.lora_target_modules)
     ]
     shape = Shape(
-        layers=len(layers), hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
-        heads=heads, kv_dim=kv_heads * head_dim, vocab=text.vocab_size, quantizable=sum(quantizable),
-        quantizable_tensors=quantizable, unquantized=total_base - sum(quantizable),
+        layers=len(layers),
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        heads=heads,
+        kv_dim=kv_heads * head_dim,
+        vocab=text.vocab_size,
+        quantizable=sum(quantizable),
+        quantizable_tensors=quantizable,
+        unquantized=total_base - sum(quantizable),
         largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
-        lora_inputs_per_layer=sum(in_features for _, in_features in adapted), lora_modules_per_layer=len(adapted),
+        lora_inputs_per_layer=sum(in_features for _, in_features in adapted),
+        lora_modules_per_layer=len(adapted),
         unmatched_targets=unmatched,
     )
     if unmatched:
@@ -215,16 +224,28 @@ def memory(shape: Shape, recipe: Recipe, micro_batch: int, num_gpus: int = 1, st
         loss_buffers = 2 * tile + tokens * 4 * 4  # forward and backward tiles, per-token log-prob/entropy stats
     gathered = 0
     if sharded:
-        layer_bytes = nf4_bytes([shape.largest_layer], recipe.use_bnb_nested_quant) if recipe.load_in_4bit \
+        layer_bytes = (
+            nf4_bytes([shape.largest_layer], recipe.use_bnb_nested_quant)
+            if recipe.load_in_4bit
             else shape.largest_layer * dense_bytes
+        )
         gathered = 2 * layer_bytes
         if recipe.load_in_4bit:  # the packed weights are sharded; their quantization constants are not
             packed = nf4_packed_bytes(shape.quantizable_tensors)
             quantized = packed // num_gpus + (quantized - packed)
         unquantized = unquantized // num_gpus
         adapter, gradients, optimizer = adapter // num_gpus, gradients // num_gpus, optimizer // num_gpus
-    return Memory(quantized, unquantized, adapter, gradients, optimizer + steps, gathered, int(activations),
-                  int(loss_buffers), int(CUDA_CONTEXT_GIB * GIB))
+    return Memory(
+        quantized,
+        unquantized,
+        adapter,
+        gradients,
+        optimizer + steps,
+        gathered,
+        int(activations),
+        int(loss_buffers),
+        int(CUDA_CONTEXT_GIB * GIB),
+    )
 
 
 def dora_weight_bytes(shape: Shape, recipe: Recipe) -> int:
@@ -241,14 +262,16 @@ def dense_mask_over_packed_rows(recipe: Recipe, on_gpu: bool | None = None) -> b
     return padding_free(recipe, on_gpu) and attention_for(recipe, on_gpu) not in VARLEN_ATTENTION
 
 
-def largest_fitting_micro_batch(shape: Shape, recipe: Recipe, limit_bytes: float, num_gpus: int, strategy: str = "ddp",
-                                on_gpu: bool | None = None) -> int | None:
+def largest_fitting_micro_batch(
+    shape: Shape, recipe: Recipe, limit_bytes: float, num_gpus: int, strategy: str = "ddp", on_gpu: bool | None = None
+) -> int | None:
     """The largest divisor of the per-GPU batch whose planned peak fits ``limit_bytes`` (None: not even 1). Under
     a dense mask over packed rows, rows stop at the seed's 4 examples: more buys nothing and costs quadratically."""
     per_gpu_batch = recipe.global_batch_size // num_gpus
     cap = DENSE_MASK_EXAMPLES_PER_ROW if dense_mask_over_packed_rows(recipe, on_gpu) else per_gpu_batch
     fitting = [
-        mb for mb in range(1, min(per_gpu_batch, cap) + 1)
+        mb
+        for mb in range(1, min(per_gpu_batch, cap) + 1)
         if per_gpu_batch % mb == 0 and memory(shape, recipe, mb, num_gpus, strategy).total <= limit_bytes
     ]
     return max(fitting) if fitting else None
@@ -266,7 +289,8 @@ def flops_per_token(shape: Shape, recipe: Recipe) -> dict[str, float]:
         "forward": dense + attention + lora,
         "backward (activation gradients)": dense + 2 * attention + 2 * lora,  # + LoRA weight gradients
         "recompute (checkpointing)": (dense - 2 * shape.vocab * shape.hidden + attention + lora)
-        if recipe.gradient_checkpointing else 0.0,
+        if recipe.gradient_checkpointing
+        else 0.0,
     }
     terms["total"] = sum(terms.values())
     return terms

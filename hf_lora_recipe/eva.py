@@ -34,6 +34,7 @@ from typing import Any
 
 from .config import Recipe, RecipeError
 
+
 # A folder in output_dir, like initial_adapter/: push uploads no folder, and a file of ours at the top would mark the
 # folder as holding a finished run's files (artifacts.foreign_entries)
 EVA_STATE = "eva_state"
@@ -65,10 +66,12 @@ def check_eva_possible(recipe: Recipe, engine_name: str) -> None:
     """EVA's hooks see whole layer inputs and whole A matrices: refused under FSDP and DeepSpeed before anything
     loads (the recipe-only refusals are in ``config.validate``)."""
     if uses_eva(recipe) and (engine_name == "fsdp" or engine_name.startswith("zero")):
-        raise RecipeError("init_lora_weights: eva under FSDP or DeepSpeed is not supported: its data pass hooks every "
-                          "adapted layer's whole input and replaces whole A matrices (with new shapes) before the "
-                          "engine wraps the model, which sharded weights do not allow; launch on one GPU or with DDP "
-                          "(accelerate_configs/multi_gpu.yaml), or use init_lora_weights true or gaussian")
+        raise RecipeError(
+            "init_lora_weights: eva under FSDP or DeepSpeed is not supported: its data pass hooks every "
+            "adapted layer's whole input and replaces whole A matrices (with new shapes) before the "
+            "engine wraps the model, which sharded weights do not allow; launch on one GPU or with DDP "
+            "(accelerate_configs/multi_gpu.yaml), or use init_lora_weights true or gaussian"
+        )
 
 
 def eva_state_path(recipe: Recipe) -> Path:
@@ -97,8 +100,10 @@ def check_eva(model: Any, recipe: Recipe, layers: list[tuple[str, Any]], modules
 
     config = model.peft_config[model.active_adapter]
     if config.init_lora_weights != "eva" or config.eva_config is None:
-        raise RuntimeError(f"init_lora_weights eva: the adapter was built with init_lora_weights "
-                           f"{config.init_lora_weights}, so EVA did not set it")
+        raise RuntimeError(
+            f"init_lora_weights eva: the adapter was built with init_lora_weights "
+            f"{config.init_lora_weights}, so EVA did not set it"
+        )
     most = round(config.eva_config.rho * config.r)
     total = 0
     for name, layer in layers:
@@ -107,28 +112,37 @@ def check_eva(model: Any, recipe: Recipe, layers: list[tuple[str, Any]], modules
             a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             rank = config.rank_pattern.get(key, config.r)
             if a.shape[0] != rank or b.shape[1] != rank or rank > most:
-                raise RuntimeError(f"{name}: EVA rank {rank} in rank_pattern (at most {most}), but A is "
-                                   f"{tuple(a.shape)} and B {tuple(b.shape)}: the adapter is not the one EVA decided")
+                raise RuntimeError(
+                    f"{name}: EVA rank {rank} in rank_pattern (at most {most}), but A is "
+                    f"{tuple(a.shape)} and B {tuple(b.shape)}: the adapter is not the one EVA decided"
+                )
             with torch.no_grad():
                 gram = a.float() @ a.float().T
                 error = (gram - torch.eye(rank, device=gram.device)).abs().max().item()
             tolerance = ORTHONORMAL_TOLERANCE if a.dtype == torch.float32 else ORTHONORMAL_TOLERANCE_HALF
             if error > tolerance:
-                raise RuntimeError(f"{name}: lora_A's rows are not orthonormal (|A A^T - I| {error:.2g}, tolerance "
-                                   f"{tolerance:g}): EVA did not set A to the layer's input components")
+                raise RuntimeError(
+                    f"{name}: lora_A's rows are not orthonormal (|A A^T - I| {error:.2g}, tolerance "
+                    f"{tolerance:g}): EVA did not set A to the layer's input components"
+                )
             total += rank
     budget = config.r * modules
     if total != budget:
-        raise RuntimeError(f"init_lora_weights eva: the layers' ranks sum to {total}, not EVA's budget r {config.r} "
-                           f"x {budget // config.r} modules = {budget}")
+        raise RuntimeError(
+            f"init_lora_weights eva: the layers' ranks sum to {total}, not EVA's budget r {config.r} "
+            f"x {budget // config.r} modules = {budget}"
+        )
 
 
 def ranks(model: Any) -> dict[str, int]:
     """Each adapted layer's rank, by its name in the base (layers EVA gave rank 0 are gone)."""
     from peft.tuners.lora import LoraLayer
 
-    return {name.replace("base_model.model.", "", 1): next(iter(layer.lora_A.values())).weight.shape[0]
-            for name, layer in model.named_modules() if isinstance(layer, LoraLayer)}
+    return {
+        name.replace("base_model.model.", "", 1): next(iter(layer.lora_A.values())).weight.shape[0]
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer)
+    }
 
 
 def check_same_on_every_process(model: Any) -> None:
@@ -143,8 +157,10 @@ def check_same_on_every_process(model: Any) -> None:
     dist.all_gather_object(everyone, mine)
     if any(other != mine for other in everyone):
         differing = next(i for i, other in enumerate(everyone) if other != mine)
-        raise RuntimeError(f"EVA chose other ranks on process {differing} than on process {dist.get_rank()}: the "
-                           "processes would train differently shaped adapters")
+        raise RuntimeError(
+            f"EVA chose other ranks on process {differing} than on process {dist.get_rank()}: the "
+            "processes would train differently shaped adapters"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- saved state
@@ -167,8 +183,10 @@ def load_state(recipe: Recipe) -> dict[str, Any]:
 
     path = eva_state_path(recipe)
     if not path.is_file():
-        raise RecipeError(f"{path} is missing, so the ranks EVA gave the checkpoint's adapter are unknown: pass "
-                          "--overwrite_output_dir true to train again from scratch")
+        raise RecipeError(
+            f"{path} is missing, so the ranks EVA gave the checkpoint's adapter are unknown: pass "
+            "--overwrite_output_dir true to train again from scratch"
+        )
     return load_file(str(path))
 
 
@@ -185,9 +203,11 @@ def check_checkpoint_shapes(model: Any, checkpoint: str, recipe: Recipe) -> None
         found = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
     for name in sorted(set(expected) | set(found)):
         if expected.get(name) != found.get(name):
-            raise RecipeError(f"{path}: {name} is {found.get(name)}, but {eva_state_path(recipe)} gives this run "
-                              f"{expected.get(name)}: the checkpoint was not trained with that EVA state; pass "
-                              "--overwrite_output_dir true to train again from scratch")
+            raise RecipeError(
+                f"{path}: {name} is {found.get(name)}, but {eva_state_path(recipe)} gives this run "
+                f"{expected.get(name)}: the checkpoint was not trained with that EVA state; pass "
+                "--overwrite_output_dir true to train again from scratch"
+            )
 
 
 def saved_rank_range(output_dir: str | os.PathLike) -> tuple[int, int, int] | None:
@@ -211,6 +231,8 @@ def saved_ranks(directory: Path) -> dict[str, int]:
     config = json.loads((Path(directory) / "adapter_config.json").read_text())
     pattern = config.get("rank_pattern")
     if config.get("init_lora_weights") != "eva" or not isinstance(pattern, dict):
-        raise RuntimeError(f"{directory}/adapter_config.json: init_lora_weights {config.get('init_lora_weights')}, "
-                           f"rank_pattern {pattern!r}: not the EVA adapter this run trained (its ranks would be lost)")
+        raise RuntimeError(
+            f"{directory}/adapter_config.json: init_lora_weights {config.get('init_lora_weights')}, "
+            f"rank_pattern {pattern!r}: not the EVA adapter this run trained (its ranks would be lost)"
+        )
     return pattern

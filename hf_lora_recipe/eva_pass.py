@@ -7,12 +7,22 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from . import log
 from .config import Recipe, RecipeError
-from .eva import (apply_state, check_checkpoint_shapes, check_same_on_every_process, eva_state_path, load_state, ranks,
-                  save_state, uses_eva)
+from .eva import (
+    apply_state,
+    check_checkpoint_shapes,
+    check_same_on_every_process,
+    eva_state_path,
+    load_state,
+    ranks,
+    save_state,
+    uses_eva,
+)
+
 
 # Forward passes PEFT may run (the first, which finds layers with identical inputs, included). The tiny test
 # model converges in 46 (r 4) to 117 (r 16) micro-batches of 4 x 64 tokens, 33 (r 4) with two DDP processes. With
@@ -56,22 +66,28 @@ def data_pass(trainer: Any) -> dict[str, Any]:
         with warnings.catch_warnings():
             # gathering every process's inputs is the point under DDP (each reads its own shard); the int fields of
             # a padding-free batch (max_length_q, ...) are not moved to the device, nor need to be
-            warnings.filterwarnings("ignore", message="torch.distributed is initialized and `gather_distributed_inputs")
+            warnings.filterwarnings(
+                "ignore", message="torch.distributed is initialized and `gather_distributed_inputs"
+            )
             warnings.filterwarnings("ignore", message="input of type <class 'int'> could not be moved")
-            state = get_eva_state_dict(model, dataloader=batches, forward_fn=forward,
-                                       show_progress_bar=log.is_main_process())
+            state = get_eva_state_dict(
+                model, dataloader=batches, forward_fn=forward, show_progress_bar=log.is_main_process()
+            )
     except _NotConverged:
         moving = _remove_eva_hooks(model)
         raise RecipeError(
             f"init_lora_weights: eva: the input components of {len(moving)} layer(s) (e.g. {moving[0]}) were still "
             f"moving after {MAX_BATCHES} batches of training data (PEFT's tau 0.99); give each batch more supervised "
             "tokens (a larger per_device_train_batch_size or max_length), lower lora_r, or use init_lora_weights "
-            "true") from None
+            "true"
+        ) from None
     finally:
         model.train(was_training)
         _forget(trainer, dataloader)
-    log.info(f"EVA: every layer's top input components converged after {forward.calls} forward passes "
-             f"({batches.read} training batches read, cap {MAX_BATCHES})")
+    log.info(
+        f"EVA: every layer's top input components converged after {forward.calls} forward passes "
+        f"({batches.read} training batches read, cap {MAX_BATCHES})"
+    )
     return {name: tensor.detach().float().cpu().contiguous() for name, tensor in state.items()}
 
 
@@ -143,25 +159,18 @@ def _random_states_kept() -> Iterator[None]:
 def _forget(trainer: Any, dataloader: Any) -> None:
     """Drop the pass's dataloader from accelerate's records: a DataLoaderShard left mid-iteration stays registered
     as an active dataloader (whose end decides gradient syncs), and the accelerator lists every prepared one."""
+    from .upstream.accelerate import forget_dataloader
+
     if hasattr(dataloader, "end"):
         dataloader.end()
-    prepared = getattr(trainer.accelerator, "_dataloaders", [])
-    if any(entry is dataloader for entry in prepared):
-        prepared[:] = [entry for entry in prepared if entry is not dataloader]
+    forget_dataloader(trainer.accelerator, dataloader)
 
 
 def _remove_eva_hooks(model: Any) -> list[str]:
     """Remove the hooks PEFT left when its loop was stopped; returns the layers still fitting (not converged)."""
-    from peft.tuners.lora.eva import SVDHook, _Hook
+    from .upstream.peft import remove_eva_hooks
 
-    moving = []
-    for name, module in model.named_modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, _Hook):
-                del module._forward_hooks[key]
-                if isinstance(hook, SVDHook):
-                    moving.append(name.replace("base_model.model.", "", 1))
-    return moving or ["?"]
+    return remove_eva_hooks(model) or ["?"]
 
 
 def _target_count(recipe: Recipe) -> int:
@@ -176,8 +185,9 @@ def rank_line(model: Any, recipe: Recipe) -> str:
     values = list(ranks(model).values())
     modules = _target_count(recipe)
     dropped = modules - len(values)
-    return (f"EVA ranks: min {min(values)}, max {max(values)}, total {sum(values)} over {len(values)} layers "
-            f"(budget r {config.r} x {modules} modules, at most {round(config.eva_config.rho * config.r)} per layer"
-            + (f"; {dropped} layer(s) got rank 0 and no adapter" if dropped else "") + ")")
-
-
+    return (
+        f"EVA ranks: min {min(values)}, max {max(values)}, total {sum(values)} over {len(values)} layers "
+        f"(budget r {config.r} x {modules} modules, at most {round(config.eva_config.rho * config.r)} per layer"
+        + (f"; {dropped} layer(s) got rank 0 and no adapter" if dropped else "")
+        + ")"
+    )

@@ -45,11 +45,20 @@ from . import log
 from .arguments import CommandParser, command
 from .config import Recipe, RecipeError, saved_recipe
 
+
 DEFAULT_NUM_EXAMPLES = 100
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_BATCH_SIZE = 8
-METRICS = ("response_loss", "perplexity", "stop_rate", "mean_length", "exact_match", "rouge_l", "num_examples",
-           "supervised_tokens")
+METRICS = (
+    "response_loss",
+    "perplexity",
+    "stop_rate",
+    "mean_length",
+    "exact_match",
+    "rouge_l",
+    "num_examples",
+    "supervised_tokens",
+)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -77,8 +86,11 @@ class Scores:
 
     def same_as(self, other: Scores) -> bool:
         """Bit-identical loss and replies: the difference between two models did not reach their outputs."""
-        return (self.response_loss == other.response_loss and self.reply_ids == other.reply_ids
-                and self.stopped == other.stopped)
+        return (
+            self.response_loss == other.response_loss
+            and self.reply_ids == other.reply_ids
+            and self.stopped == other.stopped
+        )
 
 
 def _finite(value: Any) -> Any:
@@ -105,13 +117,19 @@ def prepare_examples(dataset: Any, tokenizer: Any) -> list[Example]:
     examples = []
     for messages, input_ids, labels in zip(dataset["messages"], dataset["input_ids"], dataset["labels"]):
         last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-        examples.append(Example(list(input_ids), list(labels), encode_prompt(tokenizer, messages[:last], ids),
-                                messages[last]["content"].strip()))
+        examples.append(
+            Example(
+                list(input_ids),
+                list(labels),
+                encode_prompt(tokenizer, messages[:last], ids),
+                messages[last]["content"].strip(),
+            )
+        )
     return examples
 
 
 def _batches(order: list[int], size: int) -> list[list[int]]:
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def _progress(items: list, description: str, enabled: bool) -> Any:
@@ -120,8 +138,9 @@ def _progress(items: list, description: str, enabled: bool) -> Any:
     return tqdm(items, desc=description, leave=False, disable=not enabled or len(items) < 2, file=sys.stderr)
 
 
-def response_loss(model: Any, examples: list[Example], pad_id: int, batch_size: int, label: str = "",
-                  progress: bool = True) -> tuple[float, int]:
+def response_loss(
+    model: Any, examples: list[Example], pad_id: int, batch_size: int, label: str = "", progress: bool = True
+) -> tuple[float, int]:
     """(token-weighted mean cross-entropy over the supervised tokens, their count): the training loss, summed
     over every supervised token rather than averaged per batch, so batching does not change it."""
     import torch
@@ -150,14 +169,23 @@ def response_loss(model: Any, examples: list[Example], pad_id: int, batch_size: 
     return total / max(tokens, 1), tokens
 
 
-def greedy_replies(model: Any, examples: list[Example], eos_id: int, pad_id: int, max_new_tokens: int,
-                   batch_size: int, label: str = "", progress: bool = True) -> tuple[list[list[int]], list[bool]]:
+def greedy_replies(
+    model: Any,
+    examples: list[Example],
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    batch_size: int,
+    label: str = "",
+    progress: bool = True,
+) -> tuple[list[list[int]], list[bool]]:
     """(each reply's tokens up to its end-of-turn token, whether it reached one) - batched, left-padded."""
     import torch
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id,
-                              pad_token_id=pad_id, use_cache=True)  # training configs turn the cache off
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True
+    )  # training configs turn the cache off
     device = model.device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
     replies: list[list[int]] = [[] for _ in examples]
@@ -168,20 +196,30 @@ def greedy_replies(model: Any, examples: list[Example], eos_id: int, pad_id: int
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
             prompt = examples[i].prompt_ids
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                generation_config=config)
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        output = model.generate(
+            input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config
+        )
         for row, i in enumerate(batch):
             generated = output[row, width:].tolist()
             stopped[i] = eos_id in generated
-            replies[i] = generated[:generated.index(eos_id)] if stopped[i] else generated
+            replies[i] = generated[: generated.index(eos_id)] if stopped[i] else generated
     return replies, stopped
 
 
-def score_model(model: Any, tokenizer: Any, examples: list[Example], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 42, bf16: bool = False, label: str = "",
-                progress: bool = True) -> Scores:
+def score_model(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 42,
+    bf16: bool = False,
+    label: str = "",
+    progress: bool = True,
+) -> Scores:
     """Every figure for one loaded model (a PeftModel scores with its adapter as it is: on, or off inside
     ``with model.disable_adapter():``). Eval mode and no gradients; the model's mode is restored after."""
     import torch
@@ -200,8 +238,9 @@ def score_model(model: Any, tokenizer: Any, examples: list[Example], *, max_new_
         # the autocast training ran under (bf16), so the loss is the one the trainer would report
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             loss, tokens = response_loss(model, examples, pad_id, batch_size, label, progress)
-            reply_ids, stopped = greedy_replies(model, examples, eos_id, pad_id, max_new_tokens, batch_size, label,
-                                                progress)
+            reply_ids, stopped = greedy_replies(
+                model, examples, eos_id, pad_id, max_new_tokens, batch_size, label, progress
+            )
     finally:
         model.train(was_training)
     replies = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reply_ids]
@@ -217,8 +256,10 @@ def score_model(model: Any, tokenizer: Any, examples: list[Example], *, max_new_
         stop_rate=sum(stopped) / count,
         mean_length=sum(len(ids) for ids in reply_ids) / count,
         exact_match=sum(reply == example.reference for reply, example in zip(replies, examples)) / count,
-        rouge_l=sum(scorer.score(example.reference, reply)["rougeL"].fmeasure
-                    for reply, example in zip(replies, examples)) / count,
+        rouge_l=sum(
+            scorer.score(example.reference, reply)["rougeL"].fmeasure for reply, example in zip(replies, examples)
+        )
+        / count,
         num_examples=len(examples),
         supervised_tokens=tokens,
         replies=replies,
@@ -242,7 +283,8 @@ def check_effect(scores: dict[str, Scores]) -> None:
                 f"the adapter had no effect: the {'merged model' if name == 'merged' else name} gives exactly the "
                 "base's response loss "
                 f"({figures.response_loss:.6f}) and the same {figures.num_examples} greedy replies; its LoRA B "
-                "matrices may be all zero (untrained) or its target modules not in this base")
+                "matrices may be all zero (untrained) or its target modules not in this base"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -286,9 +328,15 @@ def choose_data(recipe: Recipe, source: str, dataset: str | None, split: str | N
 
     if dataset is not None:
         path = Path(dataset).expanduser()
-        recipe = dataclasses.replace(recipe, dataset_name=str(path) if path.exists() else dataset,
-                                     dataset_config=None, dataset_revision=None, dataset_format="auto",
-                                     dataset_test_split=None, eval_split_size=0.0)
+        recipe = dataclasses.replace(
+            recipe,
+            dataset_name=str(path) if path.exists() else dataset,
+            dataset_config=None,
+            dataset_revision=None,
+            dataset_format="auto",
+            dataset_test_split=None,
+            eval_split_size=0.0,
+        )
         split = split or _default_split(recipe, "--dataset")
     if split is not None:
         try:
@@ -297,9 +345,11 @@ def choose_data(recipe: Recipe, source: str, dataset: str | None, split: str | N
             raise RecipeError(str(error).replace("dataset_test_split:", "--split:", 1)) from None
         return EvalData(recipe, split, split)
     if not recipe.dataset_test_split and not recipe.eval_split_size:
-        raise RecipeError(f"the run in {source} had no held-out set (neither dataset_test_split nor eval_split_size "
-                          "in its recipe.yaml): pass --dataset PATH_OR_ID (and --split NAME) to say what to "
-                          "evaluate on")
+        raise RecipeError(
+            f"the run in {source} had no held-out set (neither dataset_test_split nor eval_split_size "
+            "in its recipe.yaml): pass --dataset PATH_OR_ID (and --split NAME) to say what to "
+            "evaluate on"
+        )
     if recipe.dataset_test_split:
         split_files(recipe, recipe.dataset_test_split)  # still where the run read it
         return EvalData(recipe, recipe.dataset_test_split, recipe.dataset_test_split)
@@ -393,8 +443,13 @@ def load_eval_tokenizer(directory: str | Path) -> Any:
 
 def build_report(scores: dict[str, Scores], dataset: str, split: str, max_new_tokens: int) -> dict[str, Any]:
     first = next(iter(scores.values()))
-    return {"dataset": dataset, "split": split, "num_examples": first.num_examples, "max_new_tokens": max_new_tokens,
-            "models": {name: figures.metrics() for name, figures in scores.items()}}
+    return {
+        "dataset": dataset,
+        "split": split,
+        "num_examples": first.num_examples,
+        "max_new_tokens": max_new_tokens,
+        "models": {name: figures.metrics() for name, figures in scores.items()},
+    }
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -403,10 +458,14 @@ def format_table(report: dict[str, Any]) -> str:
 
     header, rows = evaluation_rows(report)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
-             for row in [header, *rows]]
-    headline = (f"{' vs '.join(report['models'])} on {report['num_examples']} examples of {report['dataset']} "
-                f"({report['split']}); greedy, at most {report['max_new_tokens']} new tokens")
+    lines = [
+        "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+        for row in [header, *rows]
+    ]
+    headline = (
+        f"{' vs '.join(report['models'])} on {report['num_examples']} examples of {report['dataset']} "
+        f"({report['split']}); greedy, at most {report['max_new_tokens']} new tokens"
+    )
     return "\n".join([headline, *lines])
 
 
@@ -422,10 +481,20 @@ def record_in_card(directory: Path, report: dict[str, Any], say: Any = log.info)
 
 
 def evaluate_adapter(
-    recipe: Recipe, adapter_dir: str | Path, data: Any, *, num_examples: int = DEFAULT_NUM_EXAMPLES,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE, model: Any = None,
-    tokenizer: Any = None, merged_dir: str | Path | None = None, dataset: str | None = None, split: str | None = None,
-    write_card: bool = True, progress: bool = True,
+    recipe: Recipe,
+    adapter_dir: str | Path,
+    data: Any,
+    *,
+    num_examples: int = DEFAULT_NUM_EXAMPLES,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    model: Any = None,
+    tokenizer: Any = None,
+    merged_dir: str | Path | None = None,
+    dataset: str | None = None,
+    split: str | None = None,
+    write_card: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Base vs adapter (vs merged model) on the first ``num_examples`` of ``data``; returns the report (the
     ``--json`` object) and records it in the adapter's card unless ``write_card`` is false.
@@ -441,14 +510,22 @@ def evaluate_adapter(
     examples = examples_for(recipe, tokenizer, data, num_examples)
     if not examples:
         raise RecipeError("no examples to evaluate on")
-    options = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": recipe.seed, "bf16": recipe.bf16,
-               "progress": progress}
-    scores = score_base_and_adapter(model if model is not None else load_adapter(recipe, adapter_dir), tokenizer,
-                                    examples, **options)
+    options = {
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "seed": recipe.seed,
+        "bf16": recipe.bf16,
+        "progress": progress,
+    }
+    scores = score_base_and_adapter(
+        model if model is not None else load_adapter(recipe, adapter_dir), tokenizer, examples, **options
+    )
     if merged_dir is not None:
         scores["merged"] = score_model(load_merged(merged_dir), tokenizer, examples, label="merged", **options)
     check_effect(scores)
-    report = build_report(scores, dataset or recipe.dataset_name, split or held_out_description(recipe), max_new_tokens)
+    report = build_report(
+        scores, dataset or recipe.dataset_name, split or held_out_description(recipe), max_new_tokens
+    )
     if write_card:
         record_in_card(adapter_dir, report)
     return report
@@ -470,12 +547,22 @@ def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any,
 
     log.info(f"evaluating base vs adapter on {count} held-out examples (final_eval_examples; 0 skips this)")
     try:
-        report = evaluate_adapter(recipe, output_dir, eval_dataset, num_examples=count, max_new_tokens=max_new_tokens,
-                                  batch_size=recipe.per_device_train_batch_size,  # known to fit beside the model
-                                  model=None if current_engine().shards_weights else model, tokenizer=tokenizer, write_card=False)
+        report = evaluate_adapter(
+            recipe,
+            output_dir,
+            eval_dataset,
+            num_examples=count,
+            max_new_tokens=max_new_tokens,
+            batch_size=recipe.per_device_train_batch_size,  # known to fit beside the model
+            model=None if current_engine().shards_weights else model,
+            tokenizer=tokenizer,
+            write_card=False,
+        )
     except torch.OutOfMemoryError:  # the adapter is saved: say how to evaluate it, don't fail the run
-        log.warn(f"the final evaluation ran out of memory; run it alone: hf-lora-recipe eval --adapter {output_dir} "
-                 f"--num_examples {count} --batch_size 1")
+        log.warn(
+            f"the final evaluation ran out of memory; run it alone: hf-lora-recipe eval --adapter {output_dir} "
+            f"--num_examples {count} --batch_size 1"
+        )
         return
     for line in format_table(report).splitlines():
         log.info(line)
@@ -492,16 +579,18 @@ def check_adapter_dir(adapter: str) -> Path:
     if not path.is_dir():
         raise RecipeError(f"--adapter {adapter} is a file: give the adapter's folder (a training output_dir)")
     if not (path / "adapter_config.json").is_file():
-        raise RecipeError(f"--adapter {adapter}: no adapter_config.json there, so not an adapter (is it a training "
-                          "output_dir?)")
+        raise RecipeError(
+            f"--adapter {adapter}: no adapter_config.json there, so not an adapter (is it a training output_dir?)"
+        )
     return path.resolve()
 
 
 def check_model_dir(model: str) -> Path:
     path = Path(model).expanduser()
     if not path.is_dir():
-        raise RecipeError(f"--model {model}: no such folder; give a merged model's folder (hf-lora-recipe merge "
-                          "--output)")
+        raise RecipeError(
+            f"--model {model}: no such folder; give a merged model's folder (hf-lora-recipe merge --output)"
+        )
     if not (path / "config.json").is_file():
         raise RecipeError(f"--model {model}: no config.json there, so not a model (a merged model's folder has one)")
     return path.resolve()
@@ -517,29 +606,58 @@ def run_recipe(source: Path, adapter_dir: Path | None, dataset: str | None) -> R
         check_base(recipe.model_name_or_path, f"{source / 'recipe.yaml'}")
         return recipe
     if adapter_dir is None:
-        raise RecipeError(f"{source} has no recipe.yaml, so its base model is unknown: give the adapter it was "
-                          "merged from with --adapter")
+        raise RecipeError(
+            f"{source} has no recipe.yaml, so its base model is unknown: give the adapter it was "
+            "merged from with --adapter"
+        )
     if dataset is None:
-        raise RecipeError(f"{source} has no recipe.yaml (not trained by hf-lora-recipe?), so its held-out set is "
-                          "unknown: pass --dataset PATH_OR_ID")
+        raise RecipeError(
+            f"{source} has no recipe.yaml (not trained by hf-lora-recipe?), so its held-out set is "
+            "unknown: pass --dataset PATH_OR_ID"
+        )
     base = check_base(base_of(adapter_dir), f"{adapter_dir / 'adapter_config.json'}")
     return Recipe(model_name_or_path=base, load_in_4bit=False, dataset_name=dataset, dataset_format="auto")
 
 
 PARSER = CommandParser("eval", __doc__)
 PARSER.add_argument("--adapter", metavar="DIR", help="the adapter's folder (a training output_dir)")
-PARSER.add_argument("--model", metavar="MERGED_DIR",
-                    help="a merged model's folder (hf-lora-recipe merge --output); with --adapter: a third column")
-PARSER.add_argument("--dataset", metavar="PATH_OR_ID",
-                    help="a local file or folder, or a Hub dataset id (default: the run's held-out set)")
-PARSER.add_argument("--split", metavar="NAME", help="the split to evaluate on (default: the run's held-out set; "
-                                                    "with --dataset: test, else validation, else train)")
-PARSER.add_argument("--num_examples", type=int, metavar="N", default=DEFAULT_NUM_EXAMPLES,
-                    help=f"the first N examples (default: {DEFAULT_NUM_EXAMPLES})")
-PARSER.add_argument("--max_new_tokens", type=int, metavar="N", default=DEFAULT_MAX_NEW_TOKENS,
-                    help=f"reply length limit; a reply reaching it did not stop (default: {DEFAULT_MAX_NEW_TOKENS})")
-PARSER.add_argument("--batch_size", type=int, metavar="N", default=DEFAULT_BATCH_SIZE,
-                    help=f"examples per forward pass and per generate call (default: {DEFAULT_BATCH_SIZE})")
+PARSER.add_argument(
+    "--model",
+    metavar="MERGED_DIR",
+    help="a merged model's folder (hf-lora-recipe merge --output); with --adapter: a third column",
+)
+PARSER.add_argument(
+    "--dataset",
+    metavar="PATH_OR_ID",
+    help="a local file or folder, or a Hub dataset id (default: the run's held-out set)",
+)
+PARSER.add_argument(
+    "--split",
+    metavar="NAME",
+    help="the split to evaluate on (default: the run's held-out set; "
+    "with --dataset: test, else validation, else train)",
+)
+PARSER.add_argument(
+    "--num_examples",
+    type=int,
+    metavar="N",
+    default=DEFAULT_NUM_EXAMPLES,
+    help=f"the first N examples (default: {DEFAULT_NUM_EXAMPLES})",
+)
+PARSER.add_argument(
+    "--max_new_tokens",
+    type=int,
+    metavar="N",
+    default=DEFAULT_MAX_NEW_TOKENS,
+    help=f"reply length limit; a reply reaching it did not stop (default: {DEFAULT_MAX_NEW_TOKENS})",
+)
+PARSER.add_argument(
+    "--batch_size",
+    type=int,
+    metavar="N",
+    default=DEFAULT_BATCH_SIZE,
+    help=f"examples per forward pass and per generate call (default: {DEFAULT_BATCH_SIZE})",
+)
 PARSER.add_flag("--json", help="print the report as one JSON object on stdout (the table goes to stderr)")
 PARSER.add_flag("--no_card", help="leave the model card alone")
 
@@ -562,19 +680,31 @@ def main(argv: list[str]) -> int:
     tokenizer = load_eval_tokenizer(source)
     dataset = load_examples(data, tokenizer)
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else log.info
-    say(f"eval: {min(args.num_examples, len(dataset))} of {len(dataset)} examples of {data.recipe.dataset_name} "
-        f"({data.description})")
-    options = {"num_examples": args.num_examples, "max_new_tokens": args.max_new_tokens,
-               "batch_size": args.batch_size, "dataset": data.recipe.dataset_name, "split": data.description}
+    say(
+        f"eval: {min(args.num_examples, len(dataset))} of {len(dataset)} examples of {data.recipe.dataset_name} "
+        f"({data.description})"
+    )
+    options = {
+        "num_examples": args.num_examples,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "dataset": data.recipe.dataset_name,
+        "split": data.description,
+    }
 
     # --- Models, scored one after the other
     if adapter_dir is not None:
-        report = evaluate_adapter(data.recipe, adapter_dir, dataset, tokenizer=tokenizer, merged_dir=model_dir,
-                                  write_card=False, **options)
+        report = evaluate_adapter(
+            data.recipe, adapter_dir, dataset, tokenizer=tokenizer, merged_dir=model_dir, write_card=False, **options
+        )
     else:
         examples = examples_for(recipe, tokenizer, dataset, args.num_examples)
-        scoring = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": recipe.seed,
-                   "bf16": recipe.bf16}
+        scoring = {
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "seed": recipe.seed,
+            "bf16": recipe.bf16,
+        }
         scores = {"base": score_model(load_base(recipe), tokenizer, examples, label="base", **scoring)}
         scores["merged"] = score_model(load_merged(model_dir), tokenizer, examples, label="merged", **scoring)
         check_effect(scores)

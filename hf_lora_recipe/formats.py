@@ -7,6 +7,7 @@ from typing import Any
 from . import oasst
 from .config import RecipeError
 
+
 REQUIRED_COLUMNS = {
     "alpaca": {"instruction", "output"},
     "messages": {"messages"},
@@ -128,8 +129,9 @@ def oasst_conversations(
 ) -> dict[str, list]:
     """Batched ``datasets`` map over the whole table: conversations, each with the row of its tree's root."""
     out = oasst.conversations_batch(batch, flat, all_paths, languages)
-    out["problem"] = [problem or conversation_problem(messages) or ""
-                      for messages, problem in zip(out["messages"], out["problem"])]
+    out["problem"] = [
+        problem or conversation_problem(messages) or "" for messages, problem in zip(out["messages"], out["problem"])
+    ]
     out["row"] = [indices[row] for row in out["row"]]
     return out
 

@@ -34,14 +34,15 @@ def load_for_inference(adapter: str | None, model_path: str | None, load_in_4bit
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
     if load_in_4bit:
         trained = (saved_recipe(adapter) if adapter else None) or Recipe()
-        kwargs["quantization_config"] = quantization_config(
-            dataclasses.replace(trained, load_in_4bit=True))
+        kwargs["quantization_config"] = quantization_config(dataclasses.replace(trained, load_in_4bit=True))
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     if adapter:
         from peft import PeftConfig, PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(adapter).base_model_name_or_path, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(
+            PeftConfig.from_pretrained(adapter).base_model_name_or_path, **kwargs
+        )
         model = PeftModel.from_pretrained(base, adapter)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
@@ -49,8 +50,13 @@ def load_for_inference(adapter: str | None, model_path: str | None, load_in_4bit
 
 
 def generate(
-    model: Any, tokenizer: Any, prompt: str, system: str | None = None, max_new_tokens: int = 256,
-    temperature: float = 0.0, stream: bool = True,
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    stream: bool = True,
 ) -> str:
     """The reply to one user turn, streamed to stdout; stops at EOS."""
     import torch
@@ -64,12 +70,15 @@ def generate(
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         output = model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            eos_token_id=ids.eos_id, pad_token_id=tokenizer.pad_token_id,
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=ids.eos_id,
+            pad_token_id=tokenizer.pad_token_id,
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
             **sampling,
         )
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 PARSER = CommandParser("generate", __doc__)

@@ -42,8 +42,13 @@ def rank_holdings(model: Any, optimizer: Any) -> dict[str, int]:
     held = {"quantized_weights": constants, "unquantized_weights": 0, "adapter": 0, "gradients": 0, "optimizer": 0}
     params = list(model.parameters())
     for param in params:
-        kind = "quantized_weights" if id(param) in quantized_weights else \
-            "adapter" if param.requires_grad else "unquantized_weights"
+        kind = (
+            "quantized_weights"
+            if id(param) in quantized_weights
+            else "adapter"
+            if param.requires_grad
+            else "unquantized_weights"
+        )
         held[kind] += _bytes(param)
         if param.grad is not None:
             held["gradients"] += _bytes(param.grad)
@@ -53,8 +58,13 @@ def rank_holdings(model: Any, optimizer: Any) -> dict[str, int]:
     return held
 
 
-HOLDINGS = {"quantized_weights": "4-bit weights", "unquantized_weights": "other weights", "adapter": "adapter",
-            "gradients": "gradients", "optimizer": "optimizer states"}
+HOLDINGS = {
+    "quantized_weights": "4-bit weights",
+    "unquantized_weights": "other weights",
+    "adapter": "adapter",
+    "gradients": "gradients",
+    "optimizer": "optimizer states",
+}
 
 
 def holdings_line(held: dict[str, int], planned: dict[str, int], engine: Engine, world_size: int) -> str:
@@ -77,8 +87,9 @@ def optimizer_holdings(optimizer: Any, model_params: set[int]) -> tuple[int, int
     import torch
 
     inner = _innermost(optimizer)
-    states = sum(_bytes(value) for state in inner.state.values() for value in state.values()
-                 if isinstance(value, torch.Tensor))
+    states = sum(
+        _bytes(value) for state in inner.state.values() for value in state.values() if isinstance(value, torch.Tensor)
+    )
     masters = gradients = 0
     for group in inner.param_groups:
         for param in group["params"]:
@@ -98,8 +109,9 @@ class HoldingsReport(TrainerCallback):
         self.engine, self.world_size = engine, world_size
         self.done = False
 
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
-                          **kwargs: Any) -> None:
+    def on_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         if self.done or model is None or optimizer is None:
             return
         self.done = True

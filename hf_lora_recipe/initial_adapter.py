@@ -19,6 +19,7 @@ from typing import Any
 from . import log
 from .config import BASE_REWRITING_INITS, Recipe, RecipeError, lora_init_family
 
+
 INITIAL_ADAPTER = "initial_adapter"
 PARTIAL = INITIAL_ADAPTER + ".partial"  # written here first, renamed into place: never a half-written initial adapter
 # Float noise between two runs of one SVD/QR is ~1e-7 of |B0 A0|; another initialisation differs by > 1e-2.
@@ -44,10 +45,12 @@ def check_conversion_possible(recipe: Recipe, engine_name: str) -> None:
     """PiSSA/OLoRA's step-0 adapter and PEFT's conversion need the whole adapter and base on one process: refused
     under FSDP and DeepSpeed before anything loads (the recipe-only refusals are in ``config.validate``)."""
     if rewrites_base(recipe) and (engine_name == "fsdp" or engine_name.startswith("zero")):
-        raise RecipeError(f"init_lora_weights: {recipe.init_lora_weights} under FSDP or DeepSpeed is not supported: "
-                          "the step-0 adapter and PEFT's conversion need the whole adapter and base on one process; "
-                          "launch on one GPU or with DDP (accelerate_configs/ddp.yaml), or use init_lora_weights true "
-                          "or gaussian")
+        raise RecipeError(
+            f"init_lora_weights: {recipe.init_lora_weights} under FSDP or DeepSpeed is not supported: "
+            "the step-0 adapter and PEFT's conversion need the whole adapter and base on one process; "
+            "launch on one GPU or with DDP (accelerate_configs/ddp.yaml), or use init_lora_weights true "
+            "or gaussian"
+        )
 
 
 def keep_initial_adapter(model: Any, recipe: Recipe, resumed: bool) -> None:
@@ -72,8 +75,10 @@ def save_initial_adapter(model: Any, recipe: Recipe) -> Path:
     if target.exists():
         shutil.rmtree(target)  # an earlier start's: this fresh start's checkpoints are converted with the new one
     os.replace(partial, target)
-    log.info(f"{recipe.init_lora_weights}: initial adapter (A0, B0) saved to {target}; the final adapter is converted "
-             "with it to a plain adapter of the original base")
+    log.info(
+        f"{recipe.init_lora_weights}: initial adapter (A0, B0) saved to {target}; the final adapter is converted "
+        "with it to a plain adapter of the original base"
+    )
     return target
 
 
@@ -86,14 +91,18 @@ def check_same_initialisation(model: Any, recipe: Recipe) -> None:
     directory = initial_adapter_dir(recipe)
     path = directory / "adapter_model.safetensors"
     if not path.is_file():
-        raise RecipeError(f"{directory} is missing, so the {recipe.init_lora_weights} adapter in the checkpoint cannot "
-                          "be converted to an adapter of the original base: pass --overwrite_output_dir true to "
-                          "train again from scratch")
+        raise RecipeError(
+            f"{directory} is missing, so the {recipe.init_lora_weights} adapter in the checkpoint cannot "
+            "be converted to an adapter of the original base: pass --overwrite_output_dir true to "
+            "train again from scratch"
+        )
     saved = load_file(str(path))
     fresh = {k: v for k, v in get_peft_model_state_dict(model).items() if ".lora_A." in k or ".lora_B." in k}
     if set(saved) != set(fresh):
-        raise RecipeError(f"{directory} holds another adapter's layers than this recipe builds: pass "
-                          "--overwrite_output_dir true to train again from scratch")
+        raise RecipeError(
+            f"{directory} holds another adapter's layers than this recipe builds: pass "
+            "--overwrite_output_dir true to train again from scratch"
+        )
     worst, where = 0.0, ""
     with torch.no_grad():
         for key_a in sorted(k for k in fresh if ".lora_A." in k):
@@ -105,10 +114,14 @@ def check_same_initialisation(model: Any, recipe: Recipe) -> None:
             if difference > worst:
                 worst, where = difference, key_a.rsplit(".lora_A.", 1)[0]
     if worst > SAME_INIT_TOLERANCE:
-        raise RecipeError(f"the {recipe.init_lora_weights} initialisation of this rerun differs from the one saved in "
-                          f"{directory} (B0 A0 of {where} by {worst:.2g} of its largest entry), so the checkpoint's "
-                          "adapter would be converted against the wrong base: resume with the same recipe (seed) "
-                          "on the same kind of machine, or pass --overwrite_output_dir true to train again from "
-                          "scratch")
-    log.info(f"{recipe.init_lora_weights}: this rerun's initialisation equals {directory} (largest relative difference "
-             f"of B0 A0: {worst:.1g})")
+        raise RecipeError(
+            f"the {recipe.init_lora_weights} initialisation of this rerun differs from the one saved in "
+            f"{directory} (B0 A0 of {where} by {worst:.2g} of its largest entry), so the checkpoint's "
+            "adapter would be converted against the wrong base: resume with the same recipe (seed) "
+            "on the same kind of machine, or pass --overwrite_output_dir true to train again from "
+            "scratch"
+        )
+    log.info(
+        f"{recipe.init_lora_weights}: this rerun's initialisation equals {directory} (largest relative difference "
+        f"of B0 A0: {worst:.1g})"
+    )

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+
 PREFIX = "[hf-lora-recipe]"
 
 

@@ -40,6 +40,7 @@ from .card import card_tags
 from .config import Recipe, RecipeError, saved_recipe
 from .publish import MERGE_MARKER, PUBLISHED, PUBLISHED_FOLDERS, check_repo_id
 
+
 MERGE_INTO = ("dequantized", "original")
 DTYPES = ("bfloat16", "float16", "float32")
 MARKER_WRITER = "hf-lora-recipe merge"
@@ -104,13 +105,22 @@ def merged_output_files(directory: Path) -> set[str] | None:
         return None
     if not {"hf-lora-recipe", "merged"} <= set(card_tags(card)):
         return None
-    return {name for name in os.listdir(directory)
-            if name in PUBLISHED_FOLDERS or any(fnmatch.fnmatchcase(name, p) for p in PUBLISHED)}
+    return {
+        name
+        for name in os.listdir(directory)
+        if name in PUBLISHED_FOLDERS or any(fnmatch.fnmatchcase(name, p) for p in PUBLISHED)
+    }
 
 
 def _write_marker(staging: Path, adapter: str, base: str, merge_into: str, dtype: str) -> None:
-    record = {"written_by": MARKER_WRITER, "adapter": adapter, "base": base, "merge_into": merge_into,
-              "dtype": dtype, "files": sorted(p.name for p in staging.iterdir())}
+    record = {
+        "written_by": MARKER_WRITER,
+        "adapter": adapter,
+        "base": base,
+        "merge_into": merge_into,
+        "dtype": dtype,
+        "files": sorted(p.name for p in staging.iterdir()),
+    }
     (staging / MERGE_MARKER).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -119,14 +129,17 @@ def local_adapter(adapter: str) -> Path | None:
     path = Path(adapter).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise RecipeError(f"--adapter {adapter} is a file: give the adapter's folder (a training output_dir) "
-                              "or a Hub repo id")
+            raise RecipeError(
+                f"--adapter {adapter} is a file: give the adapter's folder (a training output_dir) or a Hub repo id"
+            )
         if not (path / "adapter_config.json").is_file():
             raise RecipeError(f"--adapter {adapter}: no adapter_config.json there (is it a training output_dir?)")
         return path.resolve()
     if adapter.startswith((".", "/", "~")) or not _is_repo_id(adapter):
-        raise RecipeError(f"--adapter {adapter}: no such folder, and not a Hub repo id; give the training "
-                          "output_dir or NAMESPACE/NAME")
+        raise RecipeError(
+            f"--adapter {adapter}: no such folder, and not a Hub repo id; give the training "
+            "output_dir or NAMESPACE/NAME"
+        )
     return None
 
 
@@ -144,8 +157,10 @@ def base_of(adapter_dir: Path) -> str:
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as error:
-        raise RecipeError(f"{config_path} cannot be read as JSON ({_first_line(error)}): the adapter is damaged; "
-                          "re-save it from a checkpoint or retrain") from None
+        raise RecipeError(
+            f"{config_path} cannot be read as JSON ({_first_line(error)}): the adapter is damaged; "
+            "re-save it from a checkpoint or retrain"
+        ) from None
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not isinstance(base, str) or not base:
         raise RecipeError(f"{config_path} names no base model (base_model_name_or_path): pass --base PATH_OR_REPO")
@@ -186,16 +201,22 @@ def check_output(output: str | Path, adapter_dir: Path | None, base: str | None,
         entries = sorted(os.listdir(output))
         ours = merged_output_files(output) if entries else set()
         if ours is None:
-            raise RecipeError(f"{flag} is a folder that is not empty ({_names(entries)}) and not a merged model "
-                              "written by hf-lora-recipe: choose a new or empty folder (merge never replaces "
-                              "files it did not write)")
+            raise RecipeError(
+                f"{flag} is a folder that is not empty ({_names(entries)}) and not a merged model "
+                "written by hf-lora-recipe: choose a new or empty folder (merge never replaces "
+                "files it did not write)"
+            )
         foreign = [name for name in entries if name not in ours]
         if foreign:
-            raise RecipeError(f"{flag} holds a merged model but also {_names(foreign)}, which merge did not "
-                              "write: move them out or choose another --output")
+            raise RecipeError(
+                f"{flag} holds a merged model but also {_names(foreign)}, which merge did not "
+                "write: move them out or choose another --output"
+            )
         if entries and not overwrite:
-            raise RecipeError(f"{flag} already holds a merged model: pass --overwrite to replace it (atomically) "
-                              "or choose another --output")
+            raise RecipeError(
+                f"{flag} already holds a merged model: pass --overwrite to replace it (atomically) "
+                "or choose another --output"
+            )
     ancestor = output.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -207,7 +228,11 @@ def check_output(output: str | Path, adapter_dir: Path | None, base: str | None,
 
 
 def merge(
-    adapter: str, output: str | Path, base: str | None = None, dtype: str = "bfloat16", merge_into: str | None = None,
+    adapter: str,
+    output: str | Path,
+    base: str | None = None,
+    dtype: str = "bfloat16",
+    merge_into: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Merge ``adapter`` into its base and write the model to ``output``; returns ``output``.
@@ -229,7 +254,9 @@ def merge(
     if merge_into not in MERGE_INTO:
         raise RecipeError(f"--merge_into must be one of {', '.join(MERGE_INTO)}; got {merge_into!r}")
     if merge_into == "dequantized" and not quantized:
-        raise RecipeError("--merge_into dequantized is for QLoRA adapters; this one was trained on an unquantized base")
+        raise RecipeError(
+            "--merge_into dequantized is for QLoRA adapters; this one was trained on an unquantized base"
+        )
 
     import torch
     from peft import PeftConfig, PeftModel
@@ -245,15 +272,18 @@ def merge(
         try:
             base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
         except (OSError, ValueError) as error:
-            raise RecipeError(f"--adapter {adapter}: not a local folder, and no adapter could be read from the Hub "
-                              f"({_first_line(error)}); check the path or repo id (and HF_HUB_OFFLINE)") from None
+            raise RecipeError(
+                f"--adapter {adapter}: not a local folder, and no adapter could be read from the Hub "
+                f"({_first_line(error)}); check the path or repo id (and HF_HUB_OFFLINE)"
+            ) from None
     torch_dtype = getattr(torch, dtype)
 
     try:
         dense = load_merge_base(base, recipe, merge_into, torch_dtype)
     except OSError as error:
-        raise RecipeError(f"cannot load the base model {base} ({_first_line(error)}): pass --base PATH_OR_REPO"
-                          ) from None
+        raise RecipeError(
+            f"cannot load the base model {base} ({_first_line(error)}): pass --base PATH_OR_REPO"
+        ) from None
     model = PeftModel.from_pretrained(dense, adapter)
     merged = model.merge_and_unload()
     leftover = [name for name in merged.state_dict() if "lora_" in name]
@@ -264,7 +294,8 @@ def merge(
     # Generation must stop at the template's end-of-turn token (e.g. <|eot_id|>), which need not be the EOS.
     stop_ids = sorted({tokenizer.eos_token_id, special_ids(tokenizer).eos_id} - {None})
     merged.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids[0] if len(stop_ids) == 1 else stop_ids,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stop_ids[0] if len(stop_ids) == 1 else stop_ids,
         pad_token_id=tokenizer.pad_token_id,
     )
     if not log.is_main_process():
@@ -283,7 +314,8 @@ def merge(
                 shutil.copy(source, staging / name)
         merge_base = (
             f"dequantized NF4 weights of `{base}` (what the QLoRA adapter was trained against)"
-            if merge_into == "dequantized" else f"original `{base}` weights ({dtype})"
+            if merge_into == "dequantized"
+            else f"original `{base}` weights ({dtype})"
         )
         write_card(staging, location=str(output), kind="merged", merge_base=merge_base)
         _write_marker(staging, adapter, base, merge_into, dtype)
@@ -301,7 +333,9 @@ PARSER = CommandParser("merge", __doc__)
 PARSER.add_argument("--adapter", required=True, help="adapter directory or Hub repo id")
 PARSER.add_argument("--output", required=True, help="directory for the merged model")
 PARSER.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
-PARSER.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype of the merged weights (default: bfloat16)")
+PARSER.add_argument(
+    "--dtype", default="bfloat16", choices=DTYPES, help="dtype of the merged weights (default: bfloat16)"
+)
 PARSER.add_argument("--merge_into", choices=MERGE_INTO, help="default: dequantized for QLoRA adapters, else original")
 PARSER.add_flag("--overwrite", help="replace a merged model this command wrote earlier at --output (atomically)")
 

@@ -19,6 +19,7 @@ from typing import Any
 from .config import AUTO, Recipe, RecipeError
 from .estimates import GIB
 
+
 GPU_SHARE, RAM_SHARE = 0.9, 0.5
 
 
@@ -30,8 +31,10 @@ class MicroBatch:
     budget_source: str
 
     def line(self) -> str:
-        return (f"micro-batch auto -> {self.size}: planned peak {self.planned_bytes / GIB:.2f} GiB within "
-                f"{self.budget_bytes / GIB:.2f} GiB ({self.budget_source})")
+        return (
+            f"micro-batch auto -> {self.size}: planned peak {self.planned_bytes / GIB:.2f} GiB within "
+            f"{self.budget_bytes / GIB:.2f} GiB ({self.budget_source})"
+        )
 
 
 def memory_budget(recipe: Recipe) -> tuple[int, str]:
@@ -66,17 +69,21 @@ def resolve(recipe: Recipe, world_size: int, shape: Any | None = None) -> tuple[
     from .modeling import model_config
 
     if recipe.global_batch_size % world_size:
-        raise RecipeError(f"global_batch_size {recipe.global_batch_size} is not a whole multiple of the world size "
-                          f"{world_size}; choose a global batch or process count that divides it")
+        raise RecipeError(
+            f"global_batch_size {recipe.global_batch_size} is not a whole multiple of the world size "
+            f"{world_size}; choose a global batch or process count that divides it"
+        )
     shape = shape or measure_shape(model_config(recipe), recipe)
     strategy = current_engine().plan_strategy
     budget, source = memory_budget(recipe)
     size = largest_fitting_micro_batch(shape, recipe, budget, world_size, strategy)
     if size is None:
         smallest = memory(shape, recipe, 1, world_size, strategy).total
-        raise RecipeError(f"per_device_train_batch_size auto: even a micro-batch of 1 is planned at "
-                          f"{smallest / GIB:.2f} GiB, over the {budget / GIB:.2f} GiB budget ({source}); "
-                          "raise memory_budget_gb, lower max_length, or turn gradient_checkpointing on")
+        raise RecipeError(
+            f"per_device_train_batch_size auto: even a micro-batch of 1 is planned at "
+            f"{smallest / GIB:.2f} GiB, over the {budget / GIB:.2f} GiB budget ({source}); "
+            "raise memory_budget_gb, lower max_length, or turn gradient_checkpointing on"
+        )
     if world_size > 1:
         size = smallest_over_ranks(size)
     planned = memory(shape, recipe, size, world_size, strategy).total

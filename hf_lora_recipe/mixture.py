@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import Recipe
 
+
 SOURCE_COLUMN = "source"
 
 
@@ -25,17 +26,29 @@ def source_recipes(recipe: Recipe) -> list[Recipe]:
     """One single-dataset recipe per ``datasets`` entry (the recipe itself when there are none)."""
     if not recipe.datasets:
         return [recipe]
-    return [dataclasses.replace(recipe, dataset_name=s["name"], dataset_format=s["format"], dataset_train_split=s["split"],
-                                dataset_config=s["config"], dataset_revision=s["revision"], datasets=[])
-            for s in recipe.datasets]
+    return [
+        dataclasses.replace(
+            recipe,
+            dataset_name=s["name"],
+            dataset_format=s["format"],
+            dataset_train_split=s["split"],
+            dataset_config=s["config"],
+            dataset_revision=s["revision"],
+            datasets=[],
+        )
+        for s in recipe.datasets
+    ]
 
 
 def source_label(source: dict) -> str:
     """How the report names a source: the file or folder name, or the Hub id, with a split other than train."""
     name = source["name"]
     shown = Path(name).name if Path(name).expanduser().exists() else name
-    return shown + (f"[{source['split']}]" if source["split"] != "train" else "") + (
-        f"({source['config']})" if source["config"] else "")
+    return (
+        shown
+        + (f"[{source['split']}]" if source["split"] != "train" else "")
+        + (f"({source['config']})" if source["config"] else "")
+    )
 
 
 def dataset_versions(recipe: Recipe) -> dict[str, str]:
@@ -45,8 +58,10 @@ def dataset_versions(recipe: Recipe) -> dict[str, str]:
     parts = [dataset_version(single) for single in source_recipes(recipe)]
     if len(parts) == 1:
         return parts[0]
-    return {"name": " + ".join(part["name"] for part in parts),
-            "version": "; ".join(f"{part['name']}: {part['version']}" for part in parts)}
+    return {
+        "name": " + ".join(part["name"] for part in parts),
+        "version": "; ".join(f"{part['name']}: {part['version']}" for part in parts),
+    }
 
 
 def check_sources(recipe: Recipe) -> None:
@@ -73,7 +88,9 @@ def source_index(recipe: Recipe, wanted: str) -> int:
         if wanted in (source["name"], labels[index], str(index)):
             return index
     known = ", ".join(labels) or "none: it has a single dataset_name"
-    raise RecipeError(f"--source {wanted}: not one of this recipe's datasets ({known}); give a name or a 0-based index")
+    raise RecipeError(
+        f"--source {wanted}: not one of this recipe's datasets ({known}); give a name or a 0-based index"
+    )
 
 
 def _with_source(dataset: Any, index: int) -> Any:
@@ -95,12 +112,15 @@ def _mixed(recipe: Recipe, parts: list[Any]) -> Any:
     weights = [s["weight"] for s in recipe.datasets]
     if weights[0] is not None:
         probabilities = [w / sum(weights) for w in weights]
-        return interleave_datasets(tagged, probabilities=probabilities, seed=recipe.seed,
-                                   stopping_strategy=recipe.mixture_stopping_strategy)
+        return interleave_datasets(
+            tagged, probabilities=probabilities, seed=recipe.seed, stopping_strategy=recipe.mixture_stopping_strategy
+        )
     fractions = [s["fraction"] for s in recipe.datasets]
     if fractions[0] is not None:
-        tagged = [part.shuffle(seed=recipe.seed).select(range(max(1, round(fraction * len(part)))))
-                  for part, fraction in zip(tagged, fractions)]
+        tagged = [
+            part.shuffle(seed=recipe.seed).select(range(max(1, round(fraction * len(part)))))
+            for part, fraction in zip(tagged, fractions)
+        ]
     return concatenate_datasets(tagged)
 
 
@@ -114,13 +134,22 @@ def shares(recipe: Recipe, mixed: Any, reports: list[Any]) -> list[dict[str, Any
     tokens = np.bincount(source, weights=supervised, minlength=count)
     weights = [s["weight"] for s in recipe.datasets]
     asked = [w / sum(weights) for w in weights] if weights[0] is not None else [None] * count
-    return [{
-        "source": source_label(s), "format": s["format"], "weight": s["weight"], "fraction": s["fraction"],
-        "asked_share": asked[i], "examples_in": reports[i].examples_in, "examples_kept": reports[i].examples_out,
-        "tokens": reports[i].total_tokens, "examples_used": int(examples[i]),
-        "share_of_examples": float(examples[i] / max(len(mixed), 1)),
-        "share_of_supervised_tokens": float(tokens[i] / max(tokens.sum(), 1)),
-    } for i, s in enumerate(recipe.datasets)]
+    return [
+        {
+            "source": source_label(s),
+            "format": s["format"],
+            "weight": s["weight"],
+            "fraction": s["fraction"],
+            "asked_share": asked[i],
+            "examples_in": reports[i].examples_in,
+            "examples_kept": reports[i].examples_out,
+            "tokens": reports[i].total_tokens,
+            "examples_used": int(examples[i]),
+            "share_of_examples": float(examples[i] / max(len(mixed), 1)),
+            "share_of_supervised_tokens": float(tokens[i] / max(tokens.sum(), 1)),
+        }
+        for i, s in enumerate(recipe.datasets)
+    ]
 
 
 def how(recipe: Recipe) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +94,9 @@ def record_base(model: Any, recipe: Recipe) -> BaseRecord:
 
     generator = torch.Generator().manual_seed(recipe.seed)
     modules = dict(model.named_modules())
-    layers = [modules[name] for names in resolve_targets(model, peft_target_modules(recipe)).values() for name in names]
+    layers = [
+        modules[name] for names in resolve_targets(model, peft_target_modules(recipe)).values() for name in names
+    ]
     products, vectors = {}, {}
     with torch.no_grad():
         for layer in layers:
@@ -148,24 +149,37 @@ def check_variants(model: Any, recipe: Recipe, before: BaseRecord | None = None)
     for name, layer in layers:
         for adapter, scaling in layer.scaling.items():
             if not math.isclose(scaling, expected_scaling, rel_tol=1e-6):
-                raise RuntimeError(f"{name}: LoRA scaling {scaling:g}, but use_rslora {recipe.use_rslora} with "
-                                   f"alpha {recipe.lora_alpha} and r {recipe.lora_r} means {expected_scaling:g}")
+                raise RuntimeError(
+                    f"{name}: LoRA scaling {scaling:g}, but use_rslora {recipe.use_rslora} with "
+                    f"alpha {recipe.lora_alpha} and r {recipe.lora_r} means {expected_scaling:g}"
+                )
             magnitude = adapter in getattr(layer, "lora_magnitude_vector", {})
-            if magnitude != recipe.use_dora or (magnitude and not all(
-                    p.requires_grad for p in layer.lora_magnitude_vector[adapter].parameters())):
-                raise RuntimeError(f"{name}: use_dora {recipe.use_dora}, but the layer "
-                                   f"{'has a' if magnitude else 'has no'} trainable DoRA magnitude vector")
+            if magnitude != recipe.use_dora or (
+                magnitude and not all(p.requires_grad for p in layer.lora_magnitude_vector[adapter].parameters())
+            ):
+                raise RuntimeError(
+                    f"{name}: use_dora {recipe.use_dora}, but the layer "
+                    f"{'has a' if magnitude else 'has no'} trainable DoRA magnitude vector"
+                )
             if recipe.init_lora_weights == "orthogonal":
-                check_product_is_zero(name, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                                      layer.get_base_layer().weight.dtype)
+                check_product_is_zero(
+                    name,
+                    layer.lora_A[adapter].weight,
+                    layer.lora_B[adapter].weight,
+                    layer.get_base_layer().weight.dtype,
+                )
             elif not rewrites_base(recipe) and layer.lora_B[adapter].weight.abs().max() != 0:
-                raise RuntimeError(f"{name}: lora_B is not zero at step 0 (init_lora_weights "
-                                   f"{recipe.init_lora_weights}): the adapted model would not start at the base")
+                raise RuntimeError(
+                    f"{name}: lora_B is not zero at step 0 (init_lora_weights "
+                    f"{recipe.init_lora_weights}): the adapted model would not start at the base"
+                )
     if rewrites_base(recipe):
         before = before if before is not None else _RECORDS.get(model)
         if before is None:
-            raise RuntimeError(f"init_lora_weights {recipe.init_lora_weights}: no record of the base before the "
-                               "adapter rewrote it (build the model with add_adapter), so it cannot be checked")
+            raise RuntimeError(
+                f"init_lora_weights {recipe.init_lora_weights}: no record of the base before the "
+                "adapter rewrote it (build the model with add_adapter), so it cannot be checked"
+            )
         check_conserved(model, recipe, before, layers)
     if uses_eva(recipe):  # EVA's rank budget is r for every module the recipe adapts
         check_eva(model, recipe, layers, sum(len(names) for names in check_targets(recipe).values()))
@@ -188,9 +202,11 @@ def check_product_is_zero(name: str, lora_a: Any, lora_b: Any, base_dtype: Any) 
         product = (b @ a).abs().max().item()
         scale = (b.abs() @ a.abs()).max().item()
     if b.abs().max() == 0 or product > tolerance * scale:
-        raise RuntimeError(f"{name}: init_lora_weights orthogonal should give non-zero A and B with B A = 0; got "
-                           f"|B| max {b.abs().max().item():.2g}, |B A| {product:.2g} of {scale:.2g}: it would not "
-                           "start at the base, or PEFT did not apply it")
+        raise RuntimeError(
+            f"{name}: init_lora_weights orthogonal should give non-zero A and B with B A = 0; got "
+            f"|B| max {b.abs().max().item():.2g}, |B A| {product:.2g} of {scale:.2g}: it would not "
+            "start at the base, or PEFT did not apply it"
+        )
 
 
 def check_conserved(model: Any, recipe: Recipe, before: BaseRecord, layers: list[tuple[str, Any]]) -> None:
@@ -204,8 +220,10 @@ def check_conserved(model: Any, recipe: Recipe, before: BaseRecord, layers: list
         for name, layer in layers:
             base = layer.get_base_layer()
             if id(base) not in before.products or before.products[id(base)][0] is not base:
-                raise RuntimeError(f"{name}: no record of its weight before the adapter (not a target when "
-                                   f"recorded), so init_lora_weights {init} cannot be checked there")
+                raise RuntimeError(
+                    f"{name}: no record of its weight before the adapter (not a target when "
+                    f"recorded), so init_lora_weights {init} cannot be checked there"
+                )
             original = before.products[id(base)][1].to(base.weight.device)
             weight = _weight(base)
             v = before.vectors[weight.shape[1]]
@@ -214,27 +232,36 @@ def check_conserved(model: Any, recipe: Recipe, before: BaseRecord, layers: list
                 residual = _times(weight, v)
                 adapter_part = scaling * (b @ (a @ v.to(a.device))).to(residual.device)
                 scale = _times(weight.abs(), v.abs()) + scaling * (b.abs() @ (a.abs() @ v.abs().to(a.device))).to(
-                    residual.device)
+                    residual.device
+                )
                 tolerance = CONSERVED_TOLERANCE + torch.finfo(weight.dtype).eps / 2
                 moved = (residual - original).abs().max().item()
                 if moved <= MOVED_AT_LEAST * original.abs().max().item():
-                    raise RuntimeError(f"{name}: init_lora_weights {init} left the base weight unchanged (W v moved "
-                                       f"by {moved:.2g}): PEFT did not apply it")
+                    raise RuntimeError(
+                        f"{name}: init_lora_weights {init} left the base weight unchanged (W v moved "
+                        f"by {moved:.2g}): PEFT did not apply it"
+                    )
                 error = ((residual + adapter_part - original).abs() / scale.clamp_min(1e-30)).max().item()
                 if error > tolerance:
-                    raise RuntimeError(f"{name}: W_res + s B0 A0 differs from the original weight by {error:.2g} of "
-                                       f"its scale (tolerance {tolerance:.2g}): init_lora_weights {init} did not "
-                                       "conserve the base")
+                    raise RuntimeError(
+                        f"{name}: W_res + s B0 A0 differs from the original weight by {error:.2g} of "
+                        f"its scale (tolerance {tolerance:.2g}): init_lora_weights {init} did not "
+                        "conserve the base"
+                    )
     dtype = layers[0][1].get_base_layer().weight.dtype
     tolerance = LOGITS_TOLERANCE if dtype == torch.float32 else LOGITS_TOLERANCE_HALF
     logits = _probe_logits(model, before.input_ids)
     difference = ((logits - before.logits).norm() / before.logits.norm()).item()
     if difference > tolerance:
-        raise RuntimeError(f"init_lora_weights {init}: the adapted model's step-0 logits differ from the original "
-                           f"base's by {difference:.2g} (RMS, relative; tolerance {tolerance:g} in {dtype}): it would "
-                           "not start at the base")
-    log.info(f"init_lora_weights {init}: checked on {len(layers)} layers: the base rewritten, W_res + s B0 A0 = W, "
-             f"step-0 logits within {difference:.1g} (RMS, relative) of the original base's")
+        raise RuntimeError(
+            f"init_lora_weights {init}: the adapted model's step-0 logits differ from the original "
+            f"base's by {difference:.2g} (RMS, relative; tolerance {tolerance:g} in {dtype}): it would "
+            "not start at the base"
+        )
+    log.info(
+        f"init_lora_weights {init}: checked on {len(layers)} layers: the base rewritten, W_res + s B0 A0 = W, "
+        f"step-0 logits within {difference:.1g} (RMS, relative) of the original base's"
+    )
 
 
 def trainable_token_targets(model: Any, token_ids: list[int]) -> list[int] | dict[str, list[int]]:
@@ -279,7 +306,7 @@ def quantization_config(recipe: Recipe) -> Any | None:
     return BitsAndBytesConfig(**{k: torch_dtype(v) if k in dtypes else v for k, v in kwargs.items()})
 
 
-@functools.lru_cache(maxsize=None)  # decide (and say why) once per run
+@functools.cache  # decide (and say why) once per run
 def available_attention(requested: str) -> str:
     """The attention implementation to use: flash-attention only when its package is installed; ``varlen``
     (PyTorch's own varlen flash kernel, :mod:`hf_lora_recipe.attention`) only on a GPU that runs it, and then
@@ -341,7 +368,7 @@ def liger_off_reason() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def liger_active(requested: bool) -> bool:
     return requested and liger_off_reason() is None
 
@@ -490,8 +517,9 @@ def model_config(recipe: Recipe) -> Any:
     return read_model_config(recipe.model_name_or_path, recipe.model_revision, recipe.trust_remote_code)
 
 
-def read_model_config(name: str, revision: str = "main", trust_remote_code: bool = False,
-                      where: str | None = None) -> Any:
+def read_model_config(
+    name: str, revision: str = "main", trust_remote_code: bool = False, where: str | None = None
+) -> Any:
     """``config.json`` of a model folder or Hub id as a transformers config; a missing, malformed or unknown
     model is one :class:`RecipeError` starting with ``where`` (read from the folder, the cache or the Hub)."""
     from huggingface_hub.errors import HFValidationError
@@ -519,33 +547,47 @@ def read_model_config(name: str, revision: str = "main", trust_remote_code: bool
                 raise HFValidationError(name)
             validate_repo_id(name)
         except HFValidationError:
-            raise RecipeError(f"{where}: no such folder, and not a Hub model id (NAMESPACE/NAME); "
-                              "check the path") from None
+            raise RecipeError(
+                f"{where}: no such folder, and not a Hub model id (NAMESPACE/NAME); check the path"
+            ) from None
         if _offline():
             from huggingface_hub import try_to_load_from_cache
 
             if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
-                raise RecipeError(f"{where}: no such folder, and the Hub model is not in the local cache while "
-                                  "HF_HUB_OFFLINE=1; download it once online (hf download "
-                                  f"{name}) or give a local folder")
+                raise RecipeError(
+                    f"{where}: no such folder, and the Hub model is not in the local cache while "
+                    "HF_HUB_OFFLINE=1; download it once online (hf download "
+                    f"{name}) or give a local folder"
+                )
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - transformers/hub raise many classes; every one is one line here
+        from .upstream.transformers import (
+            asks_for_remote_code,
+            named_model_type,
+            names_no_model_type,
+            names_unknown_architecture,
+        )
+
         message = _first_line(error)
-        if "does not recognize this architecture" in str(error) or "Unrecognized model" in str(error):
+        if names_unknown_architecture(error):
             import transformers
 
-            if model_type is None and "Unrecognized model" in str(error):
-                raise RecipeError(f"{where}: its config.json names no model_type, so transformers cannot tell the "
-                                  "architecture; is it a transformers model folder?") from None
-            named = re.search(r"model type `([^`]+)`", str(error))
-            model_type = named.group(1) if named else model_type
-            raise RecipeError(f"{where}: config.json has model_type {model_type!r}, which transformers "
-                              f"{transformers.__version__} does not know; upgrade transformers, or set "
-                              "trust_remote_code true if the model ships its own code") from None
-        if "trust_remote_code" in str(error):
-            raise RecipeError(f"{where} ships its own modelling code: set trust_remote_code true if you "
-                              "trust it") from None
+            if model_type is None and names_no_model_type(error):
+                raise RecipeError(
+                    f"{where}: its config.json names no model_type, so transformers cannot tell the "
+                    "architecture; is it a transformers model folder?"
+                ) from None
+            model_type = named_model_type(error) or model_type
+            raise RecipeError(
+                f"{where}: config.json has model_type {model_type!r}, which transformers "
+                f"{transformers.__version__} does not know; upgrade transformers, or set "
+                "trust_remote_code true if the model ships its own code"
+            ) from None
+        if asks_for_remote_code(error):
+            raise RecipeError(
+                f"{where} ships its own modelling code: set trust_remote_code true if you trust it"
+            ) from None
         raise RecipeError(f"{where}: cannot read its config.json ({message})") from None
 
 
@@ -558,8 +600,10 @@ def meta_model(config: Any, recipe: Recipe) -> Any:
         with init_empty_weights():
             return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.trust_remote_code)
     except ValueError as error:
-        raise RecipeError(f"model_name_or_path {recipe.model_name_or_path}: a {type(config).__name__} is not a causal "
-                          f"language model transformers can build ({_first_line(error)})") from None
+        raise RecipeError(
+            f"model_name_or_path {recipe.model_name_or_path}: a {type(config).__name__} is not a causal "
+            f"language model transformers can build ({_first_line(error)})"
+        ) from None
 
 
 def adaptable_types() -> tuple[type, ...]:
@@ -588,8 +632,9 @@ def resolve_targets(model: Any, targets: list[str] | str) -> dict[str, list[str]
     if targets == ALL_LINEAR:
         matched = {ALL_LINEAR: [name for name, m in linear.items() if m is not output]}
         if not matched[ALL_LINEAR]:
-            raise RecipeError(f"lora_target_modules: {ALL_LINEAR} matches nothing: {type(model).__name__} has no "
-                              "linear layers")
+            raise RecipeError(
+                f"lora_target_modules: {ALL_LINEAR} matches nothing: {type(model).__name__} has no linear layers"
+            )
         return matched
     resolved: dict[str, list[str]] = {}
     unmatched, unsupported = [], []
@@ -605,11 +650,14 @@ def resolve_targets(model: Any, targets: list[str] | str) -> dict[str, list[str]
     if unmatched:
         guesses = [nearest(t, linear_names) for t in unmatched] if linear_names else []
         guess = f" (nearest: {', '.join(guesses)})" if guesses else ""
-        raise RecipeError(f"lora_target_modules: {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} "
-                          f"no module of {type(model).__name__}{guess}; {available}")
+        raise RecipeError(
+            f"lora_target_modules: {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} "
+            f"no module of {type(model).__name__}{guess}; {available}"
+        )
     if unsupported:
-        raise RecipeError(f"lora_target_modules: {', '.join(unsupported)} cannot carry a LoRA adapter (not linear); "
-                          f"{available}")
+        raise RecipeError(
+            f"lora_target_modules: {', '.join(unsupported)} cannot carry a LoRA adapter (not linear); {available}"
+        )
     return resolved
 
 

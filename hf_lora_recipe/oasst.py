@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+
 ROLES = {"prompter": "user", "assistant": "assistant"}
 TREE_COLUMNS = {"message_tree_id", "prompt"}
 FLAT_COLUMNS = {"message_id", "parent_id", "role", "text"}
@@ -54,7 +55,11 @@ def _flag(value: Any) -> Any:
 
 
 def _kept(message: dict[str, Any]) -> bool:
-    return not _flag(message.get("deleted")) and _flag(message.get("review_result")) is not False and not message.get("_bad")
+    return (
+        not _flag(message.get("deleted"))
+        and _flag(message.get("review_result")) is not False
+        and not message.get("_bad")
+    )
 
 
 def _rank(value: Any) -> Any:
@@ -103,8 +108,9 @@ def tree_conversations(
         key = tuple(id(m) for m in trimmed)
         if trimmed and key not in seen:
             seen.add(key)
-            conversations.append([{"role": ROLES.get(m.get("role"), m.get("role")), "content": m.get("text")}
-                                  for m in trimmed])
+            conversations.append(
+                [{"role": ROLES.get(m.get("role"), m.get("role")), "content": m.get("text")} for m in trimmed]
+            )
     return conversations
 
 
@@ -196,8 +202,11 @@ def _roots(batch: dict[str, list], flat: bool, dropped: Counter) -> tuple[list[d
     roots, where, seen = [], [], set()
     for index, root in enumerate(batch["prompt"]):
         if not isinstance(root, dict):
-            problems[index] = "field 'prompt' is missing or null" if root is None else \
-                f"field 'prompt' is {type(root).__name__}, not a message object"
+            problems[index] = (
+                "field 'prompt' is missing or null"
+                if root is None
+                else f"field 'prompt' is {type(root).__name__}, not a message object"
+            )
         elif root.get("message_id") in seen:
             dropped[DUPLICATE_TREE] += 1
         else:

@@ -27,6 +27,7 @@ from .mixture import source_recipes
 from .modeling import peft_init_lora_weights
 from .special_tokens import TemplateTokens, inspect_if_local
 
+
 ALPACA_ESTIMATE = (52_002, 197)  # rows; mean tokens/example (Llama-2 tokenizer on the 999-row sample, max 512)
 
 
@@ -37,7 +38,6 @@ def read_config(model_config: str, trust_remote_code: bool = False) -> Any:
     path = Path(model_config).expanduser()
     name = str(path.parent) if path.is_file() else str(path) if path.exists() else model_config
     return read_model_config(name, trust_remote_code=trust_remote_code, where=model_config)
-
 
 
 # ---------------------------------------------------------------- seed traceability and lints
@@ -61,8 +61,12 @@ def library_defaults() -> dict[str, Any]:
 
     bnb = {k: v.default for k, v in inspect.signature(BitsAndBytesConfig.__init__).parameters.items() if k != "self"}
     # LoRA+ is off unless PEFT's create_loraplus_optimizer is called (its ratio has no default)
-    return {"SFTConfig": defaults(SFTConfig), "LoraConfig": defaults(LoraConfig), "BitsAndBytesConfig": bnb,
-            "create_loraplus_optimizer": {"loraplus_lr_ratio": None}}
+    return {
+        "SFTConfig": defaults(SFTConfig),
+        "LoraConfig": defaults(LoraConfig),
+        "BitsAndBytesConfig": bnb,
+        "create_loraplus_optimizer": {"loraplus_lr_ratio": None},
+    }
 
 
 SEED_MAP = [
@@ -106,11 +110,17 @@ def traceability(recipe: Recipe) -> list[dict[str, Any]]:
         if key == "init_lora_weights":  # compared as LoraConfig takes it (PEFT's default is the boolean True)
             value, seed_value = peft_init_lora_weights(value), peft_init_lora_weights(seed_value)
         library_default = defaults[library].get(library_field)
-        rows.append({
-            "seed": seed_name, "field": f"{library}.{library_field}", "value": value, "seed_value": seed_value,
-            "library_default": library_default, "differs_from_seed": value != seed_value,
-            "differs_from_library_default": value != library_default,
-        })
+        rows.append(
+            {
+                "seed": seed_name,
+                "field": f"{library}.{library_field}",
+                "value": value,
+                "seed_value": seed_value,
+                "library_default": library_default,
+                "differs_from_seed": value != seed_value,
+                "differs_from_library_default": value != library_default,
+            }
+        )
     return rows
 
 
@@ -121,53 +131,120 @@ class Lint:
     fix: str
 
 
-def lints(recipe: Recipe, shape: Shape, num_gpus: int, gpu_bf16: bool = True,
-          truncated_share: float | None = None, pad_masks_eos: bool = False,
-          template_tokens: TemplateTokens | None = None) -> list[Lint]:
+def lints(
+    recipe: Recipe,
+    shape: Shape,
+    num_gpus: int,
+    gpu_bf16: bool = True,
+    truncated_share: float | None = None,
+    pad_masks_eos: bool = False,
+    template_tokens: TemplateTokens | None = None,
+) -> list[Lint]:
     found: list[Lint] = []
     if template_tokens is not None and not recipe.train_template_tokens:
         if template_tokens.suspects:
             found.append(Lint("error", template_tokens.problem(), template_tokens.fix(recipe)))
         elif template_tokens.skipped and recipe.chat_template != "llama2":
             # llama2's tokens are BOS/EOS, which every base trains; other templates bring their own tokens
-            found.append(Lint("note", "the chat template's special-token rows were not checked: "
-                              f"{template_tokens.skipped}",
-                              "train checks them before the model loads when the base's safetensors are on the "
-                              "machine; train_template_tokens: true trains them whatever they hold"))
+            found.append(
+                Lint(
+                    "note",
+                    f"the chat template's special-token rows were not checked: {template_tokens.skipped}",
+                    "train checks them before the model loads when the base's safetensors are on the "
+                    "machine; train_template_tokens: true trains them whatever they hold",
+                )
+            )
     if recipe.init_lora_weights == "eva":
-        found.append(Lint("note", "init_lora_weights eva: the per-layer ranks come from a pass over the training data "
-                          f"before step 1 (total r x modules, at most {2 * recipe.lora_r} per layer): the trainable "
-                          "parameters above assume r everywhere",
-                          "train logs the ranks EVA chose and the resulting trainable count"))
+        found.append(
+            Lint(
+                "note",
+                "init_lora_weights eva: the per-layer ranks come from a pass over the training data "
+                f"before step 1 (total r x modules, at most {2 * recipe.lora_r} per layer): the trainable "
+                "parameters above assume r everywhere",
+                "train logs the ranks EVA chose and the resulting trainable count",
+            )
+        )
     if shape.unmatched_targets:
-        found.append(Lint("error", f"target module(s) {shape.unmatched_targets} match no module of this model",
-                          "use the model's projection names (e.g. q_proj, v_proj for Llama)"))
+        found.append(
+            Lint(
+                "error",
+                f"target module(s) {shape.unmatched_targets} match no module of this model",
+                "use the model's projection names (e.g. q_proj, v_proj for Llama)",
+            )
+        )
     if recipe.lora_alpha == recipe.lora_r:
-        found.append(Lint("warning", f"lora_alpha == lora_r ({recipe.lora_r}): scale alpha/r = 1 under-uses the adapter",
-                          f"set lora_alpha: {2 * recipe.lora_r} (2r, the seed's choice)"))
+        found.append(
+            Lint(
+                "warning",
+                f"lora_alpha == lora_r ({recipe.lora_r}): scale alpha/r = 1 under-uses the adapter",
+                f"set lora_alpha: {2 * recipe.lora_r} (2r, the seed's choice)",
+            )
+        )
     if set(recipe.lora_target_modules) <= {"q_proj", "v_proj"}:
-        found.append(Lint("warning", "only q_proj/v_proj are adapted: underfits instruction following",
-                          f"target all seven projections: {', '.join(Recipe().lora_target_modules)}"))
+        found.append(
+            Lint(
+                "warning",
+                "only q_proj/v_proj are adapted: underfits instruction following",
+                f"target all seven projections: {', '.join(Recipe().lora_target_modules)}",
+            )
+        )
     if not recipe.bf16 and gpu_bf16:
-        found.append(Lint("warning", "bf16 is off on a bf16-capable GPU: fp32 compute is slower and larger, fp16 overflows",
-                          "set bf16: true"))
+        found.append(
+            Lint(
+                "warning",
+                "bf16 is off on a bf16-capable GPU: fp32 compute is slower and larger, fp16 overflows",
+                "set bf16: true",
+            )
+        )
     if recipe.load_in_4bit and recipe.bnb_4bit_compute_dtype != "bfloat16" and gpu_bf16:  # CPUs may lack bf16
-        found.append(Lint("warning", f"NF4 with compute dtype {recipe.bnb_4bit_compute_dtype}", "set bnb_4bit_compute_dtype: bfloat16"))
+        found.append(
+            Lint(
+                "warning",
+                f"NF4 with compute dtype {recipe.bnb_4bit_compute_dtype}",
+                "set bnb_4bit_compute_dtype: bfloat16",
+            )
+        )
     if not recipe.completion_only_loss:
-        found.append(Lint("warning", "completion_only_loss is off: the prompt is trained on, so the model learns to echo instructions",
-                          "set completion_only_loss: true"))
+        found.append(
+            Lint(
+                "warning",
+                "completion_only_loss is off: the prompt is trained on, so the model learns to echo instructions",
+                "set completion_only_loss: true",
+            )
+        )
     if pad_masks_eos:
-        found.append(Lint("warning", "the pad token is the EOS token and the collator masks pad positions: EOS is never supervised",
-                          "give the tokenizer a distinct pad token (or build labels before padding, as this package does)"))
+        found.append(
+            Lint(
+                "warning",
+                "the pad token is the EOS token and the collator masks pad positions: EOS is never supervised",
+                "give the tokenizer a distinct pad token (or build labels before padding, as this package does)",
+            )
+        )
     if not 1e-5 <= recipe.learning_rate <= 1e-3:
-        found.append(Lint("warning", f"learning_rate {recipe.learning_rate:g} is outside the usual LoRA range 1e-5..1e-3",
-                          "the seed uses 3e-4 (LoRA tolerates ~10x the full fine-tuning rate)"))
+        found.append(
+            Lint(
+                "warning",
+                f"learning_rate {recipe.learning_rate:g} is outside the usual LoRA range 1e-5..1e-3",
+                "the seed uses 3e-4 (LoRA tolerates ~10x the full fine-tuning rate)",
+            )
+        )
     if recipe.global_batch_size % (recipe.per_device_train_batch_size * num_gpus):
-        found.append(Lint("error", f"global_batch_size {recipe.global_batch_size} is not divisible by micro-batch "
-                          f"{recipe.per_device_train_batch_size} x {num_gpus} GPUs", "change the micro-batch or GPU count"))
+        found.append(
+            Lint(
+                "error",
+                f"global_batch_size {recipe.global_batch_size} is not divisible by micro-batch "
+                f"{recipe.per_device_train_batch_size} x {num_gpus} GPUs",
+                "change the micro-batch or GPU count",
+            )
+        )
     if truncated_share is not None and truncated_share > 0.05:
-        found.append(Lint("warning", f"max_length {recipe.max_length} truncates {truncated_share:.1%} of examples' responses",
-                          "raise max_length or filter long examples"))
+        found.append(
+            Lint(
+                "warning",
+                f"max_length {recipe.max_length} truncates {truncated_share:.1%} of examples' responses",
+                "raise max_length or filter long examples",
+            )
+        )
     return found
 
 
@@ -186,8 +263,14 @@ def collator_masks_eos(tokenizer: Any) -> bool:
 # ---------------------------------------------------------------- the plan
 
 
-def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB", gpu_memory_gb: float | None = None,
-              num_gpus: int = 1, mfu: float = 0.4) -> dict[str, Any]:
+def make_plan(
+    recipe: Recipe,
+    model_config: str | None = None,
+    gpu: str = "24GB",
+    gpu_memory_gb: float | None = None,
+    num_gpus: int = 1,
+    mfu: float = 0.4,
+) -> dict[str, Any]:
     if gpu not in GPUS:
         raise RecipeError(f"unknown --gpu {gpu!r}; one of {', '.join(GPUS)} (or give --gpu_memory_gb)")
     memory_gib, peak_tflops = GPUS[gpu]
@@ -195,22 +278,35 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
     config = read_config(model_config or recipe.model_name_or_path, recipe.trust_remote_code)
     shape = measure_shape(config, recipe)
     data = token_counts(recipe)
-    plan: dict[str, Any] = {"model": model_config or recipe.model_name_or_path, "gpu": gpu, "gpu_memory_gib": memory_gib,
-                            "num_gpus": num_gpus}
+    plan: dict[str, Any] = {
+        "model": model_config or recipe.model_name_or_path,
+        "gpu": gpu,
+        "gpu_memory_gib": memory_gib,
+        "num_gpus": num_gpus,
+    }
     base_parameters = shape.total - shape.trainable
-    plan["parameters"] = {"base_parameters": base_parameters, "adapter_parameters": shape.trainable,
-                          "total": shape.total, "trainable": shape.trainable,
-                          "trainable_share_of_base": shape.trainable / max(base_parameters, 1),
-                          "by_module": shape.lora_by_module}
+    plan["parameters"] = {
+        "base_parameters": base_parameters,
+        "adapter_parameters": shape.trainable,
+        "total": shape.total,
+        "trainable": shape.trainable,
+        "trainable_share_of_base": shape.trainable / max(base_parameters, 1),
+        "by_module": shape.lora_by_module,
+    }
     # saved in the dtype it trains in; PiSSA/OLoRA are saved converted, [B | -B0] [A ; A0]: twice the rank
-    plan["adapter_file_bytes"] = adapter_bytes_per_parameter(recipe) * shape.trainable * (2 if rewrites_base(recipe) else 1)
+    plan["adapter_file_bytes"] = (
+        adapter_bytes_per_parameter(recipe) * shape.trainable * (2 if rewrites_base(recipe) else 1)
+    )
     strategies = ["ddp"] + (["fsdp", "zero3"] if num_gpus > 1 else [])
     limit = memory_gib * GIB
     if recipe.per_device_train_batch_size == AUTO:
         # as train resolves it, against this GPU (or memory_budget_gb); strategies below share the choice
         budget = recipe.memory_budget_gb * GIB if recipe.memory_budget_gb else limit
-        chosen = None if shape.unmatched_targets else largest_fitting_micro_batch(shape, recipe, budget, num_gpus,
-                                                                                  on_gpu=True)
+        chosen = (
+            None
+            if shape.unmatched_targets
+            else largest_fitting_micro_batch(shape, recipe, budget, num_gpus, on_gpu=True)
+        )
         plan["micro_batch_auto"] = {"chosen": chosen, "budget_bytes": budget}
         recipe = dataclasses.replace(recipe, per_device_train_batch_size=chosen or 1)
     plan["memory"] = {}
@@ -220,11 +316,16 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
         estimate = memory(shape, recipe, recipe.per_device_train_batch_size, num_gpus, strategy)
         other = dataclasses.replace(recipe, gradient_checkpointing=not recipe.gradient_checkpointing)
         plan["memory"][strategy] = {
-            "bytes": dataclasses.asdict(estimate), "total_bytes": estimate.total, "fits": estimate.total <= limit,
-            f"total_bytes_{'without' if recipe.gradient_checkpointing else 'with'}_checkpointing":
-                memory(shape, other, recipe.per_device_train_batch_size, num_gpus, strategy).total,
-            "nf4_bytes_without_double_quant": nf4_bytes(shape.quantizable_tensors, False) // (num_gpus if strategy != "ddp" else 1)
-                if recipe.load_in_4bit else 0,
+            "bytes": dataclasses.asdict(estimate),
+            "total_bytes": estimate.total,
+            "fits": estimate.total <= limit,
+            f"total_bytes_{'without' if recipe.gradient_checkpointing else 'with'}_checkpointing": memory(
+                shape, other, recipe.per_device_train_batch_size, num_gpus, strategy
+            ).total,
+            "nf4_bytes_without_double_quant": nf4_bytes(shape.quantizable_tensors, False)
+            // (num_gpus if strategy != "ddp" else 1)
+            if recipe.load_in_4bit
+            else 0,
             "largest_micro_batch": largest_fitting_micro_batch(shape, recipe, limit, num_gpus, strategy, on_gpu=True),
         }
     flops = flops_per_token(shape, recipe) if not shape.unmatched_targets else {"total": 0.0}
@@ -235,15 +336,29 @@ def make_plan(recipe: Recipe, model_config: str | None = None, gpu: str = "24GB"
         steps = recipe.max_steps if recipe.max_steps > 0 else math.ceil(steps_per_epoch * epochs)
         tokens = data["tokens"] * (steps / steps_per_epoch)
         seconds = tokens * flops["total"] / (peak_tflops * 1e12 * mfu * num_gpus)
-        plan["schedule"] = {**data, "steps_per_epoch": steps_per_epoch, "optimizer_steps": steps,
-                            "training_tokens": int(tokens), "peak_tflops": peak_tflops, "mfu": mfu,
-                            "hours": seconds / 3600}
+        plan["schedule"] = {
+            **data,
+            "steps_per_epoch": steps_per_epoch,
+            "optimizer_steps": steps,
+            "training_tokens": int(tokens),
+            "peak_tflops": peak_tflops,
+            "mfu": mfu,
+            "hours": seconds / 3600,
+        }
     else:
         plan["schedule"] = {**data, "hours": None}
     plan["seed_traceability"] = traceability(recipe)
-    plan["lints"] = [dataclasses.asdict(l) for l in lints(
-        recipe, shape, num_gpus, truncated_share=data.get("truncated_share"), pad_masks_eos=data.get("pad_masks_eos", False),
-        template_tokens=inspect_if_local(recipe))]
+    plan["lints"] = [
+        dataclasses.asdict(l)
+        for l in lints(
+            recipe,
+            shape,
+            num_gpus,
+            truncated_share=data.get("truncated_share"),
+            pad_masks_eos=data.get("pad_masks_eos", False),
+            template_tokens=inspect_if_local(recipe),
+        )
+    ]
     return plan
 
 
@@ -256,24 +371,38 @@ def token_counts(recipe: Recipe) -> dict[str, Any]:
 
         _, head = build_stream(recipe, tokenizer_for(recipe))
         examples = recipe.max_steps * recipe.global_batch_size
-        return {"source": f"streaming: max_steps x global batch examples, at the mean length of the first "
-                          f"{head.examples_in} rows", "examples": examples, "tokens": int(head.mean_length * examples),
-                "truncated_share": head.truncated / max(head.examples_out, 1)}
+        return {
+            "source": f"streaming: max_steps x global batch examples, at the mean length of the first "
+            f"{head.examples_in} rows",
+            "examples": examples,
+            "tokens": int(head.mean_length * examples),
+            "truncated_share": head.truncated / max(head.examples_out, 1),
+        }
     if all(Path(single.dataset_name).exists() for single in source_recipes(recipe)):
         from .data import build_sft_dataset
         from .tokenizer import tokenizer_for
 
         tokenizer = tokenizer_for(recipe)
         dataset, report = build_sft_dataset(recipe, tokenizer)
-        return {"source": "exact (real preprocessing)", "examples": report.examples_out, "tokens": report.total_tokens,
-                "truncated_share": report.truncated / max(report.examples_out, 1),
-                "pad_masks_eos": collator_masks_eos(tokenizer)}
+        return {
+            "source": "exact (real preprocessing)",
+            "examples": report.examples_out,
+            "tokens": report.total_tokens,
+            "truncated_share": report.truncated / max(report.examples_out, 1),
+            "pad_masks_eos": collator_masks_eos(tokenizer),
+        }
     if recipe.dataset_name == "tatsu-lab/alpaca" and not recipe.datasets:
         rows, mean = ALPACA_ESTIMATE
-        return {"source": f"estimate: {rows:,} rows x ~{mean} tokens (Llama-2 tokenizer on the Alpaca sample)",
-                "examples": rows, "tokens": rows * min(mean, recipe.max_length)}
-    return {"source": "unknown: point dataset_name (or each datasets entry) at a local copy for exact counts",
-            "examples": None, "tokens": None}
+        return {
+            "source": f"estimate: {rows:,} rows x ~{mean} tokens (Llama-2 tokenizer on the Alpaca sample)",
+            "examples": rows,
+            "tokens": rows * min(mean, recipe.max_length),
+        }
+    return {
+        "source": "unknown: point dataset_name (or each datasets entry) at a local copy for exact counts",
+        "examples": None,
+        "tokens": None,
+    }
 
 
 # ---------------------------------------------------------------- output
@@ -286,16 +415,23 @@ def _gib(n: float) -> str:
 def render(plan: dict[str, Any]) -> str:
     p = plan["parameters"]
     lines = [f"plan for {plan['model']} on {plan['num_gpus']} x {plan['gpu']} ({plan['gpu_memory_gib']:g} GiB)", ""]
-    lines.append(f"parameters     base {p['base_parameters']:,} + adapter {p['adapter_parameters']:,} = total {p['total']:,}; "
-                 f"trainable {p['trainable']:,} ({p['trainable_share_of_base']:.3%} of the base)")
+    lines.append(
+        f"parameters     base {p['base_parameters']:,} + adapter {p['adapter_parameters']:,} = total {p['total']:,}; "
+        f"trainable {p['trainable']:,} ({p['trainable_share_of_base']:.3%} of the base)"
+    )
     for module, count in p["by_module"].items():
         lines.append(f"  {module:<13}{count:>14,}")
-    lines.append(f"adapter file   {_gib(plan['adapter_file_bytes'])} "
-                 f"({'bf16' if plan['adapter_file_bytes'] < 4 * p['trainable'] else 'fp32'} safetensors)")
+    lines.append(
+        f"adapter file   {_gib(plan['adapter_file_bytes'])} "
+        f"({'bf16' if plan['adapter_file_bytes'] < 4 * p['trainable'] else 'fp32'} safetensors)"
+    )
     auto = plan.get("micro_batch_auto")
     if auto:
-        lines += ["", f"micro-batch    auto -> {auto['chosen'] or 'none fits (planned below at 1)'} "
-                      f"(largest divisor of the per-GPU batch within {_gib(auto['budget_bytes'])})"]
+        lines += [
+            "",
+            f"micro-batch    auto -> {auto['chosen'] or 'none fits (planned below at 1)'} "
+            f"(largest divisor of the per-GPU batch within {_gib(auto['budget_bytes'])})",
+        ]
     for strategy, m in plan["memory"].items():
         lines.append("")
         lines.append(f"memory per GPU ({strategy}), micro-batch x max_length as in the recipe:")
@@ -311,28 +447,42 @@ def render(plan: dict[str, Any]) -> str:
     s = plan["schedule"]
     lines += ["", f"data           {s['source']}"]
     if s.get("hours") is not None:
-        lines.append(f"  {s['examples']:,} examples, {s['steps_per_epoch']} steps/epoch, {s['optimizer_steps']} optimizer steps, "
-                     f"{s['training_tokens']:,} training tokens")
-        lines.append(f"time           {plan['flops_per_token']['total'] / 1e9:.1f} GFLOP/token at {s['peak_tflops']:g} TFLOP/s "
-                     f"x MFU {s['mfu']:g} x {plan['num_gpus']} GPU(s): {s['hours']:.1f} h")
+        lines.append(
+            f"  {s['examples']:,} examples, {s['steps_per_epoch']} steps/epoch, {s['optimizer_steps']} optimizer steps, "
+            f"{s['training_tokens']:,} training tokens"
+        )
+        lines.append(
+            f"time           {plan['flops_per_token']['total'] / 1e9:.1f} GFLOP/token at {s['peak_tflops']:g} TFLOP/s "
+            f"x MFU {s['mfu']:g} x {plan['num_gpus']} GPU(s): {s['hours']:.1f} h"
+        )
     lines += ["", "seed traceability (* differs from the seed, ! differs from the library default):"]
     for row in plan["seed_traceability"]:
         marks = ("*" if row["differs_from_seed"] else " ") + ("!" if row["differs_from_library_default"] else " ")
         value = ",".join(row["value"]) if isinstance(row["value"], list) else row["value"]
-        lines.append(f"  {marks} {row['seed']:<40} {row['field']:<45} {value!s:<14} (library default {row['library_default']!s})")
+        lines.append(
+            f"  {marks} {row['seed']:<40} {row['field']:<45} {value!s:<14} (library default {row['library_default']!s})"
+        )
     lines += ["", "lints:" if plan["lints"] else "lints: none"]
     for lint in plan["lints"]:
         lines.append(f"  {lint['level'].upper()}: {lint['message']}\n      fix: {lint['fix']}")
     return "\n".join(lines)
 
 
-PARSER = RecipeParser("plan", __doc__, usage="hf-lora-recipe plan [--config RECIPE.yaml] [--key value ...] "
-                     "[--model_config PATH_OR_REPO] [--gpu NAME] [--gpu_memory_gb G] [--num_gpus N] [--mfu F] [--json]")
+PARSER = RecipeParser(
+    "plan",
+    __doc__,
+    usage="hf-lora-recipe plan [--config RECIPE.yaml] [--key value ...] "
+    "[--model_config PATH_OR_REPO] [--gpu NAME] [--gpu_memory_gb G] [--num_gpus N] [--mfu F] [--json]",
+)
 PARSER.add_argument("--model_config", help="config.json, a folder with one, or a Hub id (default: the recipe's model)")
-PARSER.add_argument("--gpu", default="24GB", choices=list(GPUS), metavar="NAME", help=f"one of {', '.join(GPUS)} (default: 24GB)")
+PARSER.add_argument(
+    "--gpu", default="24GB", choices=list(GPUS), metavar="NAME", help=f"one of {', '.join(GPUS)} (default: 24GB)"
+)
 PARSER.add_argument("--gpu_memory_gb", type=float, help="override the GPU's memory (GiB)")
 PARSER.add_argument("--num_gpus", type=int, default=1, help="GPUs the run is spread over (default: 1)")
-PARSER.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the time estimate (default: 0.4)")
+PARSER.add_argument(
+    "--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the time estimate (default: 0.4)"
+)
 PARSER.add_flag("--json", help="the plan as one JSON object")
 
 

@@ -18,11 +18,19 @@ import sys
 from .arguments import RecipeParser, command
 from .config import RecipeError
 
-PARSER = RecipeParser("preview", __doc__,
-                      usage="hf-lora-recipe preview [--config RECIPE.yaml] [--key value ...] [--num_examples K] [--json]")
+
+PARSER = RecipeParser(
+    "preview",
+    __doc__,
+    usage="hf-lora-recipe preview [--config RECIPE.yaml] [--key value ...] [--num_examples K] [--json]",
+)
 PARSER.add_argument("--num_examples", type=int, default=3, help="examples to show (default: 3)")
-PARSER.add_argument("--source", default=None, metavar="NAME",
-                    help="a mixture's examples from this datasets entry only (its name or 0-based index)")
+PARSER.add_argument(
+    "--source",
+    default=None,
+    metavar="NAME",
+    help="a mixture's examples from this datasets entry only (its name or 0-based index)",
+)
 PARSER.add_flag("--json", help="one JSON line per example: messages, input_ids, labels (-100 = masked)")
 
 

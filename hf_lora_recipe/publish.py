@@ -31,18 +31,35 @@ from typing import Any
 from . import log
 from .config import RecipeError
 
+
 PUBLISHED = (
     # the adapter (PEFT save_pretrained)
-    "adapter_model.safetensors", "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
     # a merged model (transformers save_pretrained: one file, or shards and their index)
-    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
     "generation_config.json",
     # the tokenizer: fast tokenizers write the first three; the rest are what other tokenizer classes save
-    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json",
-    "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
     "merges.txt",
     # the model card and the run's record
-    "README.md", "recipe.yaml", "training_results.json", "training_loss.png",
+    "README.md",
+    "recipe.yaml",
+    "training_results.json",
+    "training_loss.png",
 )
 PUBLISHED_FOLDERS = {"additional_chat_templates": ("*.jinja",)}  # a tokenizer's named extra chat templates
 NEVER = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "training_args*")
@@ -88,8 +105,12 @@ def _select(directory: Path, prefix: str, patterns: Sequence[str], selection: Se
                 selection.left_out.append(f"{name}/")
         elif name == MERGE_MARKER:
             continue
-        elif (entry.is_file(follow_symlinks=False) and not entry.name.startswith(".")
-              and not _matches(entry.name, NEVER) and _matches(entry.name, patterns)):
+        elif (
+            entry.is_file(follow_symlinks=False)
+            and not entry.name.startswith(".")
+            and not _matches(entry.name, NEVER)
+            and _matches(entry.name, patterns)
+        ):
             selection.files.append(Path(entry.path))
         else:
             selection.left_out.append(name)
@@ -130,11 +151,13 @@ def check_push_possible(repo_id: str | None, flag: str = "hub_model_id") -> str:
 def check_folder(path: str | Path) -> Path:
     directory = Path(path).expanduser()
     if not directory.exists():
-        raise PushError(f"--path {directory}: no such folder; give the training output_dir or the merged model's "
-                        "folder")
+        raise PushError(
+            f"--path {directory}: no such folder; give the training output_dir or the merged model's folder"
+        )
     if not directory.is_dir():
-        raise PushError(f"--path {directory} is a file, not a folder; give the training output_dir or the merged "
-                        "model's folder")
+        raise PushError(
+            f"--path {directory} is a file, not a folder; give the training output_dir or the merged model's folder"
+        )
     return directory
 
 
@@ -170,36 +193,54 @@ def _size(n: int) -> str:
 
 def _report(directory: Path, selection: Selection, include: Sequence[str]) -> None:
     for name in selection.links:
-        log.warn(f"skipped {directory / name}: a symbolic link (push never follows links; copy the file in "
-                 "if it belongs in the repo)")
+        log.warn(
+            f"skipped {directory / name}: a symbolic link (push never follows links; copy the file in "
+            "if it belongs in the repo)"
+        )
     for pattern in include:
         if any(fnmatch.fnmatchcase(f.name, pattern) for f in selection.files if f.parent == directory):
             continue
         refused = [name for name in (*selection.left_out, *selection.links) if fnmatch.fnmatchcase(name, pattern)]
-        log.warn(f"--include {pattern} matched " + (
-            f"only files push never publishes (pickles, dot-files, folders, links): {', '.join(refused)}" if refused
-            else f"no file in {directory}"))
+        log.warn(
+            f"--include {pattern} matched "
+            + (
+                f"only files push never publishes (pickles, dot-files, folders, links): {', '.join(refused)}"
+                if refused
+                else f"no file in {directory}"
+            )
+        )
     if selection.left_out:
-        log.info(f"not published (not in the allow-list; --include PATTERN adds top-level files): "
-                 f"{', '.join(selection.left_out)}")
+        log.info(
+            f"not published (not in the allow-list; --include PATTERN adds top-level files): "
+            f"{', '.join(selection.left_out)}"
+        )
 
 
 def push(
-    path: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-    commit_message: str | None = None, attempts: int = 5, backoff_s: float = 1.0, include: Sequence[str] = (),
+    path: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    attempts: int = 5,
+    backoff_s: float = 1.0,
+    include: Sequence[str] = (),
 ) -> str:
     """Create ``repo_id`` if needed and upload ``path``'s publishable files in one commit; returns the repo URL."""
     directory = check_folder(path)
     check_repo_id(repo_id)  # before anything is read; the rest of check_push_possible once the folder is known good
     for pattern in include:
         if "/" in pattern or os.sep in pattern:
-            raise PushError(f"--include {pattern}: patterns match top-level file names only (sub-folders are "
-                            "never published)")
+            raise PushError(
+                f"--include {pattern}: patterns match top-level file names only (sub-folders are never published)"
+            )
     selection = select_files(directory, include)
     _report(directory, selection, include)
     if not any(f.name.endswith(".safetensors") for f in selection.files):
-        raise PushError(f"--path {directory} holds no .safetensors weights (adapter_model.safetensors or "
-                        "model*.safetensors): give a training output_dir or a merged model's folder")
+        raise PushError(
+            f"--path {directory} holds no .safetensors weights (adapter_model.safetensors or "
+            "model*.safetensors): give a training output_dir or a merged model's folder"
+        )
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -216,8 +257,10 @@ def push(
         try:  # hashes the file now: an unreadable one fails here, before any request
             operations.append(CommitOperationAdd(name, content if isinstance(content, bytes) else str(content)))
         except OSError as error:
-            raise PushError(f"cannot read {directory / name} ({error.strerror or error}): fix its permissions or "
-                            "move it out of the folder") from None
+            raise PushError(
+                f"cannot read {directory / name} ({error.strerror or error}): fix its permissions or "
+                "move it out of the folder"
+            ) from None
 
     api = HfApi(token=token)
     kind = "adapter" if "adapter_config.json" in contents else "model"
@@ -231,7 +274,9 @@ def push(
         step = "upload"
         with_retries(
             lambda: api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision),
-            step, attempts, backoff_s,
+            step,
+            attempts,
+            backoff_s,
         )
     except Exception as error:  # noqa: BLE001 - HTTP failures become one line; anything else stays a bug
         failure = _push_error(error, step, api.endpoint, repo_id, token, attempts)
@@ -258,11 +303,19 @@ def _contents(directory: Path, files: list[Path], repo_id: str) -> dict[str, Pat
             raise ValueError("not a mapping")
         # The card's load snippet names the repo, not the local path it was trained into.
         kind = "adapter" if "adapter_config.json" in contents else "merged"
-        card = render_card(recipe, results, repo_id, kind, _merge_base(contents["README.md"]),
-                           has_plot="training_loss.png" in contents)
+        card = render_card(
+            recipe,
+            results,
+            repo_id,
+            kind,
+            _merge_base(contents["README.md"]),
+            has_plot="training_loss.png" in contents,
+        )
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
-        log.warn(f"README.md uploaded as written: recipe.yaml / {RESULTS_FILE} in {directory} could not re-render "
-                 f"the card for the repo ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+        log.warn(
+            f"README.md uploaded as written: recipe.yaml / {RESULTS_FILE} in {directory} could not re-render "
+            f"the card for the repo ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        )
         return contents
     contents["README.md"] = card.encode()
     return contents
@@ -275,22 +328,29 @@ def _push_error(error: Exception, step: str, endpoint: str, repo_id: str, token:
     server = server.splitlines()[0] if server else ""
     detail = f": {server}" if server else ""
     if status in (401, 403):
-        return PushError(f"the Hub at {endpoint} refused the token (HTTP {status} on {step}{detail}): check HF_TOKEN "
-                         f"or `hf auth login`, and that the token may write to {repo_id}")
+        return PushError(
+            f"the Hub at {endpoint} refused the token (HTTP {status} on {step}{detail}): check HF_TOKEN "
+            f"or `hf auth login`, and that the token may write to {repo_id}"
+        )
     if status is not None:
         if status in RETRY_STATUS or status >= 500:
-            hint = (f"the Hub is failing; run the push again later (nothing was committed after {attempts} "
-                    "attempt(s); --max_retries raises them)")
+            hint = (
+                f"the Hub is failing; run the push again later (nothing was committed after {attempts} "
+                "attempt(s); --max_retries raises them)"
+            )
         elif status == 404:
             hint = "check --repo_id and --revision"
         else:
             hint = "check --repo_id, --revision and the files listed above"
-        return PushError(f"the Hub at {endpoint} answered HTTP {status} to {step} of {repo_id} "
-                         f"({server or 'no message'}): {hint}")
+        return PushError(
+            f"the Hub at {endpoint} answered HTTP {status} to {step} of {repo_id} ({server or 'no message'}): {hint}"
+        )
     if _transient(error) or type(error).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore"):
         reason = str(error).replace(token, "<token>").splitlines()[0] if str(error) else type(error).__name__
-        return PushError(f"cannot reach the Hub at {endpoint} ({reason}) after {attempts} attempt(s): check "
-                         "HF_ENDPOINT and the network, then run the push again")
+        return PushError(
+            f"cannot reach the Hub at {endpoint} ({reason}) after {attempts} attempt(s): check "
+            "HF_ENDPOINT and the network, then run the push again"
+        )
     return error
 
 

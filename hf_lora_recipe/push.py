@@ -24,17 +24,24 @@ from .arguments import CommandParser, command
 from .config import RecipeError
 from .publish import push
 
+
 PARSER = CommandParser("push", __doc__)
 PARSER.add_argument("--path", required=True, help="adapter or merged-model directory")
 PARSER.add_argument("--repo_id", required=True, help="e.g. your-name/llama3-8b-alpaca-qlora")
 PARSER.add_flag("--private", help="create the repo private")
 PARSER.add_argument("--revision", help="branch to push to (created if missing); default main")
 PARSER.add_argument("--commit_message")
-PARSER.add_argument("--include", action="append", default=[], metavar="PATTERN",
-                    help="also publish top-level files matching PATTERN, e.g. 'eval_*.json' (repeatable; never "
-                         "pickles, dot-files, folders or links)")
-PARSER.add_argument("--max_retries", type=int, default=4,
-                    help="retries of a transient HTTP failure, backoff 1, 2, 4, 8 s (default: 4)")
+PARSER.add_argument(
+    "--include",
+    action="append",
+    default=[],
+    metavar="PATTERN",
+    help="also publish top-level files matching PATTERN, e.g. 'eval_*.json' (repeatable; never "
+    "pickles, dot-files, folders or links)",
+)
+PARSER.add_argument(
+    "--max_retries", type=int, default=4, help="retries of a transient HTTP failure, backoff 1, 2, 4, 8 s (default: 4)"
+)
 
 
 @command
@@ -42,7 +49,14 @@ def main(argv: list[str]) -> int:
     args = PARSER.parse(argv)
     if args.max_retries < 0:
         raise RecipeError(f"--max_retries must be >= 0; got {args.max_retries}")
-    url = push(args.path, args.repo_id, args.private, args.revision, args.commit_message,
-               attempts=args.max_retries + 1, include=args.include)
+    url = push(
+        args.path,
+        args.repo_id,
+        args.private,
+        args.revision,
+        args.commit_message,
+        attempts=args.max_retries + 1,
+        include=args.include,
+    )
     log.info(f"pushed {args.path} to {url}" + (f" (branch {args.revision})" if args.revision else ""))
     return 0

@@ -12,6 +12,7 @@ import logging
 import re
 import warnings
 
+
 # (message regex, category, module regex): each one comes from a library's internals, not from our calls.
 FILTERS: list[tuple[str, type[Warning], str]] = [
     # PEFT's PeftModel.__init__ probes `model.is_gradient_checkpointing`, renamed in transformers 5.24.

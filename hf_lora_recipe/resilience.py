@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from . import log
 from .config import Recipe, RecipeError, peft_target_modules
 
+
 RUN_STATE = "hf_lora_recipe.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATES = {"optimizer.pt", "optimizer.bin", "optimizer_0"}  # plain / FSDP full / FSDP sharded
@@ -128,8 +129,10 @@ def set_aside(checkpoint: Path, problem: str) -> None:
     except FileNotFoundError:  # another process of this launch moved it already
         return
     except OSError as error:
-        raise RecipeError(f"{checkpoint} is incomplete ({problem}) and cannot be moved aside ({error.strerror}); "
-                          "delete it, then rerun") from None
+        raise RecipeError(
+            f"{checkpoint} is incomplete ({problem}) and cannot be moved aside ({error.strerror}); "
+            "delete it, then rerun"
+        ) from None
     log.warn(f"skipped {checkpoint}: {problem}; set aside as {target.name} (delete it to free the space)")
 
 
@@ -143,12 +146,16 @@ def _asked_checkpoint(recipe: Recipe) -> Path | None:
         return None
     path = Path(asked)
     if not path.is_dir():
-        raise RecipeError(f"resume_from_checkpoint: {asked} is not a checkpoint directory "
-                          "(give a checkpoint-N folder, or true for the newest complete one in output_dir)")
+        raise RecipeError(
+            f"resume_from_checkpoint: {asked} is not a checkpoint directory "
+            "(give a checkpoint-N folder, or true for the newest complete one in output_dir)"
+        )
     problem = checkpoint_problem(path, require_marker=False)
     if problem:
-        raise RecipeError(f"resume_from_checkpoint: {asked} cannot be resumed from: {problem}; pick another "
-                          "checkpoint (or true for the newest complete one in output_dir)")
+        raise RecipeError(
+            f"resume_from_checkpoint: {asked} cannot be resumed from: {problem}; pick another "
+            "checkpoint (or true for the newest complete one in output_dir)"
+        )
     return path
 
 
@@ -162,16 +169,26 @@ def _check_compatible(checkpoint: Path, recipe: Recipe) -> None:
     if saved.get("r") not in (None, recipe.lora_r):
         differences.append(f"lora_r {saved.get('r')} there, {recipe.lora_r} here")
     if config.is_file() and (saved.get("init_lora_weights") == "eva") != (recipe.init_lora_weights == "eva"):
-        differences.append(f"init_lora_weights {saved.get('init_lora_weights')} there, {recipe.init_lora_weights} here")
+        differences.append(
+            f"init_lora_weights {saved.get('init_lora_weights')} there, {recipe.init_lora_weights} here"
+        )
     # EVA saves the modules it kept (full names, or the shortest endings that tell them apart): each one of ours
-    if isinstance(wanted, list) and isinstance(targets, list) and set(targets) != set(wanted) and not (
+    if (
+        isinstance(wanted, list)
+        and isinstance(targets, list)
+        and set(targets) != set(wanted)
+        and not (
             saved.get("init_lora_weights") == "eva"
-            and all(any(target == name or target.endswith("." + name) for name in wanted) for target in targets)):
+            and all(any(target == name or target.endswith("." + name) for name in wanted) for target in targets)
+        )
+    ):
         differences.append(f"lora_target_modules {' '.join(sorted(targets))} there, {' '.join(sorted(wanted))} here")
     if differences:
-        raise RecipeError(f"{checkpoint} holds a different adapter ({'; '.join(differences)}): use the recipe it "
-                          "was trained with to resume, or --overwrite_output_dir true (or another output_dir) to "
-                          "start again")
+        raise RecipeError(
+            f"{checkpoint} holds a different adapter ({'; '.join(differences)}): use the recipe it "
+            "was trained with to resume, or --overwrite_output_dir true (or another output_dir) to "
+            "start again"
+        )
 
 
 def _finished(checkpoint: Path, recipe: Recipe) -> bool | None:
@@ -201,22 +218,34 @@ def choose_start(recipe: Recipe) -> Start:
             set_aside(candidate, problem)
     if checkpoint is None:
         if asked == "true":
-            raise RecipeError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-N directory")
+            raise RecipeError(
+                f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-N directory"
+            )
         if final_adapter_written(output_dir):
-            raise RecipeError(f"{output_dir} already holds a finished adapter and no checkpoint to resume from: "
-                              "pass --overwrite_output_dir true to train it again from scratch, or choose another "
-                              "output_dir")
+            raise RecipeError(
+                f"{output_dir} already holds a finished adapter and no checkpoint to resume from: "
+                "pass --overwrite_output_dir true to train it again from scratch, or choose another "
+                "output_dir"
+            )
         return Start()
     _check_compatible(checkpoint, recipe)
     step = checkpoint_step(checkpoint)
     finished = _finished(checkpoint, recipe)
     if finished is None:
-        raise RecipeError(f"{checkpoint} is at step {step}, past max_steps {recipe.max_steps}: raise --max_steps to "
-                          "resume from it, or pass --overwrite_output_dir true (or another output_dir) to start again")
+        raise RecipeError(
+            f"{checkpoint} is at step {step}, past max_steps {recipe.max_steps}: raise --max_steps to "
+            "resume from it, or pass --overwrite_output_dir true (or another output_dir) to start again"
+        )
     if finished and final_adapter_written(output_dir):
-        end = f"max_steps {recipe.max_steps}" if recipe.max_steps > 0 else f"num_train_epochs {recipe.num_train_epochs:g}"
-        done = (f"{output_dir} holds the finished adapter ({checkpoint.name}, {end}); nothing to train. To train more, "
-                "raise --max_steps; to train again from scratch, pass --overwrite_output_dir true")
+        end = (
+            f"max_steps {recipe.max_steps}"
+            if recipe.max_steps > 0
+            else f"num_train_epochs {recipe.num_train_epochs:g}"
+        )
+        done = (
+            f"{output_dir} holds the finished adapter ({checkpoint.name}, {end}); nothing to train. To train more, "
+            "raise --max_steps; to train again from scratch, pass --overwrite_output_dir true"
+        )
         return Start(str(checkpoint), step, finished=done)
     return Start(str(checkpoint), step, publish_only=bool(finished))
 
@@ -232,7 +261,9 @@ def load_checkpoint_state(trainer: Any, checkpoint: str) -> None:
     if not (Path(checkpoint) / "adapter_model.safetensors").is_file():
         import torch.distributed.checkpoint as dcp
 
-        state = {"model": {key: tensor.detach().clone() for key, tensor in get_peft_model_state_dict(trainer.model).items()}}
+        state = {
+            "model": {key: tensor.detach().clone() for key, tensor in get_peft_model_state_dict(trainer.model).items()}
+        }
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(next(Path(checkpoint).glob("pytorch_model_fsdp_*")))))
         set_peft_model_state_dict(trainer.model, state["model"])
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
@@ -244,8 +275,10 @@ def resume_note(checkpoint: str, accumulation: int, world_size: int) -> str:
     before = json.loads(state_file.read_text()) if state_file.is_file() else {}
     note = f"resuming from {checkpoint}"
     if before and (before.get("world_size"), before.get("gradient_accumulation_steps")) != (world_size, accumulation):
-        note += (f" (world size {before.get('world_size')} -> {world_size}: gradient accumulation re-derived "
-                 f"{before.get('gradient_accumulation_steps')} -> {accumulation}, global batch unchanged)")
+        note += (
+            f" (world size {before.get('world_size')} -> {world_size}: gradient accumulation re-derived "
+            f"{before.get('gradient_accumulation_steps')} -> {accumulation}, global batch unchanged)"
+        )
     return note
 
 
@@ -290,7 +323,7 @@ class NonFiniteGuard(TrainerCallback):
 
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         # one device->host read for all of them (a check per tensor would stall the GPU once per LoRA matrix)
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().item():
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)).item():
             last = latest_complete_checkpoint(args.output_dir)
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {state.global_step + 1}; training stopped before the update. "
@@ -367,8 +400,13 @@ def _check_converted_config(directory: Path, recipe: Recipe) -> None:
 
     config = json.loads((directory / "adapter_config.json").read_text())
     alpha = recipe.lora_alpha * (math.sqrt(2) if recipe.use_rslora else 2)
-    if (config.get("init_lora_weights") is not True or config.get("r") != 2 * recipe.lora_r
-            or not math.isclose(config.get("lora_alpha") or 0, alpha, rel_tol=1e-6)):
-        raise RuntimeError(f"{directory}: init_lora_weights {recipe.init_lora_weights} saved unconverted (init "
-                           f"{config.get('init_lora_weights')}, r {config.get('r')}, alpha {config.get('lora_alpha')}; "
-                           f"converted: true, {2 * recipe.lora_r}, {alpha:g}): it would only fit the residual base")
+    if (
+        config.get("init_lora_weights") is not True
+        or config.get("r") != 2 * recipe.lora_r
+        or not math.isclose(config.get("lora_alpha") or 0, alpha, rel_tol=1e-6)
+    ):
+        raise RuntimeError(
+            f"{directory}: init_lora_weights {recipe.init_lora_weights} saved unconverted (init "
+            f"{config.get('init_lora_weights')}, r {config.get('r')}, alpha {config.get('lora_alpha')}; "
+            f"converted: true, {2 * recipe.lora_r}, {alpha:g}): it would only fit the residual base"
+        )

@@ -23,6 +23,7 @@ from typing import Any
 
 from .config import Recipe, RecipeError
 
+
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PATH_LIKE_SUFFIXES = {*LOCAL_BUILDERS, ".txt", ".tsv", ".gz", ".arrow", ".zip"}
 # as datasets names splits from folder and file names on the Hub; a keyword counts between non-word characters
@@ -155,8 +156,12 @@ def _pick_split(splits: dict[str, list[Path]], requested: str, key: str, path: P
 
 def _looks_like_path(name: str) -> bool:
     return (
-        name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..") or "\\" in name
-        or name.endswith("/") or name.count("/") > 1 or Path(name).suffix.lower() in PATH_LIKE_SUFFIXES
+        name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or name in (".", "..")
+        or "\\" in name
+        or name.endswith("/")
+        or name.count("/") > 1
+        or Path(name).suffix.lower() in PATH_LIKE_SUFFIXES
     )
 
 
@@ -197,15 +202,24 @@ def _read_text(path: Path, name: str) -> str:
     return text.removeprefix("\ufeff")
 
 
-_JSON_TYPES = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
-               type(None): "null"}
+_JSON_TYPES = {
+    dict: "object",
+    list: "list",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
 
 
 def _json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def _bad_json(name: str, error: json.JSONDecodeError, line: int | None = None, column: int | None = None) -> RecipeError:
+def _bad_json(
+    name: str, error: json.JSONDecodeError, line: int | None = None, column: int | None = None
+) -> RecipeError:
     line, column = line or error.lineno, column or error.colno
     return RecipeError(f"{name} line {line} column {column}: not valid JSON ({error.msg}); fix the file there")
 
@@ -365,7 +379,9 @@ def _read_parquet(files: list[Path], names: list[str]) -> tuple[Any, list[int]]:
     try:
         table = pa.concat_tables(tables, promote_options="default")
     except pa.ArrowException as error:
-        raise RecipeError(f"{names[0]} and the other parquet files have different columns or types ({error})") from None
+        raise RecipeError(
+            f"{names[0]} and the other parquet files have different columns or types ({error})"
+        ) from None
     return table, [t.num_rows for t in tables]
 
 
@@ -407,7 +423,8 @@ def _load_split(files: list[Path], names: list[str]) -> tuple[Any, dict]:
     """(Dataset, meta) for a split: the cached Arrow file when the files are unchanged, else read and cache it."""
     import datasets
     import pyarrow as pa
-    from datasets.table import InMemoryTable, MemoryMappedTable
+
+    from .upstream.datasets import in_memory_dataset, memory_mapped_dataset
 
     key = _cache_key(files)
     folder = Path(datasets.config.HF_DATASETS_CACHE) / "hf_lora_recipe_local"
@@ -415,7 +432,7 @@ def _load_split(files: list[Path], names: list[str]) -> tuple[Any, dict]:
     if arrow_file.exists() and meta_file.exists():
         try:
             meta = json.loads(meta_file.read_text())
-            return datasets.Dataset(MemoryMappedTable.from_file(str(arrow_file)), fingerprint=key), meta
+            return memory_mapped_dataset(str(arrow_file), key), meta
         except (OSError, ValueError, pa.ArrowException):
             pass  # a damaged cache entry: read the files again
     table, meta = _read_split(files, names)
@@ -428,9 +445,9 @@ def _load_split(files: list[Path], names: list[str]) -> tuple[Any, dict]:
         meta_partial = folder / f"{key}.{os.getpid()}.meta.incomplete"
         meta_partial.write_text(json.dumps(meta))
         os.replace(meta_partial, meta_file)
-        return datasets.Dataset(MemoryMappedTable.from_file(str(arrow_file)), fingerprint=key), meta
+        return memory_mapped_dataset(str(arrow_file), key), meta
     except OSError:  # a read-only or full cache: work in memory (no map cache)
-        return datasets.Dataset(InMemoryTable(table), fingerprint=key), meta
+        return in_memory_dataset(table, key), meta
 
 
 def _display_name(path: Path, file: Path) -> str:
@@ -472,7 +489,9 @@ def _hub_rows(recipe: Recipe, split: str) -> Rows:
     try:
         dataset = load_dataset(name, recipe.dataset_config, split=split, revision=recipe.dataset_revision)
     except DatasetNotFoundError as error:
-        raise RecipeError(f"dataset_name {name}: not a local file or folder, and not found on the Hub ({error})") from None
+        raise RecipeError(
+            f"dataset_name {name}: not a local file or folder, and not found on the Hub ({error})"
+        ) from None
     except (ConnectionError, FileNotFoundError) as error:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
         raise RecipeError(
@@ -480,7 +499,9 @@ def _hub_rows(recipe: Recipe, split: str) -> Rows:
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from None
     except ValueError as error:
-        if "split" not in str(error).lower():
+        from .upstream.datasets import is_unknown_split_error
+
+        if not is_unknown_split_error(error):
             raise
         raise RecipeError(f"dataset_name {name}: {str(error).splitlines()[0]}") from None
     return Rows(dataset, [f"{name}[{split}]"], [0], ["rows"], [None])

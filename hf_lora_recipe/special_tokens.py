@@ -23,8 +23,14 @@ from typing import Any
 from . import log
 from .config import Recipe, RecipeError
 
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "embed_in.weight", "wte.weight", "word_embeddings.weight",
-                      "tok_embeddings.weight")
+
+EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "embed_in.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "tok_embeddings.weight",
+)
 HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight", "output.weight")
 SAMPLE_ROWS = 1024  # ordinary rows read to know what a typical row looks like: the mean's error is ~3% of a row
 OTHER_SPECIAL_ROWS = 2048  # other special tokens a template row is compared with (Llama 3 has 256 reserved)
@@ -66,9 +72,11 @@ class TemplateTokens:
         return ", ".join(self.labels[i] for i in self.token_ids)
 
     def problem(self) -> str:
-        return (f"model_name_or_path {self.base}: the chat template's special tokens look untrained in its weights "
-                f"({'; '.join(s.describe() for s in self.suspects)}); LoRA trains only the projections, so the "
-                "model could never learn to read or write them")
+        return (
+            f"model_name_or_path {self.base}: the chat template's special tokens look untrained in its weights "
+            f"({'; '.join(s.describe() for s in self.suspects)}); LoRA trains only the projections, so the "
+            "model could never learn to read or write them"
+        )
 
     def fix(self, recipe: Recipe) -> str:
         trains = "set train_template_tokens: true (trains those embedding and LM-head rows too)"
@@ -116,7 +124,7 @@ def weight_files(name: str, revision: str = "main") -> tuple[dict[str, Path], di
         from safetensors import safe_open
 
         with safe_open(single, "pt") as handle:
-            files = {tensor: single for tensor in handle.keys()}
+            files = dict.fromkeys(handle.keys(), single)
     else:
         return f"no safetensors weights in {where}"
     config_path = locate("config.json")
@@ -153,7 +161,7 @@ def _rows(path: Path, tensor: str, ids: list[int]) -> Any:
         try:
             rows = matrix[ids]
         except (TypeError, ValueError):  # safetensors before list indexing: one row at a time
-            rows = torch.cat([matrix[i:i + 1] for i in ids])
+            rows = torch.cat([matrix[i : i + 1] for i in ids])
     return rows.float()
 
 
@@ -168,8 +176,9 @@ def _layout(path: Path, tensor: str) -> tuple[list[int], str]:
 # ---------------------------------------------------------------- the verdict
 
 
-def degenerate_rows(rows: Any, row_ids: list[int], sample: Any, others: Any, other_ids: list[int],
-                    label: Callable[[int], str]) -> list[str | None]:
+def degenerate_rows(
+    rows: Any, row_ids: list[int], sample: Any, others: Any, other_ids: list[int], label: Callable[[int], str]
+) -> list[str | None]:
     """For each of ``rows``: why it looks untrained, or None.
 
     ``sample`` holds ordinary rows of the same matrix (what a row looks like); ``others`` the rows a row must
@@ -229,8 +238,12 @@ def inspect(recipe: Recipe, tokenizer: Any) -> TemplateTokens:
         return found
     matrices = {"embedding": embedding}
     head = _find(list(files), HEAD_SUFFIXES)
-    if (head is not None and head != embedding and _tied(config) is not True
-            and _layout(files[head], head)[0] == _layout(files[embedding], embedding)[0]):
+    if (
+        head is not None
+        and head != embedding
+        and _tied(config) is not True
+        and _layout(files[head], head)[0] == _layout(files[embedding], embedding)[0]
+    ):
         matrices["LM head"] = head  # an untied head has its own rows: zero there, and the token is never produced
 
     special = _special_ids(tokenizer)
@@ -246,10 +259,12 @@ def inspect(recipe: Recipe, tokenizer: Any) -> TemplateTokens:
                 reasons[i].append(f"no {what} row (it has {vocab})")
         inside = [i for i in ids if i < vocab]
         others = sorted(i for i in special if i < vocab)[:OTHER_SPECIAL_ROWS]
-        sample = _rows(files[tensor], tensor, [i for i in range(0, vocab, max(1, vocab // SAMPLE_ROWS))
-                                               if i not in special])
-        verdicts = degenerate_rows(_rows(files[tensor], tensor, inside), inside, sample,
-                                   _rows(files[tensor], tensor, others), others, label)
+        sample = _rows(
+            files[tensor], tensor, [i for i in range(0, vocab, max(1, vocab // SAMPLE_ROWS)) if i not in special]
+        )
+        verdicts = degenerate_rows(
+            _rows(files[tensor], tensor, inside), inside, sample, _rows(files[tensor], tensor, others), others, label
+        )
         for i, verdict in zip(inside, verdicts):
             if verdict:
                 reasons[i].append(f"{what} {verdict}")
@@ -283,8 +298,10 @@ def check_template_tokens(recipe: Recipe, tokenizer: Any) -> list[int] | None:
         return None
     ids = found.token_ids or template_token_ids(tokenizer)
     if ids:
-        log.info(f"train_template_tokens: the adapter also trains the embedding and LM-head rows of "
-                 f"{found.listing() or ids}")
+        log.info(
+            f"train_template_tokens: the adapter also trains the embedding and LM-head rows of "
+            f"{found.listing() or ids}"
+        )
     return ids or None
 
 

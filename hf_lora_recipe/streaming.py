@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import formats
 from .config import Recipe, RecipeError
 from .template import SpecialIds, special_ids
+
 
 ORIGIN = "_origin"  # where a streamed row came from ("f.jsonl line 7"): rows have no index to look it up by
 SHUFFLE_BUFFER = 10_000  # rows held by the seeded shuffle buffer (train_sampling_strategy random)
@@ -47,8 +49,10 @@ class Tally:
 
     def line(self) -> str:
         dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
-        return (f"stream: {self.rows} rows read, {self.kept} examples kept (dropped: {dropped}); {self.tokens:,} "
-                f"tokens, {self.supervised / max(self.tokens, 1):.1%} supervised")
+        return (
+            f"stream: {self.rows} rows read, {self.kept} examples kept (dropped: {dropped}); {self.tokens:,} "
+            f"tokens, {self.supervised / max(self.tokens, 1):.1%} supervised"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -68,8 +72,10 @@ def _jsonl_rows(path: Path, name: str) -> Iterator[dict]:
             except UnicodeDecodeError:
                 raise RecipeError(f"{name} line {number}: not UTF-8 text; re-save the file as UTF-8") from None
             if type(row) is not dict:
-                raise RecipeError(f"{name} line {number}: a JSON {_json_type(row)}, not an object; JSON Lines hold "
-                                  "one row object per line")
+                raise RecipeError(
+                    f"{name} line {number}: a JSON {_json_type(row)}, not an object; JSON Lines hold "
+                    "one row object per line"
+                )
             yield {**row, ORIGIN: f"{name} line {number}"}
 
 
@@ -116,40 +122,56 @@ def raw_stream(recipe: Recipe) -> Any:
         path = Path(recipe.dataset_name).expanduser()
         # a shard per file (datasets' rule for list arguments), read in order; shuffled with the seed when random
         return IterableDataset.from_generator(
-            _local_rows, gen_kwargs={"files": [str(f) for f in files], "names": [_display_name(path, f) for f in files]})
+            _local_rows,
+            gen_kwargs={"files": [str(f) for f in files], "names": [_display_name(path, f) for f in files]},
+        )
     name, split = recipe.dataset_name, recipe.dataset_train_split
     try:
-        stream = load_dataset(name, recipe.dataset_config, split=split, revision=recipe.dataset_revision, streaming=True)
+        stream = load_dataset(
+            name, recipe.dataset_config, split=split, revision=recipe.dataset_revision, streaming=True
+        )
     except (ConnectionError, FileNotFoundError, ValueError) as error:
-        raise RecipeError(f"dataset_name {name}: cannot stream it ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        raise RecipeError(
+            f"dataset_name {name}: cannot stream it ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        ) from None
     return stream.map(lambda _, index: {ORIGIN: f"{name}[{split}] row {index}"}, with_indices=True)
 
 
 # ---------------------------------------------------------------------------------------------- examples
 
 
-def _prepare_stream_batch(batch: dict[str, list], dataset_format: str, tokenizer: Any, ids: SpecialIds,
-                          recipe: Recipe, tally: Tally) -> dict[str, list]:
+def _prepare_stream_batch(
+    batch: dict[str, list], dataset_format: str, tokenizer: Any, ids: SpecialIds, recipe: Recipe, tally: Tally
+) -> dict[str, list]:
     """One batch of rows -> the kept examples (input_ids, labels, counts); bad rows and audit failures are
     errors naming the row, or (bad rows, with on_bad_rows skip) counted and dropped."""
     from .audit import render_example
     from .data import prepare_batch
 
     origins = batch.pop(ORIGIN)
-    out = prepare_batch(batch, list(range(len(origins))), dataset_format, tokenizer, ids, recipe.max_length,
-                        recipe.completion_only_loss)
+    out = prepare_batch(
+        batch,
+        list(range(len(origins))),
+        dataset_format,
+        tokenizer,
+        ids,
+        recipe.max_length,
+        recipe.completion_only_loss,
+    )
     tally.rows += len(origins)
     keep = []
     for i, origin in enumerate(origins):
         if out["problem"][i]:
             if recipe.on_bad_rows == "error":
-                raise RecipeError(f"{origin}: {out['problem'][i]} (fix the row or set on_bad_rows: skip to drop and "
-                                  "count bad rows)")
+                raise RecipeError(
+                    f"{origin}: {out['problem'][i]} (fix the row or set on_bad_rows: skip to drop and count bad rows)"
+                )
             tally.dropped[out["problem"][i]] += 1
         elif out["audit"][i]:
             example = {key: out[key][i] for key in ("input_ids", "labels")}
-            raise RecipeError(f"label audit failed ({origin}): {out['audit'][i]}\n"
-                              + render_example(example, tokenizer, color=False))
+            raise RecipeError(
+                f"label audit failed ({origin}): {out['audit'][i]}\n" + render_example(example, tokenizer, color=False)
+            )
         elif out["num_supervised"][i] == 0:
             tally.dropped["response cut by max_length"] += 1
         else:
@@ -179,14 +201,26 @@ def examples(recipe: Recipe, tokenizer: Any, tally: Tally, repeat: bool = True) 
     columns = _columns(raw, recipe)
     dataset_format = formats.detect_format(columns) if recipe.dataset_format == "auto" else recipe.dataset_format
     if dataset_format == "oasst":
-        raise RecipeError("streaming: OpenAssistant trees must be read whole to pick their conversations; convert them "
-                          "first (dataset_format messages) or set streaming false")
+        raise RecipeError(
+            "streaming: OpenAssistant trees must be read whole to pick their conversations; convert them "
+            "first (dataset_format messages) or set streaming false"
+        )
     formats.check_columns(columns, dataset_format, recipe.dataset_name)
     if recipe.train_sampling_strategy == "random":
         raw = raw.shuffle(seed=recipe.seed, buffer_size=SHUFFLE_BUFFER)
-    stream = raw.map(_prepare_stream_batch, batched=True, batch_size=BATCH_ROWS, remove_columns=[*columns, ORIGIN],
-                     fn_kwargs={"dataset_format": dataset_format, "tokenizer": tokenizer, "ids": special_ids(tokenizer),
-                                "recipe": recipe, "tally": tally})
+    stream = raw.map(
+        _prepare_stream_batch,
+        batched=True,
+        batch_size=BATCH_ROWS,
+        remove_columns=[*columns, ORIGIN],
+        fn_kwargs={
+            "dataset_format": dataset_format,
+            "tokenizer": tokenizer,
+            "ids": special_ids(tokenizer),
+            "recipe": recipe,
+            "tally": tally,
+        },
+    )
     return stream.repeat(None) if repeat else stream
 
 
@@ -197,14 +231,23 @@ def build_stream(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any]:
     from .data import DataReport
 
     head = Tally()
-    for _ in examples(recipe, tokenizer, head, repeat=False):  # formats, tokenizes, audits: a bad row stops the run now
+    for _ in examples(
+        recipe, tokenizer, head, repeat=False
+    ):  # formats, tokenizes, audits: a bad row stops the run now
         if head.rows >= HEAD_ROWS:
             break
     if head.kept == 0:
         raise RecipeError(f"no trainable examples in the first {head.rows} rows of {recipe.dataset_name}")
-    report = DataReport(examples_in=head.rows, dropped=head.dropped, examples_out=head.kept, total_tokens=head.tokens,
-                        supervised_tokens=head.supervised, truncated=head.truncated,
-                        lengths=np.asarray(head.lengths, dtype=np.int64), streamed=Tally())
+    report = DataReport(
+        examples_in=head.rows,
+        dropped=head.dropped,
+        examples_out=head.kept,
+        total_tokens=head.tokens,
+        supervised_tokens=head.supervised,
+        truncated=head.truncated,
+        lengths=np.asarray(head.lengths, dtype=np.int64),
+        streamed=Tally(),
+    )
     return examples(recipe, tokenizer, report.streamed), report
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from .chat_templates import IGNORE_INDEX, SpecialIds, encode_templated, templated_ids
 
+
 SYSTEM_OPEN, SYSTEM_CLOSE = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
@@ -27,10 +28,14 @@ def chat_template(uses_bos: bool) -> str:
         "{% set ns = namespace(system='') %}"
         "{% for message in messages %}"
         "{% if message['role'] == 'system' %}"
-        "{% set ns.system = '" + SYSTEM_OPEN.replace("\n", "\\n") + "' + message['content'] | trim + '"
-        + SYSTEM_CLOSE.replace("\n", "\\n") + "' %}"
+        "{% set ns.system = '"
+        + SYSTEM_OPEN.replace("\n", "\\n")
+        + "' + message['content'] | trim + '"
+        + SYSTEM_CLOSE.replace("\n", "\\n")
+        + "' %}"
         "{% elif message['role'] == 'user' %}"
-        + bos + "{{ '[INST] ' + ns.system + message['content'] | trim + ' [/INST]' }}"
+        + bos
+        + "{{ '[INST] ' + ns.system + message['content'] | trim + ' [/INST]' }}"
         "{% set ns.system = '' %}"
         "{% elif message['role'] == 'assistant' %}"
         "{% generation %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endgeneration %}"
@@ -57,7 +62,11 @@ def special_ids(tokenizer: Any) -> SpecialIds:
     if tokenizer.chat_template and not is_llama2_template(tokenizer.chat_template):
         return templated_ids(tokenizer)
     probe = tokenizer("x", add_special_tokens=True)["input_ids"]
-    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else None
+    bos_id = (
+        tokenizer.bos_token_id
+        if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+        else None
+    )
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token: the model could never learn to stop")
     control = tuple(sorted({tokenizer.eos_token_id} | ({bos_id} if bos_id is not None else set())))

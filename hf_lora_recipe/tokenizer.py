@@ -9,6 +9,7 @@ from typing import Any
 from .config import Recipe, RecipeError
 from .template import chat_template, is_llama2_template, special_ids
 
+
 _PROBE = "[INST] probe [/INST]"
 
 
@@ -24,8 +25,9 @@ def _chunk_matches_in_context(tokenizer: Any) -> bool:
     return in_context[1:] == alone and in_context[:1] == [tokenizer.eos_token_id]
 
 
-def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False,
-                   template: str = "llama2") -> Any:
+def load_tokenizer(
+    name_or_path: str, revision: str = "main", trust_remote_code: bool = False, template: str = "llama2"
+) -> Any:
     """The base's tokenizer with the chosen chat template installed and a pad token set.
 
     ``template``: ``llama2`` (the seed's layout), ``native`` (the tokenizer's own) or a ``.jinja`` file's path.
@@ -69,8 +71,10 @@ def _install_template(tokenizer: Any, name_or_path: str, template: str) -> None:
 
     if template == "native":
         if not tokenizer.chat_template or is_llama2_template(tokenizer.chat_template):
-            raise RecipeError(f"chat_template: native, but the tokenizer of {name_or_path} has no chat template of "
-                              "its own; use chat_template: llama2 or a .jinja file")
+            raise RecipeError(
+                f"chat_template: native, but the tokenizer of {name_or_path} has no chat template of "
+                "its own; use chat_template: llama2 or a .jinja file"
+            )
     else:
         path = Path(template)
         if not path.is_file():
@@ -82,8 +86,9 @@ def _install_template(tokenizer: Any, name_or_path: str, template: str) -> None:
     ids = special_ids(tokenizer)
     probe = [m for m in PROBE_CONVERSATION if m["role"] != "system"][:2]
     ours = encode_templated(tokenizer, [probe[:1]], ids, generation_prompt=True)[0][0]
-    theirs = tokenizer.apply_chat_template(probe[:1], tokenize=True, add_generation_prompt=True,
-                                           return_dict=True)["input_ids"]
+    theirs = tokenizer.apply_chat_template(probe[:1], tokenize=True, add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
     trained = encode_templated(tokenizer, [probe], ids)[0][0]
     if ours != list(theirs) or trained[: len(ours)] != ours:
         raise RecipeError(
@@ -93,8 +98,9 @@ def _install_template(tokenizer: Any, name_or_path: str, template: str) -> None:
 
 
 def tokenizer_for(recipe: Recipe) -> Any:
-    return load_tokenizer(recipe.model_name_or_path, recipe.model_revision, recipe.trust_remote_code,
-                          recipe.chat_template)
+    return load_tokenizer(
+        recipe.model_name_or_path, recipe.model_revision, recipe.trust_remote_code, recipe.chat_template
+    )
 
 
 def save_tokenizer(tokenizer: Any, directory: str | Path) -> None:

@@ -24,6 +24,7 @@ from .config import Recipe, RecipeError, gradient_accumulation_steps
 from .engines import Engine, check_engine, current_engine
 from .micro_batch import resolve as resolve_micro_batch
 
+
 if TYPE_CHECKING:
     from .estimates import Memory
     from .resilience import Start
@@ -46,7 +47,11 @@ class Launch:
     engine: Engine
 
     def derived(self) -> dict[str, int | str]:
-        return {"gradient_accumulation_steps": self.accumulation, "world_size": self.world_size, "engine": str(self.engine)}
+        return {
+            "gradient_accumulation_steps": self.accumulation,
+            "world_size": self.world_size,
+            "engine": str(self.engine),
+        }
 
 
 def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
@@ -59,8 +64,10 @@ def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
     if micro_batch:
         log.info(micro_batch.line())
     launch = Launch(world_size, gradient_accumulation_steps(recipe, world_size), engine)
-    log.info(f"{engine}: world size {world_size} x micro-batch {recipe.per_device_train_batch_size} x gradient accumulation "
-             f"{launch.accumulation} = global batch {recipe.global_batch_size}")
+    log.info(
+        f"{engine}: world size {world_size} x micro-batch {recipe.per_device_train_batch_size} x gradient accumulation "
+        f"{launch.accumulation} = global batch {recipe.global_batch_size}"
+    )
     return recipe, launch
 
 
@@ -84,17 +91,22 @@ def check_output_dir(recipe: Recipe) -> None:
         what = "a broken symbolic link" if output_dir.is_symlink() else "a file"
         raise RecipeError(f"output_dir {output_dir} is {what}, not a folder: choose another output_dir")
     if existing != output_dir and not existing.is_dir():
-        raise RecipeError(f"output_dir {output_dir} cannot be created: {existing} is a file; choose another output_dir")
+        raise RecipeError(
+            f"output_dir {output_dir} cannot be created: {existing} is a file; choose another output_dir"
+        )
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=WRITE_TEST_PREFIX):
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
         if existing == output_dir:
-            raise RecipeError(f"output_dir {output_dir} is not writable ({reason}): choose another output_dir "
-                              "or make it writable") from None
-        raise RecipeError(f"output_dir {output_dir} cannot be created: {existing} is not writable ({reason}); "
-                          "choose another output_dir") from None
+            raise RecipeError(
+                f"output_dir {output_dir} is not writable ({reason}): choose another output_dir or make it writable"
+            ) from None
+        raise RecipeError(
+            f"output_dir {output_dir} cannot be created: {existing} is not writable ({reason}); "
+            "choose another output_dir"
+        ) from None
     check_output_dir_is_ours(output_dir)
 
 
@@ -104,10 +116,10 @@ def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
     check_output_dir(recipe)
 
     from .engines import check_resume_engine
+    from .mixture import check_sources
     from .modeling import check_targets
     from .quiet import quiet_libraries
     from .resilience import choose_start, resume_note
-    from .mixture import check_sources
     from .trainer import check_names
 
     quiet_libraries()
@@ -162,8 +174,15 @@ def run(recipe: Recipe) -> Path:
     from .holdings import HoldingsReport
     from .initial_adapter import keep_initial_adapter, rewrites_base
     from .modeling import add_adapter, check_variants, count_parameters, load_base_model, trainable_line
-    from .resilience import (NonFiniteError, NonFiniteGuard, RunStateCallback, StopOnSignal, clear_for_fresh_start,
-                             latest_complete_checkpoint, load_checkpoint_state)
+    from .resilience import (
+        NonFiniteError,
+        NonFiniteGuard,
+        RunStateCallback,
+        StopOnSignal,
+        clear_for_fresh_start,
+        latest_complete_checkpoint,
+        load_checkpoint_state,
+    )
     from .special_tokens import check_template_tokens
     from .streaming import stream_and_eval
     from .tokenizer import tokenizer_for
@@ -174,11 +193,15 @@ def run(recipe: Recipe) -> Path:
     tokenizer = tokenizer_for(recipe)
     template_tokens = check_template_tokens(recipe, tokenizer)  # untrained chat-token rows stop the run here
     with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
-        train_dataset, eval_dataset, report = (stream_and_eval if recipe.streaming else train_and_eval)(recipe, tokenizer)
+        train_dataset, eval_dataset, report = (stream_and_eval if recipe.streaming else train_and_eval)(
+            recipe, tokenizer
+        )
     for line in report.summary().splitlines():  # a mixture: a line per source, then the mixture's
         log.info(line)
-    log.info(f"tokens per optimizer step ~ {report.mean_length * recipe.global_batch_size:,.0f} "
-             f"({report.mean_length:.0f} mean x {recipe.global_batch_size})")
+    log.info(
+        f"tokens per optimizer step ~ {report.mean_length * recipe.global_batch_size:,.0f} "
+        f"({report.mean_length:.0f} mean x {recipe.global_batch_size})"
+    )
 
     # --- Base and adapter (seeded first: LoRA's A matrices are drawn at random)
     set_seed(recipe.seed)
@@ -196,16 +219,24 @@ def run(recipe: Recipe) -> Path:
     flops, planned = planned_step(recipe, launch)
     if let_fsdp_run_on_cpu():
         log.info("FSDP on CPU processes: sharding over gloo (accelerate alone would fall back to DDP here)")
-    callbacks = [NonFiniteGuard(), stopper, RunStateCallback(launch.accumulation, launch.world_size),
-                 HoldingsReport(planned, launch.engine, launch.world_size)]
-    trainer = build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, launch.accumulation, callbacks, flops)
+    callbacks = [
+        NonFiniteGuard(),
+        stopper,
+        RunStateCallback(launch.accumulation, launch.world_size),
+        HoldingsReport(planned, launch.engine, launch.world_size),
+    ]
+    trainer = build_trainer(
+        recipe, model, tokenizer, train_dataset, eval_dataset, launch.accumulation, callbacks, flops
+    )
     initialize_eva(trainer, recipe, start.checkpoint)  # EVA: A, ranks from its batches (resumed: the saved ones)
 
     # --- Train (Trainer would take one step past max_steps when resumed at it: a run that trained to the end
     # but never wrote its adapter only writes it)
     if start.publish_only:
-        log.info(f"{start.checkpoint} reached the last step ({start.step}) but the final adapter was never written: "
-                 "writing it from that checkpoint, without training")
+        log.info(
+            f"{start.checkpoint} reached the last step ({start.step}) but the final adapter was never written: "
+            "writing it from that checkpoint, without training"
+        )
         load_checkpoint_state(trainer, start.checkpoint)
         output_dir = save_run(trainer, recipe, tokenizer, report, launch.derived(), None, started, start.checkpoint)
         push_run(recipe, output_dir)
@@ -213,17 +244,21 @@ def run(recipe: Recipe) -> Path:
     if start.checkpoint and not trainer.restore_counts(start.checkpoint):
         log.info(f"{start.checkpoint} holds no data counts for this world size: the data digest covers this run only")
     if start.checkpoint and recipe.streaming:
-        log.info("streaming: the trainer re-reads the stream from its start and skips the examples the checkpoint "
-                 "trained (the stream's order is fixed by the seed, so training continues at the next example as "
-                 "long as the data is unchanged; the data digest at the end covers the whole run)")
+        log.info(
+            "streaming: the trainer re-reads the stream from its start and skips the examples the checkpoint "
+            "trained (the stream's order is fixed by the seed, so training continues at the next example as "
+            "long as the data is unchanged; the data digest at the end covers the whole run)"
+        )
     try:
         outcome = trainer.train(resume_from_checkpoint=start.checkpoint)
     except NonFiniteError as error:
         raise TrainingStopped(str(error), exit_code=3) from None
     log.every_rank(trainer.data_line())
     if torch.cuda.is_available():
-        log.info(f"peak GPU memory {torch.cuda.max_memory_allocated() / GIB:.2f} GiB allocated; planned "
-                 f"{planned.total / GIB:.2f} GiB (including a 1 GiB allowance for the CUDA context)")
+        log.info(
+            f"peak GPU memory {torch.cuda.max_memory_allocated() / GIB:.2f} GiB allocated; planned "
+            f"{planned.total / GIB:.2f} GiB (including a 1 GiB allowance for the CUDA context)"
+        )
     if stopper.signal:
         raise TrainingStopped(
             f"stopped by signal {stopper.signal} at step {trainer.state.global_step}; checkpoint saved at "
@@ -239,13 +274,16 @@ def run(recipe: Recipe) -> Path:
 
     # PiSSA/OLoRA: the trained model's base is the residual; the saved (converted) adapter on the original base
     # is what users load, so that is what is scored
-    evaluate_after_training(recipe, output_dir, eval_dataset, None if rewrites_base(recipe) else trainer.model, tokenizer)
+    evaluate_after_training(
+        recipe, output_dir, eval_dataset, None if rewrites_base(recipe) else trainer.model, tokenizer
+    )
     push_run(recipe, output_dir)
     return output_dir
 
 
-PARSER = RecipeParser("train", __doc__,
-                      epilog="Precedence: the seed defaults shown < the --config YAML < flags given here.")
+PARSER = RecipeParser(
+    "train", __doc__, epilog="Precedence: the seed defaults shown < the --config YAML < flags given here."
+)
 
 
 @command

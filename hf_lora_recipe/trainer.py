@@ -23,25 +23,48 @@ from trl import SFTConfig, SFTTrainer
 from . import log
 from .config import Recipe, RecipeError
 from .modeling import attention_in_use, available_attention, liger_active, padding_free
+from .upstream.transformers import AfterCheckpoint
+from .upstream.trl import set_train_metric
+
 
 # Recipe keys that are SFTConfig fields with the same name and meaning: passed through unchanged.
 SFT_CONFIG_KEYS = (
-    "output_dir", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps",
-    "num_train_epochs", "max_steps", "optim", "adam_beta1", "adam_beta2", "weight_decay", "max_grad_norm", "bf16",
-    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "seed", "train_sampling_strategy",
+    "output_dir",
+    "per_device_train_batch_size",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "weight_decay",
+    "max_grad_norm",
+    "bf16",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "seed",
+    "train_sampling_strategy",
 )
 
 # transformers 5.24 renamed TrainingArguments' gradient_checkpointing* to activation_checkpointing* (the old
 # names warn); older 5.x releases know only the old ones.
-CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
-                 else "gradient_checkpointing")
+CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+    else "gradient_checkpointing"
+)
 
 
 def uses_fused_loss(lm_head_loss: str) -> bool:
     return lm_head_loss == "fused" or (lm_head_loss == "auto" and torch.cuda.is_available())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def offloading_active(requested: bool) -> bool:
     """Activation offloading moves saved activations from the GPU to CPU memory; without a GPU they are there."""
     return requested and torch.cuda.is_available()
@@ -55,12 +78,14 @@ def speed_line(recipe: Recipe) -> str:
         return "on" if active else f"off ({reason})" if asked else "off"
 
     peak = peak_flops()
-    return (f"loss: {'TRL fused LM head (no full logits)' if uses_fused_loss(recipe.lm_head_loss) else 'model cross-entropy'}; "
-            f"attention: {available_attention(recipe.attn_implementation)}; padding-free: {padding_free(recipe)}; "
-            f"liger-kernel: {state(recipe.use_liger_kernel, liger_active(recipe.use_liger_kernel), liger_off_reason())}; "
-            f"activation offloading: {state(recipe.activation_offloading, offloading_active(recipe.activation_offloading), 'no GPU: activations already live in RAM')}; "
-            f"compile: {'on (proved after step 1)' if recipe.compile else 'off'}; "
-            f"MFU against: {peak[1] if peak else 'n/a (no known GPU peak)'}")
+    return (
+        f"loss: {'TRL fused LM head (no full logits)' if uses_fused_loss(recipe.lm_head_loss) else 'model cross-entropy'}; "
+        f"attention: {available_attention(recipe.attn_implementation)}; padding-free: {padding_free(recipe)}; "
+        f"liger-kernel: {state(recipe.use_liger_kernel, liger_active(recipe.use_liger_kernel), liger_off_reason())}; "
+        f"activation offloading: {state(recipe.activation_offloading, offloading_active(recipe.activation_offloading), 'no GPU: activations already live in RAM')}; "
+        f"compile: {'on (proved after step 1)' if recipe.compile else 'off'}; "
+        f"MFU against: {peak[1] if peak else 'n/a (no known GPU peak)'}"
+    )
 
 
 def check_report_to(recipe: Recipe) -> None:
@@ -73,8 +98,10 @@ def check_report_to(recipe: Recipe) -> None:
     installed = set(get_available_reporting_integrations())
     for name in recipe.report_to:
         if name not in INTEGRATION_TO_CALLBACK:
-            raise RecipeError(f"report_to: unknown tracker {name!r}; transformers supports "
-                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or all / none)")
+            raise RecipeError(
+                f"report_to: unknown tracker {name!r}; transformers supports "
+                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or all / none)"
+            )
         if name not in installed:
             raise RecipeError(f"report_to: {name} is not installed here; pip install {name} (or report_to none)")
 
@@ -104,8 +131,10 @@ def trainer_config(recipe: Recipe, accumulation: int, has_eval: bool = False) ->
     return SFTConfig(
         **{key: getattr(recipe, key) for key in SFT_CONFIG_KEYS},
         gradient_accumulation_steps=accumulation,  # derived from global_batch_size and the world size
-        **{CHECKPOINTING: recipe.gradient_checkpointing,
-           f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},  # reentrant checkpointing breaks LoRA under DDP
+        **{
+            CHECKPOINTING: recipe.gradient_checkpointing,
+            f"{CHECKPOINTING}_kwargs": {"use_reentrant": False},
+        },  # reentrant checkpointing breaks LoRA under DDP
         max_length=None,  # our data step already truncated to recipe.max_length
         eval_strategy="steps" if has_eval else "no",
         per_device_eval_batch_size=recipe.per_device_train_batch_size,
@@ -144,19 +173,25 @@ def _score_every_position() -> None:
     in advance; ignored positions are zeroed before the loss either way, so the loss is the same, for ~15% more
     LM-head work on Alpaca (its prompt tokens) instead of a stall. TRL reads this switch from its module at call
     time; its Triton kernels (chosen in trl.kernels) are untouched."""
-    import trl.trainer.utils as trl_utils
+    from .upstream.trl import score_every_position
 
-    if hasattr(trl_utils, "_use_triton"):
-        trl_utils._use_triton = lambda device: False
+    score_every_position()
 
 
-class RecipeTrainer(SFTTrainer):
+class RecipeTrainer(AfterCheckpoint, SFTTrainer):
     """SFTTrainer that keeps the step free of device->host copies (the GPU never waits on Python mid-step):
     what each rank read, TRL's token accuracy and entropy, and throughput are summed on the device and read
     when the trainer logs."""
 
-    def __init__(self, *args: Any, fused_loss: bool = True, flops_per_token: float | None = None,
-                 peak_flops: float | None = None, loraplus_lr_ratio: float | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        fused_loss: bool = True,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        loraplus_lr_ratio: float | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.fused_loss = fused_loss
         self.loraplus_lr_ratio = loraplus_lr_ratio
@@ -177,12 +212,20 @@ class RecipeTrainer(SFTTrainer):
 
         args, model = self.args, self.model if model is None else model
         self.optimizer = create_loraplus_optimizer(
-            model, torch.optim.AdamW, lr=args.learning_rate,
-            loraplus_lr_ratio=self.loraplus_lr_ratio, loraplus_weight_decay=args.weight_decay,
-            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=args.optim == "adamw_torch_fused")
+            model,
+            torch.optim.AdamW,
+            lr=args.learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            fused=args.optim == "adamw_torch_fused",
+        )
         check_loraplus(self.optimizer, model, args.learning_rate, self.loraplus_lr_ratio)
-        log.info(f"LoRA+: lora_B at learning_rate x {self.loraplus_lr_ratio:g} = "
-                 f"{args.learning_rate * self.loraplus_lr_ratio:g}, lora_A at {args.learning_rate:g} (checked per tensor)")
+        log.info(
+            f"LoRA+: lora_B at learning_rate x {self.loraplus_lr_ratio:g} = "
+            f"{args.learning_rate * self.loraplus_lr_ratio:g}, lora_A at {args.learning_rate:g} (checked per tensor)"
+        )
         return self.optimizer
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
@@ -193,7 +236,9 @@ class RecipeTrainer(SFTTrainer):
         if not self.fused_loss:
             # Packed rows are kept apart by a mask derived from position_ids, which transformers only builds
             # when no KV cache exists: never let a model config with use_cache=True merge examples.
-            return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(
+                self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch
+            )
         if return_outputs or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # TRL's fused LM head (its loss, normalised by num_items_in_batch exactly as TRL's compute_loss does),
@@ -224,17 +269,12 @@ class RecipeTrainer(SFTTrainer):
         counts[COUNTS.index("examples")] += (position_ids == 0).sum() if packed else input_ids.shape[0]
         self.positions += input_ids.numel()
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def after_checkpoint(self, folder: Any) -> None:
         """Each rank's running counts go into the checkpoint too, so a resumed run's data digest covers the whole
         run: the same digest as an uninterrupted run proves it trained the same tokens in the same order (no
         example repeated or skipped across the resume)."""
         import json
-        from pathlib import Path
 
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        super()._save_checkpoint(model, trial)
-        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if folder.is_dir():
             state = {"counts": self.counts(), "positions": self.positions, "world_size": self.args.world_size}
             (folder / COUNTS_FILE.format(rank=self.args.process_index)).write_text(json.dumps(state) + "\n")
@@ -269,8 +309,8 @@ class RecipeTrainer(SFTTrainer):
 
         counts = self.counts()
         if counts["scored"]:  # what TRL's compute_loss logs, over the whole logging interval
-            self._metrics["train"]["mean_token_accuracy"] = [counts["correct"] / counts["scored"]]
-            self._metrics["train"]["entropy"] = [self._entropy.item() / counts["scored"]]
+            set_train_metric(self, "mean_token_accuracy", counts["correct"] / counts["scored"])
+            set_train_metric(self, "entropy", self._entropy.item() / counts["scored"])
             self._counts[COUNTS.index("correct")] = self._counts[COUNTS.index("scored")] = 0
             self._entropy.zero_()
         now, last = time.perf_counter(), self._last_log
@@ -290,8 +330,10 @@ class RecipeTrainer(SFTTrainer):
         counts = self.counts()
         padding = 1 - counts["tokens"] / max(self.positions, 1)
         digest = f"{counts['digest'] % 2**64:016x}"[:12]
-        return (f"consumed {counts['examples']} examples, data digest {digest}; "
-                f"{counts['supervised']:,} supervised of {self.positions:,} processed positions ({padding:.1%} padding)")
+        return (
+            f"consumed {counts['examples']} examples, data digest {digest}; "
+            f"{counts['supervised']:,} supervised of {self.positions:,} processed positions ({padding:.1%} padding)"
+        )
 
 
 def peak_flops() -> tuple[float, str] | None:
@@ -313,8 +355,10 @@ def check_loraplus(optimizer: Any, model: Any, learning_rate: float, ratio: floa
     for name, param in model.named_parameters():
         for matrix, expected in (("lora_A", learning_rate), ("lora_B", learning_rate * ratio)):
             if f".{matrix}." in name and param.requires_grad and not math.isclose(rate.get(id(param), -1), expected):
-                raise RuntimeError(f"LoRA+: {name} learns at {rate.get(id(param))}, not {expected:g} "
-                                   f"(learning_rate {learning_rate:g}, loraplus_lr_ratio {ratio:g})")
+                raise RuntimeError(
+                    f"LoRA+: {name} learns at {rate.get(id(param))}, not {expected:g} "
+                    f"(learning_rate {learning_rate:g}, loraplus_lr_ratio {ratio:g})"
+                )
 
 
 class OptionsTookEffect(TrainerCallback):
@@ -335,12 +379,17 @@ class OptionsTookEffect(TrainerCallback):
         self.trainer = trainer
         chosen, running = available_attention(self.recipe.attn_implementation), attention_in_use(trainer.model)
         if running != chosen:
-            raise RecipeError(f"attn_implementation: {chosen} was chosen but the model runs {running}; "
-                              "choose an attention this transformers supports for the model")
+            raise RecipeError(
+                f"attn_implementation: {chosen} was chosen but the model runs {running}; "
+                "choose an attention this transformers supports for the model"
+            )
         if offloading_active(self.recipe.activation_offloading) and isinstance(
-                getattr(trainer, "maybe_activation_offload_context", None), (type(None), contextlib.nullcontext)):
-            raise RecipeError("activation_offloading: true was asked, but the trainer wraps no step in TRL's "
-                              "offloading context; set activation_offloading false or report this")
+            getattr(trainer, "maybe_activation_offload_context", None), (type(None), contextlib.nullcontext)
+        ):
+            raise RecipeError(
+                "activation_offloading: true was asked, but the trainer wraps no step in TRL's "
+                "offloading context; set activation_offloading false or report this"
+            )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.auto_micro_batch and self.trainer is not None:
@@ -367,26 +416,39 @@ class OptionsTookEffect(TrainerCallback):
             return  # a stream, or less data than one step: the step is not full
         got = trainer.counts()["examples"] - self.examples_before
         if got != expected:
-            raise RecipeError(f"per_device_train_batch_size auto chose {size}, but step 1 trained {got} examples on this "
-                              f"process, not {size} x {self.accumulation}; set a number or report this")
+            raise RecipeError(
+                f"per_device_train_batch_size auto chose {size}, but step 1 trained {got} examples on this "
+                f"process, not {size} x {self.accumulation}; set a number or report this"
+            )
         log.info(f"micro-batch auto: step 1 trained {size} x {self.accumulation} examples per process, as chosen")
 
 
 def check_liger(model: Any) -> str:
     """Liger's patching (applied by ``Trainer.train``) replaced module forwards with its kernels', or the run stops."""
-    patched = sum(getattr(getattr(module, "forward", None), "__module__", "").startswith("liger_kernel")
-                  for module in model.modules())
+    patched = sum(
+        getattr(getattr(module, "forward", None), "__module__", "").startswith("liger_kernel")
+        for module in model.modules()
+    )
     if not patched:
         import transformers
 
-        raise RecipeError(f"use_liger_kernel: true was asked, but no module runs a Liger forward after step 1 "
-                          f"(transformers {transformers.__version__}); set use_liger_kernel false or report this")
+        raise RecipeError(
+            f"use_liger_kernel: true was asked, but no module runs a Liger forward after step 1 "
+            f"(transformers {transformers.__version__}); set use_liger_kernel false or report this"
+        )
     return f"liger-kernel: {patched} modules run Liger's forwards"
 
 
 def build_trainer(
-    recipe: Recipe, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any | None, accumulation: int,
-    callbacks: list[Any], flops_per_token: float | None = None, auto_micro_batch: bool = False,
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    eval_dataset: Any | None,
+    accumulation: int,
+    callbacks: list[Any],
+    flops_per_token: float | None = None,
+    auto_micro_batch: bool = False,
 ) -> RecipeTrainer:
     peak = peak_flops()
     proof = OptionsTookEffect(recipe, accumulation, auto_micro_batch)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,11 +61,16 @@ def tiny_base(tmp_path_factory, llama2_tokenizer) -> Path:
     return build_tiny_llama(llama2_tokenizer, tmp_path_factory.mktemp("tiny-base"))
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a command in a fresh process, as a user would, with offline mode inherited (``env`` on top)."""
     return subprocess.run(
-        list(args), cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+        list(args),
+        cwd=cwd or REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 

@@ -13,12 +13,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+
 FAKE_LOG_HISTORY = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
 FAKE_DERIVED = {"gradient_accumulation_steps": 2, "world_size": 1}
 
 
-def build_adapter_dir(base_dir: Path, out_dir: Path, *, load_in_4bit: bool = False, seed: int = 0,
-                      **recipe_overrides: Any) -> Path:
+def build_adapter_dir(
+    base_dir: Path, out_dir: Path, *, load_in_4bit: bool = False, seed: int = 0, **recipe_overrides: Any
+) -> Path:
     """A finished run's ``out_dir`` for the tiny base at ``base_dir`` (which also holds the tokenizer).
 
     ``load_in_4bit`` is recorded in the recipe (card, merge default) only: the base is loaded unquantized
@@ -37,8 +39,17 @@ def build_adapter_dir(base_dir: Path, out_dir: Path, *, load_in_4bit: bool = Fal
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(model_name_or_path=str(base_dir), load_in_4bit=load_in_4bit, output_dir=str(out_dir),
-                    bf16=False, max_steps=2, save_steps=1, logging_steps=1, seed=seed, **recipe_overrides)
+    recipe = Recipe(
+        model_name_or_path=str(base_dir),
+        load_in_4bit=load_in_4bit,
+        output_dir=str(out_dir),
+        bf16=False,
+        max_steps=2,
+        save_steps=1,
+        logging_steps=1,
+        seed=seed,
+        **recipe_overrides,
+    )
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)

@@ -53,10 +53,12 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import unquote, urlsplit
+
 
 __all__ = ["HubServer", "RecordedRequest", "start_hub_server"]
 
@@ -88,10 +90,22 @@ class _Repo:
 
 
 class _HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None,
-                 body: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.code, self.headers, self.body = status, message, code, headers or {}, body or {}
+        self.status, self.message, self.code, self.headers, self.body = (
+            status,
+            message,
+            code,
+            headers or {},
+            body or {},
+        )
 
 
 class HubServer:
@@ -158,33 +172,50 @@ class HubServer:
         with self._lock:
             self._commit(self._create_repo(repo_id, private), "main", dict(files or {}))
 
-    def client_env(self, cache_dir: str | os.PathLike | None = None, token: str | bool | None = True
-                   ) -> dict[str, str]:
+    def client_env(
+        self, cache_dir: str | os.PathLike | None = None, token: str | bool | None = True
+    ) -> dict[str, str]:
         """Env vars pointing a NEW process's huggingface_hub / transformers / peft here; merge over ``os.environ``.
         ``token``: True = the server's token, a string = that token, False / None = none (``HF_TOKEN=""``; with
         ``cache_dir``, ``HF_HOME`` is a fresh folder, so no saved login is found either)."""
         no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY", ""), "127.0.0.1", "localhost"]))
-        env = {"HF_ENDPOINT": self.url, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-               "HF_TOKEN": self._token_value(token), "NO_PROXY": no_proxy, "no_proxy": no_proxy}
+        env = {
+            "HF_ENDPOINT": self.url,
+            "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_TOKEN": self._token_value(token),
+            "NO_PROXY": no_proxy,
+            "no_proxy": no_proxy,
+        }
         if cache_dir is not None:
             env["HF_HOME"] = os.path.join(cache_dir, "hf_home")
             env["HF_HUB_CACHE"] = str(cache_dir)
         return env
 
     @contextlib.contextmanager
-    def patch_client(self, cache_dir: str | os.PathLike | None = None, token: str | bool | None = True
-                     ) -> Iterator[None]:
+    def patch_client(
+        self, cache_dir: str | os.PathLike | None = None, token: str | bool | None = True
+    ) -> Iterator[None]:
         """Point this process's already-imported huggingface_hub (so transformers / peft) here, online, for the
         block; ``token`` as in :meth:`client_env`. Everything is restored on exit."""
         import huggingface_hub.constants as constants
         import huggingface_hub.hf_api as hf_api
 
-        patched = {"ENDPOINT": self.url, "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_TELEMETRY": True,
-                   # hf_hub_url(..., endpoint=X) only swaps X in when the template starts with constants.ENDPOINT
-                   "HUGGINGFACE_CO_URL_TEMPLATE": self.url + "/{repo_id}/resolve/{revision}/{filename}"}
-        env = {"HF_ENDPOINT": self.url, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
-               "HF_TOKEN": self._token_value(token)}
+        patched = {
+            "ENDPOINT": self.url,
+            "HF_HUB_OFFLINE": False,
+            "HF_HUB_DISABLE_TELEMETRY": True,
+            # hf_hub_url(..., endpoint=X) only swaps X in when the template starts with constants.ENDPOINT
+            "HUGGINGFACE_CO_URL_TEMPLATE": self.url + "/{repo_id}/resolve/{revision}/{filename}",
+        }
+        env = {
+            "HF_ENDPOINT": self.url,
+            "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0",
+            "HF_TOKEN": self._token_value(token),
+        }
         if cache_dir is not None:
             patched["HF_HUB_CACHE"] = env["HF_HUB_CACHE"] = str(cache_dir)
         saved = {name: getattr(constants, name) for name in patched}
@@ -261,8 +292,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 - a server bug must surface as a 500, not a hang
             self._send_json(500, {"error": f"hub_server internal error: {type(e).__name__}: {e}"})
 
-    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self, status: int, body: bytes, headers: dict[str, str] | None = None, content_type: str = "application/json"
+    ) -> None:
         self._record.status = status
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -339,8 +371,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _info(self, repo_id: str, revision: str) -> None:
         repo = self._repo(repo_id)
         oid = self._commit_of(repo, revision)
-        self._send_json(200, {"id": repo_id, "modelId": repo_id, "sha": oid, "private": repo.private,
-                              "siblings": [{"rfilename": p} for p in sorted(repo.commits[oid])]})
+        self._send_json(
+            200,
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": oid,
+                "private": repo.private,
+                "siblings": [{"rfilename": p} for p in sorted(repo.commits[oid])],
+            },
+        )
 
     def _branch(self, repo_id: str, branch: str, payload: dict[str, Any]) -> None:
         repo = self._repo(repo_id, write=True)
@@ -351,8 +391,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _preupload(self, repo_id: str, revision: str, payload: dict[str, Any]) -> None:
         repo = self._repo(repo_id, write=True)
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}  # no dedup
-                 for f in payload.get("files", [])]
+        files = [
+            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}  # no dedup
+            for f in payload.get("files", [])
+        ]
         self._send_json(200, {"files": files, "commitOid": self._commit_of(repo, revision)})
 
     def _commit(self, repo_id: str, branch: str, body: bytes) -> None:
@@ -368,8 +410,15 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HubError(400, f"hub_server: unsupported commit item {item.get('key')!r}")
             files[item["value"]["path"]] = base64.b64decode(item["value"]["content"], validate=True)
         oid = self.hub._commit(repo, branch, files)
-        self._send_json(200, {"success": True, "commitOid": oid, "pullRequestUrl": None,
-                              "commitUrl": f"{self.hub.url}/{repo_id}/commit/{oid}"})
+        self._send_json(
+            200,
+            {
+                "success": True,
+                "commitOid": oid,
+                "pullRequestUrl": None,
+                "commitUrl": f"{self.hub.url}/{repo_id}/commit/{oid}",
+            },
+        )
 
     def _resolve_file(self, repo_id: str, revision: str, path: str) -> None:
         repo = self._repo(repo_id)
@@ -377,8 +426,12 @@ class _Handler(BaseHTTPRequestHandler):
         data = repo.commits[oid].get(path)
         if data is None:  # X-Repo-Commit lets the client cache the miss
             raise _HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": oid})
-        self._send(200, data, {"X-Repo-Commit": oid, "ETag": f'"{git_blob_sha1(data)}"'},
-                   content_type="application/octet-stream")
+        self._send(
+            200,
+            data,
+            {"X-Repo-Commit": oid, "ETag": f'"{git_blob_sha1(data)}"'},
+            content_type="application/octet-stream",
+        )
 
 
 def start_hub_server(token: str, **kwargs: Any) -> HubServer:

@@ -23,8 +23,9 @@ def examples(alpaca_path, llama2_tokenizer):
     from hf_lora_recipe.config import Recipe
     from hf_lora_recipe.data import build_sft_dataset
 
-    recipe = Recipe(model_name_or_path=str(shared_asset("tokenizers/llama2")), dataset_name=str(alpaca_path),
-                    max_length=96)
+    recipe = Recipe(
+        model_name_or_path=str(shared_asset("tokenizers/llama2")), dataset_name=str(alpaca_path), max_length=96
+    )
     dataset, _ = build_sft_dataset(recipe, llama2_tokenizer)
     chosen = [{"input_ids": dataset[i]["input_ids"], "labels": dataset[i]["labels"]} for i in range(4)]
     assert len({len(e["input_ids"]) for e in chosen}) > 1  # boundaries in different places
@@ -36,10 +37,19 @@ def model(llama2_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(llama2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=llama2_tokenizer.pad_token_id, bos_token_id=llama2_tokenizer.bos_token_id,
-                         eos_token_id=llama2_tokenizer.eos_token_id, initializer_range=0.2)
+    config = LlamaConfig(
+        vocab_size=len(llama2_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=llama2_tokenizer.pad_token_id,
+        bos_token_id=llama2_tokenizer.bos_token_id,
+        eos_token_id=llama2_tokenizer.eos_token_id,
+        initializer_range=0.2,
+    )
     model = LlamaForCausalLM(config).eval()
     for layer in model.model.layers:
         layer.self_attn.scaling *= 0.7  # every attention path receives the module's scaling
@@ -47,7 +57,9 @@ def model(llama2_tokenizer):
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="none")
+    return torch.nn.functional.cross_entropy(
+        logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="none"
+    )
 
 
 def _per_example(model, batch: dict, lengths: list[int]) -> list[torch.Tensor]:
@@ -56,7 +68,7 @@ def _per_example(model, batch: dict, lengths: list[int]) -> list[torch.Tensor]:
     with torch.no_grad():
         tokens = _token_losses(model(**batch, use_cache=False).logits, batch["labels"])
     starts = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
-    return [tokens[start:end - 1].sum() for start, end in zip(starts, starts[1:])]
+    return [tokens[start : end - 1].sum() for start, end in zip(starts, starts[1:])]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +76,12 @@ def unpacked(model, examples) -> list[torch.Tensor]:
     """Each example alone, through transformers' SDPA: the reference every packed path must equal."""
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
-        return [_token_losses(model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits,
-                              torch.tensor([e["labels"]])).sum() for e in examples]
+        return [
+            _token_losses(
+                model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits, torch.tensor([e["labels"]])
+            ).sum()
+            for e in examples
+        ]
 
 
 def _lengths(examples) -> list[int]:
@@ -95,22 +111,30 @@ def test_flex_attention_packed_row_equals_unpacked(model, examples, unpacked, mo
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     monkeypatch.setattr(flex_integration.WrappedFlexAttention, "__call__", lambda self: flex_attention)
-    monkeypatch.setattr(masking_utils, "create_block_mask",
-                        lambda *args, **kwargs: create_block_mask(*args, **{**kwargs, "_compile": False}))
+    monkeypatch.setattr(
+        masking_utils,
+        "create_block_mask",
+        lambda *args, **kwargs: create_block_mask(*args, **{**kwargs, "_compile": False}),
+    )
     model.set_attn_implementation("flex_attention")
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
 
-    packed = _per_example(model, {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                                  "labels": batch["labels"]}, _lengths(examples))
+    packed = _per_example(
+        model,
+        {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": batch["labels"]},
+        _lengths(examples),
+    )
     _assert_equal_losses(packed, unpacked)
     # and the check can fail: without position ids the row is one long causal sequence
-    _assert_leaks(_per_example(model, {"input_ids": batch["input_ids"], "labels": batch["labels"]},
-                               _lengths(examples)), unpacked)
+    _assert_leaks(
+        _per_example(model, {"input_ids": batch["input_ids"], "labels": batch["labels"]}, _lengths(examples)), unpacked
+    )
 
 
 def _reference_varlen(calls: list):
     """A per-segment causal SDPA with the kernel's signature, checking the contract the CUDA kernel relies on."""
+
     def kernel(query, key, value, cu_seq_lens, max_length, scale, enable_gqa, dtype):
         assert dtype is None  # an fp32 model: the real kernel would refuse it (test_register_names_and_refusals)
         assert query.dim() == key.dim() == 3 and query.shape[0] == key.shape[0] == int(cu_seq_lens[-1])
@@ -121,9 +145,13 @@ def _reference_varlen(calls: list):
         out = []
         for start, end in zip(bounds, bounds[1:]):
             q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))
-            out.append(torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1))
+            out.append(
+                torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa
+                )[0].transpose(0, 1)
+            )
         return torch.cat(out)
+
     return kernel
 
 
@@ -177,8 +205,12 @@ def test_varlen_glue_packed_row_equals_unpacked(model, examples, unpacked, monke
         logits = model(**padded, use_cache=False).logits
     for row, alone in enumerate(unpacked[:2]):
         n = lengths[row]
-        torch.testing.assert_close(_token_losses(logits[row:row + 1, :n], padded["labels"][row:row + 1, :n]).sum(),
-                                   alone, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            _token_losses(logits[row : row + 1, :n], padded["labels"][row : row + 1, :n]).sum(),
+            alone,
+            rtol=1e-5,
+            atol=1e-4,
+        )
 
 
 def test_varlen_model_generates_like_sdpa(model, llama2_tokenizer, monkeypatch):
@@ -197,8 +229,14 @@ def test_varlen_model_generates_like_sdpa(model, llama2_tokenizer, monkeypatch):
     for name in ("sdpa", ATTENTION):
         model.set_attn_implementation(name)
         with torch.no_grad():
-            out = model.generate(**prompts, max_new_tokens=4, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True, pad_token_id=llama2_tokenizer.pad_token_id)
+            out = model.generate(
+                **prompts,
+                max_new_tokens=4,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=llama2_tokenizer.pad_token_id,
+            )
         scores[name] = torch.stack(out.scores)
     torch.testing.assert_close(scores[ATTENTION], scores["sdpa"], rtol=1e-5, atol=1e-4)
     # the prompts went through the glue once per layer, unpadded: one segment per prompt, its real tokens

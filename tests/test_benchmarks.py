@@ -17,8 +17,15 @@ def test_gpu_throughput_script_runs_every_variant_it_can_on_cpu_at_a_tiny_shape(
     from gpu_throughput import VARIANTS
 
     config = shared_asset("model_configs/llama-3-8b")
-    result = run_cli(PYTHON, str(REPO_ROOT / "benchmarks" / "gpu_throughput.py"), "--tiny", "--model_config",
-                     str(config), "--out_dir", str(tmp_path))
+    result = run_cli(
+        PYTHON,
+        str(REPO_ROOT / "benchmarks" / "gpu_throughput.py"),
+        "--tiny",
+        "--model_config",
+        str(config),
+        "--out_dir",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "gpu_throughput.jsonl").read_text().splitlines()]
     assert [row["variant"] for row in rows] == [variant.name for variant in VARIANTS]

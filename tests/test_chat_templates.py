@@ -14,6 +14,7 @@ from hf_lora_recipe.tokenizer import load_tokenizer, save_tokenizer
 
 from .conftest import shared_asset
 
+
 LLAMA3_STYLE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
@@ -62,9 +63,9 @@ def _check(example: dict, tokenizer, max_length: int) -> None:
         if truncated and end == len(input_ids):
             continue
         assert input_ids[end - 1] == ids.eos_id  # every assistant turn closes with its supervised end-of-turn
-        assert tokenizer.decode(input_ids[start:end - 1]).strip() == responses[turn]
+        assert tokenizer.decode(input_ids[start : end - 1]).strip() == responses[turn]
         # no template token (turn markers, BOS, role headers) is supervised
-        assert not set(input_ids[start:end - 1]) & set(ids.control_ids)
+        assert not set(input_ids[start : end - 1]) & set(ids.control_ids)
         assert labels[start - 1] == IGNORE_INDEX and input_ids[start - 1] != ids.eos_id
     if truncated or any(s in m["content"] for m in messages for s in _specials(tokenizer)):
         return
@@ -74,16 +75,18 @@ def _check(example: dict, tokenizer, max_length: int) -> None:
         upto = [i for i, m in enumerate(messages) if m["role"] == "assistant"][turn]
         assert input_ids[:start] == encode_prompt(tokenizer, messages[:upto], ids)
         if turn == 0 or tokenizer.name_or_path.endswith("smollm2-135m-instruct-q4_1"):
-            prompt = tokenizer.apply_chat_template(messages[:upto], tokenize=True, add_generation_prompt=True,
-                                                   return_dict=True)["input_ids"]
+            prompt = tokenizer.apply_chat_template(
+                messages[:upto], tokenize=True, add_generation_prompt=True, return_dict=True
+            )["input_ids"]
             assert list(prompt) == input_ids[:start]
 
 
 @pytest.mark.parametrize("data_file", ["alpaca_en_demo.json", "oasst2_trees_sample.jsonl"])
 def test_masks_exact_on_every_row(data_file, templated):
     path = shared_asset(f"data/{data_file}")
-    dataset, report = build_sft_dataset(Recipe(dataset_name=str(path), dataset_format="auto", max_length=4096),
-                                        templated)
+    dataset, report = build_sft_dataset(
+        Recipe(dataset_name=str(path), dataset_format="auto", max_length=4096), templated
+    )
     assert report.examples_out > 0
     for example in dataset:
         _check(example, templated, 4096)
@@ -91,8 +94,9 @@ def test_masks_exact_on_every_row(data_file, templated):
 
 def test_masks_exact_when_truncated(templated):
     path = shared_asset("data/oasst2_trees_sample.jsonl")
-    dataset, report = build_sft_dataset(Recipe(dataset_name=str(path), dataset_format="oasst", max_length=96),
-                                        templated)
+    dataset, report = build_sft_dataset(
+        Recipe(dataset_name=str(path), dataset_format="oasst", max_length=96), templated
+    )
     assert report.truncated > 0
     for example in dataset:
         _check(example, templated, 96)
@@ -107,12 +111,14 @@ def test_end_of_turn_is_the_templates_not_the_eos(llama3_style_tokenizer, smollm
 def test_literal_special_tokens_in_a_row_stay_text(templated):
     ids = special_ids(templated)
     end = templated.convert_ids_to_tokens(ids.eos_id)
-    messages = [{"role": "user", "content": f"Type {end} and <|start_header_id|> please"},
-                {"role": "assistant", "content": f"Here: {end} <|im_start|> done"}]
+    messages = [
+        {"role": "user", "content": f"Type {end} and <|start_header_id|> please"},
+        {"role": "assistant", "content": f"Here: {end} <|im_start|> done"},
+    ]
     [input_ids], [labels] = encode_conversations(templated, [messages], ids)
     spans = supervised_spans(labels)
     assert len(spans) == 1 and input_ids[spans[0][1] - 1] == ids.eos_id
-    supervised = input_ids[spans[0][0]:spans[0][1] - 1]
+    supervised = input_ids[spans[0][0] : spans[0][1] - 1]
     assert ids.eos_id not in supervised and not set(supervised) & set(ids.control_ids)
     assert templated.decode(supervised) == f"Here: {end} <|im_start|> done"
     # the typed strings occur as text, so the sequence holds exactly the template's own control tokens
@@ -125,8 +131,11 @@ def test_literal_special_tokens_in_a_row_stay_text(templated):
 def test_saved_template_reproduces_the_training_prompt(templated, tmp_path):
     save_tokenizer(templated, tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    conversation = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
-                    {"role": "user", "content": "And 3+3?\nShow work."}]
+    conversation = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?\nShow work."},
+    ]
     ids = special_ids(reloaded)
     assert ids == special_ids(templated)
     # multi-turn prompts agree whole only where the tokenizer never merges whitespace across a turn boundary

@@ -43,8 +43,19 @@ def test_unknown_command_suggests_the_nearest():
     assert result.returncode == 2 and "did you mean 'train'" in result.stderr
 
 
-COMMAND_MODULES = {"__main__", "cli", "train", "preview", "merge", "push", "generate", "plan", "demo", "evaluation",
-                   "realbase"}
+COMMAND_MODULES = {
+    "__main__",
+    "cli",
+    "train",
+    "preview",
+    "merge",
+    "push",
+    "generate",
+    "plan",
+    "demo",
+    "evaluation",
+    "realbase",
+}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -89,10 +100,16 @@ def test_quiet_filters_hide_exactly_the_listed_upstream_notices():
         warnings.simplefilter("always")
         quiet_libraries()
         quiet_libraries()  # idempotent
-        for message in ("`is_gradient_checkpointing` is deprecated and will be removed in v6.",
-                        "`gradient_checkpointing_enable` is deprecated and will be removed in v6."):
-            warnings.warn_explicit(message, FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
-    assert [str(w.message) for w in caught] == ["`gradient_checkpointing_enable` is deprecated and will be removed in v6."]
+        for message in (
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+            "`gradient_checkpointing_enable` is deprecated and will be removed in v6.",
+        ):
+            warnings.warn_explicit(
+                message, FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils"
+            )
+    assert [str(w.message) for w in caught] == [
+        "`gradient_checkpointing_enable` is deprecated and will be removed in v6."
+    ]
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     seen: list[str] = []
@@ -105,4 +122,4 @@ def test_quiet_filters_hide_exactly_the_listed_upstream_notices():
     finally:
         logger.removeHandler(handler)
     assert seen == ["some other bitsandbytes warning"]
-    assert len([f for f in logger.filters]) == 1
+    assert len(list(logger.filters)) == 1

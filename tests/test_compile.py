@@ -21,6 +21,8 @@ import torch
 from hf_lora_recipe.compiling import compile_decoder_layers
 from hf_lora_recipe.config import Recipe
 from hf_lora_recipe.modeling import add_adapter, load_base_model
+from hf_lora_recipe.upstream.torch import compiled_call
+
 
 P = 0.5  # the largest mask entropy: keep rate, agreement of independent masks and of equal ones are far apart
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -34,18 +36,34 @@ def base_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 
 
 def build(base_dir, *, quantized: bool = False, checkpointing: bool = False):
-    recipe = Recipe(model_name_or_path=str(base_dir), load_in_4bit=quantized, bnb_4bit_compute_dtype="float32",
-                    bnb_4bit_quant_storage="float32", bf16=False, gradient_checkpointing=checkpointing,
-                    lora_r=4, lora_alpha=8, lora_dropout=P, lora_target_modules=SEVEN)
+    recipe = Recipe(
+        model_name_or_path=str(base_dir),
+        load_in_4bit=quantized,
+        bnb_4bit_compute_dtype="float32",
+        bnb_4bit_quant_storage="float32",
+        bf16=False,
+        gradient_checkpointing=checkpointing,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=P,
+        lora_target_modules=SEVEN,
+    )
     torch.manual_seed(1)  # LoRA A's initialisation
     model = add_adapter(load_base_model(recipe), recipe)
     generator = torch.Generator().manual_seed(2)
@@ -116,7 +134,7 @@ def test_one_graph_serves_every_layer_and_every_length(checkpointed):
     model, new_graphs = checkpointed
     assert new_graphs == 1
     layers = model.get_base_model().model.layers
-    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert all(compiled_call(layer) is not None for layer in layers)
 
 
 def test_compiled_checkpointed_training_equals_eager(checkpointed, eager):
@@ -141,7 +159,8 @@ def test_a_different_mask_would_be_detected(base_dir, eager):
 
     fresh_masks = build(base_dir)
     fresh_masks.get_base_model().activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
+        activation_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
+    )
     loss, grads = step(fresh_masks, ids, seed=0)
     torch.testing.assert_close(loss, reference[0], rtol=1e-6, atol=1e-6)
     assert max_difference(grads, reference[1]) > 1e-3
@@ -222,7 +241,8 @@ def test_compiled_dropout_masks_are_fresh_independent_and_scaled(quantized):
         assert agreement(*pair) == pytest.approx(independent, abs=tolerance), (layer, "gate", "up")
     for projection in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
         assert agreement(masks[f"0.{projection}"], masks[f"1.{projection}"]) == pytest.approx(
-            independent, abs=tolerance), projection
+            independent, abs=tolerance
+        ), projection
 
     step(model, ids, seed=None)  # the next step, the generator not reset
     for key, module in dropouts.items():
@@ -237,7 +257,7 @@ def test_every_layer_proves_it_ran_compiled(checkpointed):
 
     model, _ = checkpointed
     assert check_compiled(model) == "compile: all 2 decoder layers ran compiled in step 1"
-    first, second = (layer._compiled_call_impl.calls for layer in model.get_base_model().model.layers)
+    first, second = (compiled_call(layer).calls for layer in model.get_base_model().model.layers)
     assert first == second >= len(LENGTHS)
 
 
@@ -263,8 +283,11 @@ def test_a_layer_that_cannot_be_one_graph_stops_the_run_in_one_line():
 
     model = _Layers(_Breaks(4, 4))
     compile_decoder_layers(model)
-    with pytest.raises(RecipeError, match=r"^compile: decoder layer 0 cannot be compiled as one graph \(.*"
-                                          r"transformers \d[^)]*\); set compile false$"):
+    with pytest.raises(
+        RecipeError,
+        match=r"^compile: decoder layer 0 cannot be compiled as one graph \(.*"
+        r"transformers \d[^)]*\); set compile false$",
+    ):
         model.model.layers[0](torch.ones(2, 4))
 
 
@@ -275,10 +298,13 @@ def test_a_layer_that_never_ran_compiled_or_no_graph_stops_the_run():
 
     model = _Layers(torch.nn.Linear(4, 4))
     compile_decoder_layers(model)  # never called: the layer ran eagerly or not at all
-    with pytest.raises(RecipeError, match=r"^compile: true was asked, but after step 1 decoder layers \[0\] never ran "
-                                          r"their compiled call \(transformers .*\); set compile false or report this$"):
+    with pytest.raises(
+        RecipeError,
+        match=r"^compile: true was asked, but after step 1 decoder layers \[0\] never ran "
+        r"their compiled call \(transformers .*\); set compile false or report this$",
+    ):
         check_compiled(model)
-    model.model.layers[0]._compiled_call_impl.calls = 1  # called, but dynamo compiled nothing (TORCHDYNAMO_DISABLE)
+    compiled_call(model.model.layers[0]).calls = 1  # called, but dynamo compiled nothing (TORCHDYNAMO_DISABLE)
     with fresh_dynamo_counters(), pytest.raises(RecipeError, match="dynamo compiled no graph"):
         check_compiled(model)
 

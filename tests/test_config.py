@@ -15,6 +15,7 @@ from hf_lora_recipe.config import (
     load_recipe,
 )
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -135,7 +136,11 @@ def test_trl_style_command_lines_parse(line):
         assert recipe.push_to_hub is True and recipe.load_in_4bit is True  # bare booleans
         assert recipe.report_to == ["tensorboard"] and recipe.num_train_epochs == 1.0
     else:
-        assert (recipe.lora_r, recipe.lora_alpha, recipe.output_dir) == (32, 16, str(Path.cwd() / "Qwen2-0.5B-SFT-LoRA"))
+        assert (recipe.lora_r, recipe.lora_alpha, recipe.output_dir) == (
+            32,
+            16,
+            str(Path.cwd() / "Qwen2-0.5B-SFT-LoRA"),
+        )
 
 
 def test_flag_forms_lists_booleans_and_yaml_precedence(tmp_path):
@@ -165,7 +170,9 @@ def test_all_linear_reaches_peft_as_peft_means_it(tiny_base):
 
     recipe = parse(["--lora_target_modules", "all-linear"])
     assert lora_config(recipe).target_modules == "all-linear"
-    model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_base)), lora_config(recipe))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_base)), lora_config(recipe)
+    )
     adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
     assert adapted == set(SEED_TARGET_MODULES)  # every linear layer of the decoder; never the LM head
     with pytest.raises(RecipeError, match="give it alone"):

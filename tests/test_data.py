@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_lora_recipe import oasst
-from hf_lora_recipe import formats
+from hf_lora_recipe import formats, oasst
 from hf_lora_recipe.audit import audit_examples, supervised_spans
 from hf_lora_recipe.config import Recipe, RecipeError
 from hf_lora_recipe.data import build_sft_dataset, conversation_source
@@ -27,8 +26,13 @@ def conversations(recipe: Recipe, rows):
     source, dataset_format, _ = conversation_source(recipe, rows)
     if dataset_format == "conversations":
         return source
-    return source.map(formats.to_conversations, fn_kwargs={"dataset_format": dataset_format}, batched=True,
-                      with_indices=True, remove_columns=source.column_names)
+    return source.map(
+        formats.to_conversations,
+        fn_kwargs={"dataset_format": dataset_format},
+        batched=True,
+        with_indices=True,
+        remove_columns=source.column_names,
+    )
 
 
 def _check_invariants(example: dict, tokenizer, max_length: int) -> None:
@@ -53,8 +57,10 @@ def _check_invariants(example: dict, tokenizer, max_length: int) -> None:
             assert end == max_length
             continue
         assert input_ids[end - 1] == ids.eos_id  # each turn's last supervised token is EOS
-        assert text == tokenizer.decode(input_ids[start:end - 1]) + tokenizer.eos_token or text.endswith(tokenizer.eos_token)
-        assert tokenizer.decode(input_ids[start:end - 1]).strip() == responses[turn].strip()
+        assert text == tokenizer.decode(input_ids[start : end - 1]) + tokenizer.eos_token or text.endswith(
+            tokenizer.eos_token
+        )
+        assert tokenizer.decode(input_ids[start : end - 1]).strip() == responses[turn].strip()
     # nothing else is supervised: everything outside the spans decodes to prompt text only
     masked = [t for t, y in zip(input_ids, labels) if y == IGNORE_INDEX]
     assert ids.eos_id not in masked or ids.bos_id == ids.eos_id
@@ -91,8 +97,18 @@ def test_oasst_language_filter():
 
 
 def _message(mid, role, text, rank=None, date="2023-01-01", **extra):
-    return {"message_id": mid, "role": role, "text": text, "rank": rank, "created_date": date, "lang": "en",
-            "deleted": False, "review_result": True, "replies": [], **extra}
+    return {
+        "message_id": mid,
+        "role": role,
+        "text": text,
+        "rank": rank,
+        "created_date": date,
+        "lang": "en",
+        "deleted": False,
+        "review_result": True,
+        "replies": [],
+        **extra,
+    }
 
 
 def test_oasst_rule_on_hand_built_trees():
@@ -105,9 +121,14 @@ def test_oasst_rule_on_hand_built_trees():
     follow_up = _message("p2", "prompter", "follow-up")  # a prompter reply with no answer: trimmed away
     best["replies"] = [follow_up]
     root["replies"] = [unranked, second, deleted, rejected, best]
-    assert oasst.tree_conversations(root) == [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "best"}]]
+    assert oasst.tree_conversations(root) == [
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "best"}]
+    ]
     # ties by earliest created_date; null rank after ranked ones
-    early, late = _message("e", "assistant", "early", rank=0, date="2023-01-01"), _message("l", "assistant", "late", rank=0, date="2023-02-01")
+    early, late = (
+        _message("e", "assistant", "early", rank=0, date="2023-01-01"),
+        _message("l", "assistant", "late", rank=0, date="2023-02-01"),
+    )
     root["replies"] = [late, unranked, early]
     assert oasst.tree_conversations(root)[0][1]["content"] == "early"
     root["replies"] = [unranked]
@@ -150,9 +171,14 @@ def test_bad_alpaca_rows(bad_row, reason, tmp_path, llama2_tokenizer):
 
 
 BAD_CONVERSATIONS = [
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
-     "roles don't alternate: message 1 is 'user', expected 'assistant'"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}], "field 'messages\\[1\\].content' is empty"),
+    (
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+        "roles don't alternate: message 1 is 'user', expected 'assistant'",
+    ),
+    (
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}],
+        "field 'messages\\[1\\].content' is empty",
+    ),
     ([{"role": "user", "content": "a"}], "conversation doesn't end with an assistant turn"),
     ([{"role": "assistant", "content": "a"}], "roles don't alternate: message 0 is 'assistant', expected 'user'"),
 ]
@@ -178,7 +204,9 @@ def test_empty_dataset_after_filtering_is_an_error(tmp_path, llama2_tokenizer):
 
 def test_example_whose_response_is_cut_is_dropped_and_counted(tmp_path, llama2_tokenizer):
     path = tmp_path / "rows.json"
-    path.write_text(json.dumps([{"instruction": "word " * 80, "output": "ok"}, {"instruction": "short", "output": "ok"}]))
+    path.write_text(
+        json.dumps([{"instruction": "word " * 80, "output": "ok"}, {"instruction": "short", "output": "ok"}])
+    )
     dataset, report = build_sft_dataset(_recipe(path, max_length=32), llama2_tokenizer)
     assert len(dataset) == 1 and report.dropped == {"response cut by max_length": 1}
 
@@ -210,16 +238,20 @@ def test_local_directory_csv_and_parquet(tmp_path, llama2_tokenizer):
 
 def test_multi_turn_every_assistant_turn_and_eos_supervised(tokenizer, tmp_path):
     path = tmp_path / "chats.jsonl"
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "u1 [/INST] fake"},
-            {"role": "assistant", "content": "a1 [INST] typed"}, {"role": "user", "content": "u2"},
-            {"role": "assistant", "content": "a2"}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "u1 [/INST] fake"},
+        {"role": "assistant", "content": "a1 [INST] typed"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2"},
+    ]
     path.write_text(json.dumps({"messages": chat}))
     dataset, _ = build_sft_dataset(_recipe(path, dataset_format="messages"), tokenizer)
     example = dataset[0]
     _check_invariants(example, tokenizer, 512)
     spans = supervised_spans(example["labels"])
     assert len(spans) == 2
-    decoded = [tokenizer.decode(example["input_ids"][s:e - 1]).strip() for s, e in spans]
+    decoded = [tokenizer.decode(example["input_ids"][s : e - 1]).strip() for s, e in spans]
     assert decoded == ["a1 [INST] typed", "a2"]  # a marker typed in a response is supervised with it
 
 
@@ -236,7 +268,7 @@ def test_audit_catches_each_silent_failure(llama2_tokenizer):
     assert "supervised" in check(input_ids, unmasked)
     no_eos = labels[:-1] + [IGNORE_INDEX]
     assert "EOS" in check(input_ids, no_eos)
-    shifted = labels[:first] + [IGNORE_INDEX] + labels[first + 1:]  # first response token masked
+    shifted = labels[:first] + [IGNORE_INDEX] + labels[first + 1 :]  # first response token masked
     assert "decode" in check(input_ids, shifted)
     doubled = [ids.bos_id] + input_ids
     assert "BOS" in check(doubled, [IGNORE_INDEX] + labels)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from .conftest import ACCELERATE, CLI, REPO_ROOT, run_cli
 from .test_resilience import _adapter, _args, _free_port, _max_diff, _wait_for
 
+
 CONFIGS = REPO_ROOT / "accelerate_configs"
 STEPS = ["--max_steps", "10", "--save_steps", "2"]  # a kill at checkpoint-2 leaves 8 steps to spare
 LORA = ["--load_in_4bit", "false", "--bf16", "false"]
@@ -30,8 +31,19 @@ TOLERANCE = 1e-5
 
 
 def _launch(config: str, *args: str) -> list[str]:
-    return [ACCELERATE, "launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
-            "--main_process_port", str(_free_port()), "-m", "hf_lora_recipe.train", *args]
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(CONFIGS / f"{config}.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "hf_lora_recipe.train",
+        *args,
+    ]
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -47,8 +59,13 @@ def one_process(tiny_base, alpaca_path, tmp_path_factory):
     def adapter(precision: str) -> Path:
         if precision not in trained:
             output_dir = tmp_path_factory.mktemp(f"one-process-{precision}")
-            _ok(run_cli(CLI, "train", *_args(tiny_base, alpaca_path, output_dir, *STEPS,
-                                             *(QLORA if precision == "qlora" else LORA))))
+            _ok(
+                run_cli(
+                    CLI,
+                    "train",
+                    *_args(tiny_base, alpaca_path, output_dir, *STEPS, *(QLORA if precision == "qlora" else LORA)),
+                )
+            )
             trained[precision] = output_dir
         return trained[precision]
 
@@ -58,9 +75,13 @@ def one_process(tiny_base, alpaca_path, tmp_path_factory):
 def _holdings(stdout: str) -> dict[str, dict[str, tuple[float, float]]]:
     """rank -> component -> (held, planned) MiB, from the line each rank prints after step 1."""
     lines = re.findall(r"rank (\d)/2\] holds after step 1 \(MiB, held/planned for [^)]*\): (.*)", stdout)
-    return {rank: {name: (float(held), float(planned))
-                   for name, held, planned in re.findall(r"([a-z0-9 -]+?) ([\d.]+)/([\d.]+)(?:, |$)", parts)}
-            for rank, parts in lines}
+    return {
+        rank: {
+            name: (float(held), float(planned))
+            for name, held, planned in re.findall(r"([a-z0-9 -]+?) ([\d.]+)/([\d.]+)(?:, |$)", parts)
+        }
+        for rank, parts in lines
+    }
 
 
 def _check_loads_unsharded(tiny_base: Path, adapter_dir: Path, quantized: bool) -> None:
@@ -71,8 +92,11 @@ def _check_loads_unsharded(tiny_base: Path, adapter_dir: Path, quantized: bool) 
     from hf_lora_recipe.config import Recipe
     from hf_lora_recipe.modeling import load_base_model
 
-    base = load_base_model(Recipe(model_name_or_path=str(tiny_base), load_in_4bit=True)) if quantized \
+    base = (
+        load_base_model(Recipe(model_name_or_path=str(tiny_base), load_in_4bit=True))
+        if quantized
         else AutoModelForCausalLM.from_pretrained(tiny_base)
+    )
     model = PeftModel.from_pretrained(base, adapter_dir)
     loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
     saved = _adapter(adapter_dir)
@@ -119,8 +143,10 @@ def deepspeed_installed():
     try:
         import deepspeed  # noqa: F401
     except Exception as error:  # noqa: BLE001 - ImportError, or DeepSpeed refusing this torch
-        message = (f"deepspeed is not importable ({type(error).__name__}: {error}); pip install "
-                   "'hf-lora-recipe[deepspeed]' to run these tests (make test-slow does)")
+        message = (
+            f"deepspeed is not importable ({type(error).__name__}: {error}); pip install "
+            "'hf-lora-recipe[deepspeed]' to run these tests (make test-slow does)"
+        )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -128,8 +154,9 @@ def deepspeed_installed():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", list(ENGINES))
-def test_engine_trains_the_one_process_adapter_and_resumes_after_sigkill(config, tiny_base, alpaca_path, tmp_path,
-                                                                         one_process, request):
+def test_engine_trains_the_one_process_adapter_and_resumes_after_sigkill(
+    config, tiny_base, alpaca_path, tmp_path, one_process, request
+):
     precision, engine, sharded = ENGINES[config]
     if config.startswith("deepspeed"):
         request.getfixturevalue("deepspeed_installed")
@@ -151,8 +178,9 @@ def test_engine_trains_the_one_process_adapter_and_resumes_after_sigkill(config,
     # of its own (released or outside the torch optimizer at the step): there only weights and adapter compare
     holdings = _holdings(result.stdout)
     assert set(holdings) == {"0", "1"}, result.stdout[-3000:]
-    compared = ["4-bit weights", "other weights", "adapter"] + ([] if config.startswith("deepspeed") else
-                                                              ["gradients", "optimizer states"])
+    compared = ["4-bit weights", "other weights", "adapter"] + (
+        [] if config.startswith("deepspeed") else ["gradients", "optimizer states"]
+    )
     for rank, components in holdings.items():
         for name in compared:
             held, planned = components[name]
@@ -182,18 +210,30 @@ def test_engine_trains_the_one_process_adapter_and_resumes_after_sigkill(config,
 # ---------------------------------------------------------------- decided before loading (fast)
 
 
-@pytest.mark.parametrize("environment, expected", [
-    ({}, "one process"),
-    ({"WORLD_SIZE": "2"}, "DDP"),
-    ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP2"),
-    ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, "FSDP1"),  # accelerate's default version
-    ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
-])
+@pytest.mark.parametrize(
+    "environment, expected",
+    [
+        ({}, "one process"),
+        ({"WORLD_SIZE": "2"}, "DDP"),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP2"),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, "FSDP1"),  # accelerate's default version
+        (
+            {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            "DeepSpeed ZeRO-3",
+        ),
+    ],
+)
 def test_the_engine_is_read_off_what_accelerate_launch_exports(monkeypatch, environment, expected):
     from hf_lora_recipe.engines import current_engine
 
-    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED",
-                 "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+    for name in (
+        "WORLD_SIZE",
+        "ACCELERATE_USE_FSDP",
+        "FSDP_VERSION",
+        "ACCELERATE_USE_DEEPSPEED",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -211,13 +251,16 @@ def test_a_deepspeed_config_file_gives_its_zero_stage(monkeypatch, tmp_path):
     assert current_engine().name == "zero2"
 
 
-@pytest.mark.parametrize("engine, flags, recipe, match", [
-    (("fsdp", 1), {}, {}, "FSDP1"),
-    (("fsdp", 2), {"FSDP_ACTIVATION_CHECKPOINTING": "true"}, {}, "_checkpoint_wrapped_module"),
-    (("fsdp", 2), {}, {"load_in_4bit": True, "bnb_4bit_quant_storage": "uint8"}, "floating tensors only"),
-    (("fsdp", 2), {}, {"load_in_4bit": True, "bnb_4bit_quant_storage": "float32"}, "scramble"),
-    (("zero3", 0), {}, {"load_in_4bit": True}, "ZeRO-3 with an NF4 base"),
-])
+@pytest.mark.parametrize(
+    "engine, flags, recipe, match",
+    [
+        (("fsdp", 1), {}, {}, "FSDP1"),
+        (("fsdp", 2), {"FSDP_ACTIVATION_CHECKPOINTING": "true"}, {}, "_checkpoint_wrapped_module"),
+        (("fsdp", 2), {}, {"load_in_4bit": True, "bnb_4bit_quant_storage": "uint8"}, "floating tensors only"),
+        (("fsdp", 2), {}, {"load_in_4bit": True, "bnb_4bit_quant_storage": "float32"}, "scramble"),
+        (("zero3", 0), {}, {"load_in_4bit": True}, "ZeRO-3 with an NF4 base"),
+    ],
+)
 def test_combinations_that_cannot_train_are_refused(monkeypatch, engine, flags, recipe, match):
     from hf_lora_recipe.config import Recipe, RecipeError
     from hf_lora_recipe.engines import Engine, check_engine
@@ -237,7 +280,9 @@ def test_the_shipped_engine_settings_pass(monkeypatch):
 
     monkeypatch.delenv("FSDP_ACTIVATION_CHECKPOINTING", raising=False)
     real = importlib.util.find_spec  # `make test` runs without the [deepspeed] extra: only its presence matters here
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a)
+    )
     check_engine(Recipe(), Engine("fsdp", 2))  # the seed's QLoRA: NF4 stored in bf16
     check_engine(Recipe(load_in_4bit=False), Engine("fsdp", 2))
     check_engine(Recipe(load_in_4bit=False), Engine("zero3"))
@@ -256,8 +301,12 @@ def test_deepspeed_missing_is_one_line_before_loading(monkeypatch):
 
 
 def test_an_fsdp1_launch_fails_in_one_line_before_anything_loads(tiny_base, alpaca_path, tmp_path):
-    result = run_cli(CLI, "train", *_args(tiny_base, alpaca_path, tmp_path / "out", "--max_steps", "1"),
-                     env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+    result = run_cli(
+        CLI,
+        "train",
+        *_args(tiny_base, alpaca_path, tmp_path / "out", "--max_steps", "1"),
+        env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("hf-lora-recipe: error: the accelerate config asks for FSDP1")
@@ -272,26 +321,35 @@ def test_peft_finds_no_adapter_behind_fsdps_checkpoint_wrapper(tiny_base):
     import functools
 
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
-                                                                             apply_activation_checkpointing,
-                                                                             checkpoint_wrapper)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
     from transformers import AutoModelForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=16, target_modules="all-linear"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=16, target_modules="all-linear")
+    )
     assert len(get_peft_model_state_dict(model)) == 28
     apply_activation_checkpointing(
-        model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-        check_fn=lambda module: isinstance(module, LlamaDecoderLayer))
+        model,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda module: isinstance(module, LlamaDecoderLayer),
+    )
     assert not any("_checkpoint_wrapped_module" in key for key in model.state_dict())
     assert get_peft_model_state_dict(model) == {}
 
 
-@pytest.mark.parametrize("written_by, files", [
-    ("plain", ["adapter_model.safetensors", "optimizer.pt"]),
-    ("fsdp", ["pytorch_model_fsdp_0/", "optimizer_0/"]),
-    ("deepspeed", ["adapter_model.safetensors", "global_step2/"]),
-])
+@pytest.mark.parametrize(
+    "written_by, files",
+    [
+        ("plain", ["adapter_model.safetensors", "optimizer.pt"]),
+        ("fsdp", ["pytorch_model_fsdp_0/", "optimizer_0/"]),
+        ("deepspeed", ["adapter_model.safetensors", "global_step2/"]),
+    ],
+)
 def test_a_checkpoint_resumes_only_under_the_engine_family_that_wrote_it(tmp_path, written_by, files):
     from hf_lora_recipe.config import RecipeError
     from hf_lora_recipe.engines import Engine, check_resume_engine, checkpoint_engine
@@ -301,8 +359,11 @@ def test_a_checkpoint_resumes_only_under_the_engine_family_that_wrote_it(tmp_pat
     for name in files:
         (checkpoint / name).mkdir() if name.endswith("/") else (checkpoint / name).touch()
     assert checkpoint_engine(checkpoint) == written_by
-    engines = {"plain": [Engine("single"), Engine("ddp")], "fsdp": [Engine("fsdp", 2)],
-               "deepspeed": [Engine("zero2"), Engine("zero3")]}
+    engines = {
+        "plain": [Engine("single"), Engine("ddp")],
+        "fsdp": [Engine("fsdp", 2)],
+        "deepspeed": [Engine("zero2"), Engine("zero3")],
+    }
     for family, members in engines.items():
         for engine in members:
             if family == written_by:
@@ -315,7 +376,11 @@ def test_a_checkpoint_resumes_only_under_the_engine_family_that_wrote_it(tmp_pat
 @pytest.mark.slow
 def test_a_ddp_checkpoint_under_fsdp_is_refused_before_loading(tiny_base, alpaca_path, tmp_path):
     output_dir = tmp_path / "adapter"
-    _ok(run_cli(*_launch("cpu_ddp", *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "2", "--save_steps", "2"))))
+    _ok(
+        run_cli(
+            *_launch("cpu_ddp", *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "2", "--save_steps", "2"))
+        )
+    )
     result = run_cli(*_launch("fsdp_lora", *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "4")))
     assert result.returncode != 0
     assert f"hf-lora-recipe: error: {output_dir / 'checkpoint-2'} was written by one process or DDP" in result.stderr
@@ -339,7 +404,9 @@ def test_variants_train_under_each_engine_as_in_one_process(tiny_base, alpaca_pa
     reference = _adapter(single)
     assert sum("lora_magnitude_vector" in key for key in reference) == 14
     for config, tolerance in VARIANT_TOLERANCE.items():
-        result = _ok(run_cli(*_launch(config, *_args(tiny_base, alpaca_path, tmp_path / config, *LORA, *VARIANT_FLAGS))))
+        result = _ok(
+            run_cli(*_launch(config, *_args(tiny_base, alpaca_path, tmp_path / config, *LORA, *VARIANT_FLAGS)))
+        )
         assert "LoRA+: lora_B at learning_rate x 16 = 0.016, lora_A at 0.001 (checked per tensor)" in result.stdout
         difference = _max_diff(_adapter(tmp_path / config), reference)
         print(f"\n{config}: DoRA + rsLoRA + LoRA+, max |adapter difference| vs one process: {difference:.2e}")

@@ -20,15 +20,30 @@ import yaml
 
 from hf_lora_recipe.card import render_card
 from hf_lora_recipe.config import load_recipe
-from hf_lora_recipe.evaluation import (evaluate_adapter, evaluate_after_training, format_table, load_adapter,
-                                       load_eval_tokenizer, main)
+from hf_lora_recipe.evaluation import (
+    evaluate_adapter,
+    evaluate_after_training,
+    format_table,
+    load_adapter,
+    load_eval_tokenizer,
+    main,
+)
 from hf_lora_recipe.template import IGNORE_INDEX
 
 from .conftest import CLI, run_cli
 from .fixtures import build_adapter_dir
 
-FIELDS = {"response_loss", "perplexity", "stop_rate", "mean_length", "exact_match", "rouge_l", "num_examples",
-          "supervised_tokens"}
+
+FIELDS = {
+    "response_loss",
+    "perplexity",
+    "stop_rate",
+    "mean_length",
+    "exact_match",
+    "rouge_l",
+    "num_examples",
+    "supervised_tokens",
+}
 HELD_OUT = 4  # eval_split_size of the fixture's recipe
 
 
@@ -44,8 +59,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def adapter(tiny_base, alpaca_path, tmp_path_factory) -> Path:
     """A finished run (random non-zero B) whose recipe holds HELD_OUT Alpaca rows out, as train would."""
-    return build_adapter_dir(tiny_base, tmp_path_factory.mktemp("eval") / "adapter", dataset_name=str(alpaca_path),
-                             eval_split_size=float(HELD_OUT), max_length=64)
+    return build_adapter_dir(
+        tiny_base,
+        tmp_path_factory.mktemp("eval") / "adapter",
+        dataset_name=str(alpaca_path),
+        eval_split_size=float(HELD_OUT),
+        max_length=64,
+    )
 
 
 def _copy(adapter: Path, tmp_path: Path) -> Path:
@@ -68,7 +88,7 @@ def _error_line(err: str) -> str:
 
 def _table_row(table: str, label: str) -> list[str]:
     line = next(line for line in table.splitlines() if line.startswith(label))
-    return line[len(label):].split()
+    return line[len(label) :].split()
 
 
 def _held_out(adapter: Path):
@@ -100,7 +120,7 @@ def test_base_and_adapter_differ_and_the_json_matches_the_table(adapter, tmp_pat
     assert base["response_loss"] != tuned["response_loss"]  # random non-zero B changes the model
 
     # the table (on stderr with --json) shows the same figures
-    table = err[err.index("base vs adapter on 4 examples"):]
+    table = err[err.index("base vs adapter on 4 examples") :]
     assert _table_row(table, "metric") == ["base", "adapter"]
     assert _table_row(table, "response loss") == [f"{base['response_loss']:.4f}", f"{tuned['response_loss']:.4f}"]
     assert _table_row(table, "perplexity") == [f"{base['perplexity']:,.2f}", f"{tuned['perplexity']:,.2f}"]
@@ -122,17 +142,18 @@ def test_the_card_section_is_written_replaced_and_kept_by_push(adapter, tmp_path
     before = (adapter / "README.md").read_text()
     assert "## Evaluation" not in before
     for max_new_tokens in ("3", "2"):
-        code, out, err = _run(capsys, "--adapter", str(adapter), "--num_examples", "2", "--max_new_tokens",
-                              max_new_tokens)
+        code, out, err = _run(
+            capsys, "--adapter", str(adapter), "--num_examples", "2", "--max_new_tokens", max_new_tokens
+        )
         assert code == 0, err[-3000:]
         assert "base vs adapter on 2 examples" in out and "evaluation written into" in out
     card = (adapter / "README.md").read_text()
     assert card.count("## Evaluation") == 1 and "at most 2 new tokens" in card and "at most 3 new" not in card
-    section = card[card.index("## Evaluation"):card.index("## Prompt template")]
+    section = card[card.index("## Evaluation") : card.index("## Prompt template")]
     assert "| metric | base | adapter |" in section and "| response loss | " in section
     # the rest of the card is untouched, bar the model-index metadata
-    body = card[card.index("\n---\n"):]
-    assert body.replace(section, "") == before[before.index("\n---\n"):]
+    body = card[card.index("\n---\n") :]
+    assert body.replace(section, "") == before[before.index("\n---\n") :]
     results = json.loads((adapter / "training_results.json").read_text())
     assert results["evaluation"]["max_new_tokens"] == 2 and results["final_train_loss"] == 1.5
     # push re-renders the card from recipe.yaml and training_results.json: the same card, section included
@@ -145,11 +166,24 @@ def test_the_card_section_is_written_replaced_and_kept_by_push(adapter, tmp_path
     _, evals = model_index_to_eval_results(metadata["model-index"])
     assert {e.metric_type for e in evals} == {"perplexity", "exact_match", "rouge"}
     assert next(e for e in evals if e.metric_type == "perplexity").metric_value == round(
-        results["evaluation"]["models"]["adapter"]["perplexity"], 4)
+        results["evaluation"]["models"]["adapter"]["perplexity"], 4
+    )
 
     # --no_card leaves it alone; --dataset/--split evaluate other rows
-    code, out, err = _run(capsys, "--adapter", str(adapter), "--dataset", str(alpaca_path), "--split", "train",
-                          "--num_examples", "1", "--max_new_tokens", "1", "--no_card")
+    code, out, err = _run(
+        capsys,
+        "--adapter",
+        str(adapter),
+        "--dataset",
+        str(alpaca_path),
+        "--split",
+        "train",
+        "--num_examples",
+        "1",
+        "--max_new_tokens",
+        "1",
+        "--no_card",
+    )
     assert code == 0, err[-3000:]
     assert "on 1 examples of" in out and "(train)" in out
     assert (adapter / "README.md").read_text() == card
@@ -166,8 +200,9 @@ def test_an_adapter_with_all_zero_b_had_no_effect(adapter, tmp_path, capsys):
     card = (adapter / "README.md").read_text()
     code, out, err = _run(capsys, "--adapter", str(adapter), "--num_examples", "2", "--max_new_tokens", "3")
     assert code == 2
-    assert _error_line(err).startswith("hf-lora-recipe: error: the adapter had no effect: the adapter gives exactly "
-                                       "the base's response loss")
+    assert _error_line(err).startswith(
+        "hf-lora-recipe: error: the adapter had no effect: the adapter gives exactly the base's response loss"
+    )
     assert (adapter / "README.md").read_text() == card  # nothing recorded
 
 
@@ -175,16 +210,28 @@ def test_merged_model_is_a_third_column_close_to_the_adapter(adapter, tmp_path, 
     from hf_lora_recipe.merge import merge
 
     merged = merge(str(adapter), tmp_path / "merged", dtype="float32")
-    code, out, err = _run(capsys, "--adapter", str(adapter), "--model", str(merged), "--num_examples", "2",
-                          "--max_new_tokens", "2", "--json", "--no_card")
+    code, out, err = _run(
+        capsys,
+        "--adapter",
+        str(adapter),
+        "--model",
+        str(merged),
+        "--num_examples",
+        "2",
+        "--max_new_tokens",
+        "2",
+        "--json",
+        "--no_card",
+    )
     assert code == 0, err[-3000:]
     models = json.loads(out)["models"]
     assert list(models) == ["base", "adapter", "merged"]
     assert math.isclose(models["merged"]["response_loss"], models["adapter"]["response_loss"], rel_tol=1e-4)
     assert models["merged"]["response_loss"] != models["base"]["response_loss"]
     # the merged model alone: its recipe.yaml (copied by merge) names the base and the held-out rows
-    code, out, err = _run(capsys, "--model", str(merged), "--num_examples", "1", "--max_new_tokens", "1", "--json",
-                          "--no_card")
+    code, out, err = _run(
+        capsys, "--model", str(merged), "--num_examples", "1", "--max_new_tokens", "1", "--json", "--no_card"
+    )
     assert code == 0, err[-3000:]
     assert list(json.loads(out)["models"]) == ["base", "merged"]
 
@@ -215,14 +262,35 @@ def test_evaluate_adapter_takes_a_loaded_model_and_raw_rows(adapter, alpaca_path
     model, tokenizer = load_adapter(recipe, adapter), load_eval_tokenizer(adapter)
     rows = json.loads(alpaca_path.read_text())[:3]
     card = (adapter / "README.md").read_text()
-    report = evaluate_adapter(recipe, adapter, rows, model=model, tokenizer=tokenizer, num_examples=2,
-                              max_new_tokens=2, write_card=False, progress=False, dataset="three rows", split="demo")
+    report = evaluate_adapter(
+        recipe,
+        adapter,
+        rows,
+        model=model,
+        tokenizer=tokenizer,
+        num_examples=2,
+        max_new_tokens=2,
+        write_card=False,
+        progress=False,
+        dataset="three rows",
+        split="demo",
+    )
     assert report["num_examples"] == 2 and list(report["models"]) == ["base", "adapter"]
     assert format_table(report).startswith("base vs adapter on 2 examples of three rows (demo)")
-    conversations = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
-                     for r in rows]
-    report = evaluate_adapter(recipe, adapter, [{"messages": c} for c in conversations], model=model,
-                              tokenizer=tokenizer, num_examples=1, max_new_tokens=1, write_card=False, progress=False)
+    conversations = [
+        [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}] for r in rows
+    ]
+    report = evaluate_adapter(
+        recipe,
+        adapter,
+        [{"messages": c} for c in conversations],
+        model=model,
+        tokenizer=tokenizer,
+        num_examples=1,
+        max_new_tokens=1,
+        write_card=False,
+        progress=False,
+    )
     assert report["num_examples"] == 1
     assert (adapter / "README.md").read_text() == card
 
@@ -246,17 +314,26 @@ HOSTILE = [
     ("adapter-missing", lambda t, a: ["--adapter", str(t / "nope")], "no such folder"),
     ("adapter-is-a-file", lambda t, a: ["--adapter", str(a / "recipe.yaml")], "is a file"),
     ("not-an-adapter", lambda t, a: ["--adapter", str(t)], "no adapter_config.json there"),
-    ("no-recipe-no-dataset", _no_recipe, "has no recipe.yaml (not trained by hf-lora-recipe?), so its held-out set "
-                                         "is unknown: pass --dataset"),
+    (
+        "no-recipe-no-dataset",
+        _no_recipe,
+        "has no recipe.yaml (not trained by hf-lora-recipe?), so its held-out set is unknown: pass --dataset",
+    ),
     ("no-held-out-set", _no_held_out, "had no held-out set"),
     ("zero-examples", lambda t, a: ["--adapter", str(a), "--num_examples", "0"], "--num_examples must be >= 1; got 0"),
     ("negative-examples", lambda t, a: ["--adapter", str(a), "--num_examples", "-3"], "--num_examples must be >= 1"),
     ("zero-new-tokens", lambda t, a: ["--adapter", str(a), "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
     ("zero-batch", lambda t, a: ["--adapter", str(a), "--batch_size", "0"], "--batch_size must be >= 1"),
-    ("dataset-missing", lambda t, a: ["--adapter", str(a), "--dataset", str(t / "nope.json")],
-     "--dataset " + "{t}/nope.json: no such file or folder"),
-    ("split-missing", lambda t, a: ["--adapter", str(a), "--split", "validation"], "--split: 'validation' is not a "
-                                                                                   "split of"),
+    (
+        "dataset-missing",
+        lambda t, a: ["--adapter", str(a), "--dataset", str(t / "nope.json")],
+        "--dataset " + "{t}/nope.json: no such file or folder",
+    ),
+    (
+        "split-missing",
+        lambda t, a: ["--adapter", str(a), "--split", "validation"],
+        "--split: 'validation' is not a split of",
+    ),
     ("model-not-a-model", lambda t, a: ["--model", str(t)], "no config.json there"),
     ("abbreviated-flag", lambda t, a: ["--adapt", str(a)], "unknown flag --adapt; did you mean --adapter?"),
 ]
@@ -280,5 +357,7 @@ def test_hostile_input_is_one_line_before_anything_loads(argv, phrase, adapter, 
 def test_the_command_is_registered(tmp_path):
     result = run_cli(CLI, "eval", "--adapter", str(tmp_path / "nope"))
     assert result.returncode == 2
-    assert result.stderr == (f"hf-lora-recipe: error: --adapter {tmp_path / 'nope'}: no such folder; give the "
-                             "adapter's folder (a training output_dir)\n")
+    assert result.stderr == (
+        f"hf-lora-recipe: error: --adapter {tmp_path / 'nope'}: no such folder; give the "
+        "adapter's folder (a training output_dir)\n"
+    )

@@ -14,6 +14,7 @@ import torch
 
 from .test_speed_exactness import _one_step, _recipe
 
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only paths: needs CUDA")
 
 
@@ -53,7 +54,7 @@ def test_varlen_kernel_matches_per_example_sdpa_forward_and_backward(tiny_base, 
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
             token_losses = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="none")
             starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
-            losses = torch.stack([token_losses[a:b - 1].sum() for a, b in zip(starts, starts[1:])])
+            losses = torch.stack([token_losses[a : b - 1].sum() for a, b in zip(starts, starts[1:])])
         else:
             losses = []
             for example in examples:

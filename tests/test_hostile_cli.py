@@ -14,6 +14,7 @@ import pytest
 
 from .conftest import CLI, REPO_ROOT, shared_asset
 
+
 LLAMA_8B = "model_configs/llama-3-8b"
 
 
@@ -24,8 +25,13 @@ def _recipe(tmp_path: Path, text: str) -> str:
 
 
 ROWS = [
-    ("yaml-duplicate-key", "train", lambda t: ["--config", _recipe(t, "lora_r: 8\nlora_r: 16\n")], 2,
-     "line 2: key 'lora_r' is given twice"),
+    (
+        "yaml-duplicate-key",
+        "train",
+        lambda t: ["--config", _recipe(t, "lora_r: 8\nlora_r: 16\n")],
+        2,
+        "line 2: key 'lora_r' is given twice",
+    ),
     ("yaml-syntax-error", "train", lambda t: ["--config", _recipe(t, "lora_r: [8\n")], 2, "invalid YAML"),
     ("yaml-not-a-mapping", "preview", lambda t: ["--config", _recipe(t, "- lora_r\n")], 2, "a recipe is a mapping"),
     ("yaml-not-utf8", "plan", lambda t: ["--config", _binary(t)], 2, "not UTF-8 text"),
@@ -33,30 +39,76 @@ ROWS = [
     ("unknown-key", "train", lambda t: ["--lora_rank", "8"], 2, "did you mean 'lora_r'"),
     ("typed-accumulation", "train", lambda t: ["--gradient_accumulation_steps", "8"], 2, "derived, never typed"),
     ("flag-without-value", "train", lambda t: ["--learning_rate"], 2, "expected one argument"),
-    ("stray-positional", "train", lambda t: ["--lora_target_modules", "q_proj", "--lora_r", "8", "v_proj"], 2,
-     "unexpected argument 'v_proj'"),
+    (
+        "stray-positional",
+        "train",
+        lambda t: ["--lora_target_modules", "q_proj", "--lora_r", "8", "v_proj"],
+        2,
+        "unexpected argument 'v_proj'",
+    ),
     ("bad-bool", "train", lambda t: ["--bf16", "maybe"], 2, "bf16: cannot read 'maybe' as bool"),
     ("bad-choice", "train", lambda t: ["--dataset_format", "sharegpt"], 2, "dataset_format must be one of"),
-    ("all-linear-plus-names", "train", lambda t: ["--lora_target_modules", "all-linear", "q_proj"], 2, "give it alone"),
+    (
+        "all-linear-plus-names",
+        "train",
+        lambda t: ["--lora_target_modules", "all-linear", "q_proj"],
+        2,
+        "give it alone",
+    ),
     ("use-peft-false", "train", lambda t: ["--use_peft", "false"], 2, "always trains a LoRA adapter"),
     ("push-without-repo", "train", lambda t: ["--push_to_hub"], 2, "push_to_hub: true needs hub_model_id"),
-    ("plan-zero-gpus", "plan", lambda t: ["--model_config", str(shared_asset(LLAMA_8B)), "--num_gpus", "0"], 2,
-     "--num_gpus must be >= 1"),
-    ("plan-negative-memory", "plan", lambda t: ["--model_config", str(shared_asset(LLAMA_8B)), "--gpu_memory_gb", "-8"],
-     2, "--gpu_memory_gb must be positive"),
+    (
+        "plan-zero-gpus",
+        "plan",
+        lambda t: ["--model_config", str(shared_asset(LLAMA_8B)), "--num_gpus", "0"],
+        2,
+        "--num_gpus must be >= 1",
+    ),
+    (
+        "plan-negative-memory",
+        "plan",
+        lambda t: ["--model_config", str(shared_asset(LLAMA_8B)), "--gpu_memory_gb", "-8"],
+        2,
+        "--gpu_memory_gb must be positive",
+    ),
     ("plan-unknown-gpu", "plan", lambda t: ["--gpu", "GTX480"], 2, "invalid choice: 'GTX480'"),
-    ("plan-unknown-architecture", "plan", lambda t: ["--model_config", _config(t, "notamodel")], 2,
-     "config.json has model_type 'notamodel', which transformers"),
-    ("plan-missing-config", "plan", lambda t: ["--model_config", str(t / "no-model")], 2,
-     "no such folder, and not a Hub model id"),
-    ("generate-zero-tokens", "generate", lambda t: ["--model", str(t), "--prompt", "hi", "--max_new_tokens", "0"], 2,
-     "--max_new_tokens must be >= 1"),
+    (
+        "plan-unknown-architecture",
+        "plan",
+        lambda t: ["--model_config", _config(t, "notamodel")],
+        2,
+        "config.json has model_type 'notamodel', which transformers",
+    ),
+    (
+        "plan-missing-config",
+        "plan",
+        lambda t: ["--model_config", str(t / "no-model")],
+        2,
+        "no such folder, and not a Hub model id",
+    ),
+    (
+        "generate-zero-tokens",
+        "generate",
+        lambda t: ["--model", str(t), "--prompt", "hi", "--max_new_tokens", "0"],
+        2,
+        "--max_new_tokens must be >= 1",
+    ),
     ("generate-no-source", "generate", lambda t: ["--prompt", "hi"], 2, "one of the arguments --adapter --model"),
     ("preview-negative-count", "preview", lambda t: ["--num_examples", "-1"], 2, "--num_examples must be >= 0"),
-    ("push-bad-retries", "push", lambda t: ["--path", str(t), "--repo_id", "me/x", "--max_retries", "-1"], 2,
-     "--max_retries must be >= 0"),
-    ("merge-abbreviated-flag", "merge", lambda t: ["--adapt", str(t), "--output", str(t / "m")], 2,
-     "unknown flag --adapt; did you mean --adapter?"),
+    (
+        "push-bad-retries",
+        "push",
+        lambda t: ["--path", str(t), "--repo_id", "me/x", "--max_retries", "-1"],
+        2,
+        "--max_retries must be >= 0",
+    ),
+    (
+        "merge-abbreviated-flag",
+        "merge",
+        lambda t: ["--adapt", str(t), "--output", str(t / "m")],
+        2,
+        "unknown flag --adapt; did you mean --adapter?",
+    ),
 ]
 
 
@@ -97,8 +149,16 @@ def test_one_line_and_nothing_loaded(name, command, argv, code, phrase, tmp_path
 @pytest.mark.slow  # a real pipe needs a real process (~8 s); CI runs it
 def test_a_closed_pipe_ends_quietly():
     """`hf-lora-recipe preview ... | head -1`: the reader goes away; no BrokenPipe traceback."""
-    command = [CLI, "preview", "--model_name_or_path", str(shared_asset("tokenizers/llama2")), "--dataset_name",
-               str(shared_asset("data/alpaca_en_demo.json")), "--num_examples", "400"]
+    command = [
+        CLI,
+        "preview",
+        "--model_name_or_path",
+        str(shared_asset("tokenizers/llama2")),
+        "--dataset_name",
+        str(shared_asset("data/alpaca_en_demo.json")),
+        "--num_examples",
+        "400",
+    ]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = process.stdout.readline()
     process.stdout.close()  # what `head -1` does after its line

@@ -10,9 +10,10 @@ rows were kept.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from hf_lora_recipe.preview import main as preview_main
 from hf_lora_recipe.sources import load_rows
 
 from .conftest import shared_asset
+
 
 GOOD = {"instruction": "Say hi", "input": "", "output": "hi"}
 
@@ -52,16 +54,30 @@ def parquet(records: list[dict]) -> Callable[[Path], None]:
 
 
 def message(mid, parent, role, text, **extra) -> dict:
-    return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": 0, "lang": "en",
-            "deleted": False, "review_result": True, **extra}
+    return {
+        "message_id": mid,
+        "parent_id": parent,
+        "role": role,
+        "text": text,
+        "rank": 0,
+        "lang": "en",
+        "deleted": False,
+        "review_result": True,
+        **extra,
+    }
 
 
 OASST_FLAT = [
-    message("r1", None, "prompter", "Q1"), message("a1", "r1", "assistant", "A1"),
-    message("o1", "gone", "assistant", "orphan"), message("o2", "o1", "prompter", "orphan's reply"),  # missing parent
-    message("c1", "c2", "prompter", "cycle 1"), message("c2", "c1", "assistant", "cycle 2"),  # a parent cycle
-    message("r2", None, "prompter", "Q2"), message("d1", "r2", "assistant", "deleted", deleted=True),
-    message("d2", "d1", "prompter", "under deleted"), message("d3", "d2", "assistant", "under deleted too"),
+    message("r1", None, "prompter", "Q1"),
+    message("a1", "r1", "assistant", "A1"),
+    message("o1", "gone", "assistant", "orphan"),
+    message("o2", "o1", "prompter", "orphan's reply"),  # missing parent
+    message("c1", "c2", "prompter", "cycle 1"),
+    message("c2", "c1", "assistant", "cycle 2"),  # a parent cycle
+    message("r2", None, "prompter", "Q2"),
+    message("d1", "r2", "assistant", "deleted", deleted=True),
+    message("d2", "d1", "prompter", "under deleted"),
+    message("d3", "d2", "assistant", "under deleted too"),
     message("a2", "r2", "assistant", "A2", rank=1),
 ]
 
@@ -87,94 +103,271 @@ def _test_split_is(expected: list[str]) -> Callable[[Path], None]:
 
 CASES = [
     # --- one non-string value: named at its own row, skip drops exactly that row, no re-typing
-    Case("int-in-json-list", {"rows.json": json.dumps(rows(8, **{"5": {"output": 3}}))}, [], 2,
-         "rows.json element 5 (0-based): field 'output' is int, not a string"),
-    Case("int-in-json-list-skip", {"rows.json": json.dumps(rows(8, **{"5": {"output": 3}, "2": {"output": "42"}}))},
-         ["--on_bad_rows", "skip"], 0, "1 field 'output' is int, not a string",
-         kept=["a0", "a1", "42", "a3", "a4", "a6", "a7"]),
-    Case("dict-in-jsonl", {"rows.jsonl": jsonl(rows(8, **{"5": {"output": {"text": "hi"}}}))}, [], 2,
-         "rows.jsonl line 6: field 'output' is dict, not a string"),
-    Case("dict-in-jsonl-skip", {"rows.jsonl": jsonl(rows(8, **{"5": {"output": {"text": "hi"}}}))},
-         ["--on_bad_rows", "skip"], 0, "1 field 'output' is dict, not a string",
-         kept=["a0", "a1", "a2", "a3", "a4", "a6", "a7"]),
-    Case("int-first-row-skip", {"rows.jsonl": jsonl(rows(4, **{"0": {"instruction": 7}}))}, ["--on_bad_rows", "skip"],
-         0, "1 field 'instruction' is int, not a string", kept=["a1", "a2", "a3"]),
-    Case("jsonl-line-counts-blank-lines", {"rows.jsonl": jsonl(rows(4, **{"3": {"output": None}}), {1: 2, 3: 1})},
-         [], 2, "rows.jsonl line 7: field 'output' is missing or null"),
-    Case("bool-and-list-skip", {"rows.jsonl": jsonl(rows(5, **{"1": {"output": True}, "3": {"input": ["x"]}}))},
-         ["--on_bad_rows", "skip"], 0, "1 field 'input' is list, not a string", kept=["a0", "a2", "a4"]),
-    Case("message-content-int", {"chats.jsonl": jsonl([
-        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "ok"}]},
-        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": 5}]}])},
-         ["--dataset_format", "messages"], 2, "chats.jsonl line 2: field 'messages[1].content' is int, not a string"),
-    Case("csv-line-after-multiline-cell", {"rows.csv": 'instruction,input,output\n"two\nlines",,a0\nx,,a1\ny,,\n'},
-         [], 2, "rows.csv line 5: field 'output' is missing or null"),
-    Case("csv-too-many-values", {"rows.csv": "instruction,input,output\nx,,a0\nx,y,z,w\n"}, [], 2,
-         "rows.csv line 3: 4 values but the header names 3 columns"),
-    Case("parquet-row", {"rows.parquet": parquet(rows(4, **{"2": {"output": None}}))}, [], 2,
-         "rows.parquet row 2: field 'output' is missing or null"),
+    Case(
+        "int-in-json-list",
+        {"rows.json": json.dumps(rows(8, **{"5": {"output": 3}}))},
+        [],
+        2,
+        "rows.json element 5 (0-based): field 'output' is int, not a string",
+    ),
+    Case(
+        "int-in-json-list-skip",
+        {"rows.json": json.dumps(rows(8, **{"5": {"output": 3}, "2": {"output": "42"}}))},
+        ["--on_bad_rows", "skip"],
+        0,
+        "1 field 'output' is int, not a string",
+        kept=["a0", "a1", "42", "a3", "a4", "a6", "a7"],
+    ),
+    Case(
+        "dict-in-jsonl",
+        {"rows.jsonl": jsonl(rows(8, **{"5": {"output": {"text": "hi"}}}))},
+        [],
+        2,
+        "rows.jsonl line 6: field 'output' is dict, not a string",
+    ),
+    Case(
+        "dict-in-jsonl-skip",
+        {"rows.jsonl": jsonl(rows(8, **{"5": {"output": {"text": "hi"}}}))},
+        ["--on_bad_rows", "skip"],
+        0,
+        "1 field 'output' is dict, not a string",
+        kept=["a0", "a1", "a2", "a3", "a4", "a6", "a7"],
+    ),
+    Case(
+        "int-first-row-skip",
+        {"rows.jsonl": jsonl(rows(4, **{"0": {"instruction": 7}}))},
+        ["--on_bad_rows", "skip"],
+        0,
+        "1 field 'instruction' is int, not a string",
+        kept=["a1", "a2", "a3"],
+    ),
+    Case(
+        "jsonl-line-counts-blank-lines",
+        {"rows.jsonl": jsonl(rows(4, **{"3": {"output": None}}), {1: 2, 3: 1})},
+        [],
+        2,
+        "rows.jsonl line 7: field 'output' is missing or null",
+    ),
+    Case(
+        "bool-and-list-skip",
+        {"rows.jsonl": jsonl(rows(5, **{"1": {"output": True}, "3": {"input": ["x"]}}))},
+        ["--on_bad_rows", "skip"],
+        0,
+        "1 field 'input' is list, not a string",
+        kept=["a0", "a2", "a4"],
+    ),
+    Case(
+        "message-content-int",
+        {
+            "chats.jsonl": jsonl(
+                [
+                    {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "ok"}]},
+                    {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": 5}]},
+                ]
+            )
+        },
+        ["--dataset_format", "messages"],
+        2,
+        "chats.jsonl line 2: field 'messages[1].content' is int, not a string",
+    ),
+    Case(
+        "csv-line-after-multiline-cell",
+        {"rows.csv": 'instruction,input,output\n"two\nlines",,a0\nx,,a1\ny,,\n'},
+        [],
+        2,
+        "rows.csv line 5: field 'output' is missing or null",
+    ),
+    Case(
+        "csv-too-many-values",
+        {"rows.csv": "instruction,input,output\nx,,a0\nx,y,z,w\n"},
+        [],
+        2,
+        "rows.csv line 3: 4 values but the header names 3 columns",
+    ),
+    Case(
+        "parquet-row",
+        {"rows.parquet": parquet(rows(4, **{"2": {"output": None}}))},
+        [],
+        2,
+        "rows.parquet row 2: field 'output' is missing or null",
+    ),
     # --- files that can't be read: one line naming the file and the place
-    Case("corrupt-json", {"bad.json": '[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]'},
-         [], 2, "bad.json line 2 column 22: not valid JSON (Expecting ',' delimiter)"),
-    Case("corrupt-jsonl", {"bad.jsonl": jsonl([GOOD, GOOD, '{"instruction": "x", "output": }'], {2: 1})}, [], 2,
-         "bad.jsonl line 4 column 32: not valid JSON"),
-    Case("truncated-jsonl", {"bad.jsonl": jsonl([GOOD]) + '{"instruction": "x", "out'}, [], 2,
-         "bad.jsonl line 2 column"),
-    Case("garbage-after-list", {"bad.json": json.dumps(rows(2)) + "\nxyz"}, [], 2,
-         "bad.json line 2 column 1: not valid JSON (Extra data)"),
-    Case("json-list-named-jsonl", {"list.jsonl": json.dumps(rows(2), indent=1)}, [], 2,
-         "list.jsonl line 1 column 2: not valid JSON (Expecting value); fix the file there; this looks like a JSON list"),
-    Case("json-lines-named-json", {"lines.json": jsonl(rows(3, **{"2": {"output": ""}}))}, [], 2,
-         "lines.json line 3: field 'output' is empty"),
+    Case(
+        "corrupt-json",
+        {"bad.json": '[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]'},
+        [],
+        2,
+        "bad.json line 2 column 22: not valid JSON (Expecting ',' delimiter)",
+    ),
+    Case(
+        "corrupt-jsonl",
+        {"bad.jsonl": jsonl([GOOD, GOOD, '{"instruction": "x", "output": }'], {2: 1})},
+        [],
+        2,
+        "bad.jsonl line 4 column 32: not valid JSON",
+    ),
+    Case(
+        "truncated-jsonl", {"bad.jsonl": jsonl([GOOD]) + '{"instruction": "x", "out'}, [], 2, "bad.jsonl line 2 column"
+    ),
+    Case(
+        "garbage-after-list",
+        {"bad.json": json.dumps(rows(2)) + "\nxyz"},
+        [],
+        2,
+        "bad.json line 2 column 1: not valid JSON (Extra data)",
+    ),
+    Case(
+        "json-list-named-jsonl",
+        {"list.jsonl": json.dumps(rows(2), indent=1)},
+        [],
+        2,
+        "list.jsonl line 1 column 2: not valid JSON (Expecting value); fix the file there; this looks like a JSON list",
+    ),
+    Case(
+        "json-lines-named-json",
+        {"lines.json": jsonl(rows(3, **{"2": {"output": ""}}))},
+        [],
+        2,
+        "lines.json line 3: field 'output' is empty",
+    ),
     Case("empty-file", {"empty.json": ""}, [], 2, "empty.json is empty"),
     Case("blank-jsonl", {"blank.jsonl": "\n  \n\n"}, [], 2, "blank.jsonl is empty"),
     Case("empty-list", {"none.json": "[]"}, [], 2, "none.json is an empty JSON list"),
-    Case("object-not-list", {"obj.json": json.dumps({"data": rows(2)}, indent=2)}, [], 2,
-         "obj.json holds a JSON object (keys data), not a list of rows"),
+    Case(
+        "object-not-list",
+        {"obj.json": json.dumps({"data": rows(2)}, indent=2)},
+        [],
+        2,
+        "obj.json holds a JSON object (keys data), not a list of rows",
+    ),
     Case("scalar", {"n.json": "42"}, [], 2, "n.json holds a JSON number, not a list of rows"),
-    Case("list-of-strings", {"s.json": '["a", "b"]'}, [], 2, "s.json element 0 (0-based): a JSON string, not an object"),
-    Case("jsonl-line-is-a-list", {"l.jsonl": jsonl([GOOD, [1, 2]])}, [], 2, "l.jsonl line 2: a JSON list, not an object"),
-    Case("latin-1", {"latin.json": '[{"instruction": "caf\u00e9", "output": "x"}]'.encode("latin-1")}, [], 2,
-         "latin.json: not UTF-8 text: byte 0xe9 at byte offset 21 (line 1)"),
-    Case("utf-16", {"wide.jsonl": jsonl([GOOD]).encode("utf-16")}, [], 2, "wide.jsonl: not UTF-8 text (it looks like UTF-16)"),
+    Case(
+        "list-of-strings", {"s.json": '["a", "b"]'}, [], 2, "s.json element 0 (0-based): a JSON string, not an object"
+    ),
+    Case(
+        "jsonl-line-is-a-list", {"l.jsonl": jsonl([GOOD, [1, 2]])}, [], 2, "l.jsonl line 2: a JSON list, not an object"
+    ),
+    Case(
+        "latin-1",
+        {"latin.json": '[{"instruction": "caf\u00e9", "output": "x"}]'.encode("latin-1")},
+        [],
+        2,
+        "latin.json: not UTF-8 text: byte 0xe9 at byte offset 21 (line 1)",
+    ),
+    Case(
+        "utf-16",
+        {"wide.jsonl": jsonl([GOOD]).encode("utf-16")},
+        [],
+        2,
+        "wide.jsonl: not UTF-8 text (it looks like UTF-16)",
+    ),
     Case("missing-file", {}, ["--dataset_name", "{tmp}/nope.jsonl"], 2, "nope.jsonl: no such file or folder"),
-    Case("missing-relative-dir", {}, ["--dataset_name", "./data/"], 2,
-         "dataset_name ./data/: no such file or folder"),
-    Case("no-data-files", {"data/notes.txt": "hello"}, ["--dataset_name", "{tmp}/data"], 2,
-         "no data files in this folder or its sub-folders"),
+    Case("missing-relative-dir", {}, ["--dataset_name", "./data/"], 2, "dataset_name ./data/: no such file or folder"),
+    Case(
+        "no-data-files",
+        {"data/notes.txt": "hello"},
+        ["--dataset_name", "{tmp}/data"],
+        2,
+        "no data files in this folder or its sub-folders",
+    ),
     Case("empty-folder", {"data/.keep": ""}, ["--dataset_name", "{tmp}/data"], 2, "it is empty"),
     Case("unsupported-file", {"rows.txt": "hello"}, [], 2, "rows.txt: not a data file type this recipe reads"),
     # --- folders and splits: train/ and test/ never merge; an absent split is an error naming the ones found
-    Case("split-folders", {"data/train/a.jsonl": jsonl(rows(2)), "data/test/b.jsonl": jsonl(rows(5)[2:])},
-         ["--dataset_name", "{tmp}/data", "--dataset_test_split", "test"], 0, "2 examples in", kept=["a0", "a1"],
-         check=_test_split_is(["a2", "a3", "a4"])),
-    Case("split-file-names", {"data/my_train.jsonl": jsonl(rows(2)), "data/test-1.jsonl": jsonl(rows(5)[2:])},
-         ["--dataset_name", "{tmp}/data"], 0, "2 examples in", kept=["a0", "a1"], check=_test_split_is(["a2", "a3", "a4"])),
-    Case("test-split-absent", {"data/train/a.jsonl": jsonl(rows(2)), "data/test/b.jsonl": jsonl(rows(2))},
-         ["--dataset_name", "{tmp}/data", "--dataset_test_split", "validation"], 2,
-         "dataset_test_split: 'validation' is not a split of"),
-    Case("test-split-of-a-file", {"rows.json": json.dumps(rows(2))}, ["--dataset_test_split", "test"], 2,
-         "it has train (a single file is the train split only)"),
-    Case("dev-folder-as-validation", {"data/train/a.jsonl": jsonl(rows(2)), "data/dev/b.jsonl": jsonl(rows(3))},
-         ["--dataset_name", "{tmp}/data", "--dataset_train_split", "validation"], 0, "3 examples in",
-         kept=["a0", "a1", "a2"]),
-    Case("flat-folder-is-train", {"data/a.jsonl": jsonl(rows(2)), "data/b.json": json.dumps(rows(3)[2:])},
-         ["--dataset_name", "{tmp}/data"], 0, "3 examples in", kept=["a0", "a1", "a2"]),
-    Case("file-in-no-split", {"data/train.jsonl": jsonl(rows(2)), "data/extra.jsonl": jsonl(rows(2))},
-         ["--dataset_name", "{tmp}/data"], 2, "extra.jsonl belongs to no split"),
-    Case("bad-row-in-a-folder", {"data/train/a.jsonl": jsonl(rows(2)), "data/train/b.jsonl": jsonl(rows(3, **{"1": {"output": 1}}))},
-         ["--dataset_name", "{tmp}/data"], 2, "data/train/b.jsonl line 2: field 'output' is int"),
+    Case(
+        "split-folders",
+        {"data/train/a.jsonl": jsonl(rows(2)), "data/test/b.jsonl": jsonl(rows(5)[2:])},
+        ["--dataset_name", "{tmp}/data", "--dataset_test_split", "test"],
+        0,
+        "2 examples in",
+        kept=["a0", "a1"],
+        check=_test_split_is(["a2", "a3", "a4"]),
+    ),
+    Case(
+        "split-file-names",
+        {"data/my_train.jsonl": jsonl(rows(2)), "data/test-1.jsonl": jsonl(rows(5)[2:])},
+        ["--dataset_name", "{tmp}/data"],
+        0,
+        "2 examples in",
+        kept=["a0", "a1"],
+        check=_test_split_is(["a2", "a3", "a4"]),
+    ),
+    Case(
+        "test-split-absent",
+        {"data/train/a.jsonl": jsonl(rows(2)), "data/test/b.jsonl": jsonl(rows(2))},
+        ["--dataset_name", "{tmp}/data", "--dataset_test_split", "validation"],
+        2,
+        "dataset_test_split: 'validation' is not a split of",
+    ),
+    Case(
+        "test-split-of-a-file",
+        {"rows.json": json.dumps(rows(2))},
+        ["--dataset_test_split", "test"],
+        2,
+        "it has train (a single file is the train split only)",
+    ),
+    Case(
+        "dev-folder-as-validation",
+        {"data/train/a.jsonl": jsonl(rows(2)), "data/dev/b.jsonl": jsonl(rows(3))},
+        ["--dataset_name", "{tmp}/data", "--dataset_train_split", "validation"],
+        0,
+        "3 examples in",
+        kept=["a0", "a1", "a2"],
+    ),
+    Case(
+        "flat-folder-is-train",
+        {"data/a.jsonl": jsonl(rows(2)), "data/b.json": json.dumps(rows(3)[2:])},
+        ["--dataset_name", "{tmp}/data"],
+        0,
+        "3 examples in",
+        kept=["a0", "a1", "a2"],
+    ),
+    Case(
+        "file-in-no-split",
+        {"data/train.jsonl": jsonl(rows(2)), "data/extra.jsonl": jsonl(rows(2))},
+        ["--dataset_name", "{tmp}/data"],
+        2,
+        "extra.jsonl belongs to no split",
+    ),
+    Case(
+        "bad-row-in-a-folder",
+        {"data/train/a.jsonl": jsonl(rows(2)), "data/train/b.jsonl": jsonl(rows(3, **{"1": {"output": 1}}))},
+        ["--dataset_name", "{tmp}/data"],
+        2,
+        "data/train/b.jsonl line 2: field 'output' is int",
+    ),
     # --- OpenAssistant: messages no conversation can reach are counted, not lost silently
-    Case("oasst-dropped-counted", {"msgs.jsonl": jsonl(OASST_FLAT)}, ["--dataset_format", "oasst"], 0,
-         "2 messages whose parent_id is not in the data (with their replies), 2 messages in (or under) a parent_id "
-         "cycle", kept=["A1", "A2"]),
-    Case("oasst-bad-text", {"msgs.jsonl": jsonl([*OASST_FLAT[:2], message("b", "r1", "assistant", 7)])},
-         ["--dataset_format", "oasst"], 2, "msgs.jsonl line 3: field 'text' is int, not a string"),
-    Case("hub-id-offline", {}, ["--dataset_name", "someone/no-such-dataset"], 2,
-         "dataset_name someone/no-such-dataset: not a local file or folder, and the Hub dataset could not be loaded"),
+    Case(
+        "oasst-dropped-counted",
+        {"msgs.jsonl": jsonl(OASST_FLAT)},
+        ["--dataset_format", "oasst"],
+        0,
+        "2 messages whose parent_id is not in the data (with their replies), 2 messages in (or under) a parent_id "
+        "cycle",
+        kept=["A1", "A2"],
+    ),
+    Case(
+        "oasst-bad-text",
+        {"msgs.jsonl": jsonl([*OASST_FLAT[:2], message("b", "r1", "assistant", 7)])},
+        ["--dataset_format", "oasst"],
+        2,
+        "msgs.jsonl line 3: field 'text' is int, not a string",
+    ),
+    Case(
+        "hub-id-offline",
+        {},
+        ["--dataset_name", "someone/no-such-dataset"],
+        2,
+        "dataset_name someone/no-such-dataset: not a local file or folder, and the Hub dataset could not be loaded",
+    ),
     # --- ~ is the home folder
-    Case("tilde", {"home/rows.json": json.dumps(rows(2))}, ["--dataset_name", "~/rows.json"], 0, "2 examples in",
-         kept=["a0", "a1"]),
+    Case(
+        "tilde",
+        {"home/rows.json": json.dumps(rows(2))},
+        ["--dataset_name", "~/rows.json"],
+        0,
+        "2 examples in",
+        kept=["a0", "a1"],
+    ),
 ]
 
 

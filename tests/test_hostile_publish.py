@@ -30,11 +30,21 @@ from .conftest import HUB_TOKEN
 from .fixtures import build_adapter_dir
 from .hub_server import HubServer, start_hub_server
 
+
 TOKEN = HUB_TOKEN  # the local Hub's (conftest's `hub` fixture)
 WRONG_TOKEN = "hf_wrong_token_must_not_be_printed"
 SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- the user's key, never to be uploaded"
-ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "README.md", "recipe.yaml", "training_results.json", "training_loss.png"}
+ADAPTER_FILES = {
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "README.md",
+    "recipe.yaml",
+    "training_results.json",
+    "training_loss.png",
+}
 
 
 def tree(path: Path) -> dict[str, Any]:
@@ -48,8 +58,9 @@ def tree(path: Path) -> dict[str, Any]:
         for name in dirs + files:
             full = Path(root, name)
             relative = str(full.relative_to(path))
-            found[relative] = (f"-> {os.readlink(full)}" if full.is_symlink()
-                               else "<dir>" if full.is_dir() else full.read_bytes())
+            found[relative] = (
+                f"-> {os.readlink(full)}" if full.is_symlink() else "<dir>" if full.is_dir() else full.read_bytes()
+            )
     return found
 
 
@@ -111,6 +122,7 @@ def nothing_new(*names: str) -> Callable[[Ctx, str, str], None]:
         for name in names:
             assert not (ctx.tmp / name).exists(), name
         assert not [p.name for p in ctx.tmp.iterdir() if p.name.startswith(".")], "a staging folder was left"
+
     return check
 
 
@@ -123,6 +135,7 @@ def merged_as(dtype: str) -> Callable[[Ctx, str, str], None]:
         assert (merged / "model.safetensors").stat().st_size > 0
         leftovers = [p.name for p in ctx.tmp.iterdir() if p.name not in ("adapter", "secret.json")]
         assert leftovers == ["merged"], leftovers  # no staging folder, no retired one
+
     return check
 
 
@@ -169,19 +182,29 @@ def link_warnings(ctx: Ctx, out: str, err: str) -> None:
 def stray_files_named(ctx: Ctx, out: str, err: str) -> None:
     only_the_adapter_files(ctx, out, err)
     line = next(line for line in out.splitlines() if "not published" in line)
-    for name in (".env", "checkpoint-2/", "last.ckpt", "notes.json", "optimizer.pt", "secrets.txt",
-                 "training_args.bin"):
+    for name in (
+        ".env",
+        "checkpoint-2/",
+        "last.ckpt",
+        "notes.json",
+        "optimizer.pt",
+        "secrets.txt",
+        "training_args.bin",
+    ):
         assert name in line, name
 
 
 def upload_list_printed(ctx: Ctx, out: str, err: str) -> None:
     published = ctx.published()
     assert set(published) == ADAPTER_FILES | {"eval_results.json"}
-    listed = out[out.index("in one commit:"):]
+    listed = out[out.index("in one commit:") :]
     for name in published:
         assert f"  {name}  " in listed, name
     assert "optimizer.pt" not in published
-    assert "--include *.pt matched only files push never publishes (pickles, dot-files, folders, links): optimizer.pt" in err
+    assert (
+        "--include *.pt matched only files push never publishes (pickles, dot-files, folders, links): optimizer.pt"
+        in err
+    )
 
 
 def include_extra(ctx: Ctx) -> list[str]:
@@ -297,87 +320,238 @@ def merged_without_the_link(ctx: Ctx, out: str, err: str) -> None:
 
 CASES = [
     # ------------------------------------------------ merge: never destroy what we did not write
-    Case("merge-into-a-folder-of-user-documents", "merge",
-         lambda c: with_adapter(c, "--output", str(docs_folder(c))),
-         2, "not a merged model written by hf-lora-recipe"),
-    Case("merge-into-user-documents-even-with-overwrite", "merge",
-         lambda c: with_adapter(c, "--output", str(docs_folder(c)), "--overwrite"),
-         2, "merge never replaces files it did not write"),
-    Case("merge-output-is-the-adapter-folder", "merge",
-         lambda c: with_adapter(c, "--output", str(c.tmp / "adapter")),
-         2, "is the adapter's folder"),
-    Case("merge-output-is-the-adapter-folder-via-dots", "merge",
-         lambda c: with_adapter(c, "--output", str(c.tmp / "adapter" / "checkpoint-2" / ".."), "--overwrite"),
-         2, "is the adapter's folder"),
-    Case("merge-output-inside-the-adapter-folder", "merge",
-         lambda c: with_adapter(c, "--output", str(c.tmp / "adapter" / "merged")),
-         2, "is inside the adapter's folder", nothing_new("adapter/merged")),
-    Case("merge-output-contains-the-adapter-folder", "merge",
-         lambda c: ["--adapter", str(c.keep(c.adapter_copy("runs/adapter"))), "--output", str(c.tmp / "runs")],
-         2, "contains the adapter's folder"),
-    Case("merge-output-is-an-existing-file", "merge",
-         lambda c: with_adapter(c, "--output", str(a_file(c, "model.bin")), "--overwrite"),
-         2, "is an existing file"),
-    Case("merge-output-under-an-existing-file", "merge",
-         lambda c: with_adapter(c, "--output", str(a_file(c, "notes.txt") / "merged")),
-         2, "notes.txt is a file, not a folder"),
+    Case(
+        "merge-into-a-folder-of-user-documents",
+        "merge",
+        lambda c: with_adapter(c, "--output", str(docs_folder(c))),
+        2,
+        "not a merged model written by hf-lora-recipe",
+    ),
+    Case(
+        "merge-into-user-documents-even-with-overwrite",
+        "merge",
+        lambda c: with_adapter(c, "--output", str(docs_folder(c)), "--overwrite"),
+        2,
+        "merge never replaces files it did not write",
+    ),
+    Case(
+        "merge-output-is-the-adapter-folder",
+        "merge",
+        lambda c: with_adapter(c, "--output", str(c.tmp / "adapter")),
+        2,
+        "is the adapter's folder",
+    ),
+    Case(
+        "merge-output-is-the-adapter-folder-via-dots",
+        "merge",
+        lambda c: with_adapter(c, "--output", str(c.tmp / "adapter" / "checkpoint-2" / ".."), "--overwrite"),
+        2,
+        "is the adapter's folder",
+    ),
+    Case(
+        "merge-output-inside-the-adapter-folder",
+        "merge",
+        lambda c: with_adapter(c, "--output", str(c.tmp / "adapter" / "merged")),
+        2,
+        "is inside the adapter's folder",
+        nothing_new("adapter/merged"),
+    ),
+    Case(
+        "merge-output-contains-the-adapter-folder",
+        "merge",
+        lambda c: ["--adapter", str(c.keep(c.adapter_copy("runs/adapter"))), "--output", str(c.tmp / "runs")],
+        2,
+        "contains the adapter's folder",
+    ),
+    Case(
+        "merge-output-is-an-existing-file",
+        "merge",
+        lambda c: with_adapter(c, "--output", str(a_file(c, "model.bin")), "--overwrite"),
+        2,
+        "is an existing file",
+    ),
+    Case(
+        "merge-output-under-an-existing-file",
+        "merge",
+        lambda c: with_adapter(c, "--output", str(a_file(c, "notes.txt") / "merged")),
+        2,
+        "notes.txt is a file, not a folder",
+    ),
     Case("merge-output-is-a-symlink", "merge", link_to_documents, 2, "is a symbolic link"),
-    Case("merge-output-with-tilde-is-expanded", "merge", tilde_output,
-         2, "home/docs is a folder that is not empty"),
-    Case("merge-over-our-merge-without-overwrite", "merge",
-         lambda c: with_adapter(c, "--output", str(c.keep(c.previous_merge()))),
-         2, "pass --overwrite to replace it"),
-    Case("merge-over-our-merge-holding-a-user-file", "merge", our_merge_holding_a_user_file,
-         2, "my-notes.md, which merge did not write"),
-    Case("merge-over-a-pre-marker-merge-of-ours-without-overwrite", "merge", fake_merge_of_ours_without_marker,
-         2, "pass --overwrite"),
-    Case("merge-overwrite-replaces-our-merge-atomically", "merge", over_our_merge,
-         0, "merged model written to", merged_as("bfloat16")),
-    Case("merge-into-an-empty-folder-never-copying-a-link", "merge", into_empty_folder_from_adapter_with_a_link, 0,
-         "merged model written to", merged_without_the_link),
+    Case("merge-output-with-tilde-is-expanded", "merge", tilde_output, 2, "home/docs is a folder that is not empty"),
+    Case(
+        "merge-over-our-merge-without-overwrite",
+        "merge",
+        lambda c: with_adapter(c, "--output", str(c.keep(c.previous_merge()))),
+        2,
+        "pass --overwrite to replace it",
+    ),
+    Case(
+        "merge-over-our-merge-holding-a-user-file",
+        "merge",
+        our_merge_holding_a_user_file,
+        2,
+        "my-notes.md, which merge did not write",
+    ),
+    Case(
+        "merge-over-a-pre-marker-merge-of-ours-without-overwrite",
+        "merge",
+        fake_merge_of_ours_without_marker,
+        2,
+        "pass --overwrite",
+    ),
+    Case(
+        "merge-overwrite-replaces-our-merge-atomically",
+        "merge",
+        over_our_merge,
+        0,
+        "merged model written to",
+        merged_as("bfloat16"),
+    ),
+    Case(
+        "merge-into-an-empty-folder-never-copying-a-link",
+        "merge",
+        into_empty_folder_from_adapter_with_a_link,
+        0,
+        "merged model written to",
+        merged_without_the_link,
+    ),
     # ------------------------------------------------ merge: bad arguments, one line each
-    Case("merge-bad-dtype", "merge", lambda c: with_adapter(c, "--output", str(c.tmp / "m"), "--dtype", "float8"),
-         2, "--dtype: invalid choice: 'float8'", nothing_new("m")),
-    Case("merge-folder-without-adapter-config", "merge",
-         lambda c: ["--adapter", str(c.keep(docs_folder(c))), "--output", str(c.tmp / "m")],
-         2, "no adapter_config.json there", nothing_new("m")),
-    Case("merge-adapter-that-is-not-there", "merge",
-         lambda c: ["--adapter", "./no/such/adapter", "--output", str(c.tmp / "m")],
-         2, "no such folder, and not a Hub repo id", nothing_new("m")),
-    Case("merge-adapter-config-not-json", "merge",
-         lambda c: ["--adapter", str(adapter_with_config(c, "{ not json")), "--output", str(c.tmp / "m")],
-         2, "adapter_config.json cannot be read as JSON", nothing_new("m")),
-    Case("merge-base-named-in-adapter-config-is-gone", "merge", missing_base,
-         2, "deleted-base is not there; pass --base", nothing_new("merged")),
+    Case(
+        "merge-bad-dtype",
+        "merge",
+        lambda c: with_adapter(c, "--output", str(c.tmp / "m"), "--dtype", "float8"),
+        2,
+        "--dtype: invalid choice: 'float8'",
+        nothing_new("m"),
+    ),
+    Case(
+        "merge-folder-without-adapter-config",
+        "merge",
+        lambda c: ["--adapter", str(c.keep(docs_folder(c))), "--output", str(c.tmp / "m")],
+        2,
+        "no adapter_config.json there",
+        nothing_new("m"),
+    ),
+    Case(
+        "merge-adapter-that-is-not-there",
+        "merge",
+        lambda c: ["--adapter", "./no/such/adapter", "--output", str(c.tmp / "m")],
+        2,
+        "no such folder, and not a Hub repo id",
+        nothing_new("m"),
+    ),
+    Case(
+        "merge-adapter-config-not-json",
+        "merge",
+        lambda c: ["--adapter", str(adapter_with_config(c, "{ not json")), "--output", str(c.tmp / "m")],
+        2,
+        "adapter_config.json cannot be read as JSON",
+        nothing_new("m"),
+    ),
+    Case(
+        "merge-base-named-in-adapter-config-is-gone",
+        "merge",
+        missing_base,
+        2,
+        "deleted-base is not there; pass --base",
+        nothing_new("merged"),
+    ),
     # ------------------------------------------------ push: publish only what we mean to
     Case("push-symlinks-are-never-followed", "push", links_out, 0, "never follows links", link_warnings),
-    Case("push-stray-files-pickles-and-checkpoints-stay-home", "push", stray_files, 0, "not published",
-         stray_files_named),
-    Case("push-include-adds-a-file-and-the-upload-list-is-printed", "push", include_extra, 0,
-         "files (", upload_list_printed),
-    Case("push-additional-chat-templates-folder", "push", extra_chat_templates, 0, "tool_use.jinja",
-         chat_templates_published),
+    Case(
+        "push-stray-files-pickles-and-checkpoints-stay-home",
+        "push",
+        stray_files,
+        0,
+        "not published",
+        stray_files_named,
+    ),
+    Case(
+        "push-include-adds-a-file-and-the-upload-list-is-printed",
+        "push",
+        include_extra,
+        0,
+        "files (",
+        upload_list_printed,
+    ),
+    Case(
+        "push-additional-chat-templates-folder",
+        "push",
+        extra_chat_templates,
+        0,
+        "tool_use.jinja",
+        chat_templates_published,
+    ),
     # ------------------------------------------------ push: bad input and a failing Hub, one line each
-    Case("push-path-missing", "push", lambda c: ["--path", str(c.tmp / "nope"), "--repo_id", c.repo],
-         2, "nope: no such folder", no_request),
-    Case("push-path-is-a-file", "push", lambda c: ["--path", str(a_file(c, "model.safetensors")), "--repo_id", c.repo],
-         2, "is a file, not a folder", no_request),
-    Case("push-folder-without-weights", "push", lambda c: ["--path", str(docs_folder(c)), "--repo_id", c.repo],
-         2, "holds no .safetensors weights", no_request),
-    Case("push-invalid-repo-id-three-parts", "push", lambda c: pushable(c)[:3] + ["me/models/adapter"],
-         2, "'me/models/adapter' is not a valid Hub repo id", no_request),
-    Case("push-invalid-repo-id-characters", "push", lambda c: pushable(c)[:3] + ["me/my adapter!"],
-         2, "is not a valid Hub repo id", no_request),
-    Case("push-include-with-a-folder", "push", lambda c: pushable(c, "--include", "checkpoint-2/*"),
-         2, "top-level file names only", no_request),
+    Case(
+        "push-path-missing",
+        "push",
+        lambda c: ["--path", str(c.tmp / "nope"), "--repo_id", c.repo],
+        2,
+        "nope: no such folder",
+        no_request,
+    ),
+    Case(
+        "push-path-is-a-file",
+        "push",
+        lambda c: ["--path", str(a_file(c, "model.safetensors")), "--repo_id", c.repo],
+        2,
+        "is a file, not a folder",
+        no_request,
+    ),
+    Case(
+        "push-folder-without-weights",
+        "push",
+        lambda c: ["--path", str(docs_folder(c)), "--repo_id", c.repo],
+        2,
+        "holds no .safetensors weights",
+        no_request,
+    ),
+    Case(
+        "push-invalid-repo-id-three-parts",
+        "push",
+        lambda c: pushable(c)[:3] + ["me/models/adapter"],
+        2,
+        "'me/models/adapter' is not a valid Hub repo id",
+        no_request,
+    ),
+    Case(
+        "push-invalid-repo-id-characters",
+        "push",
+        lambda c: pushable(c)[:3] + ["me/my adapter!"],
+        2,
+        "is not a valid Hub repo id",
+        no_request,
+    ),
+    Case(
+        "push-include-with-a-folder",
+        "push",
+        lambda c: pushable(c, "--include", "checkpoint-2/*"),
+        2,
+        "top-level file names only",
+        no_request,
+    ),
     Case("push-no-token", "push", pushable, 2, "no Hugging Face token", no_request, token=False),
     Case("push-wrong-token", "push", pushable, 2, "refused the token (HTTP 401", token_not_shown, token=WRONG_TOKEN),
-    Case("push-dead-endpoint", "push", lambda c: pushable(c, "--max_retries", "0"),
-         2, "cannot reach the Hub at http://127.0.0.1:", hub="dead"),
+    Case(
+        "push-dead-endpoint",
+        "push",
+        lambda c: pushable(c, "--max_retries", "0"),
+        2,
+        "cannot reach the Hub at http://127.0.0.1:",
+        hub="dead",
+    ),
     Case("push-offline-mode", "push", pushable, 2, "HF_HUB_OFFLINE is set", no_request, hub="offline"),
     Case("push-hub-keeps-failing", "push", failing_commit, 2, "answered HTTP 500 to upload", nothing_committed),
-    Case("push-negative-retries", "push", lambda c: pushable(c, "--max_retries", "-1"),
-         2, "--max_retries must be >= 0", no_request),
+    Case(
+        "push-negative-retries",
+        "push",
+        lambda c: pushable(c, "--max_retries", "-1"),
+        2,
+        "--max_retries must be >= 0",
+        no_request,
+    ),
 ]
 
 

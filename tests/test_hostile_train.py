@@ -24,6 +24,7 @@ import pytest
 from hf_lora_recipe import modeling, tokenizer
 from hf_lora_recipe.train import main as train_main
 
+
 LOADS = -1  # expected "exit code" of a row whose checks all pass: it reaches the tokenizer / model tripwire
 
 
@@ -32,8 +33,24 @@ class ReachedLoading(Exception):
 
 
 def _train_flags(base: Path, data: Path) -> list[str]:
-    return ["--model_name_or_path", str(base), "--dataset_name", str(data), "--max_steps", "2", "--save_steps", "1",
-            "--load_in_4bit", "false", "--bf16", "false", "--max_length", "64", "--global_batch_size", "4"]
+    return [
+        "--model_name_or_path",
+        str(base),
+        "--dataset_name",
+        str(data),
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1",
+        "--load_in_4bit",
+        "false",
+        "--bf16",
+        "false",
+        "--max_length",
+        "64",
+        "--global_batch_size",
+        "4",
+    ]
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -175,8 +192,10 @@ def _interrupted(ctx: Ctx) -> list[str]:
     for checkpoint in ("checkpoint-1", "checkpoint-2"):
         shutil.copytree(ctx.run / checkpoint, ctx.out / checkpoint)
     (ctx.out / "runs").mkdir()
-    (ctx.out / "README.md").write_text("---\ntags: [trl, sft]\n---\n# Model Card for run\n\n"
-                                       "It has been trained using [TRL](https://github.com/huggingface/trl).\n")
+    (ctx.out / "README.md").write_text(
+        "---\ntags: [trl, sft]\n---\n# Model Card for run\n\n"
+        "It has been trained using [TRL](https://github.com/huggingface/trl).\n"
+    )
     return ["--output_dir", str(ctx.out)]
 
 
@@ -205,8 +224,11 @@ def _final_without_checkpoints(ctx: Ctx) -> list[str]:
 
 def _set_aside(reason: str) -> Callable[[Ctx, dict, dict], None]:
     def check(ctx: Ctx, before: dict, after: dict) -> None:
-        moved = {k.replace("checkpoint-2", "incomplete-checkpoint-2", 1): v for k, v in before.items()
-                 if k.startswith("out/checkpoint-2")}
+        moved = {
+            k.replace("checkpoint-2", "incomplete-checkpoint-2", 1): v
+            for k, v in before.items()
+            if k.startswith("out/checkpoint-2")
+        }
         kept = {k: v for k, v in before.items() if not k.startswith("out/checkpoint-2")}
         assert after == {**kept, **moved}  # renamed, byte for byte; nothing else touched
         assert not (ctx.out / "checkpoint-2").exists()
@@ -229,41 +251,95 @@ ERRORS = [  # before anything loads: exit code 2, one line
     Case("output-dir-is-a-file", _output_is_file, 2, "is a file, not a folder: choose another output_dir"),
     Case("output-dir-under-a-file", _output_under_file, 2, "cannot be created"),
     Case("tilde-output-dir-is-expanded", _tilde_output, 2, "/out is a file"),
-    Case("unknown-scheduler", _flags("--lr_scheduler_type", "cosin"), 2,
-         "'cosin' is not a name transformers knows; did you mean 'cosine'?"),
-    Case("unknown-optimizer", _flags("--optim", "adamw"), 2,
-         "optim: 'adamw' is not a name transformers knows; did you mean 'adamw_torch'?"),
-    Case("target-matches-nothing", _flags("--lora_target_modules", "q_proj,qkv_proj"), 2,
-         "qkv_proj matches no module of LlamaForCausalLM (nearest: "),
-    Case("target-is-not-linear", _flags("--lora_target_modules", "mlp"), 2,
-         "mlp (LlamaMLP) cannot carry a LoRA adapter"),
+    Case(
+        "unknown-scheduler",
+        _flags("--lr_scheduler_type", "cosin"),
+        2,
+        "'cosin' is not a name transformers knows; did you mean 'cosine'?",
+    ),
+    Case(
+        "unknown-optimizer",
+        _flags("--optim", "adamw"),
+        2,
+        "optim: 'adamw' is not a name transformers knows; did you mean 'adamw_torch'?",
+    ),
+    Case(
+        "target-matches-nothing",
+        _flags("--lora_target_modules", "q_proj,qkv_proj"),
+        2,
+        "qkv_proj matches no module of LlamaForCausalLM (nearest: ",
+    ),
+    Case(
+        "target-is-not-linear", _flags("--lora_target_modules", "mlp"), 2, "mlp (LlamaMLP) cannot carry a LoRA adapter"
+    ),
     Case("missing-local-model", _flags("--model_name_or_path", "/nonexistent/llama"), 2, "no such folder"),
     Case("malformed-hub-id", _flags("--model_name_or_path", "meta-llama//Llama 3"), 2, "not a Hub model id"),
-    Case("hub-id-not-cached-offline", _flags("--model_name_or_path", "nobody-here/no-such-model"), 2,
-         "not in the local cache while HF_HUB_OFFLINE=1"),
+    Case(
+        "hub-id-not-cached-offline",
+        _flags("--model_name_or_path", "nobody-here/no-such-model"),
+        2,
+        "not in the local cache while HF_HUB_OFFLINE=1",
+    ),
     Case("unknown-architecture", _unknown_architecture, 2, "model_type 'foo_arch', which transformers"),
     Case("model-folder-without-config", _no_config, 2, "no config.json in that folder"),
-    Case("resume-from-missing-path", _flags("--resume_from_checkpoint", "/nonexistent/checkpoint-9"), 2,
-         "is not a checkpoint directory"),
-    Case("explicit-damaged-checkpoint", _explicit_damaged, 2,
-         "checkpoint-2 cannot be resumed from: adapter_model.safetensors is truncated"),
-    Case("finished-adapter-without-checkpoints", _final_without_checkpoints, 2,
-         "already holds a finished adapter and no checkpoint to resume from: pass --overwrite_output_dir true"),
-    Case("checkpoint-past-max-steps", lambda ctx: [*_rerun(ctx), "--max_steps", "1"], 2,
-         "is at step 2, past max_steps 1"),
-    Case("checkpoint-of-another-adapter", lambda ctx: [*_rerun(ctx), "--max_steps", "3", "--lora_r", "8"], 2,
-         "holds a different adapter (lora_r 16 there, 8 here)"),
+    Case(
+        "resume-from-missing-path",
+        _flags("--resume_from_checkpoint", "/nonexistent/checkpoint-9"),
+        2,
+        "is not a checkpoint directory",
+    ),
+    Case(
+        "explicit-damaged-checkpoint",
+        _explicit_damaged,
+        2,
+        "checkpoint-2 cannot be resumed from: adapter_model.safetensors is truncated",
+    ),
+    Case(
+        "finished-adapter-without-checkpoints",
+        _final_without_checkpoints,
+        2,
+        "already holds a finished adapter and no checkpoint to resume from: pass --overwrite_output_dir true",
+    ),
+    Case(
+        "checkpoint-past-max-steps",
+        lambda ctx: [*_rerun(ctx), "--max_steps", "1"],
+        2,
+        "is at step 2, past max_steps 1",
+    ),
+    Case(
+        "checkpoint-of-another-adapter",
+        lambda ctx: [*_rerun(ctx), "--max_steps", "3", "--lora_r", "8"],
+        2,
+        "holds a different adapter (lora_r 16 there, 8 here)",
+    ),
 ]
 
 PASSES = [  # checks pass; the row either finishes without loading (0) or reaches the loaders (LOADS)
-    Case("all-linear-accepted", _flags("--lora_target_modules", "all-linear"), LOADS, "LoRA on 14 modules (all-linear)"),
+    Case(
+        "all-linear-accepted", _flags("--lora_target_modules", "all-linear"), LOADS, "LoRA on 14 modules (all-linear)"
+    ),
     Case("rerun-of-a-finished-run", _rerun, 0, "run complete: "),
-    Case("newest-checkpoint-without-marker", _damaged("hf_lora_recipe.json", "unlink"), LOADS,
-         "checkpoint-2: no hf_lora_recipe.json: its save did not finish", _set_aside("marker")),
-    Case("truncated-trainer-state", _damaged("trainer_state.json", "truncate"), LOADS,
-         "checkpoint-2: trainer_state.json is unreadable, truncated or corrupt", _set_aside("state")),
-    Case("truncated-optimizer", _damaged("optimizer.pt", "truncate"), LOADS, "checkpoint-2: optimizer.pt is truncated",
-         _set_aside("optimizer")),
+    Case(
+        "newest-checkpoint-without-marker",
+        _damaged("hf_lora_recipe.json", "unlink"),
+        LOADS,
+        "checkpoint-2: no hf_lora_recipe.json: its save did not finish",
+        _set_aside("marker"),
+    ),
+    Case(
+        "truncated-trainer-state",
+        _damaged("trainer_state.json", "truncate"),
+        LOADS,
+        "checkpoint-2: trainer_state.json is unreadable, truncated or corrupt",
+        _set_aside("state"),
+    ),
+    Case(
+        "truncated-optimizer",
+        _damaged("optimizer.pt", "truncate"),
+        LOADS,
+        "checkpoint-2: optimizer.pt is truncated",
+        _set_aside("optimizer"),
+    ),
     Case("every-checkpoint-incomplete", _all_damaged, LOADS, "incomplete-checkpoint-1", _both_set_aside),
     Case("rerun-of-an-interrupted-run", _interrupted, LOADS, "resuming from "),
 ]
@@ -309,8 +385,9 @@ def _run_row(case: Case, ctx: Ctx, capsys) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=[c.id for c in ERRORS])
-def test_fails_before_loading_with_one_line(case, tiny_base, alpaca_path, finished_run, tmp_path, capsys, tripwire,
-                                            monkeypatch):
+def test_fails_before_loading_with_one_line(
+    case, tiny_base, alpaca_path, finished_run, tmp_path, capsys, tripwire, monkeypatch
+):
     monkeypatch.setenv("HOME", os.environ["HOME"])  # _tilde_output changes it
     _, _, err = _run_row(case, Ctx(tmp_path, tiny_base, alpaca_path, finished_run), capsys)
     lines = err.strip().splitlines()
@@ -362,7 +439,9 @@ def test_read_only_output_dir_fails_before_loading(where, tiny_base, alpaca_path
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.startswith("hf-lora-recipe: error: ")
-    expected = "is not writable (Permission denied)" if where == "output_dir" else f"cannot be created: {read_only} is not"
+    expected = (
+        "is not writable (Permission denied)" if where == "output_dir" else f"cannot be created: {read_only} is not"
+    )
     assert expected in err
     assert sorted(p.name for p in read_only.iterdir()) == ["kept.txt"]
     shutil.rmtree(read_only.parent)
@@ -379,8 +458,9 @@ def test_the_finished_run_reports_a_loss_and_writes_only_our_card(finished_run):
         assert json.loads((finished_run / checkpoint / "hf_lora_recipe.json").read_text())["world_size"] == 1
 
 
-def test_a_truncated_newest_checkpoint_is_set_aside_and_the_rerun_finishes(finished_run, tmp_path, tiny_base,
-                                                                         alpaca_path, capsys, keep_signal_handlers):
+def test_a_truncated_newest_checkpoint_is_set_aside_and_the_rerun_finishes(
+    finished_run, tmp_path, tiny_base, alpaca_path, capsys, keep_signal_handlers
+):
     """A disk that filled during the last checkpoint save: the rerun resumes from the one before and finishes."""
     ctx = Ctx(tmp_path, tiny_base, alpaca_path, finished_run)
     ctx.copy_run(without_final=True)
@@ -392,13 +472,16 @@ def test_a_truncated_newest_checkpoint_is_set_aside_and_the_rerun_finishes(finis
     assert f"skipped {ctx.out / 'checkpoint-2'}: adapter_model.safetensors is truncated or corrupt" in err
     assert "set aside as incomplete-checkpoint-2" in err
     assert f"resuming from {ctx.out / 'checkpoint-1'}" in out
-    assert (ctx.out / "incomplete-checkpoint-2" / "adapter_model.safetensors").read_bytes() == damaged  # kept as it was
+    assert (
+        ctx.out / "incomplete-checkpoint-2" / "adapter_model.safetensors"
+    ).read_bytes() == damaged  # kept as it was
     assert json.loads((ctx.out / "training_results.json").read_text())["optimizer_steps"] == 2
     assert (ctx.out / "adapter_model.safetensors").is_file()
 
 
 def test_a_run_that_trained_to_the_end_but_never_published_writes_its_adapter_without_training(
-        finished_run, tmp_path, tiny_base, alpaca_path, capsys, keep_signal_handlers):
+    finished_run, tmp_path, tiny_base, alpaca_path, capsys, keep_signal_handlers
+):
     from safetensors.torch import load_file
 
     ctx = Ctx(tmp_path, tiny_base, alpaca_path, finished_run)
@@ -418,13 +501,21 @@ def test_paths_are_expanded_and_made_absolute_once_when_the_recipe_loads(tmp_pat
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    recipe = load_recipe(None, {"output_dir": "~/runs/a", "resume_from_checkpoint": "~/runs/a/checkpoint-4",
-                                "model_name_or_path": "~/models/base", "dataset_name": "~/data.jsonl"})
+    recipe = load_recipe(
+        None,
+        {
+            "output_dir": "~/runs/a",
+            "resume_from_checkpoint": "~/runs/a/checkpoint-4",
+            "model_name_or_path": "~/models/base",
+            "dataset_name": "~/data.jsonl",
+        },
+    )
     assert recipe.output_dir == str(tmp_path / "runs" / "a")
     assert recipe.resume_from_checkpoint == str(tmp_path / "runs" / "a" / "checkpoint-4")
     assert recipe.model_name_or_path == str(tmp_path / "models/base")
     assert recipe.dataset_name == str(tmp_path / "data.jsonl")
-    relative = load_recipe(None, {"output_dir": "out", "resume_from_checkpoint": "true",
-                                  "model_name_or_path": "org/model"})
+    relative = load_recipe(
+        None, {"output_dir": "out", "resume_from_checkpoint": "true", "model_name_or_path": "org/model"}
+    )
     assert relative.output_dir == str(tmp_path / "out") and relative.resume_from_checkpoint == "true"
     assert relative.model_name_or_path == "org/model"  # a Hub id stays one

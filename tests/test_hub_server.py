@@ -14,6 +14,7 @@ import pytest
 
 from .hub_server import HubServer
 
+
 TOKEN = "hf_test_server_token"
 
 
@@ -23,8 +24,14 @@ def hub():
         yield server
 
 
-def _call(hub: HubServer, method: str, path: str, payload: object = None, token: str | None = TOKEN,
-          body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def _call(
+    hub: HubServer,
+    method: str,
+    path: str,
+    payload: object = None,
+    token: str | None = TOKEN,
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     data = body if body is not None else (json.dumps(payload).encode() if payload is not None else None)
     request = urllib.request.Request(hub.url + path, data=data, method=method)
     if token:
@@ -60,9 +67,13 @@ def test_a_private_repo_is_hidden_without_a_token(hub):
 def test_a_commit_lands_on_its_branch_and_failures_are_injected_without_storing_anything(hub):
     hub.add_repo("user/name")
     assert _call(hub, "POST", "/api/models/user/name/branch/dev", {})[0] == 200
-    commit = b"\n".join(json.dumps(line).encode() for line in (
-        {"key": "header", "value": {"summary": "up"}},
-        {"key": "file", "value": {"path": "w.safetensors", "content": base64.b64encode(b"\0" * 8).decode()}}))
+    commit = b"\n".join(
+        json.dumps(line).encode()
+        for line in (
+            {"key": "header", "value": {"summary": "up"}},
+            {"key": "file", "value": {"path": "w.safetensors", "content": base64.b64encode(b"\0" * 8).decode()}},
+        )
+    )
     hub.fail_next("/commit/", status=503, times=2)
     statuses = [_call(hub, "POST", "/api/models/user/name/commit/dev", body=commit)[0] for _ in range(3)]
     assert statuses == [503, 503, 200] and [r.status for r in hub.requests[-3:]] == statuses

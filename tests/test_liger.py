@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+
 # ~25 s and the [fast] extra's 1 GB of triton: CI runs them with the slow tests (make test-slow installs it)
 pytestmark = pytest.mark.slow
 
@@ -49,8 +50,10 @@ def liger(pytestconfig):
         from liger_kernel.transformers import rms_norm, rope, swiglu
         from liger_kernel.transformers.model.llama import lce_forward
     except Exception as error:  # ImportError, or triton / a transformers version liger refuses
-        message = (f"liger-kernel is not importable ({type(error).__name__}: {error}); "
-                   "pip install 'hf-lora-recipe[fast]' to run these tests (make test-slow does)")
+        message = (
+            f"liger-kernel is not importable ({type(error).__name__}: {error}); "
+            "pip install 'hf-lora-recipe[fast]' to run these tests (make test-slow does)"
+        )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -61,8 +64,14 @@ def liger(pytestconfig):
         with capture.global_and_fixture_disabled():
             reporter.ensure_newline()
             reporter.write_line(f"liger-kernel {_version('liger-kernel')} import: {seconds:.1f} s")
-    return SimpleNamespace(monkey_patch=monkey_patch, rms_norm=rms_norm, rope=rope, swiglu=swiglu,
-                           lce_forward=lce_forward, import_s=seconds)
+    return SimpleNamespace(
+        monkey_patch=monkey_patch,
+        rms_norm=rms_norm,
+        rope=rope,
+        swiglu=swiglu,
+        lce_forward=lce_forward,
+        import_s=seconds,
+    )
 
 
 def _version(name: str) -> str:
@@ -121,15 +130,23 @@ def _lora_llama(quantized_in: Path | None = None):
     from hf_lora_recipe.modeling import lora_config, quantization_config
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     recipe = Recipe(lora_target_modules=list(PROJECTIONS), lora_dropout=DROPOUT, load_in_4bit=True)
     base = LlamaForCausalLM(config)
     if quantized_in is not None:
         base.save_pretrained(quantized_in)
-        base = AutoModelForCausalLM.from_pretrained(quantized_in, quantization_config=quantization_config(recipe),
-                                                    dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_pretrained(
+            quantized_in, quantization_config=quantization_config(recipe), dtype=torch.bfloat16
+        )
     base.requires_grad_(False)
     return get_peft_model(base, dataclasses.replace(lora_config(recipe), init_lora_weights=False))
 
@@ -169,18 +186,26 @@ class _Calls:
         self.counts: Counter[str] = Counter()
         self.handles = []
         for name, layer in layers.items():
-            for part, module in (("layer", layer), ("dropout", layer.lora_dropout["default"]),
-                                 ("lora_A", layer.lora_A["default"])):
+            for part, module in (
+                ("layer", layer),
+                ("dropout", layer.lora_dropout["default"]),
+                ("lora_A", layer.lora_A["default"]),
+            ):
                 self.handles.append(module.register_forward_hook(self._count(f"{name}:{part}")))
 
     def _count(self, key: str):
         def hook(module, args, output):
             self.counts[key] += 1
+
         return hook
 
     def missing(self, layers) -> list[str]:
-        return [f"{name}:{part}" for name in layers for part in ("layer", "dropout", "lora_A")
-                if self.counts[f"{name}:{part}"] == 0]
+        return [
+            f"{name}:{part}"
+            for name in layers
+            for part in ("layer", "dropout", "lora_A")
+            if self.counts[f"{name}:{part}"] == 0
+        ]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -223,8 +248,9 @@ def test_trainer_applies_liger_to_the_peft_base_model_and_keeps_every_lora_layer
 
 
 @pytest.mark.parametrize("base", ["fp32", "nf4"])
-def test_liger_patched_forward_runs_every_lora_projection_and_its_dropout(liger, torch_ops, monkeypatch, tmp_path,
-                                                                          base):
+def test_liger_patched_forward_runs_every_lora_projection_and_its_dropout(
+    liger, torch_ops, monkeypatch, tmp_path, base
+):
     """On a plain base and on a bitsandbytes 4-bit one (QLoRA: peft's lora.bnb.Linear4bit around Linear4bit)."""
     model = _lora_llama(quantized_in=tmp_path / "base" if base == "nf4" else None)
     if base == "nf4":
@@ -277,14 +303,24 @@ def test_the_check_catches_an_mlp_forward_that_reads_projection_weights(liger, t
     model(input_ids=torch.randint(0, 96, (1, 8)))
     calls.remove()
     skipped = {name.rsplit(".", 1)[-1] for name in calls.missing(layers)}
-    assert skipped == {"gate_proj:layer", "gate_proj:dropout", "gate_proj:lora_A", "up_proj:layer", "up_proj:dropout",
-                       "up_proj:lora_A", "down_proj:layer", "down_proj:dropout", "down_proj:lora_A"}
+    assert skipped == {
+        "gate_proj:layer",
+        "gate_proj:dropout",
+        "gate_proj:lora_A",
+        "up_proj:layer",
+        "up_proj:dropout",
+        "up_proj:lora_A",
+        "down_proj:layer",
+        "down_proj:dropout",
+        "down_proj:lora_A",
+    }
 
 
 @pytest.mark.filterwarnings("ignore:.*use_liger_kernel.*:FutureWarning")  # TRL 1.x deprecates the flag
 @pytest.mark.parametrize("lm_head_loss", ["fused", "plain"])
-def test_recipe_trainer_trains_every_adapter_through_liger(liger, torch_ops, monkeypatch, tiny_base, tmp_path,
-                                                         lm_head_loss):
+def test_recipe_trainer_trains_every_adapter_through_liger(
+    liger, torch_ops, monkeypatch, tiny_base, tmp_path, lm_head_loss
+):
     """The recipe's own trainer, Liger on (as on a CUDA machine), one real optimizer step on the CPU: Trainer.train
     applies Liger, both loss paths run through Liger's layers, every LoRA B matrix is updated, and evaluation
     runs."""
@@ -298,10 +334,21 @@ def test_recipe_trainer_trains_every_adapter_through_liger(liger, torch_ops, mon
     from hf_lora_recipe.tokenizer import load_tokenizer
 
     monkeypatch.setattr(recipe_trainer, "liger_active", lambda requested: requested)  # no CUDA here
-    recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, use_liger_kernel=True,
-                    lm_head_loss=lm_head_loss, lora_target_modules=list(PROJECTIONS), lora_dropout=DROPOUT,
-                    max_steps=1, per_device_train_batch_size=2, logging_steps=1, save_steps=100,
-                    report_to=["none"], output_dir=str(tmp_path / "run"))
+    recipe = Recipe(
+        model_name_or_path=str(tiny_base),
+        load_in_4bit=False,
+        bf16=False,
+        use_liger_kernel=True,
+        lm_head_loss=lm_head_loss,
+        lora_target_modules=list(PROJECTIONS),
+        lora_dropout=DROPOUT,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        save_steps=100,
+        report_to=["none"],
+        output_dir=str(tmp_path / "run"),
+    )
     model = add_adapter(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), recipe)
     generator = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, 1000, (16,), generator=generator).tolist() for _ in range(4)]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hf_lora_recipe.config import Recipe
 from peft import get_peft_model
 
+from hf_lora_recipe.config import Recipe
 from hf_lora_recipe.modeling import (
     add_adapter,
     load_base_model,
@@ -17,6 +16,7 @@ from hf_lora_recipe.modeling import (
 )
 
 from .conftest import shared_asset
+
 
 SEVEN = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

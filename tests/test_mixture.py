@@ -34,9 +34,20 @@ def tokenizer_dir():
 def alone(sources, tokenizer_dir, llama2_tokenizer):
     """Each source prepared as a lone dataset_name: what its part of a mixture must equal."""
     alpaca, oasst = sources
-    return [build_sft_dataset(load_recipe_dict({"model_name_or_path": str(tokenizer_dir), "max_length": 256,
-                                                "dataset_name": name, "dataset_format": fmt}), llama2_tokenizer)
-            for name, fmt in ((alpaca, "alpaca"), (oasst, "oasst"))]
+    return [
+        build_sft_dataset(
+            load_recipe_dict(
+                {
+                    "model_name_or_path": str(tokenizer_dir),
+                    "max_length": 256,
+                    "dataset_name": name,
+                    "dataset_format": fmt,
+                }
+            ),
+            llama2_tokenizer,
+        )
+        for name, fmt in ((alpaca, "alpaca"), (oasst, "oasst"))
+    ]
 
 
 def _by_source(dataset, count):
@@ -46,7 +57,9 @@ def _by_source(dataset, count):
 
 def test_weights_give_the_asked_shares_of_examples(sources, tokenizer_dir, llama2_tokenizer, alone):
     alpaca, oasst = sources
-    recipe = _recipe(tokenizer_dir, [{"name": alpaca, "weight": 0.7}, {"name": oasst, "format": "oasst", "weight": 0.3}])
+    recipe = _recipe(
+        tokenizer_dir, [{"name": alpaca, "weight": 0.7}, {"name": oasst, "format": "oasst", "weight": 0.3}]
+    )
     mixed, report = build_sft_dataset(recipe, llama2_tokenizer)
     shares = report.mixture
     assert [s["source"] for s in shares] == ["alpaca_en_demo.json", "oasst2_trees_sample.jsonl"]
@@ -69,15 +82,20 @@ def test_weights_give_the_asked_shares_of_examples(sources, tokenizer_dir, llama
     summary = report.summary().splitlines()
     assert summary[0].startswith("data: source alpaca_en_demo.json: 999 examples in, 999 kept")
     assert summary[1].startswith("data: source oasst2_trees_sample.jsonl: ")
-    assert summary[2].startswith(f"mixture: {len(mixed)} examples, interleaved by weight (datasets.interleave_datasets, "
-                                 "seed 42, first_exhausted); alpaca_en_demo.json ")
+    assert summary[2].startswith(
+        f"mixture: {len(mixed)} examples, interleaved by weight (datasets.interleave_datasets, "
+        "seed 42, first_exhausted); alpaca_en_demo.json "
+    )
     assert "(asked 70.0%)" in summary[2] and "(asked 30.0%)" in summary[2]
 
 
 def test_all_exhausted_oversamples_the_small_source(sources, tokenizer_dir, llama2_tokenizer, alone):
     alpaca, oasst = sources
-    recipe = _recipe(tokenizer_dir, [{"name": alpaca, "weight": 1}, {"name": oasst, "format": "oasst", "weight": 1}],
-                     mixture_stopping_strategy="all_exhausted")
+    recipe = _recipe(
+        tokenizer_dir,
+        [{"name": alpaca, "weight": 1}, {"name": oasst, "format": "oasst", "weight": 1}],
+        mixture_stopping_strategy="all_exhausted",
+    )
     mixed, report = build_sft_dataset(recipe, llama2_tokenizer)
     alpaca_ids, oasst_ids = _by_source(mixed, 2)
     assert set(map(tuple, alpaca_ids)) == set(map(tuple, alone[0][0]["input_ids"]))  # every alpaca example
@@ -87,21 +105,33 @@ def test_all_exhausted_oversamples_the_small_source(sources, tokenizer_dir, llam
 
 def test_fractions_take_that_share_of_each_source(sources, tokenizer_dir, llama2_tokenizer, alone):
     alpaca, oasst = sources
-    recipe = _recipe(tokenizer_dir, [{"name": alpaca, "fraction": 0.1}, {"name": oasst, "format": "oasst", "fraction": 1}])
+    recipe = _recipe(
+        tokenizer_dir, [{"name": alpaca, "fraction": 0.1}, {"name": oasst, "format": "oasst", "fraction": 1}]
+    )
     mixed, report = build_sft_dataset(recipe, llama2_tokenizer)
     used = [s["examples_used"] for s in report.mixture]
     assert used == [round(0.1 * alone[0][1].examples_out), alone[1][1].examples_out]
     assert report.mixture[0]["asked_share"] is None and "a fraction of each source (seed 42)" in report.summary()
-    whole, _ = build_sft_dataset(_recipe(tokenizer_dir, [{"name": alpaca}, {"name": oasst, "format": "oasst"}]),
-                                 llama2_tokenizer)
+    whole, _ = build_sft_dataset(
+        _recipe(tokenizer_dir, [{"name": alpaca}, {"name": oasst, "format": "oasst"}]), llama2_tokenizer
+    )
     assert len(whole) == alone[0][1].examples_out + alone[1][1].examples_out  # neither: everything, concatenated
 
 
 def test_each_source_keeps_its_own_bad_row_handling(tmp_path, sources, tokenizer_dir, llama2_tokenizer):
     alpaca, _ = sources
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("\n".join(json.dumps(r) for r in [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": None},
-                                                    {"instruction": "d", "output": "e"}]) + "\n")
+    bad.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"instruction": "a", "output": "b"},
+                {"instruction": "c", "output": None},
+                {"instruction": "d", "output": "e"},
+            ]
+        )
+        + "\n"
+    )
     entries = [{"name": alpaca, "weight": 1}, {"name": str(bad), "weight": 1}]
     with pytest.raises(RecipeError, match=r"^bad.jsonl line 2: field 'output' is missing or null \(1 bad row"):
         build_sft_dataset(_recipe(tokenizer_dir, entries), llama2_tokenizer)
@@ -112,26 +142,40 @@ def test_each_source_keeps_its_own_bad_row_handling(tmp_path, sources, tokenizer
 
 def test_eval_split_holds_out_from_the_mixture(sources, tokenizer_dir, llama2_tokenizer):
     alpaca, oasst = sources
-    recipe = _recipe(tokenizer_dir, [{"name": alpaca, "weight": 1}, {"name": oasst, "format": "oasst", "weight": 1}],
-                     eval_split_size=20)
+    recipe = _recipe(
+        tokenizer_dir,
+        [{"name": alpaca, "weight": 1}, {"name": oasst, "format": "oasst", "weight": 1}],
+        eval_split_size=20,
+    )
     train, held_out, report = train_and_eval(recipe, llama2_tokenizer)
     assert len(held_out) == 20 and len(train) + 20 == report.examples_out
 
 
-@pytest.mark.parametrize("entries, keys, message", [
-    ([{"nam": "a.json"}], {}, r"datasets\[0\]: unknown key 'nam'; did you mean 'name'\?"),
-    ([{"weight": 1}], {}, r"datasets\[0\]: name .* is missing"),
-    ([{"name": "a.json", "weight": 1}, {"name": "b.json"}], {}, "every entry gives a weight, or every entry a fraction"),
-    ([{"name": "a.json", "fraction": 1.5}], {}, r"datasets\[0\]: fraction must be a number in \(0, 1\]; got 1.5"),
-    ([{"name": "a.json", "weight": -1}], {}, r"weight must be a number > 0"),
-    ([{"name": "a.json", "weight": 1, "fraction": 0.5}], {}, "give weight or fraction, not both"),
-    ([{"name": "a.json"}, {"name": "a.json"}], {}, r"datasets\[1\]: a.json \(train\) is listed twice"),
-    ([{"name": "a.json", "format": "sharegpt"}], {}, r"datasets\[0\]: format must be one of"),
-    ([{"name": "a.json"}], {"dataset_name": "b.json"}, "datasets replaces dataset_name"),
-    ([{"name": "a.json"}], {"dataset_test_split": "test"}, "datasets replaces dataset_test_split"),
-    (["a.json"], {}, r"datasets: each entry is a mapping like \{name: data.jsonl, weight: 0.5\}; got 'a.json'"),
-    ([{"name": "a.json"}], {"streaming": True, "max_steps": 5}, "streaming: a datasets mixture is prepared and mixed whole"),
-])
+@pytest.mark.parametrize(
+    "entries, keys, message",
+    [
+        ([{"nam": "a.json"}], {}, r"datasets\[0\]: unknown key 'nam'; did you mean 'name'\?"),
+        ([{"weight": 1}], {}, r"datasets\[0\]: name .* is missing"),
+        (
+            [{"name": "a.json", "weight": 1}, {"name": "b.json"}],
+            {},
+            "every entry gives a weight, or every entry a fraction",
+        ),
+        ([{"name": "a.json", "fraction": 1.5}], {}, r"datasets\[0\]: fraction must be a number in \(0, 1\]; got 1.5"),
+        ([{"name": "a.json", "weight": -1}], {}, r"weight must be a number > 0"),
+        ([{"name": "a.json", "weight": 1, "fraction": 0.5}], {}, "give weight or fraction, not both"),
+        ([{"name": "a.json"}, {"name": "a.json"}], {}, r"datasets\[1\]: a.json \(train\) is listed twice"),
+        ([{"name": "a.json", "format": "sharegpt"}], {}, r"datasets\[0\]: format must be one of"),
+        ([{"name": "a.json"}], {"dataset_name": "b.json"}, "datasets replaces dataset_name"),
+        ([{"name": "a.json"}], {"dataset_test_split": "test"}, "datasets replaces dataset_test_split"),
+        (["a.json"], {}, r"datasets: each entry is a mapping like \{name: data.jsonl, weight: 0.5\}; got 'a.json'"),
+        (
+            [{"name": "a.json"}],
+            {"streaming": True, "max_steps": 5},
+            "streaming: a datasets mixture is prepared and mixed whole",
+        ),
+    ],
+)
 def test_a_bad_mixture_is_refused_with_the_entry(entries, keys, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe_dict({"datasets": entries, **keys})
@@ -142,8 +186,9 @@ def test_command_line_entries_and_saved_recipe_round_trip(tmp_path, sources):
     from hf_lora_recipe.train import PARSER
 
     alpaca, oasst = sources
-    recipe, _ = PARSER.parse_recipe(["--datasets", f"{{name: {alpaca}, weight: 2}}",
-                                     f"{{name: {oasst}, format: oasst, weight: 1}}"])
+    recipe, _ = PARSER.parse_recipe(
+        ["--datasets", f"{{name: {alpaca}, weight: 2}}", f"{{name: {oasst}, format: oasst, weight: 1}}"]
+    )
     assert [s["weight"] for s in recipe.datasets] == [2.0, 1.0] and recipe.datasets[1]["format"] == "oasst"
     dump_recipe(recipe, tmp_path / "recipe.yaml", engine="one process")
     assert load_recipe(tmp_path / "recipe.yaml").datasets == recipe.datasets  # a saved mixture loads back as itself
@@ -153,30 +198,63 @@ def test_command_line_entries_and_saved_recipe_round_trip(tmp_path, sources):
 def test_preview_shows_one_source(sources, tokenizer_dir, tmp_path, capsys):
     alpaca, oasst = sources
     recipe = tmp_path / "mix.yaml"
-    recipe.write_text(yaml.safe_dump({"model_name_or_path": str(tokenizer_dir), "max_length": 256, "datasets": [
-        {"name": alpaca, "weight": 0.5}, {"name": oasst, "format": "oasst", "weight": 0.5}]}))
-    assert preview_main(["--config", str(recipe), "--source", "oasst2_trees_sample.jsonl", "--num_examples", "5",
-                         "--json"]) == 0
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(tokenizer_dir),
+                "max_length": 256,
+                "datasets": [{"name": alpaca, "weight": 0.5}, {"name": oasst, "format": "oasst", "weight": 0.5}],
+            }
+        )
+    )
+    assert (
+        preview_main(
+            ["--config", str(recipe), "--source", "oasst2_trees_sample.jsonl", "--num_examples", "5", "--json"]
+        )
+        == 0
+    )
     shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(shown) == 5 and all(len(s["messages"]) >= 2 and s["messages"][0]["role"] == "user" for s in shown)
     assert all(s["messages"][-1]["role"] == "assistant" for s in shown)
     assert preview_main(["--config", str(recipe), "--source", "0", "--num_examples", "1", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["messages"]) == 2  # an Alpaca example: one turn
     assert preview_main(["--config", str(recipe), "--source", "dolly.jsonl"]) == 2
-    assert "hf-lora-recipe: error: --source dolly.jsonl: not one of this recipe's datasets (alpaca_en_demo.json, " \
-           "oasst2_trees_sample.jsonl)" in capsys.readouterr().err
+    assert (
+        "hf-lora-recipe: error: --source dolly.jsonl: not one of this recipe's datasets (alpaca_en_demo.json, "
+        "oasst2_trees_sample.jsonl)" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.slow
 def test_training_on_a_mixture_records_the_realised_shares(tiny_base, sources, tmp_path):
     alpaca, oasst = sources
     recipe = tmp_path / "mix.yaml"
-    recipe.write_text(yaml.safe_dump({"datasets": [{"name": alpaca, "weight": 0.7},
-                                                   {"name": oasst, "format": "oasst", "weight": 0.3}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {"datasets": [{"name": alpaca, "weight": 0.7}, {"name": oasst, "format": "oasst", "weight": 0.3}]}
+        )
+    )
     out = tmp_path / "run"
-    done = run_cli(CLI, "train", "--config", str(recipe), "--model_name_or_path", str(tiny_base), "--max_length", "64",
-                   "--load_in_4bit", "false", "--bf16", "false", "--global_batch_size", "8", "--max_steps", "2",
-                   "--output_dir", str(out))
+    done = run_cli(
+        CLI,
+        "train",
+        "--config",
+        str(recipe),
+        "--model_name_or_path",
+        str(tiny_base),
+        "--max_length",
+        "64",
+        "--load_in_4bit",
+        "false",
+        "--bf16",
+        "false",
+        "--global_batch_size",
+        "8",
+        "--max_steps",
+        "2",
+        "--output_dir",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mixture: " in done.stdout and "(asked 70.0%)" in done.stdout
     results = json.loads((out / "training_results.json").read_text())

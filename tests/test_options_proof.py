@@ -10,13 +10,25 @@ import torch
 
 from hf_lora_recipe.config import Recipe, RecipeError
 
+
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def recipe_for(base, tmp_path, **overrides) -> Recipe:
-    settings = dict(model_name_or_path=str(base), load_in_4bit=False, bf16=False, lora_target_modules=SEVEN,
-                    max_steps=1, per_device_train_batch_size=2, global_batch_size=4, logging_steps=1,
-                    save_steps=100, report_to=["none"], output_dir=str(tmp_path / "run"), padding_free="false")
+    settings = dict(
+        model_name_or_path=str(base),
+        load_in_4bit=False,
+        bf16=False,
+        lora_target_modules=SEVEN,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        global_batch_size=4,
+        logging_steps=1,
+        save_steps=100,
+        report_to=["none"],
+        output_dir=str(tmp_path / "run"),
+        padding_free="false",
+    )
     return Recipe(**{**settings, **overrides})
 
 
@@ -32,8 +44,9 @@ def trainer_for(recipe: Recipe, base, accumulation: int = 2, auto_micro_batch: b
     generator = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, 1000, (12,), generator=generator).tolist() for _ in range(rows)]
     dataset = Dataset.from_dict({"input_ids": ids, "labels": [[-100] * 6 + row[6:] for row in ids]})
-    return build_trainer(recipe, model, load_tokenizer(str(base)), dataset, None, accumulation, [],
-                         auto_micro_batch=auto_micro_batch)
+    return build_trainer(
+        recipe, model, load_tokenizer(str(base)), dataset, None, accumulation, [], auto_micro_batch=auto_micro_batch
+    )
 
 
 def proof(trainer):
@@ -46,7 +59,10 @@ def test_the_start_line_says_why_an_asked_option_is_off(tiny_base, tmp_path):
     from hf_lora_recipe.trainer import speed_line
 
     line = speed_line(recipe_for(tiny_base, tmp_path, use_liger_kernel=True, activation_offloading=True))
-    assert "liger-kernel: off (" in line and "activation offloading: off (no GPU: activations already live in RAM)" in line
+    assert (
+        "liger-kernel: off (" in line
+        and "activation offloading: off (no GPU: activations already live in RAM)" in line
+    )
     assert "; compile: off;" in speed_line(recipe_for(tiny_base, tmp_path))
     assert "; compile: on (proved after step 1);" in speed_line(recipe_for(tiny_base, tmp_path, compile=True))
 
@@ -67,11 +83,15 @@ def test_auto_micro_batch_is_what_step_one_trained(tiny_base, tmp_path, capsys):
     assert "micro-batch auto: step 1 trained 2 x 2 examples per process, as chosen" in capsys.readouterr().out
 
     # the trainer yields micro-batches of 1 where auto chose 2
-    trainer = trainer_for(recipe_for(tiny_base, tmp_path / "other", per_device_train_batch_size=1), tiny_base,
-                          auto_micro_batch=True)
+    trainer = trainer_for(
+        recipe_for(tiny_base, tmp_path / "other", per_device_train_batch_size=1), tiny_base, auto_micro_batch=True
+    )
     proof(trainer).recipe = recipe_for(tiny_base, tmp_path / "other")
-    with pytest.raises(RecipeError, match=r"^per_device_train_batch_size auto chose 2, but step 1 trained 2 "
-                                          r"examples on this process, not 2 x 2; "):
+    with pytest.raises(
+        RecipeError,
+        match=r"^per_device_train_batch_size auto chose 2, but step 1 trained 2 "
+        r"examples on this process, not 2 x 2; ",
+    ):
         trainer.train()
 
 

@@ -9,24 +9,36 @@ import pytest
 import torch
 
 from hf_lora_recipe.config import Recipe, load_recipe
-from hf_lora_recipe.modeling import add_adapter, load_base_model
 from hf_lora_recipe.estimates import GIB, activation_bytes_per_token, dora_weight_bytes, measure_shape, memory
+from hf_lora_recipe.modeling import add_adapter, load_base_model
 from hf_lora_recipe.plan import lints, make_plan, read_config
 
 from .conftest import REPO_ROOT, shared_asset
 
+
 CONFIGS = ["llama-2-7b", "llama-2-13b", "llama-3-8b", "llama-3.1-70b", "mistral-7b-v0.1", "qwen2.5-7b"]
-TOTALS = {"llama-2-7b": 6.738, "llama-2-13b": 13.016, "llama-3-8b": 8.030, "llama-3.1-70b": 70.554,
-          "mistral-7b-v0.1": 7.242, "qwen2.5-7b": 7.616}
+TOTALS = {
+    "llama-2-7b": 6.738,
+    "llama-2-13b": 13.016,
+    "llama-3-8b": 8.030,
+    "llama-3.1-70b": 70.554,
+    "mistral-7b-v0.1": 7.242,
+    "qwen2.5-7b": 7.616,
+}
 SETTINGS = {
     "r8_qv": dict(lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"]),
     "r16_qkvo": dict(lora_r=16, lora_alpha=32, lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     "r16_all": dict(),
 }
 REFERENCE = {  # ../shared/README.md
-    ("llama-2-7b", "r8_qv"): 4_194_304, ("llama-2-7b", "r16_qkvo"): 16_777_216, ("llama-2-7b", "r16_all"): 39_976_960,
-    ("llama-3-8b", "r8_qv"): 3_407_872, ("llama-3-8b", "r16_qkvo"): 13_631_488, ("llama-3-8b", "r16_all"): 41_943_040,
-    ("llama-3.1-70b", "r8_qv"): 16_384_000, ("llama-3.1-70b", "r16_qkvo"): 65_536_000,
+    ("llama-2-7b", "r8_qv"): 4_194_304,
+    ("llama-2-7b", "r16_qkvo"): 16_777_216,
+    ("llama-2-7b", "r16_all"): 39_976_960,
+    ("llama-3-8b", "r8_qv"): 3_407_872,
+    ("llama-3-8b", "r16_qkvo"): 13_631_488,
+    ("llama-3-8b", "r16_all"): 41_943_040,
+    ("llama-3.1-70b", "r8_qv"): 16_384_000,
+    ("llama-3.1-70b", "r16_qkvo"): 65_536_000,
     ("llama-3.1-70b", "r16_all"): 207_093_760,
 }
 
@@ -36,8 +48,15 @@ def _by_hand(config: dict, setting: dict) -> int:
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim") or h // heads
-    shapes = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv_heads * head_dim), "v_proj": (h, kv_heads * head_dim),
-              "o_proj": (heads * head_dim, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    shapes = {
+        "q_proj": (h, heads * head_dim),
+        "k_proj": (h, kv_heads * head_dim),
+        "v_proj": (h, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
     recipe = Recipe(**setting)
     return layers * recipe.lora_r * sum(sum(shapes[t]) for t in recipe.lora_target_modules)
 
@@ -46,7 +65,8 @@ def _by_hand(config: dict, setting: dict) -> int:
 # slow-marked for the default suite's time and run in CI with the others.
 COUNT_CASES = [
     pytest.param(name, setting, marks=() if (name, setting) in REFERENCE or setting == "r16_all" else pytest.mark.slow)
-    for name in CONFIGS for setting in SETTINGS
+    for name in CONFIGS
+    for setting in SETTINGS
 ]
 
 
@@ -115,13 +135,16 @@ def test_estimated_weights_adapter_and_optimizer_equal_real_allocations(tiny_rec
                 quant_tensors += [state.state2.absmax, state.state2.code, state.offset]
     measured = {
         "quantized_weights": _storage_bytes(quant_tensors),
-        "unquantized_weights": _storage_bytes(p for p in params if not p.requires_grad and not hasattr(p, "quant_state")),
+        "unquantized_weights": _storage_bytes(
+            p for p in params if not p.requires_grad and not hasattr(p, "quant_state")
+        ),
         "adapter": _storage_bytes(p for p in params if p.requires_grad),
         "gradients": _storage_bytes(p.grad for p in params if p.grad is not None),
         "optimizer": _storage_bytes(v for state in optimizer.state.values() for v in state.values()),
     }
-    estimate = dataclasses.asdict(memory(measure_shape(read_config(tiny_recipe.model_name_or_path), tiny_recipe),
-                                         tiny_recipe, 1))
+    estimate = dataclasses.asdict(
+        memory(measure_shape(read_config(tiny_recipe.model_name_or_path), tiny_recipe), tiny_recipe, 1)
+    )
     assert {k: estimate[k] for k in measured} == measured
 
 
@@ -134,7 +157,9 @@ def _saved_activation_bytes(model, input_ids, bf16: bool) -> int:
         if state is not None:
             parameter_storages |= {t.untyped_storage().data_ptr() for t in (state.absmax, state.code)}
             if state.nested:
-                parameter_storages |= {t.untyped_storage().data_ptr() for t in (state.state2.absmax, state.state2.code, state.offset)}
+                parameter_storages |= {
+                    t.untyped_storage().data_ptr() for t in (state.state2.absmax, state.state2.code, state.offset)
+                }
     saved = {}
 
     def pack(tensor):
@@ -156,9 +181,14 @@ ACTIVATION_TOLERANCE = 0.15  # the formula counts a Llama layer tensor by tensor
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 @pytest.mark.parametrize("seq_len", [128, 384])
 def test_activation_estimate_matches_measured_saved_tensors(tiny_base, quantized, checkpointing, seq_len):
-    recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=not quantized.startswith("bf16"),
-                    kbit_upcast_fp32=quantized == "qlora", gradient_checkpointing=checkpointing, max_length=seq_len,
-                    use_dora=quantized.endswith("dora"))
+    recipe = Recipe(
+        model_name_or_path=str(tiny_base),
+        load_in_4bit=not quantized.startswith("bf16"),
+        kbit_upcast_fp32=quantized == "qlora",
+        gradient_checkpointing=checkpointing,
+        max_length=seq_len,
+        use_dora=quantized.endswith("dora"),
+    )
     model = add_adapter(load_base_model(recipe), recipe).train()
     measured = _saved_activation_bytes(model, torch.randint(3, 1000, (2, seq_len)), bf16=True)
     shape = measure_shape(read_config(str(tiny_base)), recipe)
@@ -196,7 +226,9 @@ def test_truncation_lint_uses_the_real_preprocessing(tiny_base, alpaca_path):
     plan = make_plan(recipe, str(tiny_base))
     assert plan["schedule"]["source"].startswith("exact")
     assert any("truncates" in lint["message"] for lint in plan["lints"])
-    assert not any("EOS is never supervised" in lint["message"] for lint in plan["lints"])  # labels built before padding
+    assert not any(
+        "EOS is never supervised" in lint["message"] for lint in plan["lints"]
+    )  # labels built before padding
 
 
 def test_collator_check_sees_eos_survive_padding_with_pad_equal_eos():
@@ -222,8 +254,16 @@ def test_plan_human_and_json_agree_for_70b_on_two_gpus(capsys):
     from hf_lora_recipe.plan import main as plan_main
 
     config = str(shared_asset("model_configs/llama-3.1-70b"))
-    arguments = ["--config", str(REPO_ROOT / "recipes/llama3-8b-alpaca-qlora.yaml"), "--model_config", config,
-                 "--num_gpus", "2", "--gpu", "24GB"]
+    arguments = [
+        "--config",
+        str(REPO_ROOT / "recipes/llama3-8b-alpaca-qlora.yaml"),
+        "--model_config",
+        config,
+        "--num_gpus",
+        "2",
+        "--gpu",
+        "24GB",
+    ]
     assert plan_main(arguments) == 0
     human = capsys.readouterr()
     assert plan_main([*arguments, "--json"]) == 0  # the console script itself: tests/test_cli.py
@@ -231,7 +271,9 @@ def test_plan_human_and_json_agree_for_70b_on_two_gpus(capsys):
     parameters = plan["parameters"]
     assert parameters["base_parameters"] + parameters["adapter_parameters"] == parameters["total"]
     assert parameters["trainable"] == parameters["adapter_parameters"]
-    assert parameters["trainable_share_of_base"] == pytest.approx(parameters["trainable"] / parameters["base_parameters"])
+    assert parameters["trainable_share_of_base"] == pytest.approx(
+        parameters["trainable"] / parameters["base_parameters"]
+    )
     assert plan["parameters"]["trainable"] == 207_093_760
     assert f"trainable {plan['parameters']['trainable']:,}" in human.out
     fsdp = plan["memory"]["fsdp"]

@@ -24,8 +24,22 @@ def small_alpaca(tmp_path_factory):
 
 
 def test_preview_json_equals_the_trainers_dataloader(tiny_base, small_alpaca, tmp_path, capsys):
-    assert preview_main(["--model_name_or_path", str(tiny_base), "--dataset_name", str(small_alpaca),
-                         "--max_length", "96", "--num_examples", "12", "--json"]) == 0
+    assert (
+        preview_main(
+            [
+                "--model_name_or_path",
+                str(tiny_base),
+                "--dataset_name",
+                str(small_alpaca),
+                "--max_length",
+                "96",
+                "--num_examples",
+                "12",
+                "--json",
+            ]
+        )
+        == 0
+    )
     previewed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(previewed) == 12 and all({"input_ids", "labels", "messages"} <= set(p) for p in previewed)
 
@@ -37,8 +51,14 @@ def test_preview_json_equals_the_trainers_dataloader(tiny_base, small_alpaca, tm
     dataset, _ = build_sft_dataset(recipe, tokenizer)
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_base),
-        args=SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to="none",
-                       max_length=96, dataset_kwargs={"skip_prepare_dataset": True}),
+        args=SFTConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            report_to="none",
+            max_length=96,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        ),
         train_dataset=dataset,
         processing_class=tokenizer,
     )
@@ -52,8 +72,12 @@ def test_preview_json_equals_the_trainers_dataloader(tiny_base, small_alpaca, tm
 
 
 def test_preview_human_view_marks_trained_tokens(tiny_base, small_alpaca, capsys):
-    assert preview_main(["--model_name_or_path", str(tiny_base), "--dataset_name", str(small_alpaca),
-                         "--num_examples", "2"]) == 0
+    assert (
+        preview_main(
+            ["--model_name_or_path", str(tiny_base), "--dataset_name", str(small_alpaca), "--num_examples", "2"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("data: 12 examples in, 12 kept")
     assert out.count("--- example") == 2
@@ -62,8 +86,20 @@ def test_preview_human_view_marks_trained_tokens(tiny_base, small_alpaca, capsys
 
 def test_preview_needs_only_a_tokenizer_directory(small_alpaca, capsys):
     tokenizer_dir = shared_asset("tokenizers/gpt-neox-20b")  # no model weights, no config.json
-    assert preview_main(["--model_name_or_path", str(tokenizer_dir), "--dataset_name", str(small_alpaca),
-                         "--num_examples", "1", "--json"]) == 0
+    assert (
+        preview_main(
+            [
+                "--model_name_or_path",
+                str(tokenizer_dir),
+                "--dataset_name",
+                str(small_alpaca),
+                "--num_examples",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["labels"][-1] == 0  # <|endoftext|> is supervised
 
 
@@ -71,4 +107,7 @@ def test_preview_reports_a_bad_row(tmp_path, tiny_base, capsys):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([{"instruction": "x", "input": "", "output": None}]))
     assert preview_main(["--model_name_or_path", str(tiny_base), "--dataset_name", str(path)]) == 2
-    assert "\nhf-lora-recipe: error: bad.json element 0 (0-based): field 'output' is missing or null" in capsys.readouterr().err
+    assert (
+        "\nhf-lora-recipe: error: bad.json element 0 (0-based): field 'output' is missing or null"
+        in capsys.readouterr().err
+    )

@@ -15,6 +15,7 @@ from hf_lora_recipe.merge import merge
 from .conftest import CLI, HUB_TOKEN, REPO_ROOT
 from .fixtures import build_adapter_dir
 
+
 TOKEN = HUB_TOKEN  # the local Hub's (conftest's `hub` fixture)
 
 
@@ -41,8 +42,16 @@ def test_push_adapter_round_trip(hub, adapter, tiny_base, tmp_path):
     result = _cli(hub, tmp_path, "push", "--path", str(adapter), "--repo_id", "user/tiny-adapter")
     assert result.returncode == 0, result.stderr[-3000:]
     published = set(hub.files("user/tiny-adapter"))
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-            "README.md", "recipe.yaml", "training_results.json", "training_loss.png"} <= published
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "recipe.yaml",
+        "training_results.json",
+        "training_loss.png",
+    } <= published
     assert not [p for p in published if p.startswith("checkpoint") or p.endswith((".bin", ".pt", ".pth", ".pkl"))]
     card = hub.files("user/tiny-adapter")["README.md"].decode()
     assert 'adapter = "user/tiny-adapter"' in card  # the card's load snippet names the repo
@@ -50,14 +59,17 @@ def test_push_adapter_round_trip(hub, adapter, tiny_base, tmp_path):
     input_ids = torch.tensor([[1, 518, 25580, 29962, 15043, 518, 29914, 25580, 29962]])
     local = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter), input_ids)
     with hub.patch_client(cache_dir=tmp_path / "cache"):
-        remote = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), "user/tiny-adapter"), input_ids)
+        remote = _logits(
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), "user/tiny-adapter"), input_ids
+        )
     assert torch.equal(local, remote)
 
 
 def test_push_merged_round_trip(hub, adapter, tmp_path):
     merged = merge(str(adapter), tmp_path / "merged", dtype="float32")
-    result = _cli(hub, tmp_path, "push", "--path", str(merged), "--repo_id", "user/tiny-merged", "--private",
-                  "--revision", "dev")
+    result = _cli(
+        hub, tmp_path, "push", "--path", str(merged), "--repo_id", "user/tiny-merged", "--private", "--revision", "dev"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert hub.is_private("user/tiny-merged") and "model.safetensors" in hub.files("user/tiny-merged", "dev")
     input_ids = torch.tensor([[1, 518, 25580, 29962, 15043]])

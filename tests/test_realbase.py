@@ -15,8 +15,19 @@ import pytest
 
 from hf_lora_recipe.config import RecipeError
 from hf_lora_recipe.realbase import (
-    CACHE_ENV, FORMAT, INSTALL, MARKER, MARKER_WRITER, SMOLLM2, VERIFY_MESSAGES, _install, _installed_version, _problem,
-    cache_root, materialise, materialise_smollm2,
+    CACHE_ENV,
+    FORMAT,
+    INSTALL,
+    MARKER,
+    MARKER_WRITER,
+    SMOLLM2,
+    VERIFY_MESSAGES,
+    _install,
+    _installed_version,
+    _problem,
+    cache_root,
+    materialise,
+    materialise_smollm2,
 )
 
 from .conftest import CLI, PYTHON, run_cli
@@ -25,10 +36,27 @@ from .conftest import CLI, PYTHON, run_cli
 def test_the_folder_is_smollm2_as_a_plain_bf16_llama(smollm2_base):
     config = json.loads((smollm2_base / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
-    shape = {key: config[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                          "num_key_value_heads", "vocab_size", "tie_word_embeddings", "dtype")}
-    assert shape == {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-                     "vocab_size": 49152, "tie_word_embeddings": True, "dtype": "bfloat16"}
+    shape = {
+        key: config[key]
+        for key in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "tie_word_embeddings",
+            "dtype",
+        )
+    }
+    assert shape == {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "dtype": "bfloat16",
+    }
     assert "quantization_config" not in config  # nothing left that asks for gguf at load time
     assert not list(smollm2_base.glob("*.gguf"))
     record = json.loads((smollm2_base / MARKER).read_text())
@@ -42,8 +70,9 @@ def test_the_tokenizer_is_chatml_with_im_end_as_eos(smollm2_base):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_base)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
     assert tokenizer.model_max_length == 8192
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                             add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     assert (smollm2_base / "chat_template.jinja").is_file()
 
@@ -133,8 +162,12 @@ def _fake_copy(parent, name, text):
     folder = parent / name
     folder.mkdir()
     (folder / "config.json").write_text(text)
-    record = {"written_by": MARKER_WRITER, "format": FORMAT, "files": {"config.json": len(text)},
-              "source": {"package_version": _installed_version(SMOLLM2.requirement)}}
+    record = {
+        "written_by": MARKER_WRITER,
+        "format": FORMAT,
+        "files": {"config.json": len(text)},
+        "source": {"package_version": _installed_version(SMOLLM2.requirement)},
+    }
     (folder / MARKER).write_text(json.dumps(record))
     return folder
 

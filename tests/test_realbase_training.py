@@ -25,11 +25,24 @@ def test_a_few_steps_on_smollm2_lower_the_held_out_response_loss(smollm2_base, t
     (data / "train.json").write_text(json.dumps(train_rows))
     (data / "test.json").write_text(json.dumps(held_out))
     recipe = Recipe(
-        model_name_or_path=str(smollm2_base), chat_template="native", dataset_name=str(data),
-        dataset_test_split="test", max_length=64, global_batch_size=2, per_device_train_batch_size=2, max_steps=4,
-        learning_rate=5e-4, logging_steps=1, save_steps=100, eval_steps=100, final_eval_examples=4,
+        model_name_or_path=str(smollm2_base),
+        chat_template="native",
+        dataset_name=str(data),
+        dataset_test_split="test",
+        max_length=64,
+        global_batch_size=2,
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=5e-4,
+        logging_steps=1,
+        save_steps=100,
+        eval_steps=100,
+        final_eval_examples=4,
         # NF4 as the seed, fp32 compute: this CPU has no fast bf16 matmul (recipes/smollm2-demo.yaml)
-        bnb_4bit_compute_dtype="float32", bf16=False, gradient_checkpointing=False, output_dir=str(tmp_path / "run"),
+        bnb_4bit_compute_dtype="float32",
+        bf16=False,
+        gradient_checkpointing=False,
+        output_dir=str(tmp_path / "run"),
     )
     threads = torch.get_num_threads()
     try:

@@ -16,14 +16,36 @@ from safetensors.torch import load_file
 
 from .conftest import ACCELERATE, CLI, REPO_ROOT, run_cli
 
+
 CPU_DDP = str(REPO_ROOT / "accelerate_configs" / "cpu_ddp.yaml")
 
 
 def _args(tiny_base: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
-    return ["--model_name_or_path", str(tiny_base), "--dataset_name", str(data), "--max_length", "64",
-            "--lora_dropout", "0", "--load_in_4bit", "false", "--bf16", "false", "--learning_rate", "1e-3",
-            "--global_batch_size", "8", "--per_device_train_batch_size", "4", "--logging_steps", "1",
-            "--output_dir", str(output_dir), *extra]
+    return [
+        "--model_name_or_path",
+        str(tiny_base),
+        "--dataset_name",
+        str(data),
+        "--max_length",
+        "64",
+        "--lora_dropout",
+        "0",
+        "--load_in_4bit",
+        "false",
+        "--bf16",
+        "false",
+        "--learning_rate",
+        "1e-3",
+        "--global_batch_size",
+        "8",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        "--output_dir",
+        str(output_dir),
+        *extra,
+    ]
 
 
 def _adapter(directory: Path) -> dict[str, torch.Tensor]:
@@ -48,8 +70,19 @@ DDP_TOLERANCE = 1e-5  # fp32; the same examples per optimizer step, gradients av
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_base, alpaca_path, tmp_path):
     single = run_cli(CLI, "train", *_args(tiny_base, alpaca_path, tmp_path / "one", "--max_steps", "3"))
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_cli(ACCELERATE, "launch", "--config_file", CPU_DDP, "--num_processes", "2", "--main_process_port",
-                  str(_free_port()), "-m", "hf_lora_recipe.train", *_args(tiny_base, alpaca_path, tmp_path / "two", "--max_steps", "3"))
+    ddp = run_cli(
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        CPU_DDP,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "hf_lora_recipe.train",
+        *_args(tiny_base, alpaca_path, tmp_path / "two", "--max_steps", "3"),
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "world size 2 x micro-batch 4 x gradient accumulation 1 = global batch 8" in ddp.stdout
     ranks = dict(re.findall(r"rank (\d)/2\] consumed 12 examples, data digest (\w+)", ddp.stdout))
@@ -57,7 +90,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_base, a
     assert "rank 0/1] consumed 24 examples" in single.stdout
     assert ddp.stdout.count("adapter written to") == 1  # only the main process writes
     assert yaml.safe_load((tmp_path / "two" / "recipe.yaml").read_text())["derived"] == {
-        "gradient_accumulation_steps": 1, "world_size": 2, "engine": "DDP"}
+        "gradient_accumulation_steps": 1,
+        "world_size": 2,
+        "engine": "DDP",
+    }
     difference = _max_diff(_adapter(tmp_path / "one"), _adapter(tmp_path / "two"))
     print(f"\nmax |adapter difference| 1 process vs 2 processes: {difference:.2e}")
     assert difference < DDP_TOLERANCE
@@ -66,9 +102,19 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_base, a
 @pytest.mark.slow
 def test_indivisible_batch_for_the_launch_fails_before_loading(tiny_base, alpaca_path, tmp_path):
     output_dir = tmp_path / "adapter"
-    result = run_cli(ACCELERATE, "launch", "--config_file", CPU_DDP, "--num_processes", "2", "--main_process_port",
-                     str(_free_port()), "-m", "hf_lora_recipe.train",
-                     *_args(tiny_base, alpaca_path, output_dir, "--global_batch_size", "12"))
+    result = run_cli(
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        CPU_DDP,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "hf_lora_recipe.train",
+        *_args(tiny_base, alpaca_path, output_dir, "--global_batch_size", "12"),
+    )
     assert result.returncode != 0 and "not a whole multiple" in result.stderr
     assert "Loading weights" not in result.stderr and not output_dir.exists()
 
@@ -77,12 +123,30 @@ def test_indivisible_batch_for_the_launch_fails_before_loading(tiny_base, alpaca
 def test_two_nodes_on_loopback(tiny_base, alpaca_path, tmp_path):
     port = str(_free_port())
     commands = [
-        [ACCELERATE, "launch", "--config_file", CPU_DDP, "--num_machines", "2", "--num_processes", "2",
-         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-         "-m", "hf_lora_recipe.train", *_args(tiny_base, alpaca_path, tmp_path / "adapter", "--max_steps", "2")]
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            CPU_DDP,
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "-m",
+            "hf_lora_recipe.train",
+            *_args(tiny_base, alpaca_path, tmp_path / "adapter", "--max_steps", "2"),
+        ]
         for rank in (0, 1)
     ]
-    nodes = [subprocess.Popen(c, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    nodes = [
+        subprocess.Popen(c, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands
+    ]
     outputs = [node.communicate(timeout=600) for node in nodes]
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, err[-3000:]
@@ -103,8 +167,17 @@ def test_accumulation_equals_a_bigger_batch(tiny_base, alpaca_path, tmp_path):
     from hf_lora_recipe.tokenizer import load_tokenizer
     from hf_lora_recipe.trainer import trainer_config
 
-    recipe = Recipe(model_name_or_path=str(tiny_base), dataset_name=str(alpaca_path), max_length=64, lora_dropout=0.0,
-                    load_in_4bit=False, bf16=False, max_grad_norm=1e9, max_steps=1, output_dir=str(tmp_path))
+    recipe = Recipe(
+        model_name_or_path=str(tiny_base),
+        dataset_name=str(alpaca_path),
+        max_length=64,
+        lora_dropout=0.0,
+        load_in_4bit=False,
+        bf16=False,
+        max_grad_norm=1e9,
+        max_steps=1,
+        output_dir=str(tmp_path),
+    )
     tokenizer = load_tokenizer(str(tiny_base))
     dataset, _ = build_sft_dataset(recipe, tokenizer)
 
@@ -115,11 +188,17 @@ def test_accumulation_equals_a_bigger_batch(tiny_base, alpaca_path, tmp_path):
     grads = []
     for micro_batch, accumulation in ((4, 1), (2, 2)):
         torch.manual_seed(0)
-        model = add_adapter(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
-                            Recipe(**{**recipe.__dict__, "gradient_checkpointing": False}))
-        config = trainer_config(Recipe(**{**recipe.__dict__, "per_device_train_batch_size": micro_batch}), accumulation)
+        model = add_adapter(
+            AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+            Recipe(**{**recipe.__dict__, "gradient_checkpointing": False}),
+        )
+        config = trainer_config(
+            Recipe(**{**recipe.__dict__, "per_device_train_batch_size": micro_batch}), accumulation
+        )
         capture = Capture()
-        SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[capture]).train()
+        SFTTrainer(
+            model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[capture]
+        ).train()
         grads.append(capture.grads)
     lengths = [sum(1 for y in labels if y != -100) for labels in dataset.select(range(8))["labels"]]
     assert len(set(lengths)) > 1  # unequal numbers of supervised tokens
@@ -152,7 +231,9 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(tiny_base, alpaca_path, 
     assert process.returncode == -signal.SIGKILL
     assert not (interrupted / "adapter_model.safetensors").exists()  # nothing that looks like a finished adapter
     checkpoint = interrupted / "checkpoint-4"
-    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
     assert not [p for p in checkpoint.iterdir() if p.name == "model.safetensors"]  # never the frozen base
 
     resumed = run_cli(*command)
@@ -170,8 +251,21 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_base, a
     output_dir = tmp_path / "adapter"
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:  # in-process: the run installs its SIGTERM/SIGINT handlers here
-        code = train_main(_args(tiny_base, alpaca_path, output_dir, "--learning_rate", "1e30", "--bf16", "true",
-                                "--max_steps", "4", "--save_steps", "1"))
+        code = train_main(
+            _args(
+                tiny_base,
+                alpaca_path,
+                output_dir,
+                "--learning_rate",
+                "1e30",
+                "--bf16",
+                "true",
+                "--max_steps",
+                "4",
+                "--save_steps",
+                "1",
+            )
+        )
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -221,11 +315,24 @@ def test_resume_at_another_world_size_rederives_accumulation(tiny_base, alpaca_p
     output_dir = tmp_path / "adapter"
     first = run_cli(CLI, "train", *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "2", "--save_steps", "2"))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli(ACCELERATE, "launch", "--config_file", CPU_DDP, "--num_processes", "2", "--main_process_port",
-                     str(_free_port()), "-m", "hf_lora_recipe.train", *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "3"))
+    second = run_cli(
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        CPU_DDP,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "hf_lora_recipe.train",
+        *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "3"),
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "world size 1 -> 2: gradient accumulation re-derived 2 -> 1, global batch unchanged" in second.stdout
-    fresh = run_cli(CLI, "train", *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "1", "--overwrite_output_dir", "true"))
+    fresh = run_cli(
+        CLI, "train", *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "1", "--overwrite_output_dir", "true")
+    )
     assert fresh.returncode == 0 and "resuming" not in fresh.stdout
 
 
@@ -234,8 +341,16 @@ def test_every_accelerate_config_parses_with_accelerates_loader():
 
     files = sorted((REPO_ROOT / "accelerate_configs").glob("*.yaml"))
     names = {f.stem for f in files}
-    assert {"single_gpu", "multi_gpu", "fsdp_qlora", "fsdp_lora", "deepspeed_zero2", "deepspeed_zero3", "multi_node",
-            "cpu_ddp"} <= names
+    assert {
+        "single_gpu",
+        "multi_gpu",
+        "fsdp_qlora",
+        "fsdp_lora",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+        "multi_node",
+        "cpu_ddp",
+    } <= names
     for path in files:
         config = load_config_from_file(str(path))
         assert config.num_processes >= 1 and path.read_text().startswith("#")
@@ -253,7 +368,10 @@ def test_an_empty_adapter_is_refused(tmp_path):
     save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(0)}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(RuntimeError, match="shape"):
         check_saved_adapter(tmp_path, Recipe(), trained_steps=3)
-    save_file({"a.lora_A.weight": torch.ones(16, 8), "a.lora_B.weight": torch.zeros(8, 16)}, tmp_path / "adapter_model.safetensors")
+    save_file(
+        {"a.lora_A.weight": torch.ones(16, 8), "a.lora_B.weight": torch.zeros(8, 16)},
+        tmp_path / "adapter_model.safetensors",
+    )
     with pytest.raises(RuntimeError, match="every lora_B is zero"):
         check_saved_adapter(tmp_path, Recipe(), trained_steps=3)
     check_saved_adapter(tmp_path, Recipe(), trained_steps=0)  # step 0: B = 0 is right

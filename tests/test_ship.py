@@ -20,6 +20,7 @@ from hf_lora_recipe.modeling import quantization_config
 from .conftest import CLI, run_cli
 from .fixtures import build_adapter_dir
 
+
 NF4 = quantization_config(Recipe())  # the seed's, as training loads the base
 
 
@@ -46,7 +47,9 @@ def _logits(model, inputs) -> torch.Tensor:
 
 def test_lora_merge_equals_the_adapter_in_fp32(lora_adapter, tiny_base, inputs, tmp_path):
     merged_dir = merge(str(lora_adapter), tmp_path / "merged", dtype="float32")
-    adapter_logits = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), lora_adapter), inputs)
+    adapter_logits = _logits(
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), lora_adapter), inputs
+    )
     base_logits = _logits(AutoModelForCausalLM.from_pretrained(tiny_base), inputs)
     merged_logits = _logits(AutoModelForCausalLM.from_pretrained(merged_dir), inputs)
     assert (adapter_logits - base_logits).abs().max() > 1e-3  # the adapter does something
@@ -59,18 +62,29 @@ def test_lora_merge_equals_the_adapter_in_fp32(lora_adapter, tiny_base, inputs, 
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
     assert json.loads((merged_dir / "generation_config.json").read_text())["eos_token_id"] == 2
     reloaded = AutoTokenizer.from_pretrained(merged_dir)
-    assert reloaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                        add_generation_prompt=True) == "<s>[INST] hi [/INST]"
+    assert (
+        reloaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        == "<s>[INST] hi [/INST]"
+    )
 
 
 def test_qlora_merge_into_dequantized_nf4_is_what_was_trained(qlora_adapter, tiny_base, inputs, tmp_path):
-    trained = _logits(PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=NF4, dtype=torch.bfloat16), qlora_adapter), inputs)
+    trained = _logits(
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=NF4, dtype=torch.bfloat16),
+            qlora_adapter,
+        ),
+        inputs,
+    )
     dequantized = merge(str(qlora_adapter), tmp_path / "dequantized", dtype="float32")  # the default for QLoRA
     original = merge(str(qlora_adapter), tmp_path / "original", dtype="float32", merge_into="original")
-    diff_dequantized = (_logits(AutoModelForCausalLM.from_pretrained(dequantized), inputs) - trained).abs().max().item()
+    diff_dequantized = (
+        (_logits(AutoModelForCausalLM.from_pretrained(dequantized), inputs) - trained).abs().max().item()
+    )
     diff_original = (_logits(AutoModelForCausalLM.from_pretrained(original), inputs) - trained).abs().max().item()
-    print(f"\nmax |logit diff| vs adapter on NF4 base: dequantized {diff_dequantized:.4f}, original {diff_original:.4f}")
+    print(
+        f"\nmax |logit diff| vs adapter on NF4 base: dequantized {diff_dequantized:.4f}, original {diff_original:.4f}"
+    )
     assert diff_dequantized < 2e-2  # bf16 compute in the NF4 reference
     assert diff_dequantized * 4 < diff_original
     assert "dequantized NF4 weights" in (dequantized / "README.md").read_text()
@@ -83,8 +97,9 @@ def test_qlora_merge_into_dequantized_nf4_is_what_was_trained(qlora_adapter, tin
 
 
 def test_dequantized_merge_of_a_plain_lora_adapter_is_refused(lora_adapter, tmp_path):
-    result = run_cli(CLI, "merge", "--adapter", str(lora_adapter), "--output", str(tmp_path / "m"),
-                     "--merge_into", "dequantized")
+    result = run_cli(
+        CLI, "merge", "--adapter", str(lora_adapter), "--output", str(tmp_path / "m"), "--merge_into", "dequantized"
+    )
     assert result.returncode == 2 and "QLoRA" in result.stderr
     assert not (tmp_path / "m").exists()
 
@@ -153,11 +168,10 @@ def test_generate_streams_through_the_template_and_stops_at_eos(scripted_model, 
 
 
 def test_generate_with_an_adapter(scripted_model, tmp_path, capsys):
-    from hf_lora_recipe.generate import main as generate_main
-
     from peft import get_peft_model
 
     from hf_lora_recipe.config import Recipe
+    from hf_lora_recipe.generate import main as generate_main
     from hf_lora_recipe.modeling import lora_config
     from hf_lora_recipe.tokenizer import load_tokenizer, save_tokenizer
 

@@ -17,10 +17,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_lora_recipe.config import Recipe, RecipeError
-from hf_lora_recipe.special_tokens import (TemplateTokens, check_template_tokens, degenerate_rows, inspect,
-                                           inspect_if_local)
+from hf_lora_recipe.special_tokens import (
+    TemplateTokens,
+    check_template_tokens,
+    degenerate_rows,
+    inspect,
+    inspect_if_local,
+)
 
 from .conftest import CLI, run_cli
+
 
 TEMPLATE_IDS = [1, 2]  # the llama2 template's special tokens with the Llama-2 tokenizer: <s>, </s>
 EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -46,8 +52,14 @@ def zeroed_base(tiny_base, tmp_path_factory) -> Path:
 
 
 def _recipe(base: Path, **overrides) -> Recipe:
-    return Recipe(model_name_or_path=str(base), load_in_4bit=False, bf16=False, lora_dropout=0.0,
-                  gradient_checkpointing=False, **overrides)
+    return Recipe(
+        model_name_or_path=str(base),
+        load_in_4bit=False,
+        bf16=False,
+        lora_dropout=0.0,
+        gradient_checkpointing=False,
+        **overrides,
+    )
 
 
 # ---------------------------------------------------------------- the guard fires
@@ -88,12 +100,16 @@ def _head_only(name: str, matrix: torch.Tensor) -> None:
         matrix[2] = 0.0
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (_shared, {1: "embedding the same vector as '</s>' (id 2)", 2: "embedding the same vector as '<s>' (id 1)"}),
-    (_mean, {1: "embedding the mean of all rows", 2: "embedding the mean of all rows"}),
-    (_tiny, {1: "embedding near zero", 2: "embedding near zero"}),
-    (_head_only, {2: "LM head all zero"}),
-], ids=["shared", "mean", "near-zero", "head-only"])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (_shared, {1: "embedding the same vector as '</s>' (id 2)", 2: "embedding the same vector as '<s>' (id 1)"}),
+        (_mean, {1: "embedding the mean of all rows", 2: "embedding the mean of all rows"}),
+        (_tiny, {1: "embedding near zero", 2: "embedding near zero"}),
+        (_head_only, {2: "LM head all zero"}),
+    ],
+    ids=["shared", "mean", "near-zero", "head-only"],
+)
 def test_guard_fires_on_each_kind_of_untrained_row(edit, expected, tiny_base, llama2_tokenizer, tmp_path):
     base = _edited_base(tiny_base, tmp_path / "base", edit)
     found = inspect(_recipe(base), llama2_tokenizer)
@@ -132,8 +148,9 @@ def test_smollm2_template_tokens_pass_and_its_unused_ones_do_not(smollm2_base):
 
     weights, special = smollm2_base / "model.safetensors", sorted(_special_ids(native))
     sample = _rows(weights, EMBEDDING, list(range(100, 49152, 48)))
-    verdicts = degenerate_rows(_rows(weights, EMBEDDING, special), special, sample,
-                               _rows(weights, EMBEDDING, special), special, str)
+    verdicts = degenerate_rows(
+        _rows(weights, EMBEDDING, special), special, sample, _rows(weights, EMBEDDING, special), special, str
+    )
     assert [i for i, v in zip(special, verdicts) if v] == [5, *range(7, 17)]
 
 
@@ -156,8 +173,9 @@ def test_sharded_weights_in_the_hub_cache_are_read(zeroed_base, llama2_tokenizer
 def test_weights_that_are_not_local_are_skipped_not_fetched(llama2_tokenizer):
     recipe = Recipe(model_name_or_path="nobody-here/not-in-the-cache")
     assert check_template_tokens(recipe, llama2_tokenizer) is None
-    assert inspect_if_local(recipe).skipped == ("no safetensors weights in the local Hub cache for "
-                                                "nobody-here/not-in-the-cache")
+    assert inspect_if_local(recipe).skipped == (
+        "no safetensors weights in the local Hub cache for nobody-here/not-in-the-cache"
+    )
 
 
 # ---------------------------------------------------------------- train_template_tokens: true
@@ -176,8 +194,9 @@ def _changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[int]:
     return (before != after).any(dim=1).nonzero().flatten().tolist()
 
 
-def test_train_template_tokens_trains_saves_and_reloads_exactly_those_rows(zeroed_base, llama2_tokenizer, tmp_path,
-                                                                           capsys):
+def test_train_template_tokens_trains_saves_and_reloads_exactly_those_rows(
+    zeroed_base, llama2_tokenizer, tmp_path, capsys
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -217,13 +236,21 @@ def test_a_tied_head_follows_the_trained_embedding_rows():
     from hf_lora_recipe.modeling import add_adapter, trainable_token_targets
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     before = model.get_input_embeddings().weight.detach().clone()
     assert trainable_token_targets(model, [3, 4]) == [3, 4]  # PEFT ties the head to the embedding's rows itself
-    model = add_adapter(model, Recipe(load_in_4bit=False, bf16=False, lora_dropout=0.0, gradient_checkpointing=False),
-                        [3, 4])
+    model = add_adapter(
+        model, Recipe(load_in_4bit=False, bf16=False, lora_dropout=0.0, gradient_checkpointing=False), [3, 4]
+    )
     _train_two_steps(model, [3, 4])
     merged = model.merge_and_unload()
     assert _changed_rows(before, merged.get_input_embeddings().weight) == [3, 4]
@@ -236,9 +263,24 @@ def test_a_tied_head_follows_the_trained_embedding_rows():
 def test_train_cli_stops_in_one_line_before_loading_the_model(zeroed_base, alpaca_path, tmp_path):
     output_dir = tmp_path / "run"
     started = time.time()
-    result = run_cli(CLI, "train", "--model_name_or_path", str(zeroed_base), "--dataset_name", str(alpaca_path),
-                     "--load_in_4bit", "false", "--bf16", "false", "--max_steps", "1", "--global_batch_size", "8",
-                     "--output_dir", str(output_dir))
+    result = run_cli(
+        CLI,
+        "train",
+        "--model_name_or_path",
+        str(zeroed_base),
+        "--dataset_name",
+        str(alpaca_path),
+        "--load_in_4bit",
+        "false",
+        "--bf16",
+        "false",
+        "--max_steps",
+        "1",
+        "--global_batch_size",
+        "8",
+        "--output_dir",
+        str(output_dir),
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert errors[-1].startswith("hf-lora-recipe: error: model_name_or_path ") and "'</s>' (id 2)" in errors[-1]

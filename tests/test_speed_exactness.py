@@ -21,12 +21,24 @@ from hf_lora_recipe.tokenizer import load_tokenizer
 from hf_lora_recipe.trainer import build_trainer
 
 
-
 def _recipe(tiny_base, alpaca_path, tmp_path, **changes) -> Recipe:
-    settings = dict(model_name_or_path=str(tiny_base), dataset_name=str(alpaca_path), max_length=64, lora_dropout=0.0,
-                    load_in_4bit=False, bf16=False, gradient_checkpointing=False, max_grad_norm=1e9, max_steps=1,
-                    global_batch_size=16, optim="sgd", learning_rate=1.0, output_dir=str(tmp_path), logging_steps=1,
-                    report_to=["none"])
+    settings = dict(
+        model_name_or_path=str(tiny_base),
+        dataset_name=str(alpaca_path),
+        max_length=64,
+        lora_dropout=0.0,
+        load_in_4bit=False,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_grad_norm=1e9,
+        max_steps=1,
+        global_batch_size=16,
+        optim="sgd",
+        learning_rate=1.0,
+        output_dir=str(tmp_path),
+        logging_steps=1,
+        report_to=["none"],
+    )
     return Recipe(**{**settings, **changes})
 
 
@@ -48,8 +60,13 @@ def test_micro_batch_4_x_accumulation_4_equals_16_x_1(tiny_base, alpaca_path, tm
     tokenizer = load_tokenizer(str(tiny_base))
     dataset, _ = build_sft_dataset(recipe, tokenizer)
     dataset = dataset.select(range(16))
-    initial = {name: p.detach().clone() for name, p in add_adapter(
-        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), recipe).named_parameters() if p.requires_grad}
+    initial = {
+        name: p.detach().clone()
+        for name, p in add_adapter(
+            AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), recipe
+        ).named_parameters()
+        if p.requires_grad
+    }
 
     whole, _ = _one_step(dataclasses.replace(recipe, per_device_train_batch_size=16), dataset, tokenizer)
     split, _ = _one_step(dataclasses.replace(recipe, per_device_train_batch_size=4), dataset, tokenizer)
@@ -59,8 +76,9 @@ def test_micro_batch_4_x_accumulation_4_equals_16_x_1(tiny_base, alpaca_path, tm
     assert difference <= 1e-6, difference
 
     if padding_free == "true" and lm_head_loss == "plain":  # and the comparison catches a mean of means
-        wrong, _ = _one_step(dataclasses.replace(recipe, per_device_train_batch_size=4), dataset, tokenizer,
-                             per_token_mean=True)
+        wrong, _ = _one_step(
+            dataclasses.replace(recipe, per_device_train_batch_size=4), dataset, tokenizer, per_token_mean=True
+        )
         assert max((whole[n] - wrong[n]).abs().max().item() for n in whole) > 1e-4
 
 
@@ -74,7 +92,12 @@ def test_counts_and_digest_do_not_depend_on_batching(tiny_base, alpaca_path, tmp
         changed = dataclasses.replace(recipe, padding_free=padding_free, per_device_train_batch_size=micro_batch)
         _, trainer = _one_step(changed, dataset, tokenizer)
         counts = trainer.counts()
-        lines[(padding_free, micro_batch)] = (counts["examples"], counts["supervised"], counts["tokens"], counts["digest"])
+        lines[(padding_free, micro_batch)] = (
+            counts["examples"],
+            counts["supervised"],
+            counts["tokens"],
+            counts["digest"],
+        )
     assert len(set(lines.values())) == 1, lines
     assert lines[("true", 16)][0] == 16
 
@@ -83,8 +106,15 @@ def test_counts_and_digest_do_not_depend_on_batching(tiny_base, alpaca_path, tmp
 
 
 def test_throughput_line_reports_tokens_per_second_and_mfu(tiny_base, alpaca_path, tmp_path, capsys):
-    recipe = _recipe(tiny_base, alpaca_path, tmp_path, lm_head_loss="fused", max_steps=3, global_batch_size=4,
-                     per_device_train_batch_size=4)
+    recipe = _recipe(
+        tiny_base,
+        alpaca_path,
+        tmp_path,
+        lm_head_loss="fused",
+        max_steps=3,
+        global_batch_size=4,
+        per_device_train_batch_size=4,
+    )
     tokenizer = load_tokenizer(str(tiny_base))
     dataset, _ = build_sft_dataset(recipe, tokenizer)
 
@@ -113,18 +143,24 @@ def test_throughput_line_reports_tokens_per_second_and_mfu(tiny_base, alpaca_pat
 
 
 def _shape(tiny_base, recipe):
-    from hf_lora_recipe.modeling import model_config
     from hf_lora_recipe.estimates import measure_shape
+    from hf_lora_recipe.modeling import model_config
 
     return measure_shape(model_config(recipe), recipe)
 
 
 def test_auto_micro_batch_is_the_largest_divisor_within_the_budget(tiny_base):
-    from hf_lora_recipe.micro_batch import resolve
     from hf_lora_recipe.estimates import memory
+    from hf_lora_recipe.micro_batch import resolve
 
-    recipe = load_recipe(overrides={"model_name_or_path": str(tiny_base), "per_device_train_batch_size": "auto",
-                                    "global_batch_size": 24, "padding_free": "false"})
+    recipe = load_recipe(
+        overrides={
+            "model_name_or_path": str(tiny_base),
+            "per_device_train_batch_size": "auto",
+            "global_batch_size": 24,
+            "padding_free": "false",
+        }
+    )
     shape = _shape(tiny_base, recipe)
     planned = {size: memory(shape, recipe, size).total for size in (1, 2, 3, 4, 6, 8, 12, 24)}
     budget_gb = (planned[6] + planned[8]) / 2 / 1024**3  # 6 fits, 8 does not
@@ -139,8 +175,15 @@ def test_auto_micro_batch_is_the_largest_divisor_within_the_budget(tiny_base):
 def test_auto_stops_packed_rows_at_four_examples_under_a_dense_mask(tiny_base):
     from hf_lora_recipe.micro_batch import resolve
 
-    recipe = load_recipe(overrides={"model_name_or_path": str(tiny_base), "per_device_train_batch_size": "auto",
-                                    "global_batch_size": 32, "padding_free": "true", "memory_budget_gb": 100})
+    recipe = load_recipe(
+        overrides={
+            "model_name_or_path": str(tiny_base),
+            "per_device_train_batch_size": "auto",
+            "global_batch_size": 32,
+            "padding_free": "true",
+            "memory_budget_gb": 100,
+        }
+    )
     assert resolve(recipe, world_size=1)[0].per_device_train_batch_size == 4  # sdpa over packed rows
     padded = dataclasses.replace(recipe, padding_free="false")
     assert resolve(padded, world_size=1)[0].per_device_train_batch_size == 32  # everything fits in 100 GB

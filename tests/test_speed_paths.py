@@ -16,9 +16,7 @@ def _token_losses(model, input_ids, labels, **kwargs) -> torch.Tensor:
     # (with one, this test sees the examples leak into each other, as the negative control below shows).
     with torch.no_grad():
         logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits.float()
-    return torch.nn.functional.cross_entropy(
-        logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="none"
-    )
+    return torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="none")
 
 
 def test_padding_free_per_example_losses_equal_unpacked(tiny_base, alpaca_path):
@@ -27,18 +25,20 @@ def test_padding_free_per_example_losses_equal_unpacked(tiny_base, alpaca_path):
     examples = [{"input_ids": dataset[i]["input_ids"], "labels": dataset[i]["labels"]} for i in range(4)]
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32, attn_implementation="sdpa").eval()
 
-    unpacked = [_token_losses(model, torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])).sum() for e in examples]
+    unpacked = [
+        _token_losses(model, torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])).sum() for e in examples
+    ]
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     packed_tokens = _token_losses(model, batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
-    packed = [packed_tokens[start:end - 1].sum() for start, end in zip(starts, starts[1:])]
+    packed = [packed_tokens[start : end - 1].sum() for start, end in zip(starts, starts[1:])]
     for one, together in zip(unpacked, packed):
         torch.testing.assert_close(together, one, rtol=1e-5, atol=1e-4)
 
     # and the check can fail: without position ids the same row is one long causal sequence
     leaked_tokens = _token_losses(model, batch["input_ids"], batch["labels"])
-    leaked = [leaked_tokens[start:end - 1].sum() for start, end in zip(starts, starts[1:])]
+    leaked = [leaked_tokens[start : end - 1].sum() for start, end in zip(starts, starts[1:])]
     assert not torch.allclose(torch.stack(leaked[1:]), torch.stack(unpacked[1:]), rtol=1e-3)
 
 
@@ -53,10 +53,22 @@ def test_plain_loss_equals_trls_fused_loss(tiny_base, alpaca_path, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
     losses = []
     for fused in (True, False):
-        trainer = RecipeTrainer(model=model, fused_loss=fused, train_dataset=dataset, processing_class=tokenizer,
-                                args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
-                                               per_device_train_batch_size=4, dataset_kwargs={"skip_prepare_dataset": True}))
+        trainer = RecipeTrainer(
+            model=model,
+            fused_loss=fused,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            args=SFTConfig(
+                output_dir=str(tmp_path),
+                use_cpu=True,
+                report_to="none",
+                per_device_train_batch_size=4,
+                dataset_kwargs={"skip_prepare_dataset": True},
+            ),
+        )
         batch = next(iter(trainer.get_train_dataloader()))
         with torch.no_grad():
-            losses.append(trainer.compute_loss(model, batch, num_items_in_batch=(batch["labels"][:, 1:] != -100).sum()))
+            losses.append(
+                trainer.compute_loss(model, batch, num_items_in_batch=(batch["labels"][:, 1:] != -100).sum())
+            )
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)

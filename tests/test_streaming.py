@@ -44,9 +44,16 @@ def _write(path, rows):
 
 
 def _recipe(path, **keys):
-    return load_recipe_dict({"model_name_or_path": str(shared_asset("tokenizers/llama2")), "dataset_name": str(path),
-                             "max_length": 128, "max_steps": 10, "train_sampling_strategy": "sequential",
-                             **keys})
+    return load_recipe_dict(
+        {
+            "model_name_or_path": str(shared_asset("tokenizers/llama2")),
+            "dataset_name": str(path),
+            "max_length": 128,
+            "max_steps": 10,
+            "train_sampling_strategy": "sequential",
+            **keys,
+        }
+    )
 
 
 def _take(stream, count):
@@ -64,19 +71,26 @@ def test_the_stream_holds_the_prepared_examples_in_order_then_repeats(tmp_path, 
         reference = prepared[index % len(prepared)]  # after the last example the stream starts again, same order
         assert (example["input_ids"], example["labels"]) == (reference["input_ids"], reference["labels"]), index
     assert head.examples_in == HEAD_ROWS and head.summary().startswith(
-        f"data (streaming: the first {HEAD_ROWS} rows, checked before loading; the rest are checked as they stream)")
+        f"data (streaming: the first {HEAD_ROWS} rows, checked before loading; the rest are checked as they stream)"
+    )
     assert head.streamed.rows >= len(rows) and head.streamed.kept >= len(prepared)
 
 
 def test_random_order_is_a_seeded_shuffle(tmp_path, rows, llama2_tokenizer):
     path = _write(tmp_path / "data.jsonl", rows)
     prepared, _ = build_sft_dataset(_recipe(path), llama2_tokenizer)
-    first = _take(build_stream(_recipe(path, streaming=True, train_sampling_strategy="random"), llama2_tokenizer)[0],
-                  len(prepared))
-    again = _take(build_stream(_recipe(path, streaming=True, train_sampling_strategy="random"), llama2_tokenizer)[0],
-                  len(prepared))
-    other = _take(build_stream(_recipe(path, streaming=True, train_sampling_strategy="random", seed=1),
-                               llama2_tokenizer)[0], len(prepared))
+    first = _take(
+        build_stream(_recipe(path, streaming=True, train_sampling_strategy="random"), llama2_tokenizer)[0],
+        len(prepared),
+    )
+    again = _take(
+        build_stream(_recipe(path, streaming=True, train_sampling_strategy="random"), llama2_tokenizer)[0],
+        len(prepared),
+    )
+    other = _take(
+        build_stream(_recipe(path, streaming=True, train_sampling_strategy="random", seed=1), llama2_tokenizer)[0],
+        len(prepared),
+    )
     ids = lambda examples: [e["input_ids"] for e in examples]  # noqa: E731
     assert ids(first) == ids(again) != ids(other)
     assert ids(first) != prepared["input_ids"] and sorted(ids(first)) == sorted(prepared["input_ids"])
@@ -84,8 +98,11 @@ def test_random_order_is_a_seeded_shuffle(tmp_path, rows, llama2_tokenizer):
 
 def test_a_bad_row_in_the_first_rows_stops_before_loading(tmp_path, rows, llama2_tokenizer):
     path = _write(tmp_path / "data.jsonl", [*rows[:4], {"instruction": "x", "output": None}, *rows[4:]])
-    with pytest.raises(RecipeError, match=r"^data.jsonl line 6: field 'output' is missing or null \(fix the row or "
-                                          r"set on_bad_rows: skip"):
+    with pytest.raises(
+        RecipeError,
+        match=r"^data.jsonl line 6: field 'output' is missing or null \(fix the row or "
+        r"set on_bad_rows: skip",
+    ):
         build_stream(_recipe(path, streaming=True), llama2_tokenizer)  # line 6: one blank line before it
     _, head = build_stream(_recipe(path, streaming=True, on_bad_rows="skip"), llama2_tokenizer)
     assert head.dropped == {"field 'output' is missing or null": 1}
@@ -103,12 +120,15 @@ def test_a_bad_row_later_in_the_stream_stops_it_naming_the_line(tmp_path, rows, 
         _take(stream, 400)
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"max_steps": -1}, "streaming: true needs max_steps > 0"),
-    ({"eval_split_size": 0.1}, "streaming: eval_split_size needs the whole training set"),
-    ({"dataset_format": "oasst"}, "streaming: OpenAssistant trees must be read whole"),
-    ({"train_sampling_strategy": "group_by_length"}, "streaming: group_by_length sorts the whole set"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"max_steps": -1}, "streaming: true needs max_steps > 0"),
+        ({"eval_split_size": 0.1}, "streaming: eval_split_size needs the whole training set"),
+        ({"dataset_format": "oasst"}, "streaming: OpenAssistant trees must be read whole"),
+        ({"train_sampling_strategy": "group_by_length"}, "streaming: group_by_length sorts the whole set"),
+    ],
+)
 def test_what_a_stream_cannot_do_is_refused(keys, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe_dict({"dataset_name": "data.jsonl", "streaming": True, "max_steps": 10, **keys})
@@ -118,8 +138,15 @@ def test_plan_counts_a_stream_by_max_steps_at_its_first_rows_mean_length(tmp_pat
     from hf_lora_recipe.plan import token_counts
 
     path = _write(tmp_path / "data.jsonl", rows)
-    recipe = load_recipe_dict({"model_name_or_path": str(tiny_base), "dataset_name": str(path), "streaming": True,
-                               "max_steps": 100, "max_length": 128})
+    recipe = load_recipe_dict(
+        {
+            "model_name_or_path": str(tiny_base),
+            "dataset_name": str(path),
+            "streaming": True,
+            "max_steps": 100,
+            "max_length": 128,
+        }
+    )
     counts = token_counts(recipe)
     assert counts["examples"] == 100 * 128 and counts["source"].startswith("streaming: max_steps x global batch")
     _, head = build_stream(recipe, load_tokenizer(str(tiny_base)))
@@ -127,16 +154,39 @@ def test_plan_counts_a_stream_by_max_steps_at_its_first_rows_mean_length(tmp_pat
 
 
 def _train_args(tiny_base, data, output_dir, *extra):
-    return [CLI, "train", "--model_name_or_path", str(tiny_base), "--dataset_name", str(data), "--max_length", "64",
-            "--lora_dropout", "0", "--load_in_4bit", "false", "--bf16", "false", "--learning_rate", "1e-3",
-            "--global_batch_size", "8", "--per_device_train_batch_size", "4", "--logging_steps", "1",
-            "--train_sampling_strategy", "sequential", "--output_dir", str(output_dir), *extra]
+    return [
+        CLI,
+        "train",
+        "--model_name_or_path",
+        str(tiny_base),
+        "--dataset_name",
+        str(data),
+        "--max_length",
+        "64",
+        "--lora_dropout",
+        "0",
+        "--load_in_4bit",
+        "false",
+        "--bf16",
+        "false",
+        "--learning_rate",
+        "1e-3",
+        "--global_batch_size",
+        "8",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        "--train_sampling_strategy",
+        "sequential",
+        "--output_dir",
+        str(output_dir),
+        *extra,
+    ]
 
 
 def _digest(stdout: str) -> tuple[str, str]:
     return re.search(r"consumed (\d+) examples, data digest (\w+)", stdout).groups()
-
-
 
 
 @pytest.mark.slow
@@ -144,7 +194,9 @@ def test_streaming_trains_exactly_what_the_map_style_path_trains(tiny_base, tmp_
     data = _write(tmp_path / "data.jsonl", rows)
     runs = {}
     for streaming in ("false", "true"):
-        done = run_cli(*_train_args(tiny_base, data, tmp_path / streaming, "--max_steps", "3", "--streaming", streaming))
+        done = run_cli(
+            *_train_args(tiny_base, data, tmp_path / streaming, "--max_steps", "3", "--streaming", streaming)
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         losses = [float(x) for x in re.findall(r"'loss': '([0-9.]+)'", done.stdout)]
         runs[streaming] = (_digest(done.stdout), losses, load_file(tmp_path / streaming / "adapter_model.safetensors"))
@@ -190,9 +242,19 @@ def test_two_processes_stream_what_one_process_streams(tiny_base, tmp_path, rows
     data = _write(tmp_path / "data.jsonl", rows)
     one = run_cli(*_train_args(tiny_base, data, tmp_path / "one", "--max_steps", "3", "--streaming", "true"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(ACCELERATE, "launch", "--config_file", CPU_DDP, "--num_processes", "2", "--main_process_port",
-                  str(_free_port()), "-m", "hf_lora_recipe.train",
-                  *_train_args(tiny_base, data, tmp_path / "two", "--max_steps", "3", "--streaming", "true")[2:])
+    two = run_cli(
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        CPU_DDP,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "hf_lora_recipe.train",
+        *_train_args(tiny_base, data, tmp_path / "two", "--max_steps", "3", "--streaming", "true")[2:],
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     ranks = dict(re.findall(r"rank (\d)/2\] consumed (\d+) examples", two.stdout))
     assert ranks == {"0": "12", "1": "12"}  # rank 0 reads the stream, each rank trains its half of every batch

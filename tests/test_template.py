@@ -52,8 +52,9 @@ def test_special_token_text_in_a_row_is_text(tokenizer):
     eos_text = tokenizer.eos_token
     messages = alpaca_messages(f"Repeat {eos_text} please", "", f"Here: {eos_text} done", row=0)
     input_ids, labels = _encode(tokenizer, messages)
-    assert input_ids.count(tokenizer.eos_token_id) == 1 + (tokenizer.bos_token_id == tokenizer.eos_token_id and
-                                                          special_ids(tokenizer).bos_id is not None)
+    assert input_ids.count(tokenizer.eos_token_id) == 1 + (
+        tokenizer.bos_token_id == tokenizer.eos_token_id and special_ids(tokenizer).bos_id is not None
+    )
     assert input_ids[-1] == tokenizer.eos_token_id
 
 

@@ -25,6 +25,7 @@ from hf_lora_recipe.train import main as train_main
 
 from .conftest import ACCELERATE, CLI, HUB_TOKEN, REPO_ROOT, run_cli
 
+
 TOKEN = HUB_TOKEN  # the local Hub's (conftest's `hub` fixture)
 
 
@@ -34,14 +35,22 @@ def _sha256(path: Path) -> str:
 
 def _train_args(tiny_base: Path, alpaca_path: Path, output_dir: Path, *extra: str) -> list[str]:
     return [
-        "--config", str(REPO_ROOT / "recipes" / "llama3-8b-alpaca-qlora.yaml"),  # the seed, pointed at tiny parts
-        "--model_name_or_path", str(tiny_base),
-        "--dataset_name", str(alpaca_path),
-        "--max_steps", "2",
-        "--global_batch_size", "8",
-        "--max_length", "128",
-        "--logging_steps", "1",
-        "--output_dir", str(output_dir),
+        "--config",
+        str(REPO_ROOT / "recipes" / "llama3-8b-alpaca-qlora.yaml"),  # the seed, pointed at tiny parts
+        "--model_name_or_path",
+        str(tiny_base),
+        "--dataset_name",
+        str(alpaca_path),
+        "--max_steps",
+        "2",
+        "--global_batch_size",
+        "8",
+        "--max_length",
+        "128",
+        "--logging_steps",
+        "1",
+        "--output_dir",
+        str(output_dir),
         *extra,
     ]
 
@@ -52,9 +61,24 @@ def trained(tiny_base, alpaca_path, tmp_path_factory, hub):
     base_hash = _sha256(tiny_base / "model.safetensors")
     output_dir = work / "adapter"
     env = {**hub.client_env(cache_dir=work / "hub-cache"), "TRACKIO_DIR": str(work / "trackio")}
-    result = run_cli(CLI, "train", *_train_args(tiny_base, alpaca_path, output_dir, "--report_to", "tensorboard",
-                                                "trackio", "--push_to_hub", "--hub_model_id", "user/seed-tiny",
-                                                "--per_device_train_batch_size", "auto"), env=env)
+    result = run_cli(
+        CLI,
+        "train",
+        *_train_args(
+            tiny_base,
+            alpaca_path,
+            output_dir,
+            "--report_to",
+            "tensorboard",
+            "trackio",
+            "--push_to_hub",
+            "--hub_model_id",
+            "user/seed-tiny",
+            "--per_device_train_batch_size",
+            "auto",
+        ),
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result, base_hash, work
 
@@ -62,8 +86,9 @@ def trained(tiny_base, alpaca_path, tmp_path_factory, hub):
 def test_train_prints_the_derived_figures(trained):
     _, result, _, _ = trained
     # auto: on a CPU the packed rows under sdpa's dense mask stop at 4 examples (the seed's micro-batch)
-    assert re.search(r"micro-batch auto -> 4: planned peak [\d.]+ GiB within [\d.]+ GiB \(50% of the available RAM\)",
-                     result.stdout), result.stdout
+    assert re.search(
+        r"micro-batch auto -> 4: planned peak [\d.]+ GiB within [\d.]+ GiB \(50% of the available RAM\)", result.stdout
+    ), result.stdout
     assert "world size 1 x micro-batch 4 x gradient accumulation 2 = global batch 8" in result.stdout
     # the speed choices, and a throughput line at every log after the first
     assert "activation offloading: off; compile: off; MFU against: n/a (no known GPU peak)" in result.stdout
@@ -82,14 +107,30 @@ def test_the_console_holds_our_lines_progress_and_metrics_only(trained):
 def test_artifacts_are_complete_and_safetensors_only(trained):
     output_dir, _, _, _ = trained
     names = {p.name for p in output_dir.iterdir() if p.is_file()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "recipe.yaml", "README.md",
-            "tokenizer.json", "tokenizer_config.json", "training_results.json", "training_loss.png"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "recipe.yaml",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "training_results.json",
+        "training_loss.png",
+    } <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
     tensors = load_file(output_dir / "adapter_model.safetensors")
     assert tensors and all("lora_A" in k or "lora_B" in k for k in tensors)
     config = json.loads((output_dir / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32, 0.05)
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_training_results_are_machine_readable(trained):
@@ -99,7 +140,10 @@ def test_training_results_are_machine_readable(trained):
         assert re.fullmatch(r"[a-z0-9_]+", key), key
     assert results["optimizer_steps"] == 2 and isinstance(results["final_train_loss"], float)
     assert results["final_eval_loss"] is None  # no held-out set: null, not a sentence
-    assert isinstance(results["tokens_per_epoch"], int) and 0 < results["supervised_tokens_per_epoch"] < results["tokens_per_epoch"]
+    assert (
+        isinstance(results["tokens_per_epoch"], int)
+        and 0 < results["supervised_tokens_per_epoch"] < results["tokens_per_epoch"]
+    )
     assert isinstance(results["wall_time_s"], float) and results["libraries"]["trl"]
 
 
@@ -118,23 +162,34 @@ def test_model_card_metadata_and_its_load_snippet_runs(trained, capsys):
     metadata = yaml.safe_load(re.match(r"^---\n(.*?)\n---", card, re.S).group(1))
     assert metadata["library_name"] == "peft"
     assert {"qlora", "sft", "trl", "hf-lora-recipe"} <= set(metadata["tags"])
-    for section in ("## Hyperparameters", "## Training results", "## Prompt template", "## Provenance", "## How to load"):
+    for section in (
+        "## Hyperparameters",
+        "## Training results",
+        "## Prompt template",
+        "## Provenance",
+        "## How to load",
+    ):
         assert section in card
     assert "| final train loss | " in card and "| final eval loss | no held-out set |" in card
     assert "![training loss](training_loss.png)" in card
     assert (output_dir / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     # The snippet loads the base quantized exactly as the recipe did (read back from recipe.yaml).
-    assert ("BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
-            "bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)") in snippet
+    assert (
+        "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
+        "bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)"
+    ) in snippet
     exec(compile(snippet, "model-card-snippet", "exec"), {})  # noqa: S102 - the card's own code must run
     assert capsys.readouterr().out.strip() != ""
 
 
 def test_tracking_logs_the_runs_loss_offline(trained):
     output_dir, _, _, work = trained
-    logged = [entry["loss"] for entry in json.loads(
-        (output_dir / "checkpoint-2" / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
+    logged = [
+        entry["loss"]
+        for entry in json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+        if "loss" in entry
+    ]
     assert len(logged) == 2
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -207,9 +262,23 @@ def test_unknown_keys_train_nothing(tiny_base, alpaca_path, tmp_path, capsys):
 def test_accelerate_launch_path_trains_with_the_same_code(tiny_base, alpaca_path, tmp_path):
     output_dir = tmp_path / "adapter"
     result = run_cli(
-        ACCELERATE, "launch", "--config_file", str(REPO_ROOT / "accelerate_configs" / "single_gpu.yaml"),
-        "-m", "hf_lora_recipe.train", *_train_args(tiny_base, alpaca_path, output_dir, "--eval_split_size", "4",
-                                                    "--load_in_4bit", "false", "--max_length", "64"),
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(REPO_ROOT / "accelerate_configs" / "single_gpu.yaml"),
+        "-m",
+        "hf_lora_recipe.train",
+        *_train_args(
+            tiny_base,
+            alpaca_path,
+            output_dir,
+            "--eval_split_size",
+            "4",
+            "--load_in_4bit",
+            "false",
+            "--max_length",
+            "64",
+        ),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gradient accumulation 2" in result.stdout

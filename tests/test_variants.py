@@ -16,6 +16,7 @@ from .conftest import CLI, run_cli
 from .fixtures import build_adapter_dir
 from .test_resilience import _args
 
+
 VARIANTS = {
     "plain": {},
     "rslora": {"use_rslora": True},
@@ -48,10 +49,13 @@ def test_each_variant_is_the_one_peft_built(tiny_base, variant, quantized):
     assert all(p.dtype == torch.float32 for p in magnitudes)  # below bf16's resolution otherwise
 
 
-@pytest.mark.parametrize("asked, match", [
-    ({"use_rslora": True}, "LoRA scaling 2, but use_rslora True"),
-    ({"use_dora": True}, "use_dora True, but the layer has no trainable DoRA magnitude"),
-])
+@pytest.mark.parametrize(
+    "asked, match",
+    [
+        ({"use_rslora": True}, "LoRA scaling 2, but use_rslora True"),
+        ({"use_dora": True}, "use_dora True, but the layer has no trainable DoRA magnitude"),
+    ],
+)
 def test_a_variant_peft_did_not_build_stops_the_run(tiny_base, asked, match):
     from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model
 
@@ -86,8 +90,23 @@ def test_training_with_every_variant_applies_them_end_to_end(tiny_base, alpaca_p
     from safetensors.torch import load_file
 
     output_dir = tmp_path / "adapter"
-    result = run_cli(CLI, "train", *_args(tiny_base, alpaca_path, output_dir, "--max_steps", "2", "--use_rslora", "true",
-                                          "--use_dora", "true", "--loraplus_lr_ratio", "16"))
+    result = run_cli(
+        CLI,
+        "train",
+        *_args(
+            tiny_base,
+            alpaca_path,
+            output_dir,
+            "--max_steps",
+            "2",
+            "--use_rslora",
+            "true",
+            "--use_dora",
+            "true",
+            "--loraplus_lr_ratio",
+            "16",
+        ),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LoRA+: lora_B at learning_rate x 16 = 0.016, lora_A at 0.001 (checked per tensor)" in result.stdout
     config = json.loads((output_dir / "adapter_config.json").read_text())
@@ -112,7 +131,9 @@ def test_merge_equals_the_adapter_for_each_variant(tiny_base, tmp_path, variant)
     assert json.loads((adapter / "adapter_config.json").read_text())[f"use_{variant}"] is True
     inputs = torch.randint(3, 1000, (2, 24))
     with torch.no_grad():
-        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter).eval()(inputs).logits
+        adapted = (
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter).eval()(inputs).logits
+        )
         merged_dir = merge(str(adapter), tmp_path / "merged", dtype="float32")
         merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(inputs).logits
         base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()(inputs).logits
@@ -126,30 +147,48 @@ def test_plan_counts_doras_magnitudes_and_traces_every_variant_key(tiny_base):
     from hf_lora_recipe.plan import traceability
 
     plain = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False)
-    dora = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, use_dora=True, use_rslora=True,
-                  loraplus_lr_ratio=16)
+    dora = Recipe(
+        model_name_or_path=str(tiny_base), load_in_4bit=False, use_dora=True, use_rslora=True, loraplus_lr_ratio=16
+    )
     planned = measure_shape(model_config(dora), dora).trainable
     assert planned == count_parameters(add_adapter(load_base_model(dora), dora))[0]
-    assert planned - measure_shape(model_config(plain), plain).trainable == 2 * (4 * 64 + 2 * 128 + 64)  # one per output row
+    assert planned - measure_shape(model_config(plain), plain).trainable == 2 * (
+        4 * 64 + 2 * 128 + 64
+    )  # one per output row
     rows = {row["field"]: row for row in traceability(dora)}
     assert rows["LoraConfig.use_dora"]["differs_from_seed"] and rows["LoraConfig.use_rslora"]["differs_from_seed"]
     assert rows["create_loraplus_optimizer.loraplus_lr_ratio"]["value"] == 16
     assert not rows["LoraConfig.init_lora_weights"]["differs_from_library_default"]  # "true" is PEFT's True
 
 
-@pytest.mark.parametrize("values, match", [
-    ({"init_lora_weights": "pissa"}, "init_lora_weights: pissa rewrites the base weights .* set load_in_4bit false"),
-    ({"init_lora_weights": "olora", "load_in_4bit": True}, "init_lora_weights: olora rewrites the base weights"),
-    ({"init_lora_weights": "pissa_niter_4"}, "pissa_niter_4 rewrites the base weights"),  # the seed's base is NF4
-    ({"init_lora_weights": "pissa_niter_0", "load_in_4bit": False}, "init_lora_weights must be one of"),
-    ({"init_lora_weights": "loftq"}, "needs scipy and a CUDA device"),
-    ({"init_lora_weights": "kaiming"}, "init_lora_weights must be one of true, gaussian"),
-    ({"init_lora_weights": "orthogonal"}, "orthogonal needs an even lora_r .* and load_in_4bit false"),  # NF4 seed
-    ({"init_lora_weights": "orthogonal", "load_in_4bit": False, "lora_r": 15}, "orthogonal needs an even lora_r \\(got 15\\)"),
-    ({"init_lora_weights": "eva", "use_dora": True}, "init_lora_weights: eva with use_dora: true is not supported"),
-    ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be positive"),
-    ({"loraplus_lr_ratio": 16, "optim": "adafactor"}, "loraplus_lr_ratio works with optim adamw_torch or adamw_torch_fused"),
-])
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        (
+            {"init_lora_weights": "pissa"},
+            "init_lora_weights: pissa rewrites the base weights .* set load_in_4bit false",
+        ),
+        ({"init_lora_weights": "olora", "load_in_4bit": True}, "init_lora_weights: olora rewrites the base weights"),
+        ({"init_lora_weights": "pissa_niter_4"}, "pissa_niter_4 rewrites the base weights"),  # the seed's base is NF4
+        ({"init_lora_weights": "pissa_niter_0", "load_in_4bit": False}, "init_lora_weights must be one of"),
+        ({"init_lora_weights": "loftq"}, "needs scipy and a CUDA device"),
+        ({"init_lora_weights": "kaiming"}, "init_lora_weights must be one of true, gaussian"),
+        ({"init_lora_weights": "orthogonal"}, "orthogonal needs an even lora_r .* and load_in_4bit false"),  # NF4 seed
+        (
+            {"init_lora_weights": "orthogonal", "load_in_4bit": False, "lora_r": 15},
+            "orthogonal needs an even lora_r \\(got 15\\)",
+        ),
+        (
+            {"init_lora_weights": "eva", "use_dora": True},
+            "init_lora_weights: eva with use_dora: true is not supported",
+        ),
+        ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be positive"),
+        (
+            {"loraplus_lr_ratio": 16, "optim": "adafactor"},
+            "loraplus_lr_ratio works with optim adamw_torch or adamw_torch_fused",
+        ),
+    ],
+)
 def test_variant_keys_that_cannot_work_are_refused_with_the_reason(values, match):
     with pytest.raises(RecipeError, match=match):
         load_recipe_dict(values)
@@ -198,8 +237,11 @@ def test_an_unconverted_adapter_is_never_published(tiny_base, tmp_path, init):
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
     add_adapter(load_base_model(recipe), recipe).save_pretrained(tmp_path)
-    with pytest.raises(RuntimeError, match=f"init_lora_weights {init} saved unconverted \\(init {init}, r 16, "
-                                           "alpha 32; converted: true, 32, 64\\): it would only fit the residual base"):
+    with pytest.raises(
+        RuntimeError,
+        match=f"init_lora_weights {init} saved unconverted \\(init {init}, r 16, "
+        "alpha 32; converted: true, 32, 64\\): it would only fit the residual base",
+    ):
         check_saved_adapter(tmp_path, recipe, trained_steps=0)
 
 
@@ -212,15 +254,21 @@ def test_a_base_rewriting_init_that_did_not_apply_or_conserve_stops_the_run(tiny
     plain = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False)
     base = load_base_model(plain)
     before = record_base(base, asked)
-    with pytest.raises(RuntimeError, match=rf"^base_model\.model\.model\.layers\.0\.self_attn\.q_proj: "
-                                           rf"init_lora_weights {init} left the base weight unchanged"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^base_model\.model\.model\.layers\.0\.self_attn\.q_proj: "
+        rf"init_lora_weights {init} left the base weight unchanged",
+    ):
         check_variants(add_adapter(base, plain), asked, before)
 
     model = add_adapter(load_base_model(asked), asked)
     with torch.no_grad():  # B0 lost on one layer: W_res + s B A is no longer W
         _lora_layers(model)[5].lora_B["default"].weight.mul_(0.5)
-    with pytest.raises(RuntimeError, match=r"^base_model\.model\.model\.layers\.0\.mlp\.up_proj: W_res \+ s B0 A0 "
-                                           r"differs from the original weight"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^base_model\.model\.model\.layers\.0\.mlp\.up_proj: W_res \+ s B0 A0 "
+        r"differs from the original weight",
+    ):
         check_variants(model, asked)
 
     model = add_adapter(load_base_model(asked), asked)
@@ -230,10 +278,16 @@ def test_a_base_rewriting_init_that_did_not_apply_or_conserve_stops_the_run(tiny
         check_variants(model, asked)
 
 
-@pytest.mark.parametrize("values, match", [
-    ({"use_dora": True}, "init_lora_weights: pissa with use_dora: true is not supported: PEFT's conversion"),
-    ({"train_template_tokens": True}, "init_lora_weights: pissa with train_template_tokens: true is not supported"),
-])
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"use_dora": True}, "init_lora_weights: pissa with use_dora: true is not supported: PEFT's conversion"),
+        (
+            {"train_template_tokens": True},
+            "init_lora_weights: pissa with train_template_tokens: true is not supported",
+        ),
+    ],
+)
 def test_what_the_conversion_does_not_carry_is_refused_at_recipe_load(values, match):
     load_recipe_dict({"load_in_4bit": False, "init_lora_weights": "pissa"})
     with pytest.raises(RecipeError, match=match):
@@ -275,8 +329,9 @@ def _on_original_base(tiny_base, adapter_dir):
 
 
 @pytest.mark.parametrize("init", ["pissa", pytest.param("pissa_niter_4", marks=pytest.mark.slow), "olora"])
-def test_training_saves_a_converted_adapter_of_the_original_base(tiny_base, alpaca_path, tmp_path, monkeypatch,
-                                                                 keep_signal_handlers, init):
+def test_training_saves_a_converted_adapter_of_the_original_base(
+    tiny_base, alpaca_path, tmp_path, monkeypatch, keep_signal_handlers, init
+):
     """The published adapter is rank 2r on the ORIGINAL base and computes what the trained model computed; so
     does its merge. The step-0 adapter stays in output_dir (ours), is never pushed."""
     from transformers import AutoModelForCausalLM
@@ -291,16 +346,22 @@ def test_training_saves_a_converted_adapter_of_the_original_base(tiny_base, alpa
     config = json.loads((output_dir / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (32, 64, True)  # lora_r 16, alpha 32
     converted = _on_original_base(tiny_base, output_dir)
-    merged = _logits(AutoModelForCausalLM.from_pretrained(merge(str(output_dir), tmp_path / "merged", dtype="float32")))
+    merged = _logits(
+        AutoModelForCausalLM.from_pretrained(merge(str(output_dir), tmp_path / "merged", dtype="float32"))
+    )
     base = _logits(AutoModelForCausalLM.from_pretrained(tiny_base))
-    print(f"\n{init}: trained vs base {(trained - base).abs().max():.2e}; converted adapter on the original base vs "
-          f"trained {(converted - trained).abs().max():.2e}; merged vs trained {(merged - trained).abs().max():.2e}")
+    print(
+        f"\n{init}: trained vs base {(trained - base).abs().max():.2e}; converted adapter on the original base vs "
+        f"trained {(converted - trained).abs().max():.2e}; merged vs trained {(merged - trained).abs().max():.2e}"
+    )
     assert (trained - base).abs().max() > 1e-3  # it trained: the comparisons below are not of two bases
     assert (converted - trained).abs().max() < 1e-4
     assert (merged - trained).abs().max() < 1e-4
     name = "OLoRA" if init == "olora" else "PiSSA" + (" (randomized SVD, 4 iterations)" if "niter" in init else "")
-    assert f"{name} init (saved converted: rank 32, alpha 64, a plain adapter of the original base)" in (
-        output_dir / "README.md").read_text()
+    assert (
+        f"{name} init (saved converted: rank 32, alpha 64, a plain adapter of the original base)"
+        in (output_dir / "README.md").read_text()
+    )
     initial = json.loads((output_dir / "initial_adapter" / "adapter_config.json").read_text())
     assert initial["r"] == 16 and (output_dir / "initial_adapter" / "adapter_model.safetensors").is_file()
     assert not any("initial_adapter" in str(path) for path in files_to_publish(output_dir))
@@ -308,8 +369,9 @@ def test_training_saves_a_converted_adapter_of_the_original_base(tiny_base, alpa
 
 
 @pytest.mark.slow  # several trainings in a row: the default suite keeps its time budget
-def test_resume_and_publish_only_convert_against_the_saved_initial_adapter(tiny_base, alpaca_path, tmp_path,
-                                                                         monkeypatch, keep_signal_handlers, capsys):
+def test_resume_and_publish_only_convert_against_the_saved_initial_adapter(
+    tiny_base, alpaca_path, tmp_path, monkeypatch, keep_signal_handlers, capsys
+):
     """pissa_niter_N draws from torch's RNG: the seed makes a rerun's initialisation the saved one, which is
     checked; another seed is refused before training. A run that never wrote its adapter writes it converted."""
     from safetensors.torch import load_file
@@ -335,8 +397,10 @@ def test_resume_and_publish_only_convert_against_the_saved_initial_adapter(tiny_
     assert (_on_original_base(tiny_base, output_dir) - trained).abs().max() < 1e-4
 
     assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags, "--max_steps", "4", "--seed", "7")[0] == 2
-    assert ("the pissa_niter_4 initialisation of this rerun differs from the one saved in "
-            f"{output_dir / 'initial_adapter'}") in capsys.readouterr().err
+    assert (
+        "the pissa_niter_4 initialisation of this rerun differs from the one saved in "
+        f"{output_dir / 'initial_adapter'}"
+    ) in capsys.readouterr().err
     assert not (output_dir / "checkpoint-4").exists()
 
 
@@ -366,8 +430,9 @@ def test_orthogonal_starts_at_the_base_with_non_zero_factors(tiny_base, bf16):
         check_variants(model, recipe)
 
 
-def test_orthogonal_trains_and_merges_to_the_adapters_logits(tiny_base, alpaca_path, tmp_path, monkeypatch,
-                                                             keep_signal_handlers):
+def test_orthogonal_trains_and_merges_to_the_adapters_logits(
+    tiny_base, alpaca_path, tmp_path, monkeypatch, keep_signal_handlers
+):
     from transformers import AutoModelForCausalLM
 
     from hf_lora_recipe.merge import merge
@@ -377,7 +442,9 @@ def test_orthogonal_trains_and_merges_to_the_adapters_logits(tiny_base, alpaca_p
     assert code == 0
     assert json.loads((output_dir / "adapter_config.json").read_text())["init_lora_weights"] == "orthogonal"
     on_base = _on_original_base(tiny_base, output_dir)  # PEFT re-draws A, B at load, then loads the trained ones
-    merged = _logits(AutoModelForCausalLM.from_pretrained(merge(str(output_dir), tmp_path / "merged", dtype="float32")))
+    merged = _logits(
+        AutoModelForCausalLM.from_pretrained(merge(str(output_dir), tmp_path / "merged", dtype="float32"))
+    )
     assert (trained - _logits(AutoModelForCausalLM.from_pretrained(tiny_base))).abs().max() > 1e-3
     assert (on_base - trained).abs().max() < 1e-4 and (merged - trained).abs().max() < 1e-4
     assert "init_lora_weights orthogonal" in (output_dir / "README.md").read_text()
@@ -392,15 +459,20 @@ def _eva_state(model, ranks):
 
     generator = torch.Generator().manual_seed(0)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-    return {name: torch.linalg.qr(torch.randn(layer.in_features, max(rank, 1), generator=generator))[0].T[:rank]
-            .contiguous() for (name, layer), rank in zip(layers, ranks, strict=True)}
+    return {
+        name: torch.linalg.qr(torch.randn(layer.in_features, max(rank, 1), generator=generator))[0]
+        .T[:rank]
+        .contiguous()
+        for (name, layer), rank in zip(layers, ranks, strict=True)
+    }
 
 
 def _eva_model(tiny_base, **values):
     from hf_lora_recipe.modeling import add_adapter, load_base_model
 
-    recipe = Recipe(model_name_or_path=str(tiny_base), init_lora_weights="eva", **{"load_in_4bit": False, "bf16": False,
-                                                                                  **values})
+    recipe = Recipe(
+        model_name_or_path=str(tiny_base), init_lora_weights="eva", **{"load_in_4bit": False, "bf16": False, **values}
+    )
     return add_adapter(load_base_model(recipe), recipe), recipe
 
 
@@ -423,8 +495,10 @@ def test_eva_is_proven_on_every_layer_and_what_eva_did_not_set_stops_the_run(tin
     config = model.peft_config["default"]
     assert config.rank_pattern == {"model.layers.0.self_attn.k_proj": 32}
     assert config.alpha_pattern == {"model.layers.0.self_attn.k_proj": 64}  # alpha/r kept: scaling 2 everywhere
-    assert rank_line(model, recipe) == ("EVA ranks: min 16, max 32, total 224 over 13 layers (budget r 16 x 14 "
-                                        "modules, at most 32 per layer; 1 layer(s) got rank 0 and no adapter)")
+    assert rank_line(model, recipe) == (
+        "EVA ranks: min 16, max 32, total 224 over 13 layers (budget r 16 x 14 "
+        "modules, at most 32 per layer; 1 layer(s) got rank 0 and no adapter)"
+    )
     model.save_pretrained(tmp_path / "adapter")
     check_saved_adapter(tmp_path / "adapter", recipe, trained_steps=0)  # each tensor at its layer's rank
 
@@ -434,8 +508,11 @@ def test_eva_is_proven_on_every_layer_and_what_eva_did_not_set_stops_the_run(tin
     a = _lora_layers(model)[3].lora_A["default"].weight
     with torch.no_grad():  # one component no longer of unit length
         a[0].mul_(1.5)
-    with pytest.raises(RuntimeError, match=r"layers\.0\.mlp\.gate_proj: lora_A's rows are not orthonormal "
-                                           r"\(\|A A\^T - I\| 1\.2"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"layers\.0\.mlp\.gate_proj: lora_A's rows are not orthonormal "
+        r"\(\|A A\^T - I\| 1\.2",
+    ):
         check_variants(model, recipe)
     with torch.no_grad():
         a[0].div_(1.5)
@@ -460,7 +537,9 @@ def _fake_trainer(model, batches=40, length=24):
     generator = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, 32000, (2, length), generator=generator) for _ in range(batches)]
     data = [{"input_ids": ids, "labels": ids.clone()} for ids in rows]
-    return SimpleNamespace(model=model, get_train_dataloader=lambda: data, accelerator=SimpleNamespace(_dataloaders=[]))
+    return SimpleNamespace(
+        model=model, get_train_dataloader=lambda: data, accelerator=SimpleNamespace(_dataloaders=[])
+    )
 
 
 def test_eva_on_an_nf4_base_and_a_pass_that_does_not_converge(tiny_base, monkeypatch):
@@ -482,16 +561,20 @@ def test_eva_on_an_nf4_base_and_a_pass_that_does_not_converge(tiny_base, monkeyp
 
     monkeypatch.setattr(eva_pass, "MAX_BATCHES", 3)
     model, recipe = _eva_model(tiny_base, lora_r=2)
-    with pytest.raises(RecipeError, match=r"^init_lora_weights: eva: the input components of \d+ layer\(s\) \(e\.g\. "
-                                          r"model\.layers\.\d\.\S+\) were still moving after 3 batches"):
+    with pytest.raises(
+        RecipeError,
+        match=r"^init_lora_weights: eva: the input components of \d+ layer\(s\) \(e\.g\. "
+        r"model\.layers\.\d\.\S+\) were still moving after 3 batches",
+    ):
         eva_pass.data_pass(_fake_trainer(model))
     assert not any(isinstance(hook, _Hook) for module in model.modules() for hook in module._forward_hooks.values())
     assert model.training
 
 
 @pytest.mark.slow  # several trainings in a row: the default suite keeps its time budget
-def test_training_with_eva_saves_its_ranks_and_resumes_on_them(tiny_base, alpaca_path, tmp_path, monkeypatch,
-                                                               keep_signal_handlers, capsys):
+def test_training_with_eva_saves_its_ranks_and_resumes_on_them(
+    tiny_base, alpaca_path, tmp_path, monkeypatch, keep_signal_handlers, capsys
+):
     """`train` with EVA: the data order is the plain run's (same digest); the adapter, on a freshly loaded base and
     merged, computes what the trained model computed; the card gives the ranks; a rerun resumes on the saved
     state without a second pass."""
@@ -511,22 +594,32 @@ def test_training_with_eva_saves_its_ranks_and_resumes_on_them(tiny_base, alpaca
     found = re.search(r"EVA ranks: min (\d+), max (\d+), total 56 over \d+ layers \(budget r 4 x 14 modules", out)
     assert found and int(found[1]) < 4 < int(found[2])  # redistributed, not r everywhere
     digest = re.search(r"data digest (\w+)", out)[1]
-    assert _train(monkeypatch, tiny_base, alpaca_path, tmp_path / "plain", "--lora_r", "4", "--final_eval_examples",
-                  "0")[0] == 0
+    assert (
+        _train(monkeypatch, tiny_base, alpaca_path, tmp_path / "plain", "--lora_r", "4", "--final_eval_examples", "0")[
+            0
+        ]
+        == 0
+    )
     assert f"data digest {digest}" in capsys.readouterr().out  # the pass changed neither the order nor the RNG
 
     config = json.loads((output_dir / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == "eva" and config["rank_pattern"] and config["alpha_pattern"]
     on_base = _on_original_base(tiny_base, output_dir)
-    merged = _logits(AutoModelForCausalLM.from_pretrained(merge(str(output_dir), tmp_path / "merged", dtype="float32")))
+    merged = _logits(
+        AutoModelForCausalLM.from_pretrained(merge(str(output_dir), tmp_path / "merged", dtype="float32"))
+    )
     base = _logits(AutoModelForCausalLM.from_pretrained(tiny_base))
     with capsys.disabled():
-        print(f"\neva: trained vs base {(trained - base).abs().max():.2e}; adapter on a fresh base vs trained "
-              f"{(on_base - trained).abs().max():.2e}; merged vs trained {(merged - trained).abs().max():.2e}")
+        print(
+            f"\neva: trained vs base {(trained - base).abs().max():.2e}; adapter on a fresh base vs trained "
+            f"{(on_base - trained).abs().max():.2e}; merged vs trained {(merged - trained).abs().max():.2e}"
+        )
     assert (trained - base).abs().max() > 1e-3
     assert (on_base - trained).abs().max() < 1e-4 and (merged - trained).abs().max() < 1e-4
-    assert f"EVA init (A from the training data's principal input directions; ranks {found[1]}-{found[2]} per layer, " \
-           "total 56" in (output_dir / "README.md").read_text()
+    assert (
+        f"EVA init (A from the training data's principal input directions; ranks {found[1]}-{found[2]} per layer, "
+        "total 56" in (output_dir / "README.md").read_text()
+    )
     assert (output_dir / "eva_state" / "eva_state.safetensors").is_file()
     assert not any("eva_state" in str(path) for path in files_to_publish(output_dir))
     check_output_dir_is_ours(output_dir)
@@ -543,7 +636,8 @@ def test_training_with_eva_saves_its_ranks_and_resumes_on_them(tiny_base, alpaca
     (output_dir / "eva_state" / "eva_state.safetensors").unlink()
     assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags, "--max_steps", "4")[0] == 2
     assert "eva_state.safetensors is missing, so the ranks EVA gave the checkpoint's adapter are unknown" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("key", ["use_dora", "use_rslora", "train_template_tokens", "streaming"])

@@ -14,6 +14,7 @@ import torch._dynamo
 import torch._dynamo.exc
 import torch._dynamo.utils
 
+
 # What dynamo raises when a fullgraph compile meets code it cannot put in one graph, or the backend fails.
 COMPILE_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,)
 
@@ -49,7 +50,9 @@ _CHECKPOINT_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
 def checkpoint_side_effects_allowed() -> contextlib.AbstractContextManager[None]:
     if not hasattr(torch._dynamo.config, _CHECKPOINT_SIDE_EFFECTS):
-        raise RuntimeError(f"torch._dynamo.config has no {_CHECKPOINT_SIDE_EFFECTS}: compile_decoder_layers needs updating")
+        raise RuntimeError(
+            f"torch._dynamo.config has no {_CHECKPOINT_SIDE_EFFECTS}: compile_decoder_layers needs updating"
+        )
     return torch._dynamo.config.patch(**{_CHECKPOINT_SIDE_EFFECTS: True})
 
 
@@ -64,3 +67,13 @@ def fresh_dynamo_counters() -> Iterator[None]:
         torch._dynamo.utils.counters.clear()
         for name, values in saved.items():
             torch._dynamo.utils.counters[name].update(values)
+
+
+def remove_forward_hooks(module: torch.nn.Module, kind: type) -> list[Any]:
+    """Remove the forward hooks of ``module`` that are instances of ``kind`` (hooks registered by a library that
+    kept no handle to them); returns the removed hooks."""
+    hooks = module._forward_hooks
+    removed = [hook for hook in hooks.values() if isinstance(hook, kind)]
+    for key in [key for key, hook in hooks.items() if isinstance(hook, kind)]:
+        del hooks[key]
+    return removed

@@ -13,3 +13,41 @@ def attention_implementation(model: Any) -> str:
     ``from_pretrained(attn_implementation=...)`` resolved and the attention layers read (no public accessor)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return str(base.config._attn_implementation)
+
+
+class AfterCheckpoint:
+    """A Trainer mixin: ``after_checkpoint(folder)`` runs on every process right after ``Trainer._save_checkpoint``
+    wrote a checkpoint (before ``on_save`` callbacks, and before the folder could be rotated away), with the folder
+    from ``Trainer._get_output_dir`` (hyperparameter search's trial folders included)."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from pathlib import Path
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"  # type: ignore[attr-defined]
+        self.after_checkpoint(folder)
+
+    def after_checkpoint(self, folder: Any) -> None:
+        raise NotImplementedError
+
+
+# AutoConfig raises ValueError/KeyError/OSError with these phrases; there is no error class per cause.
+def names_unknown_architecture(error: BaseException) -> bool:
+    return "does not recognize this architecture" in str(error) or "Unrecognized model" in str(error)
+
+
+def names_no_model_type(error: BaseException) -> bool:
+    return "Unrecognized model" in str(error)
+
+
+def named_model_type(error: BaseException) -> str | None:
+    import re
+
+    named = re.search(r"model type `([^`]+)`", str(error))
+    return named.group(1) if named else None
+
+
+def asks_for_remote_code(error: BaseException) -> bool:
+    return "trust_remote_code" in str(error)
