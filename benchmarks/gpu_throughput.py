@@ -133,7 +133,7 @@ def quantized_random_model(config, device: str, recipe):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.modeling import available_attention, quantization_config
+    from hf_lora_recipe.model.loading import available_attention, quantization_config
 
     bnb_config = quantization_config(recipe)
     compute, storage = bnb_config.bnb_4bit_compute_dtype, bnb_config.bnb_4bit_quant_storage
@@ -238,10 +238,10 @@ def measured_matmul_tflops() -> float | None:
 def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, warmup: int) -> dict[str, Any]:
     import torch
 
-    from hf_lora_recipe.estimates import flops_per_token, measure_shape, memory
-    from hf_lora_recipe.micro_batch import resolve
-    from hf_lora_recipe.modeling import add_adapter
-    from hf_lora_recipe.trainer import build_trainer
+    from hf_lora_recipe.model.loading import add_adapter
+    from hf_lora_recipe.planning.estimates import flops_per_token, measure_shape, memory
+    from hf_lora_recipe.training.auto_micro_batch import resolve
+    from hf_lora_recipe.training.trainer import build_trainer
 
     recipe = dataclasses.replace(seed_recipe, **variant.changes)
     shape = measure_shape(config, recipe)
@@ -284,7 +284,7 @@ def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, 
         trainer.compute_loss = types.MethodType(SFTTrainer.compute_loss, trainer)
     trainer.train()
     if variant.trainer == "trl":
-        from hf_lora_recipe.trainer import _score_every_position
+        from hf_lora_recipe.training.trainer import _score_every_position
 
         _score_every_position()
     timed_s = sum(times[warmup:])
@@ -354,7 +354,7 @@ def main() -> int:
     import transformers
     from transformers import AutoConfig
 
-    from hf_lora_recipe.config import load_recipe
+    from hf_lora_recipe.recipe.schema import load_recipe
 
     recipe = load_recipe(REPO_ROOT / "recipes" / "llama3-8b-alpaca-qlora.yaml")
     config = AutoConfig.from_pretrained(args.model_config)

@@ -2,7 +2,7 @@
 
     make bench-merge      # or: .venv/bin/python benchmarks/merge_real.py [--rows 4] [--lora_b_std 0.01]
 
-The README's merge table comes from a tiny random Llama; this repeats it on real weights: the SmolLM2 base that
+The merge table in docs/shipping.md comes from a tiny random Llama; this repeats it on real weights: the SmolLM2 base that
 ``hf-lora-recipe base`` materialises (a dequantized Q4_1 copy, bf16 - realbase.py). The adapter is the seed's
 LoRA (r=16, alpha 32, all seven projections) built on the NF4 base as training loads it; A is PEFT's
 initialisation and B is drawn from N(0, lora_b_std) instead of zeros, so the adapter changes the model as a
@@ -42,9 +42,9 @@ def build_adapter(base: Path, out_dir: Path, lora_b_std: float, seed: int = 0) -
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    from hf_lora_recipe.config import Recipe, dump_recipe
-    from hf_lora_recipe.modeling import load_base_model, lora_config
-    from hf_lora_recipe.tokenizer import save_tokenizer
+    from hf_lora_recipe.model.loading import load_base_model, lora_config
+    from hf_lora_recipe.recipe.schema import Recipe, dump_recipe
+    from hf_lora_recipe.templates.tokenizer import save_tokenizer
 
     recipe = Recipe(model_name_or_path=str(base), load_in_4bit=True, chat_template="native", output_dir=str(out_dir))
     torch.manual_seed(seed)
@@ -97,11 +97,11 @@ def main() -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_lora_recipe.config import Recipe, saved_recipe
-    from hf_lora_recipe.merge import load_merge_base, merge
-    from hf_lora_recipe.modeling import quantization_config
-    from hf_lora_recipe.quiet import quiet_libraries
-    from hf_lora_recipe.realbase import MARKER, materialise_smollm2
+    from hf_lora_recipe.devtools.real_base import MARKER, materialise_smollm2
+    from hf_lora_recipe.model.loading import quantization_config
+    from hf_lora_recipe.recipe.schema import Recipe, saved_recipe
+    from hf_lora_recipe.shipping.merging import load_merge_base, merge
+    from hf_lora_recipe.upstream.notices import quiet_libraries
 
     quiet_libraries()
     base = materialise_smollm2()

@@ -54,9 +54,9 @@ def main() -> int:
     import datasets
     import transformers
 
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.data import build_sft_dataset
-    from hf_lora_recipe.tokenizer import load_tokenizer
+    from hf_lora_recipe.data.pipeline import build_sft_dataset
+    from hf_lora_recipe.recipe.schema import Recipe
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
     sample = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text())
     rows = (sample * (args.rows // len(sample) + 1))[: args.rows]

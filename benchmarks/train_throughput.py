@@ -52,8 +52,8 @@ SMOLLM2_ROWS, SMOLLM2_MICRO_BATCH, SMOLLM2_ACCUMULATION, SMOLLM2_MAX_LENGTH = 24
 
 
 def build_base(work: Path, hidden: int = 256, layers: int = 4) -> Path:
-    from hf_lora_recipe.tiny import build_tiny_llama
-    from hf_lora_recipe.tokenizer import load_tokenizer
+    from hf_lora_recipe.devtools.tiny_llama import build_tiny_llama
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(SHARED / "tokenizers" / "llama2"))
     return build_tiny_llama(
@@ -77,7 +77,7 @@ def recipe_for(
     run: str = "run",
     **changes,
 ):
-    from hf_lora_recipe.config import Recipe
+    from hf_lora_recipe.recipe.schema import Recipe
 
     return Recipe(
         model_name_or_path=str(base),
@@ -112,7 +112,7 @@ def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokeniz
     import torch
     from transformers import AutoTokenizer
 
-    from hf_lora_recipe.modeling import load_base_model
+    from hf_lora_recipe.model.loading import load_base_model
 
     class LoRALinear(torch.nn.Module):
         def __init__(self, base: torch.nn.Module, r: int, alpha: int, dropout: float):
@@ -209,7 +209,7 @@ def plain_trl(recipe, rows: list[dict]) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from hf_lora_recipe.modeling import load_base_model, lora_config
+    from hf_lora_recipe.model.loading import load_base_model, lora_config
 
     torch.manual_seed(0)
     dataset = Dataset.from_list(
@@ -256,10 +256,10 @@ def plain_trl(recipe, rows: list[dict]) -> dict:
 def ours(recipe) -> dict:
     import torch
 
-    from hf_lora_recipe.data import build_sft_dataset
-    from hf_lora_recipe.modeling import add_adapter, load_base_model
-    from hf_lora_recipe.tokenizer import tokenizer_for
-    from hf_lora_recipe.trainer import RecipeTrainer, trainer_config, uses_fused_loss
+    from hf_lora_recipe.data.pipeline import build_sft_dataset
+    from hf_lora_recipe.model.loading import add_adapter, load_base_model
+    from hf_lora_recipe.templates.tokenizer import tokenizer_for
+    from hf_lora_recipe.training.trainer import RecipeTrainer, trainer_config, uses_fused_loss
 
     torch.manual_seed(0)
     tokenizer = tokenizer_for(recipe)
@@ -428,7 +428,7 @@ def tiny_section(work: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.merge import merge
+    from hf_lora_recipe.shipping.merging import merge
 
     adapter = Path(recipe_for(base, data, work).output_dir)
     started = time.perf_counter()
@@ -454,7 +454,7 @@ def smollm2_section(work: Path) -> None:
     import torch
     import transformers
 
-    from hf_lora_recipe.realbase import materialise_smollm2
+    from hf_lora_recipe.devtools.real_base import materialise_smollm2
 
     base = materialise_smollm2()  # offline: built from the GGUF in the installed wheel, cached after the first time
     rows, data = alpaca_rows(work, SMOLLM2_ROWS, "smollm2-rows.json")

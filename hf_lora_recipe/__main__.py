@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from hf_lora_recipe.cli import main
 
 
 sys.exit(main())

@@ -30,7 +30,7 @@ def _command(module: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         import importlib
 
-        return importlib.import_module(f"hf_lora_recipe.{module}").main(argv)
+        return importlib.import_module(f"hf_lora_recipe.commands.{module}").main(argv)
 
     return run
 
@@ -42,8 +42,8 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "push": _command("push"),
     "generate": _command("generate"),
     "plan": _command("plan"),
-    "eval": _command("evaluation"),
-    "base": _command("realbase"),
+    "eval": _command("eval"),
+    "base": _command("base"),
 }
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from hf_lora_recipe import __version__
 
         print(__version__)
         return 0

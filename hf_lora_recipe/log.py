@@ -19,6 +19,17 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    """This process's device index on its node (``LOCAL_RANK``, set by torchrun and accelerate launch)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, for a one-line message (its type when it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

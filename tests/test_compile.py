@@ -18,9 +18,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_lora_recipe.compiling import compile_decoder_layers
-from hf_lora_recipe.config import Recipe
-from hf_lora_recipe.modeling import add_adapter, load_base_model
+from hf_lora_recipe.model.compile_layers import compile_decoder_layers
+from hf_lora_recipe.model.loading import add_adapter, load_base_model
+from hf_lora_recipe.recipe.schema import Recipe
 from hf_lora_recipe.upstream.torch import compiled_call
 
 
@@ -253,7 +253,7 @@ def test_compiled_dropout_masks_are_fresh_independent_and_scaled(quantized):
 def test_every_layer_proves_it_ran_compiled(checkpointed):
     """The run's check after step 1 (``check_compiled``) passes on the compiled model; each layer's compiled
     call was taken on every step so far (the fixture's three, and any another test ran on the shared model)."""
-    from hf_lora_recipe.compiling import check_compiled
+    from hf_lora_recipe.model.compile_layers import check_compiled
 
     model, _ = checkpointed
     assert check_compiled(model) == "compile: all 2 decoder layers ran compiled in step 1"
@@ -279,7 +279,7 @@ class _Breaks(torch.nn.Linear):
 
 
 def test_a_layer_that_cannot_be_one_graph_stops_the_run_in_one_line():
-    from hf_lora_recipe.config import RecipeError
+    from hf_lora_recipe.recipe.schema import RecipeError
 
     model = _Layers(_Breaks(4, 4))
     compile_decoder_layers(model)
@@ -292,8 +292,8 @@ def test_a_layer_that_cannot_be_one_graph_stops_the_run_in_one_line():
 
 
 def test_a_layer_that_never_ran_compiled_or_no_graph_stops_the_run():
-    from hf_lora_recipe.compiling import check_compiled
-    from hf_lora_recipe.config import RecipeError
+    from hf_lora_recipe.model.compile_layers import check_compiled
+    from hf_lora_recipe.recipe.schema import RecipeError
     from hf_lora_recipe.upstream.torch import fresh_dynamo_counters
 
     model = _Layers(torch.nn.Linear(4, 4))
@@ -351,7 +351,7 @@ class _WritesAGlobalUnderCheckpoint(torch.nn.Module):
 def test_a_global_written_and_reset_under_checkpoint_still_compiles_whole():
     """Without the checkpoint side-effect switch dynamo falls back to eager for such a layer (transformers 5.25
     trained eagerly under compile: true); with it the layer is one graph and its gradient is eager's."""
-    from hf_lora_recipe.compiling import check_compiled
+    from hf_lora_recipe.model.compile_layers import check_compiled
 
     torch.manual_seed(0)
     layer = _WritesAGlobalUnderCheckpoint()

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_lora_recipe.arguments import RecipeParser
-from hf_lora_recipe.config import (
+from hf_lora_recipe.recipe.cli_args import RecipeParser
+from hf_lora_recipe.recipe.schema import (
     SEED_TARGET_MODULES,
     Recipe,
     RecipeError,
@@ -166,7 +166,7 @@ def test_all_linear_reaches_peft_as_peft_means_it(tiny_base):
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hf_lora_recipe.modeling import lora_config
+    from hf_lora_recipe.model.loading import lora_config
 
     recipe = parse(["--lora_target_modules", "all-linear"])
     assert lora_config(recipe).target_modules == "all-linear"
@@ -190,7 +190,7 @@ def test_yaml_duplicate_keys_and_syntax_errors_name_file_and_line(tmp_path):
 
 
 def test_help_is_grouped_and_documented():
-    from hf_lora_recipe.config import FIELDS, GROUPS
+    from hf_lora_recipe.recipe.schema import FIELDS, GROUPS
 
     text = RecipeParser("train", "test").format_help()
     for title in GROUPS:
@@ -206,7 +206,7 @@ def test_sft_config_keys_pass_through_with_the_same_meaning():
 
     from trl import SFTConfig
 
-    from hf_lora_recipe.trainer import SFT_CONFIG_KEYS, trainer_config
+    from hf_lora_recipe.training.trainer import SFT_CONFIG_KEYS, trainer_config
 
     sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
     recipe = Recipe(learning_rate=1.5e-4, save_total_limit=5, report_to=["none"])

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from hf_lora_recipe import formats, oasst
-from hf_lora_recipe.audit import audit_examples, supervised_spans
-from hf_lora_recipe.config import Recipe, RecipeError
-from hf_lora_recipe.data import build_sft_dataset, conversation_source
-from hf_lora_recipe.sources import load_rows
-from hf_lora_recipe.template import IGNORE_INDEX, special_ids
+from hf_lora_recipe.data import oasst
+from hf_lora_recipe.data import row_formats as formats
+from hf_lora_recipe.data.label_audit import audit_examples, supervised_spans
+from hf_lora_recipe.data.pipeline import build_sft_dataset, conversation_source
+from hf_lora_recipe.data.readers import load_rows
+from hf_lora_recipe.recipe.schema import Recipe, RecipeError
+from hf_lora_recipe.templates.llama2 import IGNORE_INDEX, special_ids
 
 from .conftest import shared_asset
 
@@ -258,7 +259,7 @@ def test_multi_turn_every_assistant_turn_and_eos_supervised(tokenizer, tmp_path)
 def test_audit_catches_each_silent_failure(llama2_tokenizer):
     ids = special_ids(llama2_tokenizer)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
-    from hf_lora_recipe.template import encode_conversations
+    from hf_lora_recipe.templates.llama2 import encode_conversations
 
     [input_ids], [labels] = encode_conversations(llama2_tokenizer, [messages], ids)
     check = lambda x, y: audit_examples([x], [y], [messages], [False], llama2_tokenizer, ids)[0] or None  # noqa: E731

@@ -89,8 +89,8 @@ def _check_loads_unsharded(tiny_base: Path, adapter_dir: Path, quantized: bool) 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.modeling import load_base_model
+    from hf_lora_recipe.model.loading import load_base_model
+    from hf_lora_recipe.recipe.schema import Recipe
 
     base = (
         load_base_model(Recipe(model_name_or_path=str(tiny_base), load_in_4bit=True))
@@ -224,7 +224,7 @@ def test_engine_trains_the_one_process_adapter_and_resumes_after_sigkill(
     ],
 )
 def test_the_engine_is_read_off_what_accelerate_launch_exports(monkeypatch, environment, expected):
-    from hf_lora_recipe.engines import current_engine
+    from hf_lora_recipe.distributed.engines import current_engine
 
     for name in (
         "WORLD_SIZE",
@@ -241,7 +241,7 @@ def test_the_engine_is_read_off_what_accelerate_launch_exports(monkeypatch, envi
 
 
 def test_a_deepspeed_config_file_gives_its_zero_stage(monkeypatch, tmp_path):
-    from hf_lora_recipe.engines import current_engine
+    from hf_lora_recipe.distributed.engines import current_engine
 
     (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
@@ -262,8 +262,8 @@ def test_a_deepspeed_config_file_gives_its_zero_stage(monkeypatch, tmp_path):
     ],
 )
 def test_combinations_that_cannot_train_are_refused(monkeypatch, engine, flags, recipe, match):
-    from hf_lora_recipe.config import Recipe, RecipeError
-    from hf_lora_recipe.engines import Engine, check_engine
+    from hf_lora_recipe.distributed.engines import Engine, check_engine
+    from hf_lora_recipe.recipe.schema import Recipe, RecipeError
 
     monkeypatch.delenv("FSDP_ACTIVATION_CHECKPOINTING", raising=False)
     for name, value in flags.items():
@@ -275,8 +275,8 @@ def test_combinations_that_cannot_train_are_refused(monkeypatch, engine, flags, 
 def test_the_shipped_engine_settings_pass(monkeypatch):
     import importlib.util
 
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.engines import Engine, check_engine
+    from hf_lora_recipe.distributed.engines import Engine, check_engine
+    from hf_lora_recipe.recipe.schema import Recipe
 
     monkeypatch.delenv("FSDP_ACTIVATION_CHECKPOINTING", raising=False)
     real = importlib.util.find_spec  # `make test` runs without the [deepspeed] extra: only its presence matters here
@@ -291,8 +291,8 @@ def test_the_shipped_engine_settings_pass(monkeypatch):
 def test_deepspeed_missing_is_one_line_before_loading(monkeypatch):
     import importlib.util
 
-    from hf_lora_recipe.config import Recipe, RecipeError
-    from hf_lora_recipe.engines import Engine, check_engine
+    from hf_lora_recipe.distributed.engines import Engine, check_engine
+    from hf_lora_recipe.recipe.schema import Recipe, RecipeError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
@@ -351,8 +351,8 @@ def test_peft_finds_no_adapter_behind_fsdps_checkpoint_wrapper(tiny_base):
     ],
 )
 def test_a_checkpoint_resumes_only_under_the_engine_family_that_wrote_it(tmp_path, written_by, files):
-    from hf_lora_recipe.config import RecipeError
-    from hf_lora_recipe.engines import Engine, check_resume_engine, checkpoint_engine
+    from hf_lora_recipe.distributed.engines import Engine, check_resume_engine, checkpoint_engine
+    from hf_lora_recipe.recipe.schema import RecipeError
 
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()

@@ -18,17 +18,17 @@ import pytest
 import torch
 import yaml
 
-from hf_lora_recipe.card import render_card
-from hf_lora_recipe.config import load_recipe
-from hf_lora_recipe.evaluation import (
+from hf_lora_recipe.commands.eval import main
+from hf_lora_recipe.evaluation.scoring import (
     evaluate_adapter,
     evaluate_after_training,
     format_table,
     load_adapter,
     load_eval_tokenizer,
-    main,
 )
-from hf_lora_recipe.template import IGNORE_INDEX
+from hf_lora_recipe.recipe.schema import load_recipe
+from hf_lora_recipe.shipping.model_card import render_card
+from hf_lora_recipe.templates.llama2 import IGNORE_INDEX
 
 from .conftest import CLI, run_cli
 from .fixtures import build_adapter_dir
@@ -93,7 +93,7 @@ def _table_row(table: str, label: str) -> list[str]:
 
 def _held_out(adapter: Path):
     """The held-out examples exactly as train built them (data.train_and_eval with the run's recipe)."""
-    from hf_lora_recipe.data import train_and_eval
+    from hf_lora_recipe.data.pipeline import train_and_eval
 
     _, held_out, _ = train_and_eval(load_recipe(adapter / "recipe.yaml"), load_eval_tokenizer(adapter))
     return held_out
@@ -207,7 +207,7 @@ def test_an_adapter_with_all_zero_b_had_no_effect(adapter, tmp_path, capsys):
 
 
 def test_merged_model_is_a_third_column_close_to_the_adapter(adapter, tmp_path, capsys):
-    from hf_lora_recipe.merge import merge
+    from hf_lora_recipe.shipping.merging import merge
 
     merged = merge(str(adapter), tmp_path / "merged", dtype="float32")
     code, out, err = _run(
@@ -341,7 +341,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize("argv, phrase", [row[1:] for row in HOSTILE], ids=[row[0] for row in HOSTILE])
 def test_hostile_input_is_one_line_before_anything_loads(argv, phrase, adapter, tmp_path, capsys, monkeypatch):
-    import hf_lora_recipe.evaluation as evaluation
+    import hf_lora_recipe.evaluation.scoring as evaluation
 
     def never(*args, **kwargs):
         raise AssertionError("loaded something before refusing")

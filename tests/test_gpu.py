@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only 
 
 
 def test_activation_offloading_changes_nothing_but_memory(tiny_base, alpaca_path, tmp_path):
-    from hf_lora_recipe.data import build_sft_dataset
-    from hf_lora_recipe.tokenizer import load_tokenizer
+    from hf_lora_recipe.data.pipeline import build_sft_dataset
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
     recipe = _recipe(tiny_base, alpaca_path, tmp_path, gradient_checkpointing=True, per_device_train_batch_size=16)
     tokenizer = load_tokenizer(str(tiny_base))
@@ -36,10 +36,10 @@ def test_varlen_kernel_matches_per_example_sdpa_forward_and_backward(tiny_base, 
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from hf_lora_recipe.attention import register
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.data import build_sft_dataset
-    from hf_lora_recipe.tokenizer import load_tokenizer
+    from hf_lora_recipe.data.pipeline import build_sft_dataset
+    from hf_lora_recipe.model.varlen_attention import register
+    from hf_lora_recipe.recipe.schema import Recipe
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
     recipe = Recipe(model_name_or_path=str(tiny_base), dataset_name=str(alpaca_path), max_length=96)
     dataset, _ = build_sft_dataset(recipe, load_tokenizer(str(tiny_base)))

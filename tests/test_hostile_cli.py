@@ -127,7 +127,7 @@ def _config(tmp_path: Path, model_type: str) -> str:
 
 @pytest.mark.parametrize("name, command, argv, code, phrase", ROWS, ids=[row[0] for row in ROWS])
 def test_one_line_and_nothing_loaded(name, command, argv, code, phrase, tmp_path, capsys, monkeypatch):
-    import hf_lora_recipe.modeling as modeling
+    import hf_lora_recipe.model.loading as modeling
 
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded for input that could be refused without one")
@@ -136,7 +136,7 @@ def test_one_line_and_nothing_loaded(name, command, argv, code, phrase, tmp_path
     monkeypatch.chdir(tmp_path)
     arguments = argv(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    main = importlib.import_module(f"hf_lora_recipe.{command}").main
+    main = importlib.import_module(f"hf_lora_recipe.commands.{command}").main
     assert main(arguments) == code
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]

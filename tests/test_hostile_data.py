@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from hf_lora_recipe.config import Recipe
-from hf_lora_recipe.preview import main as preview_main
-from hf_lora_recipe.sources import load_rows
+from hf_lora_recipe.commands.preview import main as preview_main
+from hf_lora_recipe.data.readers import load_rows
+from hf_lora_recipe.recipe.schema import Recipe
 
 from .conftest import shared_asset
 
@@ -376,7 +376,9 @@ def isolated(tmp_path, monkeypatch, llama2_tokenizer):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
-    monkeypatch.setattr("hf_lora_recipe.tokenizer.tokenizer_for", lambda recipe: llama2_tokenizer)  # load it once
+    monkeypatch.setattr(
+        "hf_lora_recipe.templates.tokenizer.tokenizer_for", lambda recipe: llama2_tokenizer
+    )  # load it once
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from hf_lora_recipe.arguments import ERROR_PREFIX
-from hf_lora_recipe.merge import main as merge_main
-from hf_lora_recipe.push import main as push_main
+from hf_lora_recipe.commands.merge import main as merge_main
+from hf_lora_recipe.commands.push import main as push_main
+from hf_lora_recipe.recipe.cli_args import ERROR_PREFIX
 
 from .conftest import HUB_TOKEN
 from .fixtures import build_adapter_dir

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from hf_lora_recipe import modeling, tokenizer
-from hf_lora_recipe.train import main as train_main
+from hf_lora_recipe.commands.train import main as train_main
+from hf_lora_recipe.model import loading as modeling
+from hf_lora_recipe.templates import tokenizer
 
 
 LOADS = -1  # expected "exit code" of a row whose checks all pass: it reaches the tokenizer / model tripwire
@@ -423,7 +424,7 @@ def _read_only_dir() -> Path:
 
 @pytest.mark.parametrize("where", ["output_dir", "its parent"])
 def test_read_only_output_dir_fails_before_loading(where, tiny_base, alpaca_path, capsys, tripwire):
-    importlib.import_module("hf_lora_recipe.artifacts")  # imported now: nothing is read while unprivileged
+    importlib.import_module("hf_lora_recipe.shipping.output_dir")  # imported now: nothing is read while unprivileged
 
     read_only = _read_only_dir()
     output_dir = read_only if where == "output_dir" else read_only / "run"
@@ -497,7 +498,7 @@ def test_a_run_that_trained_to_the_end_but_never_published_writes_its_adapter_wi
 
 
 def test_paths_are_expanded_and_made_absolute_once_when_the_recipe_loads(tmp_path, monkeypatch):
-    from hf_lora_recipe.config import load_recipe
+    from hf_lora_recipe.recipe.schema import load_recipe
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)

@@ -126,8 +126,8 @@ def _lora_llama(quantized_in: Path | None = None):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.modeling import lora_config, quantization_config
+    from hf_lora_recipe.model.loading import lora_config, quantization_config
+    from hf_lora_recipe.recipe.schema import Recipe
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -328,10 +328,10 @@ def test_recipe_trainer_trains_every_adapter_through_liger(
     from transformers import AutoModelForCausalLM
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
-    import hf_lora_recipe.trainer as recipe_trainer
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.modeling import add_adapter
-    from hf_lora_recipe.tokenizer import load_tokenizer
+    import hf_lora_recipe.training.trainer as recipe_trainer
+    from hf_lora_recipe.model.loading import add_adapter
+    from hf_lora_recipe.recipe.schema import Recipe
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
     monkeypatch.setattr(recipe_trainer, "liger_active", lambda requested: requested)  # no CUDA here
     recipe = Recipe(

@@ -6,14 +6,14 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from hf_lora_recipe.config import Recipe
-from hf_lora_recipe.modeling import (
+from hf_lora_recipe.model.loading import (
     add_adapter,
     load_base_model,
     lora_config,
     prepare_base,
     trainable_line,
 )
+from hf_lora_recipe.recipe.schema import Recipe
 
 from .conftest import shared_asset
 
@@ -82,7 +82,7 @@ def test_step_zero_logits_are_bit_identical_to_the_base(which, request, llama2_t
 
 
 def test_trainable_line_for_the_seed_on_llama3_8b():
-    from hf_lora_recipe.plan import measure_shape, read_config
+    from hf_lora_recipe.planning.plan import measure_shape, read_config
 
     shape = measure_shape(read_config(str(shared_asset("model_configs/llama-3-8b"))), Recipe())
     assert trainable_line(shape.trainable, shape.total) == "trainable: 41.9M / 8030.3M (0.52%)"

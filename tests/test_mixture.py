@@ -8,10 +8,10 @@ import json
 import pytest
 import yaml
 
-from hf_lora_recipe.config import RecipeError, load_recipe, load_recipe_dict
-from hf_lora_recipe.data import build_sft_dataset, train_and_eval
-from hf_lora_recipe.mixture import SOURCE_COLUMN
-from hf_lora_recipe.preview import main as preview_main
+from hf_lora_recipe.commands.preview import main as preview_main
+from hf_lora_recipe.data.mixture import SOURCE_COLUMN
+from hf_lora_recipe.data.pipeline import build_sft_dataset, train_and_eval
+from hf_lora_recipe.recipe.schema import RecipeError, load_recipe, load_recipe_dict
 
 from .conftest import CLI, run_cli, shared_asset
 
@@ -182,8 +182,8 @@ def test_a_bad_mixture_is_refused_with_the_entry(entries, keys, message):
 
 
 def test_command_line_entries_and_saved_recipe_round_trip(tmp_path, sources):
-    from hf_lora_recipe.config import dump_recipe
-    from hf_lora_recipe.train import PARSER
+    from hf_lora_recipe.commands.train import PARSER
+    from hf_lora_recipe.recipe.schema import dump_recipe
 
     alpaca, oasst = sources
     recipe, _ = PARSER.parse_recipe(
@@ -264,7 +264,7 @@ def test_training_on_a_mixture_records_the_realised_shares(tiny_base, sources, t
 
 
 def test_a_missing_source_is_named_by_its_entry_before_anything_loads(sources):
-    from hf_lora_recipe.mixture import check_sources
+    from hf_lora_recipe.data.mixture import check_sources
 
     alpaca, _ = sources
     with pytest.raises(RecipeError, match=r"^datasets\[1\]: name ./nope/x.jsonl: no such file or folder"):

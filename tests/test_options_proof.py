@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_lora_recipe.config import Recipe, RecipeError
+from hf_lora_recipe.recipe.schema import Recipe, RecipeError
 
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -36,9 +36,9 @@ def trainer_for(recipe: Recipe, base, accumulation: int = 2, auto_micro_batch: b
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.modeling import add_adapter
-    from hf_lora_recipe.tokenizer import load_tokenizer
-    from hf_lora_recipe.trainer import build_trainer
+    from hf_lora_recipe.model.loading import add_adapter
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer
+    from hf_lora_recipe.training.trainer import build_trainer
 
     model = add_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), recipe)
     generator = torch.Generator().manual_seed(0)
@@ -50,13 +50,13 @@ def trainer_for(recipe: Recipe, base, accumulation: int = 2, auto_micro_batch: b
 
 
 def proof(trainer):
-    from hf_lora_recipe.trainer import OptionsTookEffect
+    from hf_lora_recipe.training.trainer import OptionsTookEffect
 
     return next(callback for callback in trainer.callback_handler.callbacks if isinstance(callback, OptionsTookEffect))
 
 
 def test_the_start_line_says_why_an_asked_option_is_off(tiny_base, tmp_path):
-    from hf_lora_recipe.trainer import speed_line
+    from hf_lora_recipe.training.trainer import speed_line
 
     line = speed_line(recipe_for(tiny_base, tmp_path, use_liger_kernel=True, activation_offloading=True))
     assert (
@@ -68,7 +68,7 @@ def test_the_start_line_says_why_an_asked_option_is_off(tiny_base, tmp_path):
 
 
 def test_an_attention_the_model_does_not_run_stops_the_run(tiny_base, tmp_path, monkeypatch):
-    import hf_lora_recipe.trainer as recipe_trainer
+    import hf_lora_recipe.training.trainer as recipe_trainer
 
     recipe = recipe_for(tiny_base, tmp_path)
     trainer_for(recipe, tiny_base)  # sdpa chosen, sdpa running: no error
@@ -98,7 +98,7 @@ def test_auto_micro_batch_is_what_step_one_trained(tiny_base, tmp_path, capsys):
 def test_liger_that_patched_nothing_stops_the_run(tiny_base, tmp_path, monkeypatch):
     """As on a CUDA machine whose Liger applied nothing to this architecture: after step 1 no module runs a Liger
     forward, and the run stops rather than train without it."""
-    import hf_lora_recipe.trainer as recipe_trainer
+    import hf_lora_recipe.training.trainer as recipe_trainer
 
     monkeypatch.setattr(recipe_trainer, "liger_active", lambda requested: requested)
     trainer = trainer_for(recipe_for(tiny_base, tmp_path, use_liger_kernel=True), tiny_base)

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from hf_lora_recipe.config import Recipe, load_recipe
-from hf_lora_recipe.estimates import GIB, activation_bytes_per_token, dora_weight_bytes, measure_shape, memory
-from hf_lora_recipe.modeling import add_adapter, load_base_model
-from hf_lora_recipe.plan import lints, make_plan, read_config
+from hf_lora_recipe.model.loading import add_adapter, load_base_model
+from hf_lora_recipe.planning.estimates import GIB, activation_bytes_per_token, dora_weight_bytes, measure_shape, memory
+from hf_lora_recipe.planning.plan import lints, make_plan, read_config
+from hf_lora_recipe.recipe.schema import Recipe, load_recipe
 
 from .conftest import REPO_ROOT, shared_asset
 
@@ -234,7 +234,7 @@ def test_truncation_lint_uses_the_real_preprocessing(tiny_base, alpaca_path):
 def test_collator_check_sees_eos_survive_padding_with_pad_equal_eos():
     from transformers import AutoTokenizer
 
-    from hf_lora_recipe.plan import collator_masks_eos
+    from hf_lora_recipe.planning.plan import collator_masks_eos
 
     tokenizer = AutoTokenizer.from_pretrained(shared_asset("tokenizers/gpt-neox-20b"))
     tokenizer.pad_token = tokenizer.eos_token
@@ -251,7 +251,7 @@ def test_shipped_recipes_are_lint_free(recipe_file, tiny_base):
 
 
 def test_plan_human_and_json_agree_for_70b_on_two_gpus(capsys):
-    from hf_lora_recipe.plan import main as plan_main
+    from hf_lora_recipe.commands.plan import main as plan_main
 
     config = str(shared_asset("model_configs/llama-3.1-70b"))
     arguments = [

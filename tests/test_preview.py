@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from hf_lora_recipe.config import Recipe
-from hf_lora_recipe.data import build_sft_dataset
-from hf_lora_recipe.preview import main as preview_main
-from hf_lora_recipe.tokenizer import load_tokenizer
+from hf_lora_recipe.commands.preview import main as preview_main
+from hf_lora_recipe.data.pipeline import build_sft_dataset
+from hf_lora_recipe.recipe.schema import Recipe
+from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
 from .conftest import shared_asset
 

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from hf_lora_recipe.merge import merge
+from hf_lora_recipe.shipping.merging import merge
 
 from .conftest import CLI, HUB_TOKEN, REPO_ROOT
 from .fixtures import build_adapter_dir

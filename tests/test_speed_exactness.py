@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from hf_lora_recipe.config import Recipe, RecipeError, load_recipe
-from hf_lora_recipe.data import build_sft_dataset
-from hf_lora_recipe.modeling import add_adapter
-from hf_lora_recipe.tokenizer import load_tokenizer
-from hf_lora_recipe.trainer import build_trainer
+from hf_lora_recipe.data.pipeline import build_sft_dataset
+from hf_lora_recipe.model.loading import add_adapter
+from hf_lora_recipe.recipe.schema import Recipe, RecipeError, load_recipe
+from hf_lora_recipe.templates.tokenizer import load_tokenizer
+from hf_lora_recipe.training.trainer import build_trainer
 
 
 def _recipe(tiny_base, alpaca_path, tmp_path, **changes) -> Recipe:
@@ -143,15 +143,15 @@ def test_throughput_line_reports_tokens_per_second_and_mfu(tiny_base, alpaca_pat
 
 
 def _shape(tiny_base, recipe):
-    from hf_lora_recipe.estimates import measure_shape
-    from hf_lora_recipe.modeling import model_config
+    from hf_lora_recipe.model.loading import model_config
+    from hf_lora_recipe.planning.estimates import measure_shape
 
     return measure_shape(model_config(recipe), recipe)
 
 
 def test_auto_micro_batch_is_the_largest_divisor_within_the_budget(tiny_base):
-    from hf_lora_recipe.estimates import memory
-    from hf_lora_recipe.micro_batch import resolve
+    from hf_lora_recipe.planning.estimates import memory
+    from hf_lora_recipe.training.auto_micro_batch import resolve
 
     recipe = load_recipe(
         overrides={
@@ -173,7 +173,7 @@ def test_auto_micro_batch_is_the_largest_divisor_within_the_budget(tiny_base):
 
 
 def test_auto_stops_packed_rows_at_four_examples_under_a_dense_mask(tiny_base):
-    from hf_lora_recipe.micro_batch import resolve
+    from hf_lora_recipe.training.auto_micro_batch import resolve
 
     recipe = load_recipe(
         overrides={
@@ -190,7 +190,7 @@ def test_auto_stops_packed_rows_at_four_examples_under_a_dense_mask(tiny_base):
 
 
 def test_plan_resolves_auto_for_the_gpu_it_plans_for(tiny_base):
-    from hf_lora_recipe.plan import make_plan, render
+    from hf_lora_recipe.planning.plan import make_plan, render
 
     recipe = load_recipe(overrides={"model_name_or_path": str(tiny_base), "per_device_train_batch_size": "auto"})
     plan = make_plan(recipe, gpu="H200")

@@ -6,9 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from hf_lora_recipe.config import Recipe
-from hf_lora_recipe.data import build_sft_dataset
-from hf_lora_recipe.tokenizer import load_tokenizer
+from hf_lora_recipe.data.pipeline import build_sft_dataset
+from hf_lora_recipe.recipe.schema import Recipe
+from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
 
 def _token_losses(model, input_ids, labels, **kwargs) -> torch.Tensor:
@@ -45,7 +45,7 @@ def test_padding_free_per_example_losses_equal_unpacked(tiny_base, alpaca_path):
 def test_plain_loss_equals_trls_fused_loss(tiny_base, alpaca_path, tmp_path):
     from trl import SFTConfig
 
-    from hf_lora_recipe.trainer import RecipeTrainer
+    from hf_lora_recipe.training.trainer import RecipeTrainer
 
     recipe = Recipe(model_name_or_path=str(tiny_base), dataset_name=str(alpaca_path), max_length=96)
     tokenizer = load_tokenizer(str(tiny_base))

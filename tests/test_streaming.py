@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_lora_recipe.config import RecipeError, load_recipe_dict
-from hf_lora_recipe.data import build_sft_dataset
-from hf_lora_recipe.streaming import HEAD_ROWS, build_stream
-from hf_lora_recipe.tokenizer import load_tokenizer
+from hf_lora_recipe.data.pipeline import build_sft_dataset
+from hf_lora_recipe.data.streaming import HEAD_ROWS, build_stream
+from hf_lora_recipe.recipe.schema import RecipeError, load_recipe_dict
+from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
 from .conftest import CLI, REPO_ROOT, run_cli, shared_asset
 
@@ -135,7 +135,7 @@ def test_what_a_stream_cannot_do_is_refused(keys, message):
 
 
 def test_plan_counts_a_stream_by_max_steps_at_its_first_rows_mean_length(tmp_path, rows, tiny_base):
-    from hf_lora_recipe.plan import token_counts
+    from hf_lora_recipe.planning.plan import token_counts
 
     path = _write(tmp_path / "data.jsonl", rows)
     recipe = load_recipe_dict(

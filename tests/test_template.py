@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from hf_lora_recipe.formats import alpaca_conversation
-from hf_lora_recipe.template import IGNORE_INDEX, encode_conversations, encode_prompt, special_ids
-from hf_lora_recipe.tokenizer import save_tokenizer
+from hf_lora_recipe.data.row_formats import alpaca_conversation
+from hf_lora_recipe.templates.llama2 import IGNORE_INDEX, encode_conversations, encode_prompt, special_ids
+from hf_lora_recipe.templates.tokenizer import save_tokenizer
 
 
 def alpaca_messages(instruction, input_text, output, row):

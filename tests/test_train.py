@@ -21,7 +21,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_lora_recipe.train import main as train_main
+from hf_lora_recipe.commands.train import main as train_main
 
 from .conftest import ACCELERATE, CLI, HUB_TOKEN, REPO_ROOT, run_cli
 

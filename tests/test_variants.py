@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from hf_lora_recipe.config import Recipe, RecipeError, load_recipe_dict
+from hf_lora_recipe.recipe.schema import Recipe, RecipeError, load_recipe_dict
 
 from .conftest import CLI, run_cli
 from .fixtures import build_adapter_dir
@@ -35,7 +35,7 @@ def _lora_layers(model):
 # every variant on a bf16 base; all of them at once on an NF4 base (PEFT allows each there)
 @pytest.mark.parametrize("variant, quantized", [(name, False) for name in VARIANTS] + [("all", True)])
 def test_each_variant_is_the_one_peft_built(tiny_base, variant, quantized):
-    from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=quantized, **VARIANTS[variant])
     model = add_adapter(load_base_model(recipe), recipe)
@@ -57,7 +57,7 @@ def test_each_variant_is_the_one_peft_built(tiny_base, variant, quantized):
     ],
 )
 def test_a_variant_peft_did_not_build_stops_the_run(tiny_base, asked, match):
-    from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model
 
     built = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False)
     model = add_adapter(load_base_model(built), built)  # plain LoRA, as a config that ignored the key would build
@@ -72,8 +72,8 @@ def test_a_variant_peft_did_not_build_stops_the_run(tiny_base, asked, match):
 def test_loraplus_gives_b_the_ratio_and_a_broken_optimizer_is_caught(tiny_base):
     from peft.optimizers import create_loraplus_optimizer
 
-    from hf_lora_recipe.modeling import add_adapter, load_base_model
-    from hf_lora_recipe.trainer import check_loraplus
+    from hf_lora_recipe.model.loading import add_adapter, load_base_model
+    from hf_lora_recipe.training.trainer import check_loraplus
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False)
     model = add_adapter(load_base_model(recipe), recipe)
@@ -125,7 +125,7 @@ def test_merge_equals_the_adapter_for_each_variant(tiny_base, tmp_path, variant)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.merge import merge
+    from hf_lora_recipe.shipping.merging import merge
 
     adapter = build_adapter_dir(tiny_base, tmp_path / "adapter", **VARIANTS[variant])
     assert json.loads((adapter / "adapter_config.json").read_text())[f"use_{variant}"] is True
@@ -142,9 +142,9 @@ def test_merge_equals_the_adapter_for_each_variant(tiny_base, tmp_path, variant)
 
 
 def test_plan_counts_doras_magnitudes_and_traces_every_variant_key(tiny_base):
-    from hf_lora_recipe.estimates import measure_shape
-    from hf_lora_recipe.modeling import add_adapter, count_parameters, load_base_model, model_config
-    from hf_lora_recipe.plan import traceability
+    from hf_lora_recipe.model.loading import add_adapter, count_parameters, load_base_model, model_config
+    from hf_lora_recipe.planning.estimates import measure_shape
+    from hf_lora_recipe.planning.plan import traceability
 
     plain = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False)
     dora = Recipe(
@@ -216,7 +216,7 @@ def test_a_base_rewriting_init_is_proven_on_every_layer(tiny_base, init):
     passes, and lora_B is not zero (the B = 0 check does not apply)."""
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
     model = add_adapter(load_base_model(recipe), recipe)
@@ -232,8 +232,8 @@ def test_a_base_rewriting_init_is_proven_on_every_layer(tiny_base, init):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_an_unconverted_adapter_is_never_published(tiny_base, tmp_path, init):
     """Saved as trained (rank r, init pissa/olora), it only fits the residual base: the final check refuses it."""
-    from hf_lora_recipe.modeling import add_adapter, load_base_model
-    from hf_lora_recipe.resilience import check_saved_adapter
+    from hf_lora_recipe.model.loading import add_adapter, load_base_model
+    from hf_lora_recipe.training.checkpoints import check_saved_adapter
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
     add_adapter(load_base_model(recipe), recipe).save_pretrained(tmp_path)
@@ -247,7 +247,7 @@ def test_an_unconverted_adapter_is_never_published(tiny_base, tmp_path, init):
 
 @pytest.mark.parametrize("init", BASE_REWRITING)
 def test_a_base_rewriting_init_that_did_not_apply_or_conserve_stops_the_run(tiny_base, init):
-    from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model, record_base
+    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model, record_base
 
     asked = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
     # built with plain LoRA, as a config that dropped the key would: the base was never rewritten
@@ -296,7 +296,7 @@ def test_what_the_conversion_does_not_carry_is_refused_at_recipe_load(values, ma
 
 @pytest.mark.parametrize("engine", [("fsdp", 2), ("zero2",), ("zero3",)])
 def test_base_rewriting_inits_are_refused_under_fsdp_and_deepspeed(engine):
-    from hf_lora_recipe.engines import Engine, check_engine
+    from hf_lora_recipe.distributed.engines import Engine, check_engine
 
     with pytest.raises(RecipeError, match="init_lora_weights: olora under FSDP or DeepSpeed is not supported"):
         check_engine(Recipe(load_in_4bit=False, init_lora_weights="olora"), Engine(*engine))
@@ -305,8 +305,8 @@ def test_base_rewriting_inits_are_refused_under_fsdp_and_deepspeed(engine):
 
 def _train(monkeypatch, tiny_base, alpaca_path, output_dir, *extra):
     """``train`` in this process; returns the trained model's logits on PROBE, taken right after its save."""
-    from hf_lora_recipe import artifacts
-    from hf_lora_recipe.train import main as train_main
+    from hf_lora_recipe.commands.train import main as train_main
+    from hf_lora_recipe.shipping import output_dir as artifacts
 
     captured = {}
     real_save_run = artifacts.save_run
@@ -336,9 +336,9 @@ def test_training_saves_a_converted_adapter_of_the_original_base(
     does its merge. The step-0 adapter stays in output_dir (ours), is never pushed."""
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.artifacts import check_output_dir_is_ours
-    from hf_lora_recipe.merge import merge
-    from hf_lora_recipe.publish import files_to_publish
+    from hf_lora_recipe.shipping.hub_upload import files_to_publish
+    from hf_lora_recipe.shipping.merging import merge
+    from hf_lora_recipe.shipping.output_dir import check_output_dir_is_ours
 
     output_dir = tmp_path / "adapter"
     code, trained = _train(monkeypatch, tiny_base, alpaca_path, output_dir, "--init_lora_weights", init)
@@ -409,7 +409,7 @@ def test_resume_and_publish_only_convert_against_the_saved_initial_adapter(
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_orthogonal_starts_at_the_base_with_non_zero_factors(tiny_base, bf16):
-    from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=bf16, init_lora_weights="orthogonal")
     model = add_adapter(load_base_model(recipe), recipe)
@@ -435,7 +435,7 @@ def test_orthogonal_trains_and_merges_to_the_adapters_logits(
 ):
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.merge import merge
+    from hf_lora_recipe.shipping.merging import merge
 
     output_dir = tmp_path / "adapter"
     code, trained = _train(monkeypatch, tiny_base, alpaca_path, output_dir, "--init_lora_weights", "orthogonal")
@@ -468,7 +468,7 @@ def _eva_state(model, ranks):
 
 
 def _eva_model(tiny_base, **values):
-    from hf_lora_recipe.modeling import add_adapter, load_base_model
+    from hf_lora_recipe.model.loading import add_adapter, load_base_model
 
     recipe = Recipe(
         model_name_or_path=str(tiny_base), init_lora_weights="eva", **{"load_in_4bit": False, "bf16": False, **values}
@@ -481,10 +481,10 @@ EVA_RANKS = [0, 32] + [16] * 12
 
 
 def test_eva_is_proven_on_every_layer_and_what_eva_did_not_set_stops_the_run(tiny_base, tmp_path):
-    from hf_lora_recipe.eva import apply_state
-    from hf_lora_recipe.eva_pass import rank_line
-    from hf_lora_recipe.modeling import add_adapter, check_variants, load_base_model
-    from hf_lora_recipe.resilience import check_saved_adapter
+    from hf_lora_recipe.inits.eva import apply_state
+    from hf_lora_recipe.inits.eva_data_pass import rank_line
+    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.training.checkpoints import check_saved_adapter
 
     model, recipe = _eva_model(tiny_base)
     with pytest.raises(RuntimeError, match=r"layers\.0\.self_attn\.q_proj: lora_A's rows are not orthonormal"):
@@ -547,8 +547,9 @@ def test_eva_on_an_nf4_base_and_a_pass_that_does_not_converge(tiny_base, monkeyp
     convergence, the run stops naming a layer, with PEFT's hooks removed."""
     from peft.tuners.lora.eva import _Hook
 
-    from hf_lora_recipe import eva, eva_pass
-    from hf_lora_recipe.modeling import check_variants, finish_adapter
+    from hf_lora_recipe.inits import eva
+    from hf_lora_recipe.inits import eva_data_pass as eva_pass
+    from hf_lora_recipe.model.loading import check_variants, finish_adapter
 
     model, recipe = _eva_model(tiny_base, load_in_4bit=True, bf16=True, lora_r=2)
     state = eva_pass.data_pass(_fake_trainer(model))
@@ -582,9 +583,9 @@ def test_training_with_eva_saves_its_ranks_and_resumes_on_them(
 
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.artifacts import check_output_dir_is_ours
-    from hf_lora_recipe.merge import merge
-    from hf_lora_recipe.publish import files_to_publish
+    from hf_lora_recipe.shipping.hub_upload import files_to_publish
+    from hf_lora_recipe.shipping.merging import merge
+    from hf_lora_recipe.shipping.output_dir import check_output_dir_is_ours
 
     output_dir = tmp_path / "adapter"
     flags = ("--init_lora_weights", "eva", "--lora_r", "4", "--final_eval_examples", "0")
@@ -650,7 +651,7 @@ def test_eva_with_what_it_was_not_verified_with_is_refused(key):
 
 @pytest.mark.parametrize("engine", [("fsdp", 2), ("zero2",), ("zero3",)])
 def test_eva_is_refused_under_fsdp_and_deepspeed(engine):
-    from hf_lora_recipe.engines import Engine, check_engine
+    from hf_lora_recipe.distributed.engines import Engine, check_engine
 
     with pytest.raises(RecipeError, match="init_lora_weights: eva under FSDP or DeepSpeed is not supported"):
         check_engine(Recipe(init_lora_weights="eva"), Engine(*engine))

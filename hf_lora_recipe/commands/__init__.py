@@ -1,0 +1,1 @@
+"""One thin module per `hf-lora-recipe` command: parse, call the library, print. Nothing imports these."""

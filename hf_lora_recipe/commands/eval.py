@@ -1,0 +1,164 @@
+"""``hf-lora-recipe eval``: the base against the adapter (and the merged model) on held-out conversations.
+
+    hf-lora-recipe eval --adapter DIR [--model MERGED_DIR] [--dataset PATH_OR_ID] [--split NAME]
+                        [--num_examples N] [--max_new_tokens N] [--batch_size N] [--json] [--no_card]
+
+    hf-lora-recipe eval --model MERGED_DIR [...]   (base vs merged model)
+
+Data: by default the held-out set the run used, from the ``recipe.yaml`` saved beside the adapter: its
+``dataset_test_split``, or the ``eval_split_size`` rows split off again exactly as training did (same seed).
+``--dataset`` evaluates on other data instead (format detected; ``--split`` picks the split, by default
+test, else validation, else train); it is required when the run had no held-out set. The first
+``--num_examples`` examples are used, rendered, masked and truncated exactly as in training (the saved
+tokenizer and its chat template, the recipe's ``max_length``).
+
+For each model - the base (the adapter switched off), the adapter, the merged model when given:
+
+* response loss: token-weighted mean cross-entropy over the supervised tokens (the training masks), and
+  perplexity = exp(loss);
+* greedy replies to the conversation up to its last user turn, compared with the last assistant turn:
+  the share that stop at the end-of-turn token within ``--max_new_tokens``, their mean length in tokens
+  (end-of-turn not counted), exact match (after strip) and ROUGE-L F1 (``rouge_score``, stemmed).
+
+An adapter whose loss and replies equal the base's exactly had no effect (an ignored adapter, or B still
+all zero): that is an error. The figures are printed as a table, one column per model (``--json``: the table
+goes to stderr and stdout gets one object, ``{"dataset", "split", "num_examples", "max_new_tokens", "models":
+{"base": {...}, "adapter": {...}, "merged": {...}}}``), and recorded as the ``## Evaluation`` section of the
+adapter's model card - only in a card hf-lora-recipe wrote; ``--no_card`` leaves the card alone.
+
+``train`` runs the same evaluation on ``final_eval_examples`` held-out examples once the adapter is saved. From
+Python, with a model already loaded: ``score_base_and_adapter(model, tokenizer, examples_for(recipe, tokenizer,
+rows))`` gives each model's :class:`Scores`, replies included.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from hf_lora_recipe import log
+from hf_lora_recipe.evaluation.scoring import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_NUM_EXAMPLES,
+    build_report,
+    check_adapter_dir,
+    check_effect,
+    check_model_dir,
+    choose_data,
+    evaluate_adapter,
+    examples_for,
+    format_table,
+    load_base,
+    load_eval_tokenizer,
+    load_examples,
+    load_merged,
+    record_in_card,
+    run_recipe,
+    score_model,
+)
+from hf_lora_recipe.recipe.cli_args import CommandParser, command
+from hf_lora_recipe.recipe.schema import RecipeError
+
+
+PARSER = CommandParser("eval", __doc__)
+PARSER.add_argument("--adapter", metavar="DIR", help="the adapter's folder (a training output_dir)")
+PARSER.add_argument(
+    "--model",
+    metavar="MERGED_DIR",
+    help="a merged model's folder (hf-lora-recipe merge --output); with --adapter: a third column",
+)
+PARSER.add_argument(
+    "--dataset",
+    metavar="PATH_OR_ID",
+    help="a local file or folder, or a Hub dataset id (default: the run's held-out set)",
+)
+PARSER.add_argument(
+    "--split",
+    metavar="NAME",
+    help="the split to evaluate on (default: the run's held-out set; "
+    "with --dataset: test, else validation, else train)",
+)
+PARSER.add_argument(
+    "--num_examples",
+    type=int,
+    metavar="N",
+    default=DEFAULT_NUM_EXAMPLES,
+    help=f"the first N examples (default: {DEFAULT_NUM_EXAMPLES})",
+)
+PARSER.add_argument(
+    "--max_new_tokens",
+    type=int,
+    metavar="N",
+    default=DEFAULT_MAX_NEW_TOKENS,
+    help=f"reply length limit; a reply reaching it did not stop (default: {DEFAULT_MAX_NEW_TOKENS})",
+)
+PARSER.add_argument(
+    "--batch_size",
+    type=int,
+    metavar="N",
+    default=DEFAULT_BATCH_SIZE,
+    help=f"examples per forward pass and per generate call (default: {DEFAULT_BATCH_SIZE})",
+)
+PARSER.add_flag("--json", help="print the report as one JSON object on stdout (the table goes to stderr)")
+PARSER.add_flag("--no_card", help="leave the model card alone")
+
+
+@command
+def main(argv: list[str]) -> int:
+    args = PARSER.parse(argv)
+    if args.adapter is None and args.model is None:
+        raise RecipeError("give --adapter DIR (base vs adapter), --model MERGED_DIR (base vs merged) or both")
+    for flag in ("num_examples", "max_new_tokens", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise RecipeError(f"--{flag} must be >= 1; got {getattr(args, flag)}")
+    adapter_dir = check_adapter_dir(args.adapter) if args.adapter is not None else None
+    model_dir = check_model_dir(args.model) if args.model is not None else None
+    source = adapter_dir or model_dir
+    recipe = run_recipe(source, adapter_dir, args.dataset)
+    data = choose_data(recipe, str(source), args.dataset, args.split)
+
+    # --- Data before weights: a bad dataset fails in seconds
+    tokenizer = load_eval_tokenizer(source)
+    dataset = load_examples(data, tokenizer)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else log.info
+    say(
+        f"eval: {min(args.num_examples, len(dataset))} of {len(dataset)} examples of {data.recipe.dataset_name} "
+        f"({data.description})"
+    )
+    options = {
+        "num_examples": args.num_examples,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "dataset": data.recipe.dataset_name,
+        "split": data.description,
+    }
+
+    # --- Models, scored one after the other
+    if adapter_dir is not None:
+        report = evaluate_adapter(
+            data.recipe, adapter_dir, dataset, tokenizer=tokenizer, merged_dir=model_dir, write_card=False, **options
+        )
+    else:
+        examples = examples_for(recipe, tokenizer, dataset, args.num_examples)
+        scoring = {
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "seed": recipe.seed,
+            "bf16": recipe.bf16,
+        }
+        scores = {"base": score_model(load_base(recipe), tokenizer, examples, label="base", **scoring)}
+        scores["merged"] = score_model(load_merged(model_dir), tokenizer, examples, label="merged", **scoring)
+        check_effect(scores)
+        report = build_report(scores, options["dataset"], options["split"], args.max_new_tokens)
+
+    # --- Report
+    table = format_table(report)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(report, indent=2))
+    else:
+        print(table)
+    if not args.no_card:
+        record_in_card(source, report, say)
+    return 0

@@ -1,0 +1,53 @@
+"""``hf-lora-recipe plan``: parameters, memory, time and pitfalls of a recipe, from ``config.json`` alone.
+
+    hf-lora-recipe plan --config R.yaml [--model_config PATH_OR_REPO] [--gpu NAME] [--gpu_memory_gb G]
+                        [--num_gpus N] [--mfu F] [--json]
+
+No weights are read (but for the rows of the chat template's special tokens, when the base is on this machine:
+:mod:`hf_lora_recipe.templates.untrained_tokens`). The model is built on the meta device from its config and the recipe's real
+``LoraConfig`` is applied with PEFT, so parameter counts are exact for any architecture transformers
+knows. Memory and time are estimates from the formulas below, each stated in the output.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hf_lora_recipe.planning.estimates import (
+    GPUS,
+)
+from hf_lora_recipe.planning.plan import make_plan, render
+from hf_lora_recipe.recipe.cli_args import RecipeParser, command
+from hf_lora_recipe.recipe.schema import RecipeError
+
+
+PARSER = RecipeParser(
+    "plan",
+    __doc__,
+    usage="hf-lora-recipe plan [--config RECIPE.yaml] [--key value ...] "
+    "[--model_config PATH_OR_REPO] [--gpu NAME] [--gpu_memory_gb G] [--num_gpus N] [--mfu F] [--json]",
+)
+PARSER.add_argument("--model_config", help="config.json, a folder with one, or a Hub id (default: the recipe's model)")
+PARSER.add_argument(
+    "--gpu", default="24GB", choices=list(GPUS), metavar="NAME", help=f"one of {', '.join(GPUS)} (default: 24GB)"
+)
+PARSER.add_argument("--gpu_memory_gb", type=float, help="override the GPU's memory (GiB)")
+PARSER.add_argument("--num_gpus", type=int, default=1, help="GPUs the run is spread over (default: 1)")
+PARSER.add_argument(
+    "--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the time estimate (default: 0.4)"
+)
+PARSER.add_flag("--json", help="the plan as one JSON object")
+
+
+@command
+def main(argv: list[str]) -> int:
+    recipe, options = PARSER.parse_recipe(argv)
+    if options.num_gpus < 1:
+        raise RecipeError(f"--num_gpus must be >= 1; got {options.num_gpus}")
+    if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
+        raise RecipeError(f"--gpu_memory_gb must be positive; got {options.gpu_memory_gb}")
+    if not 0 < options.mfu <= 1:
+        raise RecipeError(f"--mfu must be in (0, 1]; got {options.mfu}")
+    plan = make_plan(recipe, options.model_config, options.gpu, options.gpu_memory_gb, options.num_gpus, options.mfu)
+    print(json.dumps(plan, default=str) if options.json else render(plan))
+    return 1 if any(l["level"] == "error" for l in plan["lints"]) else 0

@@ -1,0 +1,1 @@
+"""Base vs adapter (vs merged) on held-out data."""

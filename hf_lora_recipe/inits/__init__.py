@@ -1,0 +1,1 @@
+"""LoRA initialisations beyond PEFT's default: EVA, PiSSA/OLoRA."""

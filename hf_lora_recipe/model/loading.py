@@ -1,0 +1,663 @@
+"""Base model (NF4 or not) and the LoRA adapter on it."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hf_lora_recipe import log
+from hf_lora_recipe.recipe.schema import ALL_LINEAR, Recipe, RecipeError, nearest, peft_target_modules
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)  # names are checked against the recipe's choices when it loads
+
+
+def lora_config(recipe: Recipe, trainable_tokens: list[int] | dict[str, list[int]] | None = None) -> Any:
+    """The recipe's LoraConfig. Only the named projections get adapters: never embeddings, norms or the LM head,
+    except the rows of ``trainable_tokens`` (see :func:`trainable_token_targets`)."""
+    from peft import LoraConfig
+
+    from hf_lora_recipe.inits.eva import eva_config
+
+    return LoraConfig(
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=peft_target_modules(recipe),
+        bias="none",
+        task_type="CAUSAL_LM",
+        trainable_token_indices=trainable_tokens,
+        use_rslora=recipe.use_rslora,
+        use_dora=recipe.use_dora,
+        init_lora_weights=peft_init_lora_weights(recipe.init_lora_weights),
+        eva_config=eva_config(recipe),
+    )
+
+
+def peft_init_lora_weights(value: str) -> bool | str:
+    """The recipe's ``init_lora_weights`` as LoraConfig takes it (``true`` is PEFT's boolean default)."""
+    return True if value == "true" else value
+
+
+@dataclass
+class BaseRecord:
+    """What the base computed before a base-rewriting initialisation (PiSSA, OLoRA) touched it, without copying a
+    weight: each adapted layer's W v (fp32) for one fixed random v per input width, and the logits on a probe."""
+
+    products: dict[int, tuple[Any, Any]]  # id(layer) -> (the layer, which PEFT keeps as base_layer; W v)
+    vectors: dict[int, Any]  # input width -> v (CPU, fp32)
+    input_ids: Any
+    logits: Any  # fp32, eval mode, no grad
+
+
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapted model -> its BaseRecord (add_adapter)
+PROBE_TOKENS = 16
+# (a) an untouched base moves W v by exactly 0; PiSSA/OLoRA move it by 17-19% of max |W v| on SmolLM2-135M.
+MOVED_AT_LEAST = 1e-3
+# (b) |(W_res + s B0 A0 - W) v| against |W_res| |v| + s |B0| |A0| |v|, row by row: the residual is rounded to the
+# base's dtype (at most its unit roundoff, eps/2), the products summed in fp32 (1e-4 covers 14336-long rows).
+# Measured: 8e-8 in fp32, 4e-4 in bf16; an initialisation that does not conserve the base is off by O(1).
+CONSERVED_TOLERANCE = 1e-4
+# (c) the step-0 logits' RMS difference against the original's RMS. fp32 agrees to ~3e-6; in bf16 the layers
+# round differently once the principal part runs through the adapter: 2% on SmolLM2-135M (PiSSA and OLoRA),
+# where a wrongly rewritten base is off by 130-160%. (b) is the exact check, (c) the end-to-end one.
+LOGITS_TOLERANCE = 1e-4  # fp32
+LOGITS_TOLERANCE_HALF = 0.1  # bf16, fp16
+
+
+def _weight(layer: Any) -> Any:
+    """The layer's weight as (out, in): GPT-2's Conv1D stores it transposed."""
+    from transformers.pytorch_utils import Conv1D
+
+    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+
+def _times(weight: Any, vector: Any) -> Any:
+    return weight.float() @ vector.to(weight.device)
+
+
+def record_base(model: Any, recipe: Recipe) -> BaseRecord:
+    """:class:`BaseRecord` of the recipe's target layers; reads the weights once, keeps O(rows) numbers per layer.
+
+    The random numbers come from a generator of their own: the global RNG (which ``pissa_niter_N`` and LoRA's A
+    draw from after ``set_seed``) is left exactly where it was.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    modules = dict(model.named_modules())
+    layers = [
+        modules[name] for names in resolve_targets(model, peft_target_modules(recipe)).values() for name in names
+    ]
+    products, vectors = {}, {}
+    with torch.no_grad():
+        for layer in layers:
+            weight = _weight(layer)
+            if weight.dim() != 2:
+                continue  # not a linear map: PEFT does not rewrite it (check_variants says so if it was adapted)
+            width = weight.shape[1]
+            if width not in vectors:
+                vectors[width] = torch.randn(width, generator=generator)
+            products[id(layer)] = (layer, _times(weight, vectors[width]))
+        vocabulary = model.get_input_embeddings().num_embeddings
+        input_ids = torch.randint(0, vocabulary, (1, PROBE_TOKENS), generator=generator)
+        logits = _probe_logits(model, input_ids)
+    return BaseRecord(products, vectors, input_ids, logits)
+
+
+def _probe_logits(model: Any, input_ids: Any) -> Any:
+    """Logits in eval mode (no dropout) without gradients; the model's mode is restored after."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids.to(model.device)).logits.float().cpu()
+    finally:
+        model.train(was_training)
+
+
+def check_variants(model: Any, recipe: Recipe, before: BaseRecord | None = None) -> None:
+    """Prove the recipe's LoRA variant is the one PEFT built, layer by layer, before any step: a config that
+    accepted a variant and silently trained plain LoRA stops the run here.
+
+    PiSSA/OLoRA (see :func:`check_conserved`) against ``before``, by default what :func:`add_adapter` recorded;
+    every other initialisation starts with B = 0. EVA (see :func:`hf_lora_recipe.inits.eva.check_eva`) only after its
+    data pass has set A and the ranks.
+    """
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    from hf_lora_recipe.inits.eva import check_eva, uses_eva
+    from hf_lora_recipe.inits.pissa_olora import rewrites_base
+
+    # EVA scales each layer's alpha with its rank, which keeps alpha/r (rsLoRA is refused with it)
+    expected_scaling = recipe.lora_alpha / (math.sqrt(recipe.lora_r) if recipe.use_rslora else recipe.lora_r)
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    if not layers:
+        raise RuntimeError("no LoRA layer in the model: the adapter was not applied")
+    for name, layer in layers:
+        for adapter, scaling in layer.scaling.items():
+            if not math.isclose(scaling, expected_scaling, rel_tol=1e-6):
+                raise RuntimeError(
+                    f"{name}: LoRA scaling {scaling:g}, but use_rslora {recipe.use_rslora} with "
+                    f"alpha {recipe.lora_alpha} and r {recipe.lora_r} means {expected_scaling:g}"
+                )
+            magnitude = adapter in getattr(layer, "lora_magnitude_vector", {})
+            if magnitude != recipe.use_dora or (
+                magnitude and not all(p.requires_grad for p in layer.lora_magnitude_vector[adapter].parameters())
+            ):
+                raise RuntimeError(
+                    f"{name}: use_dora {recipe.use_dora}, but the layer "
+                    f"{'has a' if magnitude else 'has no'} trainable DoRA magnitude vector"
+                )
+            if recipe.init_lora_weights == "orthogonal":
+                check_product_is_zero(
+                    name,
+                    layer.lora_A[adapter].weight,
+                    layer.lora_B[adapter].weight,
+                    layer.get_base_layer().weight.dtype,
+                )
+            elif not rewrites_base(recipe) and layer.lora_B[adapter].weight.abs().max() != 0:
+                raise RuntimeError(
+                    f"{name}: lora_B is not zero at step 0 (init_lora_weights "
+                    f"{recipe.init_lora_weights}): the adapted model would not start at the base"
+                )
+    if rewrites_base(recipe):
+        before = before if before is not None else _RECORDS.get(model)
+        if before is None:
+            raise RuntimeError(
+                f"init_lora_weights {recipe.init_lora_weights}: no record of the base before the "
+                "adapter rewrote it (build the model with add_adapter), so it cannot be checked"
+            )
+        check_conserved(model, recipe, before, layers)
+    if uses_eva(recipe):  # EVA's rank budget is r for every module the recipe adapts
+        check_eva(model, recipe, layers, sum(len(names) for names in check_targets(recipe).values()))
+
+
+# |B A| against |B| |A|, largest entry: fp32 factors leave ~1e-7 (measured 2.7e-8 on the tiny model). PEFT rounds
+# A and B to the base's dtype before they become fp32 again, so on a bf16 base B A is only zero to bf16 rounding
+# (measured 1.5e-3): the tolerance is then that dtype's epsilon, an initialisation with B A != 0 is off by O(1).
+ORTHOGONAL_TOLERANCE = 1e-5
+
+
+def check_product_is_zero(name: str, lora_a: Any, lora_b: Any, base_dtype: Any) -> None:
+    """Orthogonal init: B and A are both non-zero (that is its point) yet B A = 0, so step 0 is the base (to the
+    rounding of the base's dtype)."""
+    import torch
+
+    tolerance = ORTHOGONAL_TOLERANCE if base_dtype == torch.float32 else torch.finfo(base_dtype).eps
+    with torch.no_grad():
+        a, b = lora_a.float(), lora_b.float()
+        product = (b @ a).abs().max().item()
+        scale = (b.abs() @ a.abs()).max().item()
+    if b.abs().max() == 0 or product > tolerance * scale:
+        raise RuntimeError(
+            f"{name}: init_lora_weights orthogonal should give non-zero A and B with B A = 0; got "
+            f"|B| max {b.abs().max().item():.2g}, |B A| {product:.2g} of {scale:.2g}: it would not "
+            "start at the base, or PEFT did not apply it"
+        )
+
+
+def check_conserved(model: Any, recipe: Recipe, before: BaseRecord, layers: list[tuple[str, Any]]) -> None:
+    """PiSSA/OLoRA moved part of every adapted layer's weight into the adapter and nothing else: (a) the base
+    weight changed, (b) W_res + s B0 A0 = W, checked on a random vector, and (c) the model's logits at step 0
+    are the original base's."""
+    import torch
+
+    init = recipe.init_lora_weights
+    with torch.no_grad():
+        for name, layer in layers:
+            base = layer.get_base_layer()
+            if id(base) not in before.products or before.products[id(base)][0] is not base:
+                raise RuntimeError(
+                    f"{name}: no record of its weight before the adapter (not a target when "
+                    f"recorded), so init_lora_weights {init} cannot be checked there"
+                )
+            original = before.products[id(base)][1].to(base.weight.device)
+            weight = _weight(base)
+            v = before.vectors[weight.shape[1]]
+            for adapter, scaling in layer.scaling.items():
+                a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
+                residual = _times(weight, v)
+                adapter_part = scaling * (b @ (a @ v.to(a.device))).to(residual.device)
+                scale = _times(weight.abs(), v.abs()) + scaling * (b.abs() @ (a.abs() @ v.abs().to(a.device))).to(
+                    residual.device
+                )
+                tolerance = CONSERVED_TOLERANCE + torch.finfo(weight.dtype).eps / 2
+                moved = (residual - original).abs().max().item()
+                if moved <= MOVED_AT_LEAST * original.abs().max().item():
+                    raise RuntimeError(
+                        f"{name}: init_lora_weights {init} left the base weight unchanged (W v moved "
+                        f"by {moved:.2g}): PEFT did not apply it"
+                    )
+                error = ((residual + adapter_part - original).abs() / scale.clamp_min(1e-30)).max().item()
+                if error > tolerance:
+                    raise RuntimeError(
+                        f"{name}: W_res + s B0 A0 differs from the original weight by {error:.2g} of "
+                        f"its scale (tolerance {tolerance:.2g}): init_lora_weights {init} did not "
+                        "conserve the base"
+                    )
+    dtype = layers[0][1].get_base_layer().weight.dtype
+    tolerance = LOGITS_TOLERANCE if dtype == torch.float32 else LOGITS_TOLERANCE_HALF
+    logits = _probe_logits(model, before.input_ids)
+    difference = ((logits - before.logits).norm() / before.logits.norm()).item()
+    if difference > tolerance:
+        raise RuntimeError(
+            f"init_lora_weights {init}: the adapted model's step-0 logits differ from the original "
+            f"base's by {difference:.2g} (RMS, relative; tolerance {tolerance:g} in {dtype}): it would "
+            "not start at the base"
+        )
+    log.info(
+        f"init_lora_weights {init}: checked on {len(layers)} layers: the base rewritten, W_res + s B0 A0 = W, "
+        f"step-0 logits within {difference:.1g} (RMS, relative) of the original base's"
+    )
+
+
+def trainable_token_targets(model: Any, token_ids: list[int]) -> list[int] | dict[str, list[int]]:
+    """PEFT's ``trainable_token_indices`` that train these tokens' rows wherever the model reads or writes them.
+
+    A list targets the input embedding only; PEFT then ties a tied LM head to those trained rows by itself. An
+    untied head is a matrix of its own whose (zero) rows would stay untrained, so it is named next to the
+    embedding. Only the chosen rows are trained and saved with the adapter, never the whole matrix.
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is embedding.weight:
+        return list(token_ids)
+    names = {id(module): name for name, module in model.named_modules()}
+    return {names[id(embedding)]: list(token_ids), names[id(head)]: list(token_ids)}
+
+
+def quantization_kwargs(recipe: Recipe) -> dict[str, Any] | None:
+    """``BitsAndBytesConfig`` arguments for the recipe's base, dtypes by name; None for an unquantized base.
+
+    The one place the quantization is spelled out: training, merge, generate and the model card's load
+    snippet all read it from the run's recipe, so they load the base exactly as training did.
+    """
+    if not recipe.load_in_4bit:
+        return None
+    return dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=recipe.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=recipe.bnb_4bit_compute_dtype,
+        # Storage in the compute dtype makes the packed NF4 weights shardable by FSDP like any bf16 tensor.
+        bnb_4bit_quant_storage=recipe.bnb_4bit_quant_storage,
+    )
+
+
+def quantization_config(recipe: Recipe) -> Any | None:
+    kwargs = quantization_kwargs(recipe)
+    if kwargs is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    dtypes = ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
+    return BitsAndBytesConfig(**{k: torch_dtype(v) if k in dtypes else v for k, v in kwargs.items()})
+
+
+@functools.cache  # decide (and say why) once per run
+def available_attention(requested: str) -> str:
+    """The attention implementation to use: flash-attention only when its package is installed; ``varlen``
+    (PyTorch's own varlen flash kernel, :mod:`hf_lora_recipe.model.varlen_attention`) only on a GPU that runs it, and then
+    registered with transformers under that name."""
+    import importlib.util
+
+    if requested.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+        log.warn(f"attn_implementation {requested} asked for but flash-attn is not installed: using sdpa")
+        return "sdpa"
+    if requested == "flex_attention":
+        import torch
+
+        if not torch.cuda.is_available():  # torch 2.13's flex attention has no backward on the CPU
+            log.warn("attn_implementation flex_attention cannot train on a CPU (no backward there): using sdpa")
+            return "sdpa"
+    if requested == "varlen":
+        from hf_lora_recipe.model import varlen_attention as attention
+
+        if not attention.varlen_available():
+            log.warn("attn_implementation varlen needs a CUDA GPU (compute capability 8.0+): using sdpa")
+            return "sdpa"
+        return attention.register()
+    return requested
+
+
+# Attention kernels that take a packed row's example boundaries directly: padding-free costs them nothing.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "varlen", "flex_attention")
+
+
+def padding_free(recipe: Recipe, on_gpu: bool | None = None) -> bool:
+    """``auto``: on the CPU always; on a GPU with an attention that takes the examples' boundaries (flash-attention,
+    PyTorch's varlen kernel, flex attention), which computes no padding and no cross-example scores.
+    ``on_gpu``: for the machine a plan is made for (default: this one)."""
+    if recipe.padding_free != "auto":
+        return recipe.padding_free == "true"
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    return not on_gpu or attention_for(recipe, on_gpu) in VARLEN_ATTENTION
+
+
+def attention_for(recipe: Recipe, on_gpu: bool | None = None) -> str:
+    """The attention a run uses: on this machine (``on_gpu`` None) what it has of what the recipe asks; planning
+    for another machine, what the recipe asks (assumed installed there)."""
+    return available_attention(recipe.attn_implementation) if on_gpu is None else recipe.attn_implementation
+
+
+def liger_off_reason() -> str | None:
+    """Why Liger's kernels cannot run here (they are Triton, so CUDA only), or None when they can."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed: pip install 'hf-lora-recipe[fast]'"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+@functools.cache
+def liger_active(requested: bool) -> bool:
+    return requested and liger_off_reason() is None
+
+
+def attention_in_use(model: Any) -> str:
+    """The attention implementation the loaded model dispatches to."""
+    from hf_lora_recipe.upstream.transformers import attention_implementation
+
+    return attention_implementation(model)
+
+
+def load_base_model(recipe: Recipe) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(
+        revision=recipe.model_revision,
+        trust_remote_code=recipe.trust_remote_code,
+        attn_implementation=available_attention(recipe.attn_implementation),
+        dtype=torch.bfloat16 if recipe.bf16 else torch.float32,
+    )
+    quant = quantization_config(recipe)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if torch.cuda.is_available():
+            # Each process quantizes onto its own GPU; bitsandbytes otherwise picks cuda:0 for every rank.
+            kwargs["device_map"] = {"": log.local_rank()}
+    model = AutoModelForCausalLM.from_pretrained(recipe.model_name_or_path, **kwargs)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return model
+
+
+def prepare_base(model: Any, recipe: Recipe) -> Any:
+    """Freeze the base and set up (non-reentrant) checkpointing.
+
+    With ``kbit_upcast_fp32`` a QLoRA base goes through PEFT's k-bit preparation, which also casts the parts
+    bitsandbytes leaves unquantized (norms, embeddings, LM head) to fp32. By default they stay bf16, as
+    loaded: the adapter trains against the base as stored, 2.75 GiB lighter on Llama-3-8B. Under FSDP they
+    always stay bf16, the dtype its all-gather casts to (the FSDP2 path tests/test_engines.py runs).
+    """
+    from peft import prepare_model_for_kbit_training
+
+    from hf_lora_recipe.distributed.engines import current_engine
+
+    checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks LoRA under DDP
+    if getattr(model, "is_loaded_in_4bit", False) and current_engine().name != "fsdp" and recipe.kbit_upcast_fp32:
+        # PEFT's preparation for its fp32 upcast (and freezing) only: checkpointing is switched on below, by its
+        # current name (PEFT still calls the deprecated one).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.requires_grad_(False)
+    if recipe.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.enable_input_require_grads()
+    return model
+
+
+def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None) -> Any:
+    """Attach LoRA to a prepared base (see :func:`prepare_base`), training the rows of ``token_ids`` too (the
+    chat template's special tokens, when ``train_template_tokens``)."""
+    import torch
+    from peft import get_peft_model
+
+    from hf_lora_recipe.distributed.engines import current_engine
+    from hf_lora_recipe.inits.eva import uses_eva
+    from hf_lora_recipe.inits.pissa_olora import rewrites_base
+
+    model = prepare_base(model, recipe)
+    tokens = trainable_token_targets(model, token_ids) if token_ids else None
+    record = None
+    if rewrites_base(recipe):
+        if torch.cuda.is_available() and not current_engine().shards_weights:
+            # PiSSA's SVD / OLoRA's QR of every target weight: minutes on the GPU the trainer moves the model to
+            # anyway, hours on the CPU for an 8B base
+            model.to(torch.device("cuda", log.local_rank()))
+        record = record_base(model, recipe)
+    model = get_peft_model(model, lora_config(recipe, tokens))
+    if record is not None:
+        _RECORDS[model] = record  # for check_variants: W_res + s B0 A0 = W and the step-0 logits
+    if not uses_eva(recipe):  # EVA replaces A (and the ranks) after its data pass, and finishes the adapter then
+        finish_adapter(model, recipe)
+    return model
+
+
+def finish_adapter(model: Any, recipe: Recipe) -> None:
+    """The adapter's dtype and compilation, once its layers (and their ranks) are final."""
+    import torch
+
+    from hf_lora_recipe.distributed.engines import adapter_bytes_per_parameter, current_engine
+
+    if adapter_bytes_per_parameter(recipe, current_engine().plan_strategy) == 2:
+        # bf16 adapter weights (on a 4-bit base, as TRL would make them anyway; under DeepSpeed with bf16, which
+        # runs the module in bf16): PEFT's default is fp32. DoRA's magnitudes stay fp32: their updates are below
+        # bf16's resolution.
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_magnitude_vector" not in name:
+                param.data = param.data.to(torch.bfloat16)
+    if recipe.compile:  # after PEFT, so LoRA and its dropout are inside each compiled layer
+        from hf_lora_recipe.model.compile_layers import compile_decoder_layers
+
+        compile_decoder_layers(model)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) with 4-bit packed weights counted as the parameters they stand for."""
+    trainable = total = 0
+    for param in model.parameters():
+        quant_state = getattr(param, "quant_state", None)  # bitsandbytes packs several 4-bit values per element
+        count = quant_state.shape.numel() if quant_state is not None else param.numel()
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+
+
+def trainable_line(trainable: int, total: int) -> str:
+    """``trainable: 41.9M / 8030.3M (0.52%)``: the adapter against the base it adapts (total minus adapter)."""
+    base = total - trainable
+    return f"trainable: {_count(trainable)} / {_count(base)} ({trainable / base:.2%})"
+
+
+# ---------------------------------------------------------------- checked before anything heavy loads
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(constants.HF_HUB_OFFLINE) or any(flag.upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def model_config(recipe: Recipe) -> Any:
+    """The base's ``config.json`` as a transformers config (see :func:`read_model_config`)."""
+    return read_model_config(recipe.model_name_or_path, recipe.model_revision, recipe.trust_remote_code)
+
+
+def read_model_config(
+    name: str, revision: str = "main", trust_remote_code: bool = False, where: str | None = None
+) -> Any:
+    """``config.json`` of a model folder or Hub id as a transformers config; a missing, malformed or unknown
+    model is one :class:`RecipeError` starting with ``where`` (read from the folder, the cache or the Hub)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    from transformers import AutoConfig
+
+    where = where or f"model_name_or_path {name}"
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise RecipeError(f"{where} is a file: give the base model's folder (holding config.json) or a Hub id")
+        if not (path / "config.json").is_file():
+            adapter = (path / "adapter_config.json").is_file()
+            hint = " (an adapter folder: give its base model instead)" if adapter else ""
+            raise RecipeError(f"{where}: no config.json in that folder{hint}; give a model folder or a Hub id")
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (ValueError, UnicodeDecodeError, AttributeError) as error:
+            raise RecipeError(f"{where}: config.json is not valid JSON ({log.first_line(error)})") from None
+    else:
+        model_type = None
+        looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+        try:
+            if looks_like_path:
+                raise HFValidationError(name)
+            validate_repo_id(name)
+        except HFValidationError:
+            raise RecipeError(
+                f"{where}: no such folder, and not a Hub model id (NAMESPACE/NAME); check the path"
+            ) from None
+        if _offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+                raise RecipeError(
+                    f"{where}: no such folder, and the Hub model is not in the local cache while "
+                    "HF_HUB_OFFLINE=1; download it once online (hf download "
+                    f"{name}) or give a local folder"
+                )
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as error:  # noqa: BLE001 - transformers/hub raise many classes; every one is one line here
+        from hf_lora_recipe.upstream.transformers import (
+            asks_for_remote_code,
+            named_model_type,
+            names_no_model_type,
+            names_unknown_architecture,
+        )
+
+        message = log.first_line(error)
+        if names_unknown_architecture(error):
+            import transformers
+
+            if model_type is None and names_no_model_type(error):
+                raise RecipeError(
+                    f"{where}: its config.json names no model_type, so transformers cannot tell the "
+                    "architecture; is it a transformers model folder?"
+                ) from None
+            model_type = named_model_type(error) or model_type
+            raise RecipeError(
+                f"{where}: config.json has model_type {model_type!r}, which transformers "
+                f"{transformers.__version__} does not know; upgrade transformers, or set "
+                "trust_remote_code true if the model ships its own code"
+            ) from None
+        if asks_for_remote_code(error):
+            raise RecipeError(
+                f"{where} ships its own modelling code: set trust_remote_code true if you trust it"
+            ) from None
+        raise RecipeError(f"{where}: cannot read its config.json ({message})") from None
+
+
+def meta_model(config: Any, recipe: Recipe) -> Any:
+    """The base as a causal LM on the meta device: its modules, no memory, no weights read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.trust_remote_code)
+    except ValueError as error:
+        raise RecipeError(
+            f"model_name_or_path {recipe.model_name_or_path}: a {type(config).__name__} is not a causal "
+            f"language model transformers can build ({log.first_line(error)})"
+        ) from None
+
+
+def adaptable_types() -> tuple[type, ...]:
+    """Module types PEFT's LoRA can wrap (bitsandbytes' 4-bit linears replace nn.Linear at load time)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def resolve_targets(model: Any, targets: list[str] | str) -> dict[str, list[str]]:
+    """Each requested target -> the module names it adapts, matched as PEFT matches a list (the whole dotted
+    name, or its ending after a dot); ``all-linear`` -> every linear layer but the output head.
+
+    A target that matches nothing, or only modules LoRA cannot wrap, is a :class:`RecipeError` naming it and
+    listing the linear layers this architecture has.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    modules = dict(model.named_modules())
+    linear = {name: m for name, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in linear.items() if m is not output})
+    available = f"linear layers of {type(model).__name__}: {', '.join(linear_names) or 'none'} (or {ALL_LINEAR})"
+    if targets == ALL_LINEAR:
+        matched = {ALL_LINEAR: [name for name, m in linear.items() if m is not output]}
+        if not matched[ALL_LINEAR]:
+            raise RecipeError(
+                f"lora_target_modules: {ALL_LINEAR} matches nothing: {type(model).__name__} has no linear layers"
+            )
+        return matched
+    resolved: dict[str, list[str]] = {}
+    unmatched, unsupported = [], []
+    for target in targets:
+        names = [name for name in modules if name and (name == target or name.endswith("." + target))]
+        adaptable = [name for name in names if isinstance(modules[name], adaptable_types())]
+        if not names:
+            unmatched.append(target)
+        elif not adaptable:
+            kinds = sorted({type(modules[name]).__name__ for name in names})
+            unsupported.append(f"{target} ({'/'.join(kinds)})")
+        resolved[target] = adaptable
+    if unmatched:
+        guesses = [nearest(t, linear_names) for t in unmatched] if linear_names else []
+        guess = f" (nearest: {', '.join(guesses)})" if guesses else ""
+        raise RecipeError(
+            f"lora_target_modules: {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} "
+            f"no module of {type(model).__name__}{guess}; {available}"
+        )
+    if unsupported:
+        raise RecipeError(
+            f"lora_target_modules: {', '.join(unsupported)} cannot carry a LoRA adapter (not linear); {available}"
+        )
+    return resolved
+
+
+def check_targets(recipe: Recipe, config: Any | None = None) -> dict[str, list[str]]:
+    """Read the base's config.json and resolve ``lora_target_modules`` against its architecture on the meta
+    device, before any weight loads (see :func:`resolve_targets`)."""
+    config = model_config(recipe) if config is None else config
+    return resolve_targets(meta_model(config, recipe), peft_target_modules(recipe))

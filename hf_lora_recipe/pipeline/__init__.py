@@ -1,0 +1,1 @@
+"""The train pipeline: every stage below, in the order a run needs them."""

@@ -1,0 +1,1 @@
+"""Memory and FLOPs estimates and the plan command's figures and lints."""

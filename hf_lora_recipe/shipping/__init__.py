@@ -1,0 +1,1 @@
+"""What a run leaves: the output folder, the model card, Hub upload, merging, loading for inference."""

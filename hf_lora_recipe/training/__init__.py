@@ -1,0 +1,1 @@
+"""TRL's SFTTrainer from the recipe, auto micro-batch, checkpoints, resume and signals."""
