@@ -1,7 +1,7 @@
 """The formulas behind `plan` and `per_device_train_batch_size: auto`: a model's shape read off the meta device,
 memory per GPU by component, FLOPs per token. No weights are read; every constant says where it comes from.
-Memory matched measured peaks on an H200 within 0-9% (benchmarks/RESULTS.md; activations tensor by tensor
-in tests/test_plan.py).
+How close they come to measured peaks is in docs/plan.md (activations are checked tensor by tensor in
+tests/test_plan.py).
 """
 
 from __future__ import annotations

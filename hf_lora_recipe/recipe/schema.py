@@ -105,8 +105,8 @@ class Recipe:
     )
     kbit_upcast_fp32: bool = quantization(
         False,
-        "PEFT's k-bit preparation: upcast embeddings, norms and LM head to fp32 (a guard for fp16); "
-        "on an H200 it cost 2.75 GiB and 15% speed, so the seed keeps them bf16",
+        "PEFT's k-bit preparation: upcast embeddings, norms and LM head to fp32 (a guard for fp16); off: the seed "
+        "keeps them bf16, which costs less memory and time (docs/speed.md)",
     )
 
     lora_r: int = lora(16, "adapter rank r: W' = W0 + (alpha/r) B A")

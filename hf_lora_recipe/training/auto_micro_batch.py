@@ -4,7 +4,7 @@ On a GPU the seed's 4 x 512 tokens leave the device waiting on the host (a step 
 the same time: benchmarks/RESULTS.md), so a larger micro-batch with less accumulation is nearly free speed. The
 global batch, and with it the learning rate and schedule, stay as the recipe says; only how it is split changes.
 
-"Fits" is `plan`'s memory model (within 0-9% of the measured peak on an H200), checked against
+"Fits" is `plan`'s memory model (its accuracy against measured peaks: docs/plan.md), checked against
 ``memory_budget_gb`` or, by default, 90% of the GPU's free memory (on a CPU half the available RAM: the model
 counts a GPU's buffers, and a CPU run shares its RAM with everything else).
 """
