@@ -296,11 +296,12 @@ def test_what_the_conversion_does_not_carry_is_refused_at_recipe_load(values, ma
 
 @pytest.mark.parametrize("engine", [("fsdp", 2), ("zero2",), ("zero3",)])
 def test_base_rewriting_inits_are_refused_under_fsdp_and_deepspeed(engine):
-    from hf_lora_recipe.distributed.engines import Engine, check_engine
+    from hf_lora_recipe import inits
+    from hf_lora_recipe.distributed.engines import Engine
 
     with pytest.raises(RecipeError, match="init_lora_weights: olora under FSDP or DeepSpeed is not supported"):
-        check_engine(Recipe(load_in_4bit=False, init_lora_weights="olora"), Engine(*engine))
-    check_engine(Recipe(load_in_4bit=False, init_lora_weights="olora"), Engine("ddp"))
+        inits.check_engine(Recipe(load_in_4bit=False, init_lora_weights="olora"), Engine(*engine).name)
+    inits.check_engine(Recipe(load_in_4bit=False, init_lora_weights="olora"), "ddp")
 
 
 def _train(monkeypatch, tiny_base, alpaca_path, output_dir, *extra):
@@ -651,8 +652,9 @@ def test_eva_with_what_it_was_not_verified_with_is_refused(key):
 
 @pytest.mark.parametrize("engine", [("fsdp", 2), ("zero2",), ("zero3",)])
 def test_eva_is_refused_under_fsdp_and_deepspeed(engine):
-    from hf_lora_recipe.distributed.engines import Engine, check_engine
+    from hf_lora_recipe import inits
+    from hf_lora_recipe.distributed.engines import Engine
 
     with pytest.raises(RecipeError, match="init_lora_weights: eva under FSDP or DeepSpeed is not supported"):
-        check_engine(Recipe(init_lora_weights="eva"), Engine(*engine))
-    check_engine(Recipe(init_lora_weights="eva"), Engine("ddp"))
+        inits.check_engine(Recipe(init_lora_weights="eva"), Engine(*engine).name)
+    inits.check_engine(Recipe(init_lora_weights="eva"), "ddp")

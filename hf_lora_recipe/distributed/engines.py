@@ -82,12 +82,8 @@ def current_engine() -> Engine:
 
 
 def check_engine(recipe: Recipe, engine: Engine) -> None:
-    """Combinations that cannot train correctly fail here, before anything loads."""
-    from hf_lora_recipe.inits.eva import check_eva_possible
-    from hf_lora_recipe.inits.pissa_olora import check_conversion_possible
-
-    check_conversion_possible(recipe, engine.name)  # PiSSA/OLoRA: DoRA, template tokens, FSDP, DeepSpeed
-    check_eva_possible(recipe, engine.name)  # EVA: FSDP, DeepSpeed
+    """Combinations that cannot train correctly fail here, before anything loads (the LoRA init's own refusals:
+    :func:`hf_lora_recipe.inits.check_engine`)."""
     if engine.name == "fsdp":
         if engine.fsdp_version != 2:
             raise RecipeError(

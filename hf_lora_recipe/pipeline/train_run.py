@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hf_lora_recipe import log
+from hf_lora_recipe import inits, log
 from hf_lora_recipe.distributed.engines import Engine, check_engine, current_engine
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError, gradient_accumulation_steps
 from hf_lora_recipe.training.auto_micro_batch import resolve as resolve_micro_batch
@@ -55,6 +55,7 @@ def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
     world_size = log.world_size()
     engine = current_engine()
     check_engine(recipe, engine)
+    inits.check_engine(recipe, engine.name)
     recipe, micro_batch = resolve_micro_batch(recipe, world_size)
     if micro_batch:
         log.info(micro_batch.line())
