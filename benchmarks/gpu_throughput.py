@@ -5,7 +5,7 @@
 
 No download: each variant builds the model from config.json straight on the device with random weights, its
 decoder projections quantized to NF4 exactly as the recipe's BitsAndBytesConfig would (double quantization, bf16
-compute and storage), then trains through the package's own path (``modeling.add_adapter``: LoRA r=16 on all
+compute and storage), then trains through the package's own path (``inits.adapter.add_adapter``: LoRA r=16 on all
 seven projections, compile when asked; ``trainer.build_trainer``: TRL SFTTrainer with the recipe's settings).
 
 Variants run one after another in this one process; the first is run again at the end, so the table shows how
@@ -238,7 +238,7 @@ def measured_matmul_tflops() -> float | None:
 def run_variant(variant: Variant, seed_recipe, config, device: str, steps: int, warmup: int) -> dict[str, Any]:
     import torch
 
-    from hf_lora_recipe.model.loading import add_adapter
+    from hf_lora_recipe.inits.adapter import add_adapter
     from hf_lora_recipe.planning.estimates import flops_per_token, measure_shape, memory
     from hf_lora_recipe.training.auto_micro_batch import resolve
     from hf_lora_recipe.training.trainer import build_trainer

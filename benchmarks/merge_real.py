@@ -42,7 +42,8 @@ def build_adapter(base: Path, out_dir: Path, lora_b_std: float, seed: int = 0) -
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    from hf_lora_recipe.model.loading import load_base_model, lora_config
+    from hf_lora_recipe.inits.adapter import lora_config
+    from hf_lora_recipe.model.loading import load_base_model
     from hf_lora_recipe.recipe.schema import Recipe, dump_recipe
     from hf_lora_recipe.templates.tokenizer import save_tokenizer
 

@@ -209,7 +209,8 @@ def plain_trl(recipe, rows: list[dict]) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from hf_lora_recipe.model.loading import load_base_model, lora_config
+    from hf_lora_recipe.inits.adapter import lora_config
+    from hf_lora_recipe.model.loading import load_base_model
 
     torch.manual_seed(0)
     dataset = Dataset.from_list(
@@ -257,7 +258,8 @@ def ours(recipe) -> dict:
     import torch
 
     from hf_lora_recipe.data.pipeline import build_sft_dataset
-    from hf_lora_recipe.model.loading import add_adapter, load_base_model
+    from hf_lora_recipe.inits.adapter import add_adapter
+    from hf_lora_recipe.model.loading import load_base_model
     from hf_lora_recipe.templates.tokenizer import tokenizer_for
     from hf_lora_recipe.training.trainer import RecipeTrainer, trainer_config, uses_fused_loss
 

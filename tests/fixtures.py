@@ -31,7 +31,7 @@ def build_adapter_dir(
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.model.loading import lora_config
+    from hf_lora_recipe.inits.adapter import lora_config
     from hf_lora_recipe.recipe.schema import Recipe
     from hf_lora_recipe.shipping.model_card import library_versions
     from hf_lora_recipe.shipping.output_dir import final_losses, write_run_files

@@ -134,16 +134,8 @@ def stage_back_edges() -> set[tuple[str, str]]:
     return back
 
 
-# The LoRA inits are not plugins yet: the model's step-0 proofs still call EVA's and PiSSA/OLoRA's functions.
-# This set may only shrink; an init moved behind fixed hooks removes its pair.
-INITS_NOT_YET_PLUGINS = {
-    ("hf_lora_recipe.model.loading", "hf_lora_recipe.inits.eva"),
-    ("hf_lora_recipe.model.loading", "hf_lora_recipe.inits.pissa_olora"),
-}
-
-
 def test_lower_stages_never_import_higher_ones():
-    assert stage_back_edges() <= INITS_NOT_YET_PLUGINS, stage_back_edges() - INITS_NOT_YET_PLUGINS
+    assert stage_back_edges() == set()
 
 
 def test_quiet_filters_hide_exactly_the_listed_upstream_notices():

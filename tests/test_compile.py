@@ -18,8 +18,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_lora_recipe.inits.adapter import add_adapter
 from hf_lora_recipe.model.compile_layers import compile_decoder_layers
-from hf_lora_recipe.model.loading import add_adapter, load_base_model
+from hf_lora_recipe.model.loading import load_base_model
 from hf_lora_recipe.recipe.schema import Recipe
 from hf_lora_recipe.upstream.torch import compiled_call
 

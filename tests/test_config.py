@@ -166,7 +166,7 @@ def test_all_linear_reaches_peft_as_peft_means_it(tiny_base):
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hf_lora_recipe.model.loading import lora_config
+    from hf_lora_recipe.inits.adapter import lora_config
 
     recipe = parse(["--lora_target_modules", "all-linear"])
     assert lora_config(recipe).target_modules == "all-linear"

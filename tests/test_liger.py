@@ -126,7 +126,8 @@ def _lora_llama(quantized_in: Path | None = None):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from hf_lora_recipe.model.loading import lora_config, quantization_config
+    from hf_lora_recipe.inits.adapter import lora_config
+    from hf_lora_recipe.model.loading import quantization_config
     from hf_lora_recipe.recipe.schema import Recipe
 
     torch.manual_seed(0)
@@ -329,7 +330,7 @@ def test_recipe_trainer_trains_every_adapter_through_liger(
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
     import hf_lora_recipe.training.trainer as recipe_trainer
-    from hf_lora_recipe.model.loading import add_adapter
+    from hf_lora_recipe.inits.adapter import add_adapter
     from hf_lora_recipe.recipe.schema import Recipe
     from hf_lora_recipe.templates.tokenizer import load_tokenizer
 

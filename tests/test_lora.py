@@ -6,13 +6,8 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from hf_lora_recipe.model.loading import (
-    add_adapter,
-    load_base_model,
-    lora_config,
-    prepare_base,
-    trainable_line,
-)
+from hf_lora_recipe.inits.adapter import add_adapter, lora_config
+from hf_lora_recipe.model.loading import load_base_model, prepare_base, trainable_line
 from hf_lora_recipe.recipe.schema import Recipe
 
 from .conftest import shared_asset

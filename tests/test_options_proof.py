@@ -36,7 +36,7 @@ def trainer_for(recipe: Recipe, base, accumulation: int = 2, auto_micro_batch: b
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.model.loading import add_adapter
+    from hf_lora_recipe.inits.adapter import add_adapter
     from hf_lora_recipe.templates.tokenizer import load_tokenizer
     from hf_lora_recipe.training.trainer import build_trainer
 

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from hf_lora_recipe.model.loading import add_adapter, load_base_model
+from hf_lora_recipe.inits.adapter import add_adapter
+from hf_lora_recipe.model.loading import load_base_model
 from hf_lora_recipe.planning.estimates import GIB, activation_bytes_per_token, dora_weight_bytes, measure_shape, memory
 from hf_lora_recipe.planning.plan import lints, make_plan, read_config
 from hf_lora_recipe.recipe.schema import Recipe, load_recipe

@@ -162,7 +162,7 @@ def test_accumulation_equals_a_bigger_batch(tiny_base, alpaca_path, tmp_path):
     from trl import SFTTrainer
 
     from hf_lora_recipe.data.pipeline import build_sft_dataset
-    from hf_lora_recipe.model.loading import add_adapter
+    from hf_lora_recipe.inits.adapter import add_adapter
     from hf_lora_recipe.recipe.schema import Recipe
     from hf_lora_recipe.templates.tokenizer import load_tokenizer
     from hf_lora_recipe.training.trainer import trainer_config

@@ -171,7 +171,7 @@ def test_generate_with_an_adapter(scripted_model, tmp_path, capsys):
     from peft import get_peft_model
 
     from hf_lora_recipe.commands.generate import main as generate_main
-    from hf_lora_recipe.model.loading import lora_config
+    from hf_lora_recipe.inits.adapter import lora_config
     from hf_lora_recipe.recipe.schema import Recipe
     from hf_lora_recipe.templates.tokenizer import load_tokenizer, save_tokenizer
 

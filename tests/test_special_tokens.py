@@ -200,7 +200,7 @@ def test_train_template_tokens_trains_saves_and_reloads_exactly_those_rows(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.model.loading import add_adapter
+    from hf_lora_recipe.inits.adapter import add_adapter
 
     recipe = _recipe(zeroed_base, train_template_tokens=True)
     ids = check_template_tokens(recipe, llama2_tokenizer)  # untrained, but asked for: no error
@@ -233,7 +233,8 @@ def test_train_template_tokens_trains_saves_and_reloads_exactly_those_rows(
 def test_a_tied_head_follows_the_trained_embedding_rows():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_lora_recipe.model.loading import add_adapter, trainable_token_targets
+    from hf_lora_recipe.inits.adapter import add_adapter
+    from hf_lora_recipe.model.loading import trainable_token_targets
 
     torch.manual_seed(0)
     config = LlamaConfig(

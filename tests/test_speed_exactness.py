@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hf_lora_recipe.data.pipeline import build_sft_dataset
-from hf_lora_recipe.model.loading import add_adapter
+from hf_lora_recipe.inits.adapter import add_adapter
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError, load_recipe
 from hf_lora_recipe.templates.tokenizer import load_tokenizer
 from hf_lora_recipe.training.trainer import build_trainer

@@ -35,7 +35,8 @@ def _lora_layers(model):
 # every variant on a bf16 base; all of them at once on an NF4 base (PEFT allows each there)
 @pytest.mark.parametrize("variant, quantized", [(name, False) for name in VARIANTS] + [("all", True)])
 def test_each_variant_is_the_one_peft_built(tiny_base, variant, quantized):
-    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.inits.adapter import add_adapter, check_variants
+    from hf_lora_recipe.model.loading import load_base_model
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=quantized, **VARIANTS[variant])
     model = add_adapter(load_base_model(recipe), recipe)
@@ -57,7 +58,8 @@ def test_each_variant_is_the_one_peft_built(tiny_base, variant, quantized):
     ],
 )
 def test_a_variant_peft_did_not_build_stops_the_run(tiny_base, asked, match):
-    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.inits.adapter import add_adapter, check_variants
+    from hf_lora_recipe.model.loading import load_base_model
 
     built = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False)
     model = add_adapter(load_base_model(built), built)  # plain LoRA, as a config that ignored the key would build
@@ -72,7 +74,8 @@ def test_a_variant_peft_did_not_build_stops_the_run(tiny_base, asked, match):
 def test_loraplus_gives_b_the_ratio_and_a_broken_optimizer_is_caught(tiny_base):
     from peft.optimizers import create_loraplus_optimizer
 
-    from hf_lora_recipe.model.loading import add_adapter, load_base_model
+    from hf_lora_recipe.inits.adapter import add_adapter
+    from hf_lora_recipe.model.loading import load_base_model
     from hf_lora_recipe.training.trainer import check_loraplus
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False)
@@ -142,7 +145,8 @@ def test_merge_equals_the_adapter_for_each_variant(tiny_base, tmp_path, variant)
 
 
 def test_plan_counts_doras_magnitudes_and_traces_every_variant_key(tiny_base):
-    from hf_lora_recipe.model.loading import add_adapter, count_parameters, load_base_model, model_config
+    from hf_lora_recipe.inits.adapter import add_adapter
+    from hf_lora_recipe.model.loading import count_parameters, load_base_model, model_config
     from hf_lora_recipe.planning.estimates import measure_shape
     from hf_lora_recipe.planning.plan import traceability
 
@@ -216,7 +220,8 @@ def test_a_base_rewriting_init_is_proven_on_every_layer(tiny_base, init):
     passes, and lora_B is not zero (the B = 0 check does not apply)."""
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.inits.adapter import add_adapter, check_variants
+    from hf_lora_recipe.model.loading import load_base_model
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
     model = add_adapter(load_base_model(recipe), recipe)
@@ -232,7 +237,8 @@ def test_a_base_rewriting_init_is_proven_on_every_layer(tiny_base, init):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_an_unconverted_adapter_is_never_published(tiny_base, tmp_path, init):
     """Saved as trained (rank r, init pissa/olora), it only fits the residual base: the final check refuses it."""
-    from hf_lora_recipe.model.loading import add_adapter, load_base_model
+    from hf_lora_recipe.inits.adapter import add_adapter
+    from hf_lora_recipe.model.loading import load_base_model
     from hf_lora_recipe.training.checkpoints import check_saved_adapter
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
@@ -247,7 +253,8 @@ def test_an_unconverted_adapter_is_never_published(tiny_base, tmp_path, init):
 
 @pytest.mark.parametrize("init", BASE_REWRITING)
 def test_a_base_rewriting_init_that_did_not_apply_or_conserve_stops_the_run(tiny_base, init):
-    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model, record_base
+    from hf_lora_recipe.inits.adapter import add_adapter, check_variants, record_base
+    from hf_lora_recipe.model.loading import load_base_model
 
     asked = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
     # built with plain LoRA, as a config that dropped the key would: the base was never rewritten
@@ -410,7 +417,8 @@ def test_resume_and_publish_only_convert_against_the_saved_initial_adapter(
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_orthogonal_starts_at_the_base_with_non_zero_factors(tiny_base, bf16):
-    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.inits.adapter import add_adapter, check_variants
+    from hf_lora_recipe.model.loading import load_base_model
 
     recipe = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=bf16, init_lora_weights="orthogonal")
     model = add_adapter(load_base_model(recipe), recipe)
@@ -469,7 +477,8 @@ def _eva_state(model, ranks):
 
 
 def _eva_model(tiny_base, **values):
-    from hf_lora_recipe.model.loading import add_adapter, load_base_model
+    from hf_lora_recipe.inits.adapter import add_adapter
+    from hf_lora_recipe.model.loading import load_base_model
 
     recipe = Recipe(
         model_name_or_path=str(tiny_base), init_lora_weights="eva", **{"load_in_4bit": False, "bf16": False, **values}
@@ -482,9 +491,10 @@ EVA_RANKS = [0, 32] + [16] * 12
 
 
 def test_eva_is_proven_on_every_layer_and_what_eva_did_not_set_stops_the_run(tiny_base, tmp_path):
+    from hf_lora_recipe.inits.adapter import add_adapter, check_variants
     from hf_lora_recipe.inits.eva import apply_state
     from hf_lora_recipe.inits.eva_data_pass import rank_line
-    from hf_lora_recipe.model.loading import add_adapter, check_variants, load_base_model
+    from hf_lora_recipe.model.loading import load_base_model
     from hf_lora_recipe.training.checkpoints import check_saved_adapter
 
     model, recipe = _eva_model(tiny_base)
@@ -550,7 +560,7 @@ def test_eva_on_an_nf4_base_and_a_pass_that_does_not_converge(tiny_base, monkeyp
 
     from hf_lora_recipe.inits import eva
     from hf_lora_recipe.inits import eva_data_pass as eva_pass
-    from hf_lora_recipe.model.loading import check_variants, finish_adapter
+    from hf_lora_recipe.inits.adapter import check_variants, finish_adapter
 
     model, recipe = _eva_model(tiny_base, load_in_4bit=True, bf16=True, lora_r=2)
     state = eva_pass.data_pass(_fake_trainer(model))

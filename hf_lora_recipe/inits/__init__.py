@@ -1,4 +1,4 @@
-"""LoRA initialisations beyond PEFT's default: EVA, PiSSA/OLoRA.
+"""The LoRA adapter on the base (adapter.py) and initialisations beyond PEFT's default: EVA, PiSSA/OLoRA.
 
 The train pipeline calls what they need at fixed points; :func:`check_engine` is the first of those hooks.
 """

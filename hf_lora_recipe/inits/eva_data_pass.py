@@ -36,7 +36,8 @@ def initialize_eva(trainer: Any, recipe: Recipe, checkpoint: str | None) -> None
     ``eva_state/`` (a resumed run, checked against ``checkpoint``'s shapes), then prove the result."""
     if not uses_eva(recipe):
         return
-    from hf_lora_recipe.model.loading import check_variants, count_parameters, finish_adapter, trainable_line
+    from hf_lora_recipe.inits.adapter import check_variants, finish_adapter
+    from hf_lora_recipe.model.loading import count_parameters, trainable_line
 
     model = trainer.model
     with _random_states_kept():  # the pass's sampler and PEFT's re-created layers draw: not from training's streams

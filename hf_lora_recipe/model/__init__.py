@@ -1,1 +1,1 @@
-"""The base (NF4 or not) and its adapter: loading, quantization, LoRA targets, attention, per-layer compile."""
+"""The base (NF4 or not): loading, quantization, its config on the meta device, LoRA targets, attention, per-layer compile."""

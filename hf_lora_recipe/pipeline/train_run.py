@@ -165,16 +165,11 @@ def run(recipe: Recipe) -> Path:
     from hf_lora_recipe.data.streaming import stream_and_eval
     from hf_lora_recipe.distributed.engines import let_fsdp_run_on_cpu
     from hf_lora_recipe.distributed.rank_memory import HoldingsReport
+    from hf_lora_recipe.inits.adapter import add_adapter, check_variants
     from hf_lora_recipe.inits.eva import uses_eva
     from hf_lora_recipe.inits.eva_data_pass import initialize_eva
     from hf_lora_recipe.inits.pissa_olora import keep_initial_adapter, rewrites_base
-    from hf_lora_recipe.model.loading import (
-        add_adapter,
-        check_variants,
-        count_parameters,
-        load_base_model,
-        trainable_line,
-    )
+    from hf_lora_recipe.model.loading import count_parameters, load_base_model, trainable_line
     from hf_lora_recipe.planning.estimates import GIB
     from hf_lora_recipe.shipping.output_dir import push_run, save_run
     from hf_lora_recipe.templates.tokenizer import tokenizer_for

@@ -66,7 +66,7 @@ def measure_shape(config: Any, recipe: Recipe) -> Shape:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.model.loading import lora_config
+    from hf_lora_recipe.inits.adapter import lora_config
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)

@@ -10,8 +10,8 @@ from typing import Any
 
 from hf_lora_recipe.data.mixture import source_recipes
 from hf_lora_recipe.distributed.engines import adapter_bytes_per_parameter
+from hf_lora_recipe.inits.adapter import peft_init_lora_weights
 from hf_lora_recipe.inits.pissa_olora import rewrites_base
-from hf_lora_recipe.model.loading import peft_init_lora_weights
 from hf_lora_recipe.planning.estimates import (
     GIB,
     GPUS,
