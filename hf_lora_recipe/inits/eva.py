@@ -11,7 +11,7 @@ largest explained variance ratio, at most rho x r = 2r per layer (a layer that g
 each layer's alpha is scaled with its rank, which keeps alpha/r. PEFT records the ranks as
 ``rank_pattern``/``alpha_pattern`` in the adapter config, so the saved adapter loads with its own shapes anywhere.
 
-Bounded: PEFT cycles the dataloader until every layer converges; here at most ``eva_pass.MAX_BATCHES`` forward passes
+Bounded: PEFT cycles the dataloader until every layer converges; here at most ``eva_data_pass.MAX_BATCHES`` forward passes
 (replaying the batches already read when the data has fewer), and a run whose components have not converged by
 then stops with the layers named rather than train on components that are still moving.
 
@@ -37,7 +37,7 @@ from hf_lora_recipe.recipe.schema import Recipe, RecipeError
 
 
 # A folder in output_dir, like initial_adapter/: push uploads no folder, and a file of ours at the top would mark the
-# folder as holding a finished run's files (artifacts.foreign_entries)
+# folder as holding a finished run's files (shipping/output_dir.foreign_entries)
 EVA_STATE = "eva_state"
 STATE_FILE = "eva_state.safetensors"
 # |A A^T - I|: measured 3e-7 in fp32. Rounding unit rows to bf16 (the adapter's dtype on a 4-bit base) moves each
@@ -65,7 +65,7 @@ def eva_config(recipe: Recipe) -> Any | None:
 
 def check_eva_possible(recipe: Recipe, engine_name: str) -> None:
     """EVA's hooks see whole layer inputs and whole A matrices: refused under FSDP and DeepSpeed before anything
-    loads (the recipe-only refusals are in ``config.validate``)."""
+    loads (the recipe-only refusals are in ``recipe/schema.validate``)."""
     if uses_eva(recipe) and (engine_name == "fsdp" or engine_name.startswith("zero")):
         raise RecipeError(
             "init_lora_weights: eva under FSDP or DeepSpeed is not supported: its data pass hooks every "

@@ -42,7 +42,7 @@ def initial_adapter_dir(recipe: Recipe) -> Path:
 
 def check_conversion_possible(recipe: Recipe, engine_name: str) -> None:
     """PiSSA/OLoRA's step-0 adapter and PEFT's conversion need the whole adapter and base on one process: refused
-    under FSDP and DeepSpeed before anything loads (the recipe-only refusals are in ``config.validate``)."""
+    under FSDP and DeepSpeed before anything loads (the recipe-only refusals are in ``recipe/schema.validate``)."""
     if rewrites_base(recipe) and (engine_name == "fsdp" or engine_name.startswith("zero")):
         raise RecipeError(
             f"init_lora_weights: {recipe.init_lora_weights} under FSDP or DeepSpeed is not supported: "

@@ -284,7 +284,7 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Re
 FIELD_TYPES: dict[str, Any] = get_type_hints(Recipe)
 
 
-AUTO = "auto"  # the value an ``int | str`` field takes instead of a number: resolved at launch (see micro_batch.py)
+AUTO = "auto"  # the value an ``int | str`` field takes instead of a number: resolved at launch (see training/auto_micro_batch.py)
 
 
 def accepts_auto(name: str) -> bool:

@@ -50,7 +50,7 @@ TOKENIZER_FILES = {
     "spiece.model",
     "sentencepiece.bpe.model",
 }
-# TensorBoard's logs, our staging, extra templates, PiSSA/OLoRA's step-0 adapter (initial_adapter.py) and its draft,
+# TensorBoard's logs, our staging, extra templates, PiSSA/OLoRA's step-0 adapter (inits/pissa_olora.py) and its draft,
 # EVA's step-0 state (eva.py)
 RUN_FOLDERS = {"runs", STAGING, "additional_chat_templates", INITIAL_ADAPTER, INITIAL_ADAPTER + ".partial", EVA_STATE}
 IGNORED = {".DS_Store"}
@@ -255,7 +255,7 @@ def save_run(
 
 
 def save_converted_adapter(trainer: Any, recipe: Recipe, directory: Path, checkpoint: str | None = None) -> None:
-    """PiSSA/OLoRA's trained adapter as a plain adapter of the original base (rank 2r, see initial_adapter.py),
+    """PiSSA/OLoRA's trained adapter as a plain adapter of the original base (rank 2r, see inits/pissa_olora.py),
     through PEFT's conversion against ``output_dir/initial_adapter``; ``checkpoint``: that checkpoint's adapter
     (loaded into the model first). One process, whole model: FSDP and DeepSpeed are refused for these inits."""
     model = trainer.accelerator.unwrap_model(trainer.model)
