@@ -37,6 +37,30 @@ ROWS = [
     ("yaml-not-utf8", "plan", lambda t: ["--config", _binary(t)], 2, "not UTF-8 text"),
     ("recipe-missing", "train", lambda t: ["--config", str(t / "nope.yaml")], 2, "recipe not found"),
     ("unknown-key", "train", lambda t: ["--lora_rank", "8"], 2, "did you mean 'lora_r'"),
+    # every float key refuses NaN and infinities, from the flag or the YAML (NaN passes every comparison)
+    ("nan-flag", "train", lambda t: ["--learning_rate", "nan"], 2, "learning_rate: 'nan' is not a finite number"),
+    ("inf-flag", "plan", lambda t: ["--lora_dropout=-inf"], 2, "lora_dropout: '-inf' is not a finite number"),
+    (
+        "inf-yaml",
+        "preview",
+        lambda t: ["--config", _recipe(t, "num_train_epochs: .inf\n")],
+        2,
+        "num_train_epochs: inf is not",
+    ),
+    (
+        "nan-int-yaml",
+        "train",
+        lambda t: ["--config", _recipe(t, "lora_r: .nan\n")],
+        2,
+        "lora_r: cannot read nan as int",
+    ),
+    (
+        "nan-mixture-weight",
+        "train",
+        lambda t: ["--config", _recipe(t, "datasets:\n  - {name: a.jsonl, weight: .nan}\n")],
+        2,
+        "weight must be a number > 0; got nan",
+    ),
     ("typed-accumulation", "train", lambda t: ["--gradient_accumulation_steps", "8"], 2, "derived, never typed"),
     ("flag-without-value", "train", lambda t: ["--learning_rate"], 2, "expected one argument"),
     (

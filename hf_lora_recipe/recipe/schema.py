@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -357,11 +358,17 @@ def _coerce(name: str, value: Any) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise TypeError
-            return float(value)
+            number = float(value)
+            if math.isfinite(number):
+                return number
+            # NaN compares false with every bound, so no later check would catch it
+            raise RecipeError(f"{name}: {value!r} is not a finite number; give a number")
         if base is str:
             if isinstance(value, (dict, list)):
                 raise TypeError
             return str(value)
+    except RecipeError:
+        raise
     except (TypeError, ValueError):
         pass
     auto = f" or {AUTO}" if accepts_auto(name) else ""
@@ -475,7 +482,13 @@ SOURCE_KEYS = ("name", "format", "split", "config", "revision", "weight", "fract
 
 
 def _number(where: str, key: str, value: Any, upper: float | None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (upper and value > upper):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+        or (upper and value > upper)
+    ):
         bound = f"in (0, {upper:g}]" if upper else "> 0"
         raise RecipeError(f"{where}: {key} must be a number {bound}; got {value!r}")
     return float(value)
