@@ -216,3 +216,16 @@ def test_sft_config_keys_pass_through_with_the_same_meaning():
         if key not in ("report_to",):
             assert getattr(config, key) == getattr(recipe, key), key
     assert config.gradient_accumulation_steps == 32 and config.report_to == []
+
+
+def test_every_numeric_key_declares_its_bounds():
+    """A new int or float key cannot forget its range: validate checks each declared one at load."""
+    from hf_lora_recipe.recipe.schema import FIELDS, Bounds, field_type
+
+    numeric = [name for name in FIELDS if field_type(name)[0] in (int, float)]
+    assert len(numeric) >= 20
+    missing = [name for name in numeric if not isinstance(FIELDS[name].metadata.get("bounds"), Bounds)]
+    assert missing == []
+    for name in numeric:  # the seed's own values are inside their bounds
+        default = FIELDS[name].default
+        assert default is None or FIELDS[name].metadata["bounds"].holds(default), name

@@ -37,6 +37,20 @@ ROWS = [
     ("yaml-not-utf8", "plan", lambda t: ["--config", _binary(t)], 2, "not UTF-8 text"),
     ("recipe-missing", "train", lambda t: ["--config", str(t / "nope.yaml")], 2, "recipe not found"),
     ("unknown-key", "train", lambda t: ["--lora_rank", "8"], 2, "did you mean 'lora_r'"),
+    # every numeric key has declared bounds, checked at load: the key, the value and the range in one line
+    ("negative-seed", "train", lambda t: ["--seed", "-1"], 2, "seed must be in [0, 4.29497e+09]; got -1"),
+    ("beta-of-one", "plan", lambda t: ["--adam_beta2", "1.0"], 2, "adam_beta2 must be in [0, 1); got 1.0"),
+    ("zero-logging-steps", "preview", lambda t: ["--logging_steps", "0"], 2, "logging_steps must be positive; got 0"),
+    ("negative-warmup", "train", lambda t: ["--warmup_steps", "-5"], 2, "warmup_steps must be >= 0; got -5.0"),
+    ("zero-learning-rate", "train", lambda t: ["--learning_rate", "0"], 2, "learning_rate must be positive; got 0.0"),
+    (
+        "trains-nothing",
+        "train",
+        lambda t: ["--max_steps", "-1", "--num_train_epochs", "0"],
+        2,
+        "the recipe trains nothing (max_steps -1, num_train_epochs 0)",
+    ),
+    ("zero-max-steps", "train", lambda t: ["--max_steps", "0"], 2, "the recipe trains nothing (max_steps 0"),
     # every float key refuses NaN and infinities, from the flag or the YAML (NaN passes every comparison)
     ("nan-flag", "train", lambda t: ["--learning_rate", "nan"], 2, "learning_rate: 'nan' is not a finite number"),
     ("inf-flag", "plan", lambda t: ["--lora_dropout=-inf"], 2, "lora_dropout: '-inf' is not a finite number"),

@@ -51,12 +51,47 @@ class RecipeError(ValueError):
 GROUPS: list[str] = []  # in the order --help shows them
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric key accepts: from ``low`` to ``high`` (None: unbounded), each end in or out."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or value > self.low or (self.low_inclusive and value == self.low)
+        below = self.high is None or value < self.high or (self.high_inclusive and value == self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            if (self.low, self.low_inclusive) in ((0, False), (1, True)):
+                return "positive"
+            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
+        return (
+            f"in {'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}{']' if self.high_inclusive else ')'}"
+        )
+
+
+POSITIVE = Bounds(0, low_inclusive=False)  # a float > 0
+COUNT = Bounds(1)  # an int >= 1
+NON_NEGATIVE = Bounds(0)
+FRACTION = Bounds(0, 1)  # [0, 1)
+
+
 def _group(title: str) -> Callable[..., Any]:
     """A field factory whose fields carry ``title`` as their --help group."""
     GROUPS.append(title)
 
-    def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:  # noqa: A002 - argparse's name
-        metadata = {"help": help, "group": title, "choices": choices}
+    def knob(
+        default: Any,
+        help: str,  # noqa: A002 - argparse's name
+        choices: tuple[str, ...] | None = None,
+        bounds: Bounds | None = None,
+    ) -> Any:
+        metadata = {"help": help, "group": title, "choices": choices, "bounds": bounds}
         if isinstance(default, list):
             return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
         return dataclasses.field(default=default, metadata=metadata)
@@ -110,9 +145,9 @@ class Recipe:
         "keeps them bf16, which costs less memory and time (docs/speed.md)",
     )
 
-    lora_r: int = lora(16, "adapter rank r: W' = W0 + (alpha/r) B A")
-    lora_alpha: int = lora(32, "scale numerator; 2r (alpha == r under-uses the adapter)")
-    lora_dropout: float = lora(0.05, "dropout on the adapter's input")
+    lora_r: int = lora(16, "adapter rank r: W' = W0 + (alpha/r) B A", bounds=COUNT)
+    lora_alpha: int = lora(32, "scale numerator; 2r (alpha == r under-uses the adapter)", bounds=COUNT)
+    lora_dropout: float = lora(0.05, "dropout on the adapter's input", bounds=FRACTION)
     lora_target_modules: list[str] = lora(
         SEED_TARGET_MODULES,
         "module names to adapt (space- or comma-separated), or all-linear (PEFT: every "
@@ -159,7 +194,9 @@ class Recipe:
     dataset_revision: str | None = data(None, "Hub dataset revision")
     dataset_train_split: str = data("train", "split to train on")
     dataset_test_split: str | None = data(None, "a named held-out split, for eval loss")
-    eval_split_size: float = data(0.0, "or hold out this share (< 1) or count (>= 1) of the training rows")
+    eval_split_size: float = data(
+        0.0, "or hold out this share (< 1) or count (>= 1) of the training rows", bounds=NON_NEGATIVE
+    )
     dataset_format: str = data("alpaca", "row layout; auto picks the one format the columns fit", DATASET_FORMATS)
     on_bad_rows: str = data(
         "error", "a row with a missing/null/empty field stops the run, or is dropped and counted", ("error", "skip")
@@ -174,7 +211,7 @@ class Recipe:
         "too large for the disk; local JSON Lines and parquet row by row): needs max_steps; the first rows are checked "
         "before loading, a resume re-reads the stream up to where the checkpoint stopped",
     )
-    max_length: int = data(512, "tokens per example; longer ones are truncated (the start is kept)")
+    max_length: int = data(512, "tokens per example; longer ones are truncated (the start is kept)", bounds=COUNT)
     chat_template: str = data(
         "llama2",
         "prompt format: llama2 (the seed's <s>[INST] ... [/INST] ... </s>), native (the tokenizer's own chat "
@@ -221,50 +258,64 @@ class Recipe:
     )
 
     global_batch_size: int = batch(
-        128, "examples per optimizer step across all processes; gradient accumulation is derived from it, never typed"
+        128,
+        "examples per optimizer step across all processes; gradient accumulation is derived from it, never typed",
+        bounds=COUNT,
     )
     per_device_train_batch_size: int | str = batch(
         4,
         "micro-batch per process, or auto: the largest that divides the global batch and whose peak, as `plan` "
         "estimates it, fits memory_budget_gb (accumulation re-derived: the math is unchanged)",
+        bounds=COUNT,
     )
     memory_budget_gb: float | None = batch(
         None,
         "memory per process that auto micro-batch may plan for; default 90% of the GPU's free memory "
         "(on a CPU: half the available RAM)",
+        bounds=POSITIVE,
     )
 
-    learning_rate: float = optimisation(3e-4, "peak learning rate")
+    learning_rate: float = optimisation(3e-4, "peak learning rate", bounds=POSITIVE)
     loraplus_lr_ratio: float | None = optimisation(
         None,
         "LoRA+: the B matrices learn at learning_rate x this ratio (PEFT's create_loraplus_optimizer; the "
         "paper suggests 16); null: one learning rate",
+        bounds=POSITIVE,
     )
     lr_scheduler_type: str = optimisation("cosine", "transformers scheduler name; cosine decays to 0 at the last step")
-    warmup_steps: float = optimisation(0.0, "warm-up steps; < 1 is a fraction of the run; the seed has none")
-    num_train_epochs: float = optimisation(3.0, "passes over the training set")
-    max_steps: int = optimisation(-1, "> 0 stops after this many optimizer steps (overrides num_train_epochs)")
+    warmup_steps: float = optimisation(
+        0.0, "warm-up steps; < 1 is a fraction of the run; the seed has none", bounds=NON_NEGATIVE
+    )
+    num_train_epochs: float = optimisation(3.0, "passes over the training set", bounds=NON_NEGATIVE)
+    max_steps: int = optimisation(
+        -1, "> 0 stops after this many optimizer steps (overrides num_train_epochs); -1: none", bounds=Bounds(-1)
+    )
     optim: str = optimisation("adamw_torch", "transformers optimizer name")
-    adam_beta1: float = optimisation(0.9, "AdamW beta1")
-    adam_beta2: float = optimisation(0.999, "AdamW beta2")
-    weight_decay: float = optimisation(0.0, "AdamW weight decay (the adapter starts at B = 0: no decay needed)")
-    max_grad_norm: float = optimisation(1.0, "gradient-norm clip")
+    adam_beta1: float = optimisation(0.9, "AdamW beta1", bounds=FRACTION)
+    adam_beta2: float = optimisation(0.999, "AdamW beta2", bounds=FRACTION)
+    weight_decay: float = optimisation(
+        0.0, "AdamW weight decay (the adapter starts at B = 0: no decay needed)", bounds=NON_NEGATIVE
+    )
+    max_grad_norm: float = optimisation(1.0, "gradient-norm clip (0: none)", bounds=NON_NEGATIVE)
     bf16: bool = optimisation(True, "bf16 weights and autocast (false: fp32)")
     gradient_checkpointing: bool = optimisation(
         True, "recompute activations in backward: ~30% slower, ~10x less activation memory"
     )
-    seed: int = optimisation(42, "seeds data order, dropout and the adapter's A matrices")
+    seed: int = optimisation(
+        42, "seeds data order, dropout and the adapter's A matrices", bounds=Bounds(0, 2**32 - 1, high_inclusive=True)
+    )
 
     output_dir: str = output("outputs/run", "where checkpoints and the final adapter go")
-    logging_steps: int = output(10, "log loss every N optimizer steps")
-    eval_steps: int = output(200, "evaluate every N steps (with a held-out set)")
+    logging_steps: int = output(10, "log loss every N optimizer steps", bounds=COUNT)
+    eval_steps: int = output(200, "evaluate every N steps (with a held-out set)", bounds=COUNT)
     final_eval_examples: int = output(
         100,
         "after training, run `hf-lora-recipe eval` (base vs adapter: loss, stop rate, exact match, ROUGE-L) on "
         "this many held-out examples when a held-out set exists; 0 skips it",
+        bounds=NON_NEGATIVE,
     )
-    save_steps: int = output(200, "checkpoint every N steps")
-    save_total_limit: int = output(2, "checkpoints kept")
+    save_steps: int = output(200, "checkpoint every N steps", bounds=COUNT)
+    save_total_limit: int = output(2, "checkpoints kept", bounds=COUNT)
     resume_from_checkpoint: str | None = output(
         None, "a checkpoint folder, or true (the latest); by default a rerun resumes from the latest by itself"
     )
@@ -629,36 +680,32 @@ def validate(recipe: Recipe) -> None:
                     "false, or use init_lora_weights true or gaussian"
                 )
     for name, spec in FIELDS.items():
-        choices = spec.metadata.get("choices")
+        choices, bounds = spec.metadata.get("choices"), spec.metadata.get("bounds")
         value = lora_init_family(recipe.init_lora_weights) if name == "init_lora_weights" else getattr(recipe, name)
         if choices and value not in choices:
             raise RecipeError(f"{name} must be one of {', '.join(choices)}; got {getattr(recipe, name)!r}")
-    if recipe.eval_split_size < 0 or (recipe.eval_split_size and recipe.dataset_test_split):
+        if bounds and value is not None and value != AUTO and not bounds.holds(value):
+            raise RecipeError(f"{name} must be {bounds}; got {value}")
+    if recipe.max_steps == 0 or (recipe.max_steps < 0 and recipe.num_train_epochs == 0):
+        raise RecipeError(
+            f"the recipe trains nothing (max_steps {recipe.max_steps}, num_train_epochs {recipe.num_train_epochs:g}); "
+            "set num_train_epochs > 0 or max_steps > 0"
+        )
+    if recipe.eval_split_size and recipe.dataset_test_split:
         raise RecipeError("set either eval_split_size (>= 0) or dataset_test_split, not both")
-    for name in ("lora_r", "lora_alpha", "global_batch_size", "per_device_train_batch_size", "max_length"):
-        if getattr(recipe, name) != AUTO and getattr(recipe, name) <= 0:
-            raise RecipeError(f"{name} must be positive; got {getattr(recipe, name)}")
-    if not 0.0 <= recipe.lora_dropout < 1.0:
-        raise RecipeError(f"lora_dropout must be in [0, 1); got {recipe.lora_dropout}")
     if recipe.chat_template not in CHAT_TEMPLATES and not recipe.chat_template.endswith(".jinja"):
         raise RecipeError(
             f"chat_template must be {' or '.join(CHAT_TEMPLATES)} or a path to a .jinja file; "
             f"got {recipe.chat_template!r}"
         )
-    if recipe.final_eval_examples < 0:
-        raise RecipeError(f"final_eval_examples must be >= 0; got {recipe.final_eval_examples}")
     if not recipe.lora_target_modules:
         raise RecipeError("lora_target_modules is empty: LoRA would train nothing")
     if ALL_LINEAR in recipe.lora_target_modules and len(recipe.lora_target_modules) > 1:
         raise RecipeError(f"lora_target_modules: {ALL_LINEAR} already means every linear layer; give it alone")
     if recipe.push_to_hub and not recipe.hub_model_id:
         raise RecipeError("push_to_hub: true needs hub_model_id (e.g. your-name/llama3-8b-alpaca-qlora)")
-    if recipe.learning_rate <= 0:
-        raise RecipeError(f"learning_rate must be positive; got {recipe.learning_rate}")
     if len(recipe.report_to) > 1 and {"none", "all"} & set(recipe.report_to):
         raise RecipeError(f"report_to: none and all stand alone; got {' '.join(recipe.report_to)}")
-    if recipe.loraplus_lr_ratio is not None and recipe.loraplus_lr_ratio <= 0:
-        raise RecipeError(f"loraplus_lr_ratio must be positive (or null); got {recipe.loraplus_lr_ratio}")
     if recipe.loraplus_lr_ratio is not None and recipe.optim not in LORAPLUS_OPTIMIZERS:
         raise RecipeError(
             f"loraplus_lr_ratio works with optim {' or '.join(LORAPLUS_OPTIMIZERS)} (PEFT builds the "
@@ -666,8 +713,6 @@ def validate(recipe: Recipe) -> None:
         )
     if recipe.streaming:
         check_streaming(recipe)
-    if recipe.memory_budget_gb is not None and recipe.memory_budget_gb <= 0:
-        raise RecipeError(f"memory_budget_gb must be positive; got {recipe.memory_budget_gb}")
     # Divisibility for one process is checked here; the launcher's world size is checked again at train time.
     if recipe.per_device_train_batch_size != AUTO:
         gradient_accumulation_steps(recipe, world_size=1)
