@@ -35,8 +35,8 @@ def test_every_command_has_help(name):
 def test_train_help_lists_recipe_keys():
     result = run_cli(CLI, "train", "--help")
     flat = " ".join(result.stdout.split())
-    assert "--lora_r INT adapter rank r" in flat and "(default: 16)" in flat
-    assert "--global_batch_size INT examples per optimizer step" in flat and "(default: 128)" in flat
+    assert "--lora_r INT adapter rank r" in flat and "(default: 16; positive)" in flat
+    assert "--global_batch_size INT examples per optimizer step" in flat and "(default: 128; positive)" in flat
 
 
 def test_unknown_command_suggests_the_nearest():

@@ -197,7 +197,7 @@ def test_help_is_grouped_and_documented():
         assert f"recipe keys: {title}:" in text
     assert all(spec.metadata["help"] for spec in FIELDS.values())
     flat = " ".join(text.split())
-    assert "--lora_alpha INT scale numerator; 2r (alpha == r under-uses the adapter) (default: 32)" in flat
+    assert "--lora_alpha INT scale numerator; 2r (alpha == r under-uses the adapter) (default: 32; positive)" in flat
     assert "(default: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)" in flat
 
 

@@ -38,7 +38,7 @@ ROWS = [
     ("recipe-missing", "train", lambda t: ["--config", str(t / "nope.yaml")], 2, "recipe not found"),
     ("unknown-key", "train", lambda t: ["--lora_rank", "8"], 2, "did you mean 'lora_r'"),
     # every numeric key has declared bounds, checked at load: the key, the value and the range in one line
-    ("negative-seed", "train", lambda t: ["--seed", "-1"], 2, "seed must be in [0, 4.29497e+09]; got -1"),
+    ("negative-seed", "train", lambda t: ["--seed", "-1"], 2, "seed must be in [0, 4294967295]; got -1"),
     ("beta-of-one", "plan", lambda t: ["--adam_beta2", "1.0"], 2, "adam_beta2 must be in [0, 1); got 1.0"),
     ("zero-logging-steps", "preview", lambda t: ["--logging_steps", "0"], 2, "logging_steps must be positive; got 0"),
     ("negative-warmup", "train", lambda t: ["--warmup_steps", "-5"], 2, "warmup_steps must be >= 0; got -5.0"),

@@ -115,7 +115,10 @@ class RecipeParser(CommandParser):
             base, _ = field_type(name)
             choices = spec.metadata.get("choices")
             # argparse %-formats help strings
-            help_text = f"{spec.metadata['help']} (default: {_shown(getattr(defaults, name))})".replace("%", "%%")
+            bounds = f"; {spec.metadata['bounds']}" if spec.metadata.get("bounds") else ""
+            help_text = f"{spec.metadata['help']} (default: {_shown(getattr(defaults, name))}{bounds})".replace(
+                "%", "%%"
+            )
             # SUPPRESS: only flags actually given become overrides, so the YAML's values survive
             options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": name}
             if base is bool:

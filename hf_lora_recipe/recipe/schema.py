@@ -69,10 +69,13 @@ class Bounds:
         if self.high is None:
             if (self.low, self.low_inclusive) in ((0, False), (1, True)):
                 return "positive"
-            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
-        return (
-            f"in {'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}{']' if self.high_inclusive else ')'}"
-        )
+            return f"{'>=' if self.low_inclusive else '>'} {_number_text(self.low)}"
+        low, high = _number_text(self.low), _number_text(self.high)
+        return f"in {'[' if self.low_inclusive else '('}{low}, {high}{']' if self.high_inclusive else ')'}"
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 POSITIVE = Bounds(0, low_inclusive=False)  # a float > 0
