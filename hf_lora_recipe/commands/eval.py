@@ -41,21 +41,16 @@ from hf_lora_recipe.evaluation.scoring import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_EXAMPLES,
-    build_report,
     check_adapter_dir,
-    check_effect,
     check_model_dir,
     choose_data,
     evaluate_adapter,
-    examples_for,
+    evaluate_merged,
     format_table,
-    load_base,
     load_eval_tokenizer,
     load_examples,
-    load_merged,
     record_in_card,
     run_recipe,
-    score_model,
 )
 from hf_lora_recipe.recipe.cli_args import CommandParser, command
 from hf_lora_recipe.recipe.schema import RecipeError
@@ -140,17 +135,7 @@ def main(argv: list[str]) -> int:
             data.recipe, adapter_dir, dataset, tokenizer=tokenizer, merged_dir=model_dir, write_card=False, **options
         )
     else:
-        examples = examples_for(recipe, tokenizer, dataset, args.num_examples)
-        scoring = {
-            "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size,
-            "seed": recipe.seed,
-            "bf16": recipe.bf16,
-        }
-        scores = {"base": score_model(load_base(recipe), tokenizer, examples, label="base", **scoring)}
-        scores["merged"] = score_model(load_merged(model_dir), tokenizer, examples, label="merged", **scoring)
-        check_effect(scores)
-        report = build_report(scores, options["dataset"], options["split"], args.max_new_tokens)
+        report = evaluate_merged(recipe, model_dir, dataset, tokenizer, **options)
 
     # --- Report
     table = format_table(report)

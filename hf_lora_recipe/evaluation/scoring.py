@@ -498,6 +498,28 @@ def evaluate_adapter(
     return report
 
 
+def evaluate_merged(
+    recipe: Recipe,
+    model_dir: str | Path,
+    data: Any,
+    tokenizer: Any,
+    *,
+    num_examples: int = DEFAULT_NUM_EXAMPLES,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dataset: str,
+    split: str,
+) -> dict[str, Any]:
+    """Base vs a merged model (no adapter folder) on the first ``num_examples`` of ``data``; returns the report.
+    Raises :class:`RecipeError` when the merged model scores exactly as its base."""
+    examples = examples_for(recipe, tokenizer, data, num_examples)
+    options = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": recipe.seed, "bf16": recipe.bf16}
+    scores = {"base": score_model(load_base(recipe), tokenizer, examples, label="base", **options)}
+    scores["merged"] = score_model(load_merged(model_dir), tokenizer, examples, label="merged", **options)
+    check_effect(scores)
+    return build_report(scores, dataset, split, max_new_tokens)
+
+
 def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any, model: Any, tokenizer: Any) -> None:
     """``train``'s last step: the saved adapter against its base on ``final_eval_examples`` held-out examples,
     printed and written into the card. The main process only; the others are done. The trained model is
