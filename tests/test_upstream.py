@@ -81,7 +81,7 @@ def test_transformers_attention_implementation_is_what_from_pretrained_resolved(
         )
 
 
-def test_transformers_trainer_save_checkpoint_hook_and_output_dir(tmp_path):
+def test_transformers_trainer_save_checkpoint_hook_and_output_dir():
     import inspect
 
     from transformers import Trainer

@@ -65,13 +65,13 @@ def compile_decoder_layers(model: Any) -> int:
     """
     import torch
 
-    for index, layer in enumerate(decoder_layers(model)):
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
         compiled = torch.compile(
             torch_upstream.module_call(layer), dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS
         )
-        layer_call = CountedCall(index, compiled)
-        torch_upstream.set_compiled_call(layer, layer_call)
-    return len(decoder_layers(model))
+        torch_upstream.set_compiled_call(layer, CountedCall(index, compiled))
+    return len(layers)
 
 
 class CountedCall:
