@@ -195,7 +195,16 @@ def test_plan_counts_doras_magnitudes_and_traces_every_variant_key(tiny_base):
 )
 def test_variant_keys_that_cannot_work_are_refused_with_the_reason(values, match):
     with pytest.raises(RecipeError, match=match):
-        load_recipe_dict(values)
+        _loaded(values)
+
+
+def _loaded(values):
+    """A recipe as the train, plan and preview parsers load it: the schema, then the init's own check."""
+    from hf_lora_recipe import inits
+
+    recipe = load_recipe_dict(values)
+    inits.check_recipe(recipe)
+    return recipe
 
 
 # ------------------------------------------------------------------ PiSSA / OLoRA: base rewritten, saved converted
@@ -253,7 +262,8 @@ def test_an_unconverted_adapter_is_never_published(tiny_base, tmp_path, init):
 
 @pytest.mark.parametrize("init", BASE_REWRITING)
 def test_a_base_rewriting_init_that_did_not_apply_or_conserve_stops_the_run(tiny_base, init):
-    from hf_lora_recipe.inits.adapter import add_adapter, check_variants, record_base
+    from hf_lora_recipe.inits.adapter import add_adapter, check_variants
+    from hf_lora_recipe.inits.pissa_olora import record_base
     from hf_lora_recipe.model.loading import load_base_model
 
     asked = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
@@ -296,9 +306,9 @@ def test_a_base_rewriting_init_that_did_not_apply_or_conserve_stops_the_run(tiny
     ],
 )
 def test_what_the_conversion_does_not_carry_is_refused_at_recipe_load(values, match):
-    load_recipe_dict({"load_in_4bit": False, "init_lora_weights": "pissa"})
+    _loaded({"load_in_4bit": False, "init_lora_weights": "pissa"})
     with pytest.raises(RecipeError, match=match):
-        load_recipe_dict({"load_in_4bit": False, "init_lora_weights": "pissa", **values})
+        _loaded({"load_in_4bit": False, "init_lora_weights": "pissa", **values})
 
 
 @pytest.mark.parametrize("engine", [("fsdp", 2), ("zero2",), ("zero3",)])
@@ -492,8 +502,8 @@ EVA_RANKS = [0, 32] + [16] * 12
 
 def test_eva_is_proven_on_every_layer_and_what_eva_did_not_set_stops_the_run(tiny_base, tmp_path):
     from hf_lora_recipe.inits.adapter import add_adapter, check_variants
-    from hf_lora_recipe.inits.eva import apply_state
     from hf_lora_recipe.inits.eva_data_pass import rank_line
+    from hf_lora_recipe.inits.eva_state import apply_state
     from hf_lora_recipe.model.loading import load_base_model
     from hf_lora_recipe.training.checkpoints import check_saved_adapter
 
@@ -558,8 +568,8 @@ def test_eva_on_an_nf4_base_and_a_pass_that_does_not_converge(tiny_base, monkeyp
     convergence, the run stops naming a layer, with PEFT's hooks removed."""
     from peft.tuners.lora.eva import _Hook
 
-    from hf_lora_recipe.inits import eva
     from hf_lora_recipe.inits import eva_data_pass as eva_pass
+    from hf_lora_recipe.inits import eva_state as eva
     from hf_lora_recipe.inits.adapter import check_variants, finish_adapter
 
     model, recipe = _eva_model(tiny_base, load_in_4bit=True, bf16=True, lora_r=2)
@@ -654,10 +664,10 @@ def test_training_with_eva_saves_its_ranks_and_resumes_on_them(
 
 @pytest.mark.parametrize("key", ["use_dora", "use_rslora", "train_template_tokens", "streaming"])
 def test_eva_with_what_it_was_not_verified_with_is_refused(key):
-    load_recipe_dict({"init_lora_weights": "eva"})  # on the seed's NF4 base: allowed
+    _loaded({"init_lora_weights": "eva"})  # on the seed's NF4 base: allowed
     values = {"init_lora_weights": "eva", key: True, **({"max_steps": 10} if key == "streaming" else {})}
     with pytest.raises(RecipeError, match=f"^init_lora_weights: eva with {key}: true is not supported: "):
-        load_recipe_dict(values)
+        _loaded(values)
 
 
 @pytest.mark.parametrize("engine", [("fsdp", 2), ("zero2",), ("zero3",)])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+from hf_lora_recipe import inits
 from hf_lora_recipe.planning.estimates import (
     GPUS,
 )
@@ -26,6 +27,7 @@ PARSER = RecipeParser(
     __doc__,
     usage="hf-lora-recipe plan [--config RECIPE.yaml] [--key value ...] "
     "[--model_config PATH_OR_REPO] [--gpu NAME] [--gpu_memory_gb G] [--num_gpus N] [--mfu F] [--json]",
+    plugins=(inits.RECIPE_KEY,),
 )
 PARSER.add_argument("--model_config", help="config.json, a folder with one, or a Hub id (default: the recipe's model)")
 PARSER.add_argument(

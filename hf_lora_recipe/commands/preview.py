@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
+from hf_lora_recipe import inits
 from hf_lora_recipe.recipe.cli_args import RecipeParser, command
 from hf_lora_recipe.recipe.schema import RecipeError
 
@@ -23,6 +24,7 @@ PARSER = RecipeParser(
     "preview",
     __doc__,
     usage="hf-lora-recipe preview [--config RECIPE.yaml] [--key value ...] [--num_examples K] [--json]",
+    plugins=(inits.RECIPE_KEY,),
 )
 PARSER.add_argument("--num_examples", type=int, default=3, help="examples to show (default: 3)")
 PARSER.add_argument(

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import sys
 
-from hf_lora_recipe import log
+from hf_lora_recipe import inits, log
 from hf_lora_recipe.pipeline.train_run import TrainingStopped, run
 from hf_lora_recipe.recipe.cli_args import RecipeParser, command
 
 
 PARSER = RecipeParser(
-    "train", __doc__, epilog="Precedence: the seed defaults shown < the --config YAML < flags given here."
+    "train",
+    __doc__,
+    epilog="Precedence: the seed defaults shown < the --config YAML < flags given here.",
+    plugins=(inits.RECIPE_KEY,),
 )
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hf_lora_recipe import inits
 from hf_lora_recipe.recipe.cli_args import RecipeParser, command
 
 
@@ -114,7 +115,9 @@ def label_of(reply: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-PARSER = RecipeParser("demo", __doc__, usage="python -m hf_lora_recipe.devtools.demo [--key value ...]")
+PARSER = RecipeParser(
+    "demo", __doc__, usage="python -m hf_lora_recipe.devtools.demo [--key value ...]", plugins=(inits.RECIPE_KEY,)
+)
 
 
 @command

@@ -27,215 +27,97 @@ checkpoint only loads into exactly its own shapes. ``push`` never uploads a sub-
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from hf_lora_recipe.files import write_atomically
+from hf_lora_recipe.inits.base import LoraInit
+from hf_lora_recipe.inits.eva_data_pass import initialize_eva
+from hf_lora_recipe.inits.eva_state import EVA_STATE, check_eva, saved_rank_range, saved_ranks
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError
 
 
-# A folder in output_dir, like initial_adapter/: push uploads no folder, and a file of ours at the top would mark the
-# folder as holding a finished run's files (shipping/output_dir.foreign_entries)
-EVA_STATE = "eva_state"
-STATE_FILE = "eva_state.safetensors"
-# |A A^T - I|: measured 3e-7 in fp32. Rounding unit rows to bf16 (the adapter's dtype on a 4-bit base) moves each
-# entry of A A^T by at most 2 x 2^-9 ~ 4e-3 whatever the width (measured 1.2e-3). A Kaiming or Gaussian A (EVA not
-# applied) is off by 0.6 or more.
-ORTHONORMAL_TOLERANCE = 1e-4
-ORTHONORMAL_TOLERANCE_HALF = 1e-2
+# What EVA was not verified with, and why: refused at recipe load
+NOT_WITH = {
+    "use_dora": "DoRA's magnitudes are set from W + s B A before EVA replaces A and the ranks, which is not verified",
+    "use_rslora": "PEFT scales each layer's alpha by its new rank / r, which keeps alpha/r, not rsLoRA's alpha/sqrt(r)",
+    "train_template_tokens": "PEFT's EVA pass hooks the trained token rows (embedding, LM head) as if they were LoRA "
+    "layers and fails on their inputs",
+    "streaming": "the EVA pass would read the stream's first batches an extra time before training (and count them "
+    "in the stream's tally)",
+}
 
 
-def uses_eva(recipe: Recipe) -> bool:
-    return recipe.init_lora_weights == "eva"
+class Eva(LoraInit):
+    names: ClassVar[tuple[str, ...]] = ("eva",)
+    summary = (
+        "A from the top principal components of each layer's inputs on the training data (a bounded pass before "
+        "step 1), ranks redistributed across layers (total r x modules, at most 2r each)"
+    )
+    folders: ClassVar[tuple[str, ...]] = (EVA_STATE,)
+    final_after_trainer: ClassVar[bool] = True  # A and the ranks come from the trainer's own batches
+
+    def validate(self, recipe: Recipe) -> None:
+        for key, reason in NOT_WITH.items():
+            if getattr(recipe, key):
+                raise RecipeError(
+                    f"init_lora_weights: eva with {key}: true is not supported: {reason}; set {key} false, or use "
+                    "init_lora_weights true or gaussian"
+                )
+
+    def check_engine(self, recipe: Recipe, engine_name: str) -> None:
+        if engine_name == "fsdp" or engine_name.startswith("zero"):
+            raise RecipeError(
+                "init_lora_weights: eva under FSDP or DeepSpeed is not supported: its data pass hooks every "
+                "adapted layer's whole input and replaces whole A matrices (with new shapes) before the "
+                "engine wraps the model, which sharded weights do not allow; launch on one GPU or with DDP "
+                "(accelerate_configs/multi_gpu.yaml), or use init_lora_weights true or gaussian"
+            )
+
+    def targets_match(self, saved: list[str], wanted: list[str]) -> bool:
+        # EVA saves the modules it kept (full names, or the shortest endings that tell them apart): each one of ours
+        return all(any(target == name or target.endswith("." + name) for name in wanted) for target in saved)
+
+    def peft_kwargs(self, recipe: Recipe) -> dict[str, Any]:
+        return {"init_lora_weights": "eva", "eva_config": eva_config()}
+
+    def verify(self, model: Any, recipe: Recipe, layers: list[tuple[str, Any]], before: Any) -> None:
+        from hf_lora_recipe.model.loading import check_targets
+
+        super().verify(model, recipe, layers, before)  # B = 0
+        check_eva(model, recipe, layers, sum(len(names) for names in check_targets(recipe).values()))
+
+    def after_trainer(self, trainer: Any, recipe: Recipe, checkpoint: str | None) -> None:
+        initialize_eva(trainer, recipe, checkpoint)
+
+    def check_saved(self, directory: Path, recipe: Recipe) -> dict[str, int]:
+        return saved_ranks(directory)  # each layer's own rank, from its rank_pattern
+
+    def card_line(self, recipe: dict[str, Any], output_dir: str) -> str | None:
+        # the ranks EVA gave the layers: from the step-0 state the run keeps beside its checkpoints
+        found = saved_rank_range(output_dir)
+        ranks = f"ranks {found[0]}-{found[1]} per layer, total {found[2]}" if found else "ranks per layer"
+        return (
+            f"EVA init (A from the training data's principal input directions; {ranks}, see rank_pattern in "
+            "adapter_config.json)"
+        )
+
+    def plan_notes(self, recipe: Recipe) -> list[tuple[str, str]]:
+        return [
+            (
+                "init_lora_weights eva: the per-layer ranks come from a pass over the training data before step 1 "
+                f"(total r x modules, at most {2 * recipe.lora_r} per layer): the trainable parameters above "
+                "assume r everywhere",
+                "train logs the ranks EVA chose and the resulting trainable count",
+            )
+        ]
 
 
-def eva_config(recipe: Recipe) -> Any | None:
+def eva_config() -> Any:
     """PEFT's ``EvaConfig`` (its defaults: rho 2, tau 0.99, label mask, no whitening, alpha scaled with the rank)."""
-    if not uses_eva(recipe):
-        return None
     from peft import EvaConfig
 
     # PEFT advises building A and B on the meta device until the data pass fills them (low_cpu_mem_usage); they are
     # built as usual here (r x (in + out) numbers per layer), so the trainer exists, and batches, before the pass
     warnings.filterwarnings("ignore", message="lora with eva initialization used with low_cpu_mem_usage=False")
     return EvaConfig()
-
-
-def check_eva_possible(recipe: Recipe, engine_name: str) -> None:
-    """EVA's hooks see whole layer inputs and whole A matrices: refused under FSDP and DeepSpeed before anything
-    loads (the recipe-only refusals are in ``recipe/schema.validate``)."""
-    if uses_eva(recipe) and (engine_name == "fsdp" or engine_name.startswith("zero")):
-        raise RecipeError(
-            "init_lora_weights: eva under FSDP or DeepSpeed is not supported: its data pass hooks every "
-            "adapted layer's whole input and replaces whole A matrices (with new shapes) before the "
-            "engine wraps the model, which sharded weights do not allow; launch on one GPU or with DDP "
-            "(accelerate_configs/multi_gpu.yaml), or use init_lora_weights true or gaussian"
-        )
-
-
-def eva_state_path(recipe: Recipe) -> Path:
-    return Path(recipe.output_dir) / EVA_STATE / STATE_FILE
-
-
-# ---------------------------------------------------------------------------------------------- applying a state
-
-
-def apply_state(model: Any, state: dict[str, Any]) -> None:
-    """PEFT's ``initialize_lora_eva_weights`` from a state: A set, ranks (and alpha) per layer, rank-0 layers
-    unwrapped, rank_pattern/alpha_pattern written into the adapter config."""
-    from peft import initialize_lora_eva_weights
-
-    initialize_lora_eva_weights(model, eva_state_dict=dict(state))  # PEFT empties the dict it is given
-
-
-# ---------------------------------------------------------------------------------------------- proof
-
-
-def check_eva(model: Any, recipe: Recipe, layers: list[tuple[str, Any]], modules: int) -> None:
-    """EVA set every adapted layer (``check_variants`` already saw B = 0 and alpha/r): the config says eva, each
-    layer's rank is its rank_pattern entry and at most rho x r, the ranks sum to the budget r x modules, and A's
-    rows are orthonormal (the top components of an SVD; a random A is far from it)."""
-    import torch
-
-    config = model.peft_config[model.active_adapter]
-    if config.init_lora_weights != "eva" or config.eva_config is None:
-        raise RuntimeError(
-            f"init_lora_weights eva: the adapter was built with init_lora_weights "
-            f"{config.init_lora_weights}, so EVA did not set it"
-        )
-    most = round(config.eva_config.rho * config.r)
-    total = 0
-    for name, layer in layers:
-        key = name.replace("base_model.model.", "", 1)
-        for adapter in layer.lora_A:
-            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-            rank = config.rank_pattern.get(key, config.r)
-            if a.shape[0] != rank or b.shape[1] != rank or rank > most:
-                raise RuntimeError(
-                    f"{name}: EVA rank {rank} in rank_pattern (at most {most}), but A is "
-                    f"{tuple(a.shape)} and B {tuple(b.shape)}: the adapter is not the one EVA decided"
-                )
-            with torch.no_grad():
-                gram = a.float() @ a.float().T
-                error = (gram - torch.eye(rank, device=gram.device)).abs().max().item()
-            tolerance = ORTHONORMAL_TOLERANCE if a.dtype == torch.float32 else ORTHONORMAL_TOLERANCE_HALF
-            if error > tolerance:
-                raise RuntimeError(
-                    f"{name}: lora_A's rows are not orthonormal (|A A^T - I| {error:.2g}, tolerance "
-                    f"{tolerance:g}): EVA did not set A to the layer's input components"
-                )
-            total += rank
-    budget = config.r * modules
-    if total != budget:
-        raise RuntimeError(
-            f"init_lora_weights eva: the layers' ranks sum to {total}, not EVA's budget r {config.r} "
-            f"x {budget // config.r} modules = {budget}"
-        )
-
-
-def ranks(model: Any) -> dict[str, int]:
-    """Each adapted layer's rank, by its name in the base (layers EVA gave rank 0 are gone)."""
-    from peft.tuners.lora import LoraLayer
-
-    return {
-        name.replace("base_model.model.", "", 1): next(iter(layer.lora_A.values())).weight.shape[0]
-        for name, layer in model.named_modules()
-        if isinstance(layer, LoraLayer)
-    }
-
-
-def check_same_on_every_process(model: Any) -> None:
-    """Under DDP every process ran the pass on the same gathered inputs, so the ranks agree; DDP copies rank 0's
-    weights at wrap time, but only into identical shapes."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    mine = sorted(ranks(model).items())
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    if any(other != mine for other in everyone):
-        differing = next(i for i, other in enumerate(everyone) if other != mine)
-        raise RuntimeError(
-            f"EVA chose other ranks on process {differing} than on process {dist.get_rank()}: the "
-            "processes would train differently shaped adapters"
-        )
-
-
-# ---------------------------------------------------------------------------------------------- saved state
-
-
-def save_state(state: dict[str, Any], recipe: Recipe) -> Path:
-    """``output_dir/eva_state/eva_state.safetensors``, replacing an earlier start's whole."""
-    from safetensors.torch import save_file
-
-    target = eva_state_path(recipe)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "lora_r": str(recipe.lora_r)}
-    return write_atomically(
-        target,
-        lambda partial: save_file(state, str(partial), metadata=metadata),
-        partial=target.with_name(STATE_FILE + ".partial"),
-    )
-
-
-def load_state(recipe: Recipe) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    path = eva_state_path(recipe)
-    if not path.is_file():
-        raise RecipeError(
-            f"{path} is missing, so the ranks EVA gave the checkpoint's adapter are unknown: pass "
-            "--overwrite_output_dir true to train again from scratch"
-        )
-    return load_file(str(path))
-
-
-def check_checkpoint_shapes(model: Any, checkpoint: str, recipe: Recipe) -> None:
-    """The checkpoint's adapter has the shapes the saved EVA state gave this model (else it would not load)."""
-    from peft import get_peft_model_state_dict
-    from safetensors import safe_open
-
-    path = Path(checkpoint) / "adapter_model.safetensors"
-    if not path.is_file():
-        return  # nothing to compare (the trainer's own loading reports it)
-    expected = {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
-    with safe_open(str(path), framework="pt") as saved:
-        found = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
-    for name in sorted(set(expected) | set(found)):
-        if expected.get(name) != found.get(name):
-            raise RecipeError(
-                f"{path}: {name} is {found.get(name)}, but {eva_state_path(recipe)} gives this run "
-                f"{expected.get(name)}: the checkpoint was not trained with that EVA state; pass "
-                "--overwrite_output_dir true to train again from scratch"
-            )
-
-
-def saved_rank_range(output_dir: str | os.PathLike) -> tuple[int, int, int] | None:
-    """(min, max, total) of the non-zero ranks in a run's saved EVA state; None when it is not there."""
-    path = Path(output_dir) / EVA_STATE / STATE_FILE
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as saved:
-        values = [saved.get_slice(name).get_shape()[0] for name in saved.keys()]
-    values = [value for value in values if value] or [0]
-    return min(values), max(values), sum(values)
-
-
-def saved_ranks(directory: Path) -> dict[str, int]:
-    """A saved EVA adapter's ranks that differ from r (its rank_pattern, by layer name in the base); an adapter
-    config that no longer says eva, or lost the pattern, would load with the wrong shapes."""
-    import json
-
-    config = json.loads((Path(directory) / "adapter_config.json").read_text())
-    pattern = config.get("rank_pattern")
-    if config.get("init_lora_weights") != "eva" or not isinstance(pattern, dict):
-        raise RuntimeError(
-            f"{directory}/adapter_config.json: init_lora_weights {config.get('init_lora_weights')}, "
-            f"rank_pattern {pattern!r}: not the EVA adapter this run trained (its ranks would be lost)"
-        )
-    return pattern

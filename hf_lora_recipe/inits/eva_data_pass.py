@@ -1,6 +1,7 @@
 """EVA's data pass (``init_lora_weights: eva``), the step ``train`` runs once the trainer exists: see
-:mod:`hf_lora_recipe.inits.eva` for the method, what is proven and what is saved. Apart from it because it drives the
-model-building steps (``modeling``), which themselves only need EVA's configuration and proof."""
+:mod:`hf_lora_recipe.inits.eva` for the method, what is proven and what is saved. It drives the adapter's steps
+(``inits/adapter.py``), which themselves run EVA's proof: apart from the init's class, so neither imports the other
+in a cycle."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from hf_lora_recipe import log
-from hf_lora_recipe.inits.eva import (
+from hf_lora_recipe.inits.eva_state import (
     apply_state,
     check_checkpoint_shapes,
     check_same_on_every_process,
@@ -19,7 +20,6 @@ from hf_lora_recipe.inits.eva import (
     load_state,
     ranks,
     save_state,
-    uses_eva,
 )
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError
 
@@ -32,10 +32,8 @@ MAX_BATCHES = 200
 
 
 def initialize_eva(trainer: Any, recipe: Recipe, checkpoint: str | None) -> None:
-    """EVA only: set A and the ranks from the training data (a fresh start, saving them) or from
-    ``eva_state/`` (a resumed run, checked against ``checkpoint``'s shapes), then prove the result."""
-    if not uses_eva(recipe):
-        return
+    """Set A and the ranks from the training data (a fresh start, saving them) or from ``eva_state/`` (a resumed
+    run, checked against ``checkpoint``'s shapes), then prove the result."""
     from hf_lora_recipe.inits.adapter import check_variants, finish_adapter
     from hf_lora_recipe.model.loading import count_parameters, trainable_line
 

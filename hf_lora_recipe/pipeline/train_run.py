@@ -55,6 +55,7 @@ def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
     world_size = log.world_size()
     engine = current_engine()
     check_engine(recipe, engine)
+    inits.check_recipe(recipe)  # run() is called with recipes the parser did not build, too
     inits.check_engine(recipe, engine.name)
     recipe, micro_batch = resolve_micro_batch(recipe, world_size)
     if micro_batch:
@@ -166,9 +167,6 @@ def run(recipe: Recipe) -> Path:
     from hf_lora_recipe.distributed.engines import let_fsdp_run_on_cpu
     from hf_lora_recipe.distributed.rank_memory import HoldingsReport
     from hf_lora_recipe.inits.adapter import add_adapter, check_variants
-    from hf_lora_recipe.inits.eva import uses_eva
-    from hf_lora_recipe.inits.eva_data_pass import initialize_eva
-    from hf_lora_recipe.inits.pissa_olora import keep_initial_adapter, rewrites_base
     from hf_lora_recipe.model.loading import count_parameters, load_base_model, trainable_line
     from hf_lora_recipe.planning.estimates import GIB
     from hf_lora_recipe.shipping.output_dir import push_run, save_run
@@ -202,11 +200,12 @@ def run(recipe: Recipe) -> Path:
 
     # --- Base and adapter (seeded first: LoRA's A matrices are drawn at random)
     set_seed(recipe.seed)
-    model = add_adapter(load_base_model(recipe), recipe, template_tokens)
-    if not uses_eva(recipe):  # EVA's A and ranks come from the training data: checked once the trainer batches it
-        check_variants(model, recipe)  # rsLoRA / DoRA / B = 0 (PiSSA/OLoRA: W_res + s B0 A0 = W) are what PEFT built
+    init = inits.init_for(recipe)
+    model = add_adapter(load_base_model(recipe), recipe, template_tokens, data=train_dataset)
+    if not init.final_after_trainer:  # else its proof runs once after_trainer has finished the adapter
+        check_variants(model, recipe)  # rsLoRA / DoRA / the init's own step-0 proof: what PEFT built
         log.info(trainable_line(*count_parameters(model)))
-    keep_initial_adapter(model, recipe, resumed=start.checkpoint is not None)  # PiSSA/OLoRA's A0, B0, for the save
+    init.keep(model, recipe, resumed=start.checkpoint is not None)
 
     # --- Trainer, resuming from the checkpoint chosen above (a fresh start clears old checkpoints only now)
     if start.checkpoint is None:
@@ -225,7 +224,7 @@ def run(recipe: Recipe) -> Path:
     trainer = build_trainer(
         recipe, model, tokenizer, train_dataset, eval_dataset, launch.accumulation, callbacks, flops
     )
-    initialize_eva(trainer, recipe, start.checkpoint)  # EVA: A, ranks from its batches (resumed: the saved ones)
+    init.after_trainer(trainer, recipe, start.checkpoint)
 
     # --- Train (Trainer would take one step past max_steps when resumed at it: a run that trained to the end
     # but never wrote its adapter only writes it)
@@ -269,10 +268,9 @@ def run(recipe: Recipe) -> Path:
     # --- Base vs adapter on final_eval_examples held-out examples, into the card (main process only)
     from hf_lora_recipe.evaluation.scoring import evaluate_after_training
 
-    # PiSSA/OLoRA: the trained model's base is the residual; the saved (converted) adapter on the original base
-    # is what users load, so that is what is scored
+    # what users load is scored: the trained model, or (an init saved otherwise than trained) the saved adapter
     evaluate_after_training(
-        recipe, output_dir, eval_dataset, None if rewrites_base(recipe) else trainer.model, tokenizer
+        recipe, output_dir, eval_dataset, trainer.model if init.scores_trained_model else None, tokenizer
     )
     push_run(recipe, output_dir)
     return output_dir

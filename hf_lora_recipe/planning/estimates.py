@@ -106,7 +106,7 @@ def measure_shape(config: Any, recipe: Recipe) -> Shape:
     if unmatched:
         return shape
     with init_empty_weights():
-        peft_model = get_peft_model(model, lora_config(recipe))
+        peft_model = get_peft_model(model, lora_config(recipe, initialised=False))
     for name, param in peft_model.named_parameters():
         if param.requires_grad:
             module_type = name.split(".lora_")[0].rsplit(".", 1)[-1]

@@ -10,8 +10,8 @@ from typing import Any
 
 from hf_lora_recipe.data.mixture import source_recipes
 from hf_lora_recipe.distributed.engines import adapter_bytes_per_parameter
-from hf_lora_recipe.inits.adapter import peft_init_lora_weights
-from hf_lora_recipe.inits.pissa_olora import rewrites_base
+from hf_lora_recipe.inits import init_for
+from hf_lora_recipe.inits.base import peft_init_lora_weights
 from hf_lora_recipe.planning.estimates import (
     GIB,
     GPUS,
@@ -152,16 +152,7 @@ def lints(
                     "machine; train_template_tokens: true trains them whatever they hold",
                 )
             )
-    if recipe.init_lora_weights == "eva":
-        found.append(
-            Lint(
-                "note",
-                "init_lora_weights eva: the per-layer ranks come from a pass over the training data "
-                f"before step 1 (total r x modules, at most {2 * recipe.lora_r} per layer): the trainable "
-                "parameters above assume r everywhere",
-                "train logs the ranks EVA chose and the resulting trainable count",
-            )
-        )
+    found += [Lint("note", problem, fix) for problem, fix in init_for(recipe).plan_notes(recipe)]
     if shape.unmatched_targets:
         found.append(
             Lint(
@@ -291,10 +282,8 @@ def make_plan(
         "trainable_share_of_base": shape.trainable / max(base_parameters, 1),
         "by_module": shape.lora_by_module,
     }
-    # saved in the dtype it trains in; PiSSA/OLoRA are saved converted, [B | -B0] [A ; A0]: twice the rank
-    plan["adapter_file_bytes"] = (
-        adapter_bytes_per_parameter(recipe) * shape.trainable * (2 if rewrites_base(recipe) else 1)
-    )
+    # saved in the dtype it trains in, at the rank its init saves (PiSSA/OLoRA converted: [B | -B0] [A ; A0], 2r)
+    plan["adapter_file_bytes"] = adapter_bytes_per_parameter(recipe) * shape.trainable * init_for(recipe).rank_factor
     strategies = ["ddp"] + (["fsdp", "zero3"] if num_gpus > 1 else [])
     limit = memory_gib * GIB
     if recipe.per_device_train_batch_size == AUTO:

@@ -21,6 +21,7 @@ from hf_lora_recipe.recipe.schema import (
     DERIVED_KEYS,
     FIELDS,
     GROUPS,
+    KeyPlugins,
     Recipe,
     RecipeError,
     field_type,
@@ -99,11 +100,21 @@ def _shown(value: Any) -> str:
 
 
 class RecipeParser(CommandParser):
-    """``--config`` plus one flag per :class:`Recipe` field, grouped and documented as the dataclass is."""
+    """``--config`` plus one flag per :class:`Recipe` field, grouped and documented as the dataclass is;
+    ``plugins``: the keys whose values a later stage defines (their names in --help, their check at parse)."""
 
-    def __init__(self, command: str, description: str, epilog: str | None = None, usage: str | None = None):
+    def __init__(
+        self,
+        command: str,
+        description: str,
+        epilog: str | None = None,
+        usage: str | None = None,
+        plugins: tuple[KeyPlugins, ...] = (),
+    ):
         usage = usage or f"hf-lora-recipe {command} [--config RECIPE.yaml] [--key value ...]"
         super().__init__(command, description, epilog, usage)
+        self.plugins = plugins
+        plugin_names = {plugin.key: plugin.names() for plugin in plugins}
         self.add_argument(
             "--config",
             metavar="RECIPE.yaml",
@@ -113,7 +124,7 @@ class RecipeParser(CommandParser):
         groups = {title: self.add_argument_group(f"recipe keys: {title}") for title in GROUPS}
         for name, spec in FIELDS.items():
             base, _ = field_type(name)
-            choices = spec.metadata.get("choices")
+            choices = spec.metadata.get("choices") or plugin_names.get(name)
             # argparse %-formats help strings
             bounds = f"; {spec.metadata['bounds']}" if spec.metadata.get("bounds") else ""
             help_text = f"{spec.metadata['help']} (default: {_shown(getattr(defaults, name))}{bounds})".replace(
@@ -155,7 +166,10 @@ class RecipeParser(CommandParser):
         options = argparse.Namespace(
             **{k: v for k, v in vars(args).items() if k not in FIELDS and k not in ("config", "use_peft")}
         )
-        return load_recipe(args.config, overrides), options
+        recipe = load_recipe(args.config, overrides)
+        for plugin in self.plugins:
+            plugin.check(recipe)
+        return recipe, options
 
 
 DEBUG_ENV = "HF_LORA_RECIPE_DEBUG"  # =1: show the traceback of an expected failure too

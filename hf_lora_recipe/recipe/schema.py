@@ -26,26 +26,21 @@ SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the decoder, never the LM head
 CHAT_TEMPLATES = ("llama2", "native")  # or a path to a .jinja file
 DATASET_FORMATS = ("alpaca", "oasst", "prompt_completion", "messages", "auto")
-LORA_INITS = (
-    "true",
-    "gaussian",
-    "orthogonal",
-    "pissa",
-    "olora",
-    "eva",
-)  # and pissa_niter_N (PiSSA with a randomized SVD of N iterations)
-# initialisations that rewrite the base (W - s B0 A0): a bf16/fp32 base only, converted to a plain adapter when saved
-BASE_REWRITING_INITS = ("pissa", "olora")
 LORAPLUS_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # torch.optim.AdamW, which create_loraplus_optimizer builds
-# PEFT initialisations not offered yet, and why (each needs more than a LoraConfig field to be right)
-LORA_INITS_NOT_YET = {
-    "loftq": "it needs scipy and a CUDA device, and the unquantized base at initialisation",
-    "corda": "it needs a covariance pass over the data first (preprocess_corda)",
-}
 
 
 class RecipeError(ValueError):
     """A recipe (or any other user input) that cannot run: raised before anything heavy is loaded."""
+
+
+@dataclass(frozen=True)
+class KeyPlugins:
+    """A recipe key whose values a later stage defines (``init_lora_weights``: the LoRA inits in ``inits/``): the
+    values ``--help`` lists, and the check that refuses, at load, a value or what it cannot run with."""
+
+    key: str
+    names: Callable[[], list[str]]
+    check: Callable[[Recipe], None]
 
 
 GROUPS: list[str] = []  # in the order --help shows them
@@ -166,14 +161,8 @@ class Recipe:
     )
     init_lora_weights: str = lora(
         "true",
-        "adapter initialisation (PEFT init_lora_weights): true = Kaiming-uniform A, B = 0; gaussian = "
-        "A ~ N(0, 1/r), B = 0; orthogonal = A and B from orthogonal halves of one random rotation, B A = 0 (even r, "
-        "load_in_4bit false); pissa (or pissa_niter_N, a faster randomized SVD) / olora = A and B from the base's "
-        "principal singular vectors / QR, the base keeps the rest; eva = A from the top principal components of each "
-        "layer's inputs on the training data (a pass of at most 200 batches before step 1), ranks redistributed "
-        "across layers (total r x modules, at most 2r each). All start at the base's outputs; pissa and olora "
-        "need load_in_4bit false and are saved as a plain adapter of the original base (PEFT's conversion)",
-        LORA_INITS,
+        "adapter initialisation (PEFT init_lora_weights); every one starts at the base's outputs. What each does "
+        "and refuses: docs/variants.md",
     )
 
     dataset_name: str = data(
@@ -526,12 +515,6 @@ def normalise_paths(recipe: Recipe) -> None:
             setattr(recipe, name, os.path.expanduser(value))
 
 
-def lora_init_family(value: str) -> str:
-    """``init_lora_weights`` without PiSSA's ``_niter_N`` (the iterations of its randomized SVD)."""
-    family, niter, iterations = value.partition("_niter_")
-    return family if family == "pissa" and niter and iterations.isdigit() and int(iterations) > 0 else value
-
-
 SOURCE_KEYS = ("name", "format", "split", "config", "revision", "weight", "fraction")
 
 
@@ -625,66 +608,11 @@ def normalise_sources(recipe: Recipe) -> None:
 
 
 def validate(recipe: Recipe) -> None:
-    init = lora_init_family(recipe.init_lora_weights)
-    if init in LORA_INITS_NOT_YET:
-        raise RecipeError(
-            f"init_lora_weights: {recipe.init_lora_weights} is not supported yet: "
-            f"{LORA_INITS_NOT_YET[init]}; use {', '.join(LORA_INITS)} or pissa_niter_N"
-        )
-    if init in BASE_REWRITING_INITS and recipe.load_in_4bit:
-        raise RecipeError(
-            f"init_lora_weights: {recipe.init_lora_weights} rewrites the base weights (W - s B0 A0), "
-            "which a 4-bit base cannot hold exactly (PEFT refuses PiSSA there and re-quantizes for "
-            "OLoRA, so the saved adapter would not match the base users load); set load_in_4bit false "
-            "or use init_lora_weights true or gaussian"
-        )
-    if init == "orthogonal" and (recipe.load_in_4bit or recipe.lora_r % 2):
-        raise RecipeError(
-            f"init_lora_weights: orthogonal needs an even lora_r (got {recipe.lora_r}) and load_in_4bit "
-            "false (PEFT casts A and B to the base weight's dtype, which a 4-bit base stores as bytes)"
-        )
-    if init in BASE_REWRITING_INITS and recipe.use_dora:
-        raise RecipeError(
-            f"init_lora_weights: {recipe.init_lora_weights} with use_dora: true is not supported: PEFT's "
-            "conversion to an adapter of the original base drops DoRA's magnitudes, so the published "
-            "adapter would not be the trained one; set use_dora false, or init_lora_weights true or gaussian"
-        )
-    if init in BASE_REWRITING_INITS and recipe.train_template_tokens:
-        raise RecipeError(
-            f"init_lora_weights: {recipe.init_lora_weights} with train_template_tokens: true is not "
-            "supported: PEFT's conversion to an adapter of the original base drops the trained token "
-            "rows (the saved adapter then fails to load); set train_template_tokens false, or "
-            "init_lora_weights true or gaussian"
-        )
-    if init == "eva":
-        for key, reason in (
-            (
-                "use_dora",
-                "DoRA's magnitudes are set from W + s B A before EVA replaces A and the ranks, which is not verified",
-            ),
-            (
-                "use_rslora",
-                "PEFT scales each layer's alpha by its new rank / r, which keeps alpha/r, not rsLoRA's alpha/sqrt(r)",
-            ),
-            (
-                "train_template_tokens",
-                "PEFT's EVA pass hooks the trained token rows (embedding, LM head) as if "
-                "they were LoRA layers and fails on their inputs",
-            ),
-            (
-                "streaming",
-                "the EVA pass would read the stream's first batches an extra time before training (and "
-                "count them in the stream's tally)",
-            ),
-        ):
-            if getattr(recipe, key):
-                raise RecipeError(
-                    f"init_lora_weights: eva with {key}: true is not supported: {reason}; set {key} "
-                    "false, or use init_lora_weights true or gaussian"
-                )
+    """Every key on its own and the keys together; a key whose values a later stage defines (``KeyPlugins``) is
+    checked by that stage's check, which the recipe's parser runs next."""
     for name, spec in FIELDS.items():
         choices, bounds = spec.metadata.get("choices"), spec.metadata.get("bounds")
-        value = lora_init_family(recipe.init_lora_weights) if name == "init_lora_weights" else getattr(recipe, name)
+        value = getattr(recipe, name)
         if choices and value not in choices:
             raise RecipeError(f"{name} must be one of {', '.join(choices)}; got {getattr(recipe, name)!r}")
         if bounds and value is not None and value != AUTO and not bounds.holds(value):

@@ -104,8 +104,8 @@ def _template_block(chat_template: str) -> str:
 
 def lora_variant(recipe: dict[str, Any]) -> str:
     """``plain LoRA`` or what differs from it: rsLoRA scaling, DoRA, the initialisation, LoRA+ (recipes saved
-    before these keys existed are plain LoRA). PiSSA/OLoRA name the shape PEFT's conversion saved them in."""
-    from hf_lora_recipe.recipe.schema import BASE_REWRITING_INITS, lora_init_family
+    before these keys existed are plain LoRA); each init words its own (``LoraInit.card_line``)."""
+    from hf_lora_recipe.inits import find
 
     parts = []
     if recipe.get("use_rslora"):
@@ -113,28 +113,10 @@ def lora_variant(recipe: dict[str, Any]) -> str:
     if recipe.get("use_dora"):
         parts.append("DoRA (trained magnitudes)")
     init = str(recipe.get("init_lora_weights", "true"))
-    if lora_init_family(init) in BASE_REWRITING_INITS:
-        name = "OLoRA" if init == "olora" else "PiSSA"
-        if init != lora_init_family(init):
-            name += f" (randomized SVD, {init.rsplit('_', 1)[-1]} iterations)"
-        # the conversion doubles r and alpha; with rsLoRA alpha x sqrt(2), which keeps alpha/sqrt(r)
-        alpha = recipe["lora_alpha"] * (math.sqrt(2) if recipe.get("use_rslora") else 2)
-        parts.append(
-            f"{name} init (saved converted: rank {2 * recipe['lora_r']}, alpha {alpha:.4g}, a plain adapter "
-            "of the original base)"
-        )
-    elif init == "eva":
-        # the ranks EVA gave the layers: from the step-0 state the run keeps beside its checkpoints
-        from hf_lora_recipe.inits.eva import saved_rank_range
-
-        found = saved_rank_range(recipe.get("output_dir", ""))
-        ranks = f"ranks {found[0]}-{found[1]} per layer, total {found[2]}" if found else "ranks per layer"
-        parts.append(
-            f"EVA init (A from the training data's principal input directions; {ranks}, see rank_pattern in "
-            "adapter_config.json)"
-        )
-    elif init != "true":
-        parts.append(f"init_lora_weights {init}")
+    known = find(init)
+    line = known.card_line(recipe, str(recipe.get("output_dir", ""))) if known else f"init_lora_weights {init}"
+    if line:
+        parts.append(line)
     if recipe.get("loraplus_lr_ratio"):
         parts.append(f"LoRA+ (B learning rate x {recipe['loraplus_lr_ratio']:g})")
     return ", ".join(parts) or "plain LoRA (scaling alpha/r, B = 0 at step 0, one learning rate)"

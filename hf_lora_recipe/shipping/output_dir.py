@@ -7,13 +7,10 @@ import json
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-from hf_lora_recipe import log
-from hf_lora_recipe.inits.eva import EVA_STATE
-from hf_lora_recipe.inits.pissa_olora import INITIAL_ADAPTER, rewrites_base
+from hf_lora_recipe import inits, log
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError, dump_recipe
 from hf_lora_recipe.shipping.model_card import (
     LOSS_PLOT,
@@ -50,9 +47,8 @@ TOKENIZER_FILES = {
     "spiece.model",
     "sentencepiece.bpe.model",
 }
-# TensorBoard's logs, our staging, extra templates, PiSSA/OLoRA's step-0 adapter (inits/pissa_olora.py) and its draft,
-# EVA's step-0 state (eva.py)
-RUN_FOLDERS = {"runs", STAGING, "additional_chat_templates", INITIAL_ADAPTER, INITIAL_ADAPTER + ".partial", EVA_STATE}
+# TensorBoard's logs, our staging, extra templates, and what any LoRA init keeps of step 0 (and its partial write)
+RUN_FOLDERS = {"runs", STAGING, "additional_chat_templates", *inits.folders()}
 IGNORED = {".DS_Store"}
 
 
@@ -219,7 +215,6 @@ def save_run(
     """Write the final adapter and everything beside it into ``output_dir`` (:func:`push_run` publishes it);
     ``checkpoint``: the adapter is that checkpoint's (a run that reached its end without writing it)."""
     from hf_lora_recipe.data.mixture import dataset_versions
-    from hf_lora_recipe.distributed.engines import current_engine, save_sharded_adapter
     from hf_lora_recipe.templates.tokenizer import save_tokenizer
     from hf_lora_recipe.training.checkpoints import check_saved_adapter
 
@@ -228,18 +223,8 @@ def save_run(
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)  # left by a run that died while publishing: never mix its files into this one
     trainer.accelerator.wait_for_everyone()
-    if rewrites_base(recipe):  # never an unconverted copy: it only means something on the residual base
-        if trainer.is_world_process_zero():
-            save_converted_adapter(trainer, recipe, staging, checkpoint)
-    elif checkpoint and (Path(checkpoint) / ADAPTER_FILE).is_file():
-        if trainer.is_world_process_zero():  # written by the engine that trained it (DeepSpeed's model is not built)
-            staging.mkdir(parents=True)
-            for name in (ADAPTER_FILE, FINAL_FILES_LAST):
-                shutil.copyfile(Path(checkpoint) / name, staging / name)
-    elif current_engine().name == "fsdp" or checkpoint:
-        save_sharded_adapter(trainer, str(staging))  # gathers the adapter only: every rank calls it
-    else:
-        trainer.save_model(str(staging))  # collective under DeepSpeed (ZeRO-3 gathers in 16 bit): every rank calls it
+    if not inits.init_for(recipe).save_adapter(trainer, recipe, staging, checkpoint):  # e.g. saved converted
+        save_trained_adapter(trainer, staging, checkpoint)
     if trainer.eval_dataset is not None:
         trainer.evaluate()  # the final eval loss, logged like the others
     if trainer.is_world_process_zero():
@@ -254,32 +239,19 @@ def save_run(
     return output_dir
 
 
-def save_converted_adapter(trainer: Any, recipe: Recipe, directory: Path, checkpoint: str | None = None) -> None:
-    """PiSSA/OLoRA's trained adapter as a plain adapter of the original base (rank 2r, see inits/pissa_olora.py),
-    through PEFT's conversion against ``output_dir/initial_adapter``; ``checkpoint``: that checkpoint's adapter
-    (loaded into the model first). One process, whole model: FSDP and DeepSpeed are refused for these inits."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if checkpoint:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+def save_trained_adapter(trainer: Any, staging: Path, checkpoint: str | None) -> None:
+    """The adapter as trained (``checkpoint``: that checkpoint's), by the engine that trained it."""
+    from hf_lora_recipe.distributed.engines import current_engine, save_sharded_adapter
 
-        # the fresh model holds A0, B0 on the residual base it was checked to share with the checkpoint
-        result = set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / ADAPTER_FILE)))
-        missing = [key for key in result.missing_keys if ".lora_" in key]
-        if missing:
-            raise RuntimeError(f"{checkpoint}/{ADAPTER_FILE} lacks {len(missing)} adapter tensors (e.g. {missing[0]})")
-    initial = (Path(recipe.output_dir) / INITIAL_ADAPTER).resolve()
-    if not (initial / "adapter_config.json").is_file():  # saved at step 0: someone removed it since
-        raise RecipeError(
-            f"{initial} is missing, so the trained {recipe.init_lora_weights} adapter cannot be "
-            "converted to one of the original base: train again with --overwrite_output_dir true"
-        )
-    with warnings.catch_warnings():
-        # PEFT loads the initial adapter beside the trained one to convert it, and warns to convert: this is that
-        warnings.filterwarnings("ignore", message=".* changes the base weights of the model and should thus not")
-        model.save_pretrained(
-            str(directory), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial)
-        )
+    if checkpoint and (Path(checkpoint) / ADAPTER_FILE).is_file():
+        if trainer.is_world_process_zero():  # written by the engine that trained it (DeepSpeed's model is not built)
+            staging.mkdir(parents=True)
+            for name in (ADAPTER_FILE, FINAL_FILES_LAST):
+                shutil.copyfile(Path(checkpoint) / name, staging / name)
+    elif current_engine().name == "fsdp" or checkpoint:
+        save_sharded_adapter(trainer, str(staging))  # gathers the adapter only: every rank calls it
+    else:
+        trainer.save_model(str(staging))  # collective under DeepSpeed (ZeRO-3 gathers in 16 bit): every rank calls it
 
 
 def push_run(recipe: Recipe, output_dir: Path) -> None:

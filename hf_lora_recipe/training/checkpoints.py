@@ -164,27 +164,18 @@ def _asked_checkpoint(recipe: Recipe) -> Path | None:
 
 def _check_compatible(checkpoint: Path, recipe: Recipe) -> None:
     """A checkpoint of another adapter shape would fail deep inside Trainer's loading: say so first."""
+    from hf_lora_recipe.inits import init_for
+
     config = checkpoint / "adapter_config.json"
     saved = json.loads(config.read_text()) if config.is_file() else {}
     targets = saved.get("target_modules")
     wanted = peft_target_modules(recipe)
+    init = init_for(recipe)
     differences = []
     if saved.get("r") not in (None, recipe.lora_r):
         differences.append(f"lora_r {saved.get('r')} there, {recipe.lora_r} here")
-    if config.is_file() and (saved.get("init_lora_weights") == "eva") != (recipe.init_lora_weights == "eva"):
-        differences.append(
-            f"init_lora_weights {saved.get('init_lora_weights')} there, {recipe.init_lora_weights} here"
-        )
-    # EVA saves the modules it kept (full names, or the shortest endings that tell them apart): each one of ours
-    if (
-        isinstance(wanted, list)
-        and isinstance(targets, list)
-        and set(targets) != set(wanted)
-        and not (
-            saved.get("init_lora_weights") == "eva"
-            and all(any(target == name or target.endswith("." + name) for name in wanted) for target in targets)
-        )
-    ):
+    differences += init.check_resume(saved, recipe)
+    if isinstance(wanted, list) and isinstance(targets, list) and not init.targets_match(targets, wanted):
         differences.append(f"lora_target_modules {' '.join(sorted(targets))} there, {' '.join(sorted(wanted))} here")
     if differences:
         raise RecipeError(
@@ -364,20 +355,18 @@ class StopOnSignal(TrainerCallback):
 
 
 def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> None:
-    """ZeRO-3 and some FSDP setups save empty or unsharded-placeholder adapters: refuse to publish one. PiSSA/OLoRA
-    must be saved converted (rank 2r, ``init_lora_weights: true``): unconverted, they only fit the residual base."""
+    """ZeRO-3 and some FSDP setups save empty or unsharded-placeholder adapters: refuse to publish one. The init
+    checks its own saved config (:meth:`LoraInit.check_saved`) and says which layers have a rank of their own."""
     from safetensors import safe_open
 
-    from hf_lora_recipe.inits.eva import saved_ranks, uses_eva
-    from hf_lora_recipe.inits.pissa_olora import rewrites_base
+    from hf_lora_recipe.inits import init_for
 
     path = directory / "adapter_model.safetensors"
     if not path.is_file():
         raise RuntimeError(f"no adapter_model.safetensors in {directory}")
-    rank = 2 * recipe.lora_r if rewrites_base(recipe) else recipe.lora_r
-    if rewrites_base(recipe):
-        _check_converted_config(directory, recipe)
-    ranks = saved_ranks(directory) if uses_eva(recipe) else {}  # EVA: each layer's own, from its rank_pattern
+    init = init_for(recipe)
+    rank = init.rank_factor * recipe.lora_r
+    ranks = init.check_saved(directory, recipe)
     nonzero_b = False
     with safe_open(str(path), framework="pt") as tensors:
         names = list(tensors.keys())
@@ -394,21 +383,3 @@ def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> 
                 nonzero_b = True
     if trained_steps > 0 and not nonzero_b:
         raise RuntimeError(f"{path}: every lora_B is zero after {trained_steps} steps: the adapter was not gathered")
-
-
-def _check_converted_config(directory: Path, recipe: Recipe) -> None:
-    """PEFT's conversion doubles r and alpha (rsLoRA: alpha x sqrt(2), the same scaling) and sets init true."""
-    import math
-
-    config = json.loads((directory / "adapter_config.json").read_text())
-    alpha = recipe.lora_alpha * (math.sqrt(2) if recipe.use_rslora else 2)
-    if (
-        config.get("init_lora_weights") is not True
-        or config.get("r") != 2 * recipe.lora_r
-        or not math.isclose(config.get("lora_alpha") or 0, alpha, rel_tol=1e-6)
-    ):
-        raise RuntimeError(
-            f"{directory}: init_lora_weights {recipe.init_lora_weights} saved unconverted (init "
-            f"{config.get('init_lora_weights')}, r {config.get('r')}, alpha {config.get('lora_alpha')}; "
-            f"converted: true, {2 * recipe.lora_r}, {alpha:g}): it would only fit the residual base"
-        )
