@@ -104,6 +104,11 @@ class LoraInit:
         return []
 
 
+def shards_weights(engine_name: str) -> bool:
+    """FSDP or DeepSpeed: no process holds whole weights or whole adapter matrices."""
+    return engine_name == "fsdp" or engine_name.startswith("zero")
+
+
 def peft_init_lora_weights(value: str) -> bool | str:
     """An ``init_lora_weights`` value as LoraConfig takes it (``true`` is PEFT's boolean default)."""
     return True if value == "true" else value

@@ -31,8 +31,8 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
-from hf_lora_recipe.inits.base import LoraInit
-from hf_lora_recipe.inits.eva_data_pass import initialize_eva
+from hf_lora_recipe.inits.base import LoraInit, shards_weights
+from hf_lora_recipe.inits.eva_data_pass import initialize_eva, target_count
 from hf_lora_recipe.inits.eva_state import EVA_STATE, check_eva, saved_rank_range, saved_ranks
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError
 
@@ -66,7 +66,7 @@ class Eva(LoraInit):
                 )
 
     def check_engine(self, recipe: Recipe, engine_name: str) -> None:
-        if engine_name == "fsdp" or engine_name.startswith("zero"):
+        if shards_weights(engine_name):
             raise RecipeError(
                 "init_lora_weights: eva under FSDP or DeepSpeed is not supported: its data pass hooks every "
                 "adapted layer's whole input and replaces whole A matrices (with new shapes) before the "
@@ -82,10 +82,8 @@ class Eva(LoraInit):
         return {"init_lora_weights": "eva", "eva_config": eva_config()}
 
     def verify(self, model: Any, recipe: Recipe, layers: list[tuple[str, Any]], before: Any) -> None:
-        from hf_lora_recipe.model.loading import check_targets
-
         super().verify(model, recipe, layers, before)  # B = 0
-        check_eva(model, recipe, layers, sum(len(names) for names in check_targets(recipe).values()))
+        check_eva(model, recipe, layers, target_count(recipe))
 
     def after_trainer(self, trainer: Any, recipe: Recipe, checkpoint: str | None) -> None:
         initialize_eva(trainer, recipe, checkpoint)

@@ -172,7 +172,7 @@ def _remove_eva_hooks(model: Any) -> list[str]:
     return remove_eva_hooks(model) or ["?"]
 
 
-def _target_count(recipe: Recipe) -> int:
+def target_count(recipe: Recipe) -> int:
     """How many modules the recipe adapts (EVA's rank budget is r for each), resolved on the meta device."""
     from hf_lora_recipe.model.loading import check_targets
 
@@ -182,7 +182,7 @@ def _target_count(recipe: Recipe) -> int:
 def rank_line(model: Any, recipe: Recipe) -> str:
     config = model.peft_config[model.active_adapter]
     values = list(ranks(model).values())
-    modules = _target_count(recipe)
+    modules = target_count(recipe)
     dropped = modules - len(values)
     return (
         f"EVA ranks: min {min(values)}, max {max(values)}, total {sum(values)} over {len(values)} layers "

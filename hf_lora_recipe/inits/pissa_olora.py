@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from hf_lora_recipe import log
 from hf_lora_recipe.files import write_atomically
-from hf_lora_recipe.inits.base import LoraInit
+from hf_lora_recipe.inits.base import LoraInit, shards_weights
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError, peft_target_modules
 
 
@@ -62,7 +62,7 @@ class BaseRewriting(LoraInit):
                 )
 
     def check_engine(self, recipe: Recipe, engine_name: str) -> None:
-        if engine_name == "fsdp" or engine_name.startswith("zero"):
+        if shards_weights(engine_name):
             raise RecipeError(
                 f"init_lora_weights: {recipe.init_lora_weights} under FSDP or DeepSpeed is not supported: "
                 "the step-0 adapter and PEFT's conversion need the whole adapter and base on one process; "
