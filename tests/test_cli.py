@@ -171,3 +171,52 @@ def test_quiet_filters_hide_exactly_the_listed_upstream_notices():
         logger.removeHandler(handler)
     assert seen == ["some other bitsandbytes warning"]
     assert len(list(logger.filters)) == 1
+
+
+def _message_text(node) -> str | None:
+    """A raised message as written: literal text, each ``{...}`` field as a short value."""
+    import ast
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(part.value if isinstance(part, ast.Constant) else "{..}" for part in node.values)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _message_text(node.left), _message_text(node.right)
+        return None if left is None or right is None else left + right
+    return _message_text(node.body) if isinstance(node, ast.IfExp) else None
+
+
+def test_every_error_says_what_is_wrong_first_in_under_120_characters():
+    """The first sentence of each raised message - up to a full stop or semicolon, or the first reason (': ',
+    ' (', ', which', ', so') after its opening key - names the problem briefly; the reason and the fix follow."""
+    import ast
+    import re
+
+    long = []
+    for path in sorted((REPO_ROOT / "hf_lora_recipe").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args):
+                continue
+            text = _message_text(node.exc.args[0])
+            if text is None:
+                continue
+            first = re.split(r"; |\. (?=[A-Z])", text)[0]
+            reasons = [m.start() for m in re.finditer(r": | \(|, which |, so ", first) if m.start() >= 30]
+            first = first[: reasons[0]] if reasons else first
+            if len(first) > 120:
+                long.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}: {first}")
+    assert not long, "\n".join(long)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_numeric_flag_declares_its_range(name):
+    """A command's int/float flag is added with add_number, so parse checks it is finite and in range."""
+    import importlib
+
+    from hf_lora_recipe.recipe.schema import FIELDS
+    from hf_lora_recipe.upstream.argparse import actions
+
+    parser = importlib.import_module(f"hf_lora_recipe.commands.{name}").PARSER
+    numeric = {a.dest for a in actions(parser) if a.type in (int, float) and a.dest not in FIELDS}
+    assert numeric <= set(parser.number_bounds), f"{name}: {sorted(numeric - set(parser.number_bounds))} unbounded"

@@ -50,6 +50,13 @@ ROWS = [
         2,
         "the recipe trains nothing (max_steps -1, num_train_epochs 0)",
     ),
+    (
+        "eval-split-fractional-count",
+        "train",
+        lambda t: ["--eval_split_size", "2.5"],
+        2,
+        "eval_split_size 2.5 is neither",
+    ),
     ("zero-max-steps", "train", lambda t: ["--max_steps", "0"], 2, "the recipe trains nothing (max_steps 0"),
     # every float key refuses NaN and infinities, from the flag or the YAML (NaN passes every comparison)
     ("nan-flag", "train", lambda t: ["--learning_rate", "nan"], 2, "learning_rate: 'nan' is not a finite number"),
@@ -100,7 +107,7 @@ ROWS = [
         "plan",
         lambda t: ["--model_config", str(shared_asset(LLAMA_8B)), "--num_gpus", "0"],
         2,
-        "--num_gpus must be >= 1",
+        "--num_gpus must be positive; got 0",
     ),
     (
         "plan-negative-memory",
@@ -129,7 +136,7 @@ ROWS = [
         "generate",
         lambda t: ["--model", str(t), "--prompt", "hi", "--max_new_tokens", "0"],
         2,
-        "--max_new_tokens must be >= 1",
+        "--max_new_tokens must be positive; got 0",
     ),
     ("generate-no-source", "generate", lambda t: ["--prompt", "hi"], 2, "one of the arguments --adapter --model"),
     ("preview-negative-count", "preview", lambda t: ["--num_examples", "-1"], 2, "--num_examples must be >= 0"),
@@ -139,6 +146,36 @@ ROWS = [
         lambda t: ["--path", str(t), "--repo_id", "me/x", "--max_retries", "-1"],
         2,
         "--max_retries must be >= 0",
+    ),
+    # each command's own numeric flags have declared ranges too, checked at parse time
+    (
+        "generate-nan-temperature",
+        "generate",
+        lambda t: ["--model", str(t), "--prompt", "hi", "--temperature", "nan"],
+        2,
+        "--temperature: nan is not a finite number",
+    ),
+    (
+        "generate-top-p-zero",
+        "generate",
+        lambda t: ["--model", str(t), "--prompt", "hi", "--top_p", "0"],
+        2,
+        "--top_p must be in (0, 1]; got 0.0",
+    ),
+    (
+        "plan-nan-memory",
+        "plan",
+        lambda t: ["--gpu_memory_gb", "nan"],
+        2,
+        "--gpu_memory_gb: nan is not a finite number",
+    ),
+    ("plan-mfu-over-one", "plan", lambda t: ["--mfu", "1.5"], 2, "--mfu must be in (0, 1]; got 1.5"),
+    (
+        "push-negative-retries",
+        "push",
+        lambda t: ["--path", str(t), "--repo_id", "a/b", "--max_retries", "-1"],
+        2,
+        "--max_retries must be >= 0; got -1",
     ),
     (
         "merge-abbreviated-flag",

@@ -273,6 +273,18 @@ ERRORS = [  # before anything loads: exit code 2, one line
     Case(
         "target-is-not-linear", _flags("--lora_target_modules", "mlp"), 2, "mlp (LlamaMLP) cannot carry a LoRA adapter"
     ),
+    Case(
+        "unknown-attention",
+        _flags("--attn_implementation", "sdpaa"),
+        2,
+        "attn_implementation 'sdpaa' is not an attention transformers 5.",
+    ),
+    Case(
+        "rank-above-every-target",
+        _flags("--lora_r", "256", "--lora_alpha", "512"),
+        2,
+        "lora_r 256 exceeds every target's min(in, out) (q_proj 64, ",
+    ),
     Case("missing-local-model", _flags("--model_name_or_path", "/nonexistent/llama"), 2, "no such folder"),
     Case("malformed-hub-id", _flags("--model_name_or_path", "meta-llama//Llama 3"), 2, "not a Hub model id"),
     Case(
@@ -520,3 +532,22 @@ def test_paths_are_expanded_and_made_absolute_once_when_the_recipe_loads(tmp_pat
     )
     assert relative.output_dir == str(tmp_path / "out") and relative.resume_from_checkpoint == "true"
     assert relative.model_name_or_path == "org/model"  # a Hub id stays one
+
+
+@pytest.mark.parametrize(
+    "size, phrase",
+    [("100000", "eval_split_size 100000 holds out 100000 of the "), ("0.99999999", "eval_split_size 1 holds out")],
+    ids=["count-holds-out-every-row", "share-leaves-no-training-row"],
+)
+def test_an_eval_split_that_leaves_a_side_empty_stops_before_the_model(
+    size, phrase, tiny_base, alpaca_path, tmp_path, capsys, monkeypatch
+):
+    """The held-out count needs the examples, so it is checked once they are built: still before the base loads."""
+    monkeypatch.setattr(modeling, "load_base_model", lambda *args, **kwargs: pytest.fail("the base loaded"))
+    output_dir = tmp_path / "out"
+    code = train_main(
+        [*_train_flags(tiny_base, alpaca_path), "--output_dir", str(output_dir), "--eval_split_size", size]
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("hf-lora-recipe: error: ") and phrase in lines[0]
+    assert not output_dir.exists() or not any(output_dir.iterdir())

@@ -217,6 +217,8 @@ def test_each_lint_fires_on_a_recipe_made_to_trip_it(tiny_base):
     assert "outside the usual LoRA range" in messages(Recipe(learning_rate=1e-6))
     assert "not divisible" in messages(Recipe(), num_gpus=3)
     assert "truncates 12.0%" in messages(Recipe(), truncated_share=0.12)
+    over = [l for l in lints(Recipe(lora_r=128, lora_alpha=256), shape, 1) if "exceeds min(in, out)" in l.message]
+    assert [l.level for l in over] == ["error"] and "set lora_r to at most 64" in over[0].fix  # train refuses it
     bad_targets = measure_shape(read_config(str(tiny_base)), Recipe(lora_target_modules=["query", "value"]))
     errors = lints(Recipe(lora_target_modules=["query", "value"]), bad_targets, 1)
     assert errors[0].level == "error" and "['query', 'value'] match no module" in errors[0].message
@@ -288,3 +290,12 @@ def test_a_converted_adapter_is_planned_at_twice_the_rank(tiny_base):
     pissa = make_plan(Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, init_lora_weights="pissa"))
     assert pissa["parameters"]["trainable"] == plain["parameters"]["trainable"]
     assert pissa["adapter_file_bytes"] == 2 * plain["adapter_file_bytes"] == 2 * 4 * plain["parameters"]["trainable"]
+
+
+def test_a_rank_above_some_targets_is_a_warning_naming_them():
+    """Llama 3 8B's k/v projections are 4096 -> 1024: r 2048 exceeds them only (train runs it; plan warns)."""
+    recipe = Recipe(lora_r=2048, lora_alpha=4096)
+    shape = measure_shape(read_config(str(shared_asset("model_configs/llama-3-8b"))), recipe)
+    over = [l for l in lints(recipe, shape, 1) if "exceeds min(in, out)" in l.message]
+    assert [l.level for l in over] == ["warning"]
+    assert "k_proj (1024), v_proj (1024)" in over[0].message and "at most 1024" in over[0].fix

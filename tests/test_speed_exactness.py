@@ -189,6 +189,26 @@ def test_auto_stops_packed_rows_at_four_examples_under_a_dense_mask(tiny_base):
     assert resolve(padded, world_size=1)[0].per_device_train_batch_size == 32  # everything fits in 100 GB
 
 
+def test_one_meta_build_per_run_serves_targets_micro_batch_and_plan(tiny_base, alpaca_path, tmp_path, monkeypatch):
+    """The launch resolves auto, checks the targets and plans the step from one base built on the meta device."""
+    from hf_lora_recipe.pipeline.train_run import check_before_loading, check_launch, planned_step
+
+    built = []
+    real = AutoModelForCausalLM.from_config  # every model built from a config, whoever builds it
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_config", lambda *args, **kwargs: built.append(args) or real(*args, **kwargs)
+    )
+    recipe = dataclasses.replace(
+        _recipe(tiny_base, alpaca_path, tmp_path), per_device_train_batch_size="auto", memory_budget_gb=100
+    )
+    recipe, launch = check_launch(recipe)
+    check_before_loading(recipe, launch)
+    planned_step(recipe, launch)
+    assert isinstance(recipe.per_device_train_batch_size, int)
+    assert sum(len(names) for names in launch.base.targets.values()) == 14 and launch.base.shape.trainable > 0
+    assert len(built) == 1
+
+
 def test_plan_resolves_auto_for_the_gpu_it_plans_for(tiny_base):
     from hf_lora_recipe.planning.plan import make_plan, render
 

@@ -81,6 +81,18 @@ def test_transformers_attention_implementation_is_what_from_pretrained_resolved(
         )
 
 
+def test_transformers_attention_registry_lists_the_kernels_from_pretrained_accepts(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    from hf_lora_recipe.upstream.transformers import registered_attention
+
+    names = registered_attention()
+    assert {"eager", "sdpa", "flex_attention", "flash_attention_2"} <= names
+    AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa")
+    with pytest.raises(ValueError):  # what the registry leaves out, from_pretrained refuses
+        AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpaa")
+
+
 def test_transformers_trainer_save_checkpoint_hook_and_output_dir():
     import inspect
 

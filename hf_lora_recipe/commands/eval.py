@@ -53,7 +53,7 @@ from hf_lora_recipe.evaluation.scoring import (
     run_recipe,
 )
 from hf_lora_recipe.recipe.cli_args import CommandParser, command
-from hf_lora_recipe.recipe.schema import RecipeError
+from hf_lora_recipe.recipe.schema import COUNT, RecipeError
 
 
 PARSER = CommandParser("eval", __doc__)
@@ -74,26 +74,17 @@ PARSER.add_argument(
     help="the split to evaluate on (default: the run's held-out set; "
     "with --dataset: test, else validation, else train)",
 )
-PARSER.add_argument(
-    "--num_examples",
-    type=int,
-    metavar="N",
-    default=DEFAULT_NUM_EXAMPLES,
-    help=f"the first N examples (default: {DEFAULT_NUM_EXAMPLES})",
-)
-PARSER.add_argument(
+PARSER.add_number("--num_examples", int, COUNT, DEFAULT_NUM_EXAMPLES, "the first N examples", metavar="N")
+PARSER.add_number(
     "--max_new_tokens",
-    type=int,
+    int,
+    COUNT,
+    DEFAULT_MAX_NEW_TOKENS,
+    "reply length limit; a reply reaching it did not stop",
     metavar="N",
-    default=DEFAULT_MAX_NEW_TOKENS,
-    help=f"reply length limit; a reply reaching it did not stop (default: {DEFAULT_MAX_NEW_TOKENS})",
 )
-PARSER.add_argument(
-    "--batch_size",
-    type=int,
-    metavar="N",
-    default=DEFAULT_BATCH_SIZE,
-    help=f"examples per forward pass and per generate call (default: {DEFAULT_BATCH_SIZE})",
+PARSER.add_number(
+    "--batch_size", int, COUNT, DEFAULT_BATCH_SIZE, "examples per forward pass and per generate call", metavar="N"
 )
 PARSER.add_flag("--json", help="print the report as one JSON object on stdout (the table goes to stderr)")
 PARSER.add_flag("--no_card", help="leave the model card alone")
@@ -104,9 +95,6 @@ def main(argv: list[str]) -> int:
     args = PARSER.parse(argv)
     if args.adapter is None and args.model is None:
         raise RecipeError("give --adapter DIR (base vs adapter), --model MERGED_DIR (base vs merged) or both")
-    for flag in ("num_examples", "max_new_tokens", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise RecipeError(f"--{flag} must be >= 1; got {getattr(args, flag)}")
     adapter_dir = check_adapter_dir(args.adapter) if args.adapter is not None else None
     model_dir = check_model_dir(args.model) if args.model is not None else None
     source = adapter_dir or model_dir

@@ -19,7 +19,7 @@ from hf_lora_recipe.planning.estimates import (
 )
 from hf_lora_recipe.planning.plan import make_plan, render
 from hf_lora_recipe.recipe.cli_args import RecipeParser, command
-from hf_lora_recipe.recipe.schema import RecipeError
+from hf_lora_recipe.recipe.schema import COUNT, POSITIVE, Bounds
 
 
 PARSER = RecipeParser(
@@ -33,10 +33,14 @@ PARSER.add_argument("--model_config", help="config.json, a folder with one, or a
 PARSER.add_argument(
     "--gpu", default="24GB", choices=list(GPUS), metavar="NAME", help=f"one of {', '.join(GPUS)} (default: 24GB)"
 )
-PARSER.add_argument("--gpu_memory_gb", type=float, help="override the GPU's memory (GiB)")
-PARSER.add_argument("--num_gpus", type=int, default=1, help="GPUs the run is spread over (default: 1)")
-PARSER.add_argument(
-    "--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the time estimate (default: 0.4)"
+PARSER.add_number("--gpu_memory_gb", float, POSITIVE, None, "override the GPU's memory (GiB)")
+PARSER.add_number("--num_gpus", int, COUNT, 1, "GPUs the run is spread over")
+PARSER.add_number(
+    "--mfu",
+    float,
+    Bounds(0, 1, low_inclusive=False, high_inclusive=True),
+    0.4,
+    "model FLOPs utilisation assumed for the time estimate",
 )
 PARSER.add_flag("--json", help="the plan as one JSON object")
 
@@ -44,12 +48,6 @@ PARSER.add_flag("--json", help="the plan as one JSON object")
 @command
 def main(argv: list[str]) -> int:
     recipe, options = PARSER.parse_recipe(argv)
-    if options.num_gpus < 1:
-        raise RecipeError(f"--num_gpus must be >= 1; got {options.num_gpus}")
-    if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
-        raise RecipeError(f"--gpu_memory_gb must be positive; got {options.gpu_memory_gb}")
-    if not 0 < options.mfu <= 1:
-        raise RecipeError(f"--mfu must be in (0, 1]; got {options.mfu}")
     plan = make_plan(recipe, options.model_config, options.gpu, options.gpu_memory_gb, options.num_gpus, options.mfu)
     print(json.dumps(plan, default=str) if options.json else render(plan))
     return 1 if any(l["level"] == "error" for l in plan["lints"]) else 0

@@ -17,7 +17,7 @@ import sys
 
 from hf_lora_recipe import inits
 from hf_lora_recipe.recipe.cli_args import RecipeParser, command
-from hf_lora_recipe.recipe.schema import RecipeError
+from hf_lora_recipe.recipe.schema import NON_NEGATIVE
 
 
 PARSER = RecipeParser(
@@ -26,7 +26,7 @@ PARSER = RecipeParser(
     usage="hf-lora-recipe preview [--config RECIPE.yaml] [--key value ...] [--num_examples K] [--json]",
     plugins=(inits.RECIPE_KEY,),
 )
-PARSER.add_argument("--num_examples", type=int, default=3, help="examples to show (default: 3)")
+PARSER.add_number("--num_examples", int, NON_NEGATIVE, 3, "examples to show")
 PARSER.add_argument(
     "--source",
     default=None,
@@ -39,8 +39,6 @@ PARSER.add_flag("--json", help="one JSON line per example: messages, input_ids, 
 @command
 def main(argv: list[str]) -> int:
     recipe, options = PARSER.parse_recipe(argv)
-    if options.num_examples < 0:
-        raise RecipeError(f"--num_examples must be >= 0; got {options.num_examples}")
 
     from hf_lora_recipe.data.label_audit import render_example
     from hf_lora_recipe.data.pipeline import build_sft_dataset

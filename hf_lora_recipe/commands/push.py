@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from hf_lora_recipe import log
 from hf_lora_recipe.recipe.cli_args import CommandParser, command
-from hf_lora_recipe.recipe.schema import RecipeError
+from hf_lora_recipe.recipe.schema import NON_NEGATIVE
 from hf_lora_recipe.shipping.hub_upload import push
 
 
@@ -39,16 +39,12 @@ PARSER.add_argument(
     help="also publish top-level files matching PATTERN, e.g. 'eval_*.json' (repeatable; never "
     "pickles, dot-files, folders or links)",
 )
-PARSER.add_argument(
-    "--max_retries", type=int, default=4, help="retries of a transient HTTP failure, backoff 1, 2, 4, 8 s (default: 4)"
-)
+PARSER.add_number("--max_retries", int, NON_NEGATIVE, 4, "retries of a transient HTTP failure, backoff 1, 2, 4, 8 s")
 
 
 @command
 def main(argv: list[str]) -> int:
     args = PARSER.parse(argv)
-    if args.max_retries < 0:
-        raise RecipeError(f"--max_retries must be >= 0; got {args.max_retries}")
     url = push(
         args.path,
         args.repo_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -356,7 +357,19 @@ def train_and_eval(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None, Dat
         evaluation, _ = build_sft_dataset(recipe, tokenizer, load_rows(recipe, split=recipe.dataset_test_split))
         return train, evaluation, report
     if recipe.eval_split_size:
-        size = recipe.eval_split_size
-        split = train.train_test_split(test_size=int(size) if size >= 1 else size, seed=recipe.seed)
+        held_out = held_out_rows(recipe.eval_split_size, len(train))
+        split = train.train_test_split(test_size=held_out, seed=recipe.seed)
         return split["train"], split["test"], report
     return train, None, report
+
+
+def held_out_rows(eval_split_size: float, rows: int) -> int:
+    """The rows ``eval_split_size`` holds out of ``rows`` (a share rounds up, as ``datasets`` does); both sides
+    must keep at least one row."""
+    held_out = int(eval_split_size) if eval_split_size >= 1 else math.ceil(eval_split_size * rows)
+    if not 1 <= held_out < rows:
+        raise RecipeError(
+            f"eval_split_size {eval_split_size:g} holds out {held_out} of the {rows} training examples; "
+            f"choose a count in [1, {rows - 1}] or a share that leaves rows on both sides"
+        )
+    return held_out

@@ -93,11 +93,10 @@ def check_engine(recipe: Recipe, engine: Engine) -> None:
             )
         if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
             raise RecipeError(
-                "fsdp_activation_checkpointing: true in the accelerate config: FSDP's checkpoint wrapper renames every "
-                "decoder layer (_checkpoint_wrapped_module), and PEFT then finds no adapter in the model's state dict, "
-                "so each checkpoint and the final adapter would be saved empty (tests/test_engines.py reproduces it); "
-                "set it to false: the recipe's gradient_checkpointing does the same job (as in "
-                "accelerate_configs/fsdp_lora.yaml)"
+                "fsdp_activation_checkpointing: true in the accelerate config would save every checkpoint and the "
+                "final adapter empty: FSDP's wrapper renames each decoder layer (_checkpoint_wrapped_module) and PEFT "
+                "then finds no adapter in the state dict; set it to false: the recipe's gradient_checkpointing does "
+                "the same job (as in accelerate_configs/fsdp_lora.yaml)"
             )
         if recipe.load_in_4bit:
             storage = recipe.bnb_4bit_quant_storage

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from hf_lora_recipe.inits.base import LoraInit, shards_weights
-from hf_lora_recipe.inits.eva_data_pass import initialize_eva, target_count
+from hf_lora_recipe.inits.eva_data_pass import initialize_eva
 from hf_lora_recipe.inits.eva_state import EVA_STATE, check_eva, saved_rank_range, saved_ranks
-from hf_lora_recipe.recipe.schema import Recipe, RecipeError
+from hf_lora_recipe.recipe.schema import Recipe, RecipeError, peft_target_modules
 
 
 # What EVA was not verified with, and why: refused at recipe load
@@ -81,9 +81,15 @@ class Eva(LoraInit):
     def peft_kwargs(self, recipe: Recipe) -> dict[str, Any]:
         return {"init_lora_weights": "eva", "eva_config": eva_config()}
 
+    def before_adapter(self, model: Any, recipe: Recipe, config: Any, data: Any) -> int:
+        from hf_lora_recipe.model.loading import resolve_targets
+
+        # the modules that get an adapter before the pass: EVA's rank budget is r for each
+        return sum(len(names) for names in resolve_targets(model, peft_target_modules(recipe)).values())
+
     def verify(self, model: Any, recipe: Recipe, layers: list[tuple[str, Any]], before: Any) -> None:
         super().verify(model, recipe, layers, before)  # B = 0
-        check_eva(model, recipe, layers, target_count(recipe))
+        check_eva(model, recipe, layers, before)  # before: the modules adapted before the pass (its rank budget)
 
     def after_trainer(self, trainer: Any, recipe: Recipe, checkpoint: str | None) -> None:
         initialize_eva(trainer, recipe, checkpoint)

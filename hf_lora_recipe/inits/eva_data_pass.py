@@ -38,17 +38,18 @@ def initialize_eva(trainer: Any, recipe: Recipe, checkpoint: str | None) -> None
     from hf_lora_recipe.model.loading import count_parameters, trainable_line
 
     model = trainer.model
+    modules = len(ranks(model))  # every target still has its rank-r adapter: EVA's budget is r for each
     with _random_states_kept():  # the pass's sampler and PEFT's re-created layers draw: not from training's streams
         state = load_state(recipe) if checkpoint else data_pass(trainer)
         apply_state(model, state)
     finish_adapter(model, recipe)
-    check_variants(model, recipe)
+    check_variants(model, recipe, before=modules)
     check_same_on_every_process(model)
     if checkpoint:
         check_checkpoint_shapes(model, checkpoint, recipe)
     elif log.is_main_process():
         save_state(state, recipe)
-    log.info(rank_line(model, recipe) + (f" (loaded from {eva_state_path(recipe)})" if checkpoint else ""))
+    log.info(rank_line(model, modules) + (f" (loaded from {eva_state_path(recipe)})" if checkpoint else ""))
     log.info(trainable_line(*count_parameters(model)))
 
 
@@ -172,17 +173,9 @@ def _remove_eva_hooks(model: Any) -> list[str]:
     return remove_eva_hooks(model) or ["?"]
 
 
-def target_count(recipe: Recipe) -> int:
-    """How many modules the recipe adapts (EVA's rank budget is r for each), resolved on the meta device."""
-    from hf_lora_recipe.model.loading import check_targets
-
-    return sum(len(names) for names in check_targets(recipe).values())
-
-
-def rank_line(model: Any, recipe: Recipe) -> str:
+def rank_line(model: Any, modules: int) -> str:
     config = model.peft_config[model.active_adapter]
     values = list(ranks(model).values())
-    modules = target_count(recipe)
     dropped = modules - len(values)
     return (
         f"EVA ranks: min {min(values)}, max {max(values)}, total {sum(values)} over {len(values)} layers "

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_lora_recipe import log
-from hf_lora_recipe.recipe.schema import ALL_LINEAR, Recipe, RecipeError, nearest, peft_target_modules
+from hf_lora_recipe.recipe.schema import ALL_LINEAR, Recipe, RecipeError, nearest
 
 
 def torch_dtype(name: str) -> Any:
@@ -84,6 +84,23 @@ def available_attention(requested: str) -> str:
             return "sdpa"
         return attention.register()
     return requested
+
+
+def check_attention_name(recipe: Recipe) -> None:
+    """``attn_implementation`` is a kernel the installed transformers registers, ours (varlen), or a Hub kernel
+    (``org/repo``, which transformers fetches itself); anything else is refused before the base loads."""
+    from hf_lora_recipe.model.varlen_attention import ATTENTION
+    from hf_lora_recipe.upstream.transformers import registered_attention
+
+    requested = recipe.attn_implementation
+    known = sorted(registered_attention() | {ATTENTION})
+    if requested not in known and "/" not in requested:
+        import transformers
+
+        raise RecipeError(
+            f"attn_implementation {requested!r} is not an attention transformers {transformers.__version__} knows "
+            f"(nearest: {nearest(requested, known)}); one of {', '.join(known)}"
+        )
 
 
 # Attention kernels that take a packed row's example boundaries directly: padding-free costs them nothing.
@@ -362,10 +379,3 @@ def resolve_targets(model: Any, targets: list[str] | str) -> dict[str, list[str]
             f"lora_target_modules: {', '.join(unsupported)} cannot carry a LoRA adapter (not linear); {available}"
         )
     return resolved
-
-
-def check_targets(recipe: Recipe, config: Any | None = None) -> dict[str, list[str]]:
-    """Read the base's config.json and resolve ``lora_target_modules`` against its architecture on the meta
-    device, before any weight loads (see :func:`resolve_targets`)."""
-    config = model_config(recipe) if config is None else config
-    return resolve_targets(meta_model(config, recipe), peft_target_modules(recipe))

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from hf_lora_recipe import inits, log
 from hf_lora_recipe.distributed.engines import Engine, check_engine, current_engine
-from hf_lora_recipe.recipe.schema import Recipe, RecipeError, gradient_accumulation_steps
+from hf_lora_recipe.model.loading import check_attention_name
+from hf_lora_recipe.planning.estimates import BaseOnMeta, check_rank_fits
+from hf_lora_recipe.recipe.schema import AUTO, Recipe, RecipeError, gradient_accumulation_steps
 from hf_lora_recipe.training.auto_micro_batch import resolve as resolve_micro_batch
 
 
@@ -40,6 +42,7 @@ class Launch:
     world_size: int
     accumulation: int
     engine: Engine
+    base: BaseOnMeta  # targets and shape, from the one meta-device build of this run
 
     def derived(self) -> dict[str, int | str]:
         return {
@@ -57,10 +60,13 @@ def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
     check_engine(recipe, engine)
     inits.check_recipe(recipe)  # run() is called with recipes the parser did not build, too
     inits.check_engine(recipe, engine.name)
-    recipe, micro_batch = resolve_micro_batch(recipe, world_size)
+    check_attention_name(recipe)
+    base = BaseOnMeta(recipe)
+    auto = recipe.per_device_train_batch_size == AUTO
+    recipe, micro_batch = resolve_micro_batch(recipe, world_size, shape=base.shape if auto else None)
     if micro_batch:
         log.info(micro_batch.line())
-    launch = Launch(world_size, gradient_accumulation_steps(recipe, world_size), engine)
+    launch = Launch(world_size, gradient_accumulation_steps(recipe, world_size), engine, base)
     log.info(
         f"{engine}: world size {world_size} x micro-batch {recipe.per_device_train_batch_size} x gradient accumulation "
         f"{launch.accumulation} = global batch {recipe.global_batch_size}"
@@ -114,7 +120,6 @@ def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
 
     from hf_lora_recipe.data.mixture import check_sources
     from hf_lora_recipe.distributed.engines import check_resume_engine
-    from hf_lora_recipe.model.loading import check_targets
     from hf_lora_recipe.training.checkpoints import choose_start, resume_note
     from hf_lora_recipe.training.trainer import check_names
     from hf_lora_recipe.upstream.notices import quiet_libraries
@@ -126,7 +131,8 @@ def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
         from hf_lora_recipe.shipping.hub_upload import check_push_possible
 
         check_push_possible(recipe.hub_model_id)
-    targets = check_targets(recipe)
+    targets = launch.base.targets
+    check_rank_fits(recipe, launch.base.shape)
     modules = sum(len(names) for names in targets.values())
     log.info(f"LoRA on {modules} modules ({', '.join(targets)})")
     start = choose_start(recipe)
@@ -141,10 +147,9 @@ def planned_step(recipe: Recipe, launch: Launch) -> tuple[float | None, Memory]:
     memory per process by component (against what each rank holds after step 1, and the measured GPU peak)."""
     import torch
 
-    from hf_lora_recipe.model.loading import model_config
-    from hf_lora_recipe.planning.estimates import flops_per_token, measure_shape, memory
+    from hf_lora_recipe.planning.estimates import flops_per_token, memory
 
-    shape = measure_shape(model_config(recipe), recipe)
+    shape = launch.base.shape
     planned = memory(shape, recipe, recipe.per_device_train_batch_size, launch.world_size, launch.engine.plan_strategy)
     return (flops_per_token(shape, recipe)["total"] if torch.cuda.is_available() else None), planned
 

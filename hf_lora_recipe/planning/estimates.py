@@ -7,12 +7,13 @@ tests/test_plan.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from hf_lora_recipe.distributed.engines import adapter_bytes_per_parameter
-from hf_lora_recipe.recipe.schema import ALL_LINEAR, Recipe, RecipeError
+from hf_lora_recipe.recipe.schema import ALL_LINEAR, Recipe, RecipeError, peft_target_modules
 
 
 GIB = 1024**3
@@ -53,23 +54,24 @@ class Shape:
     largest_layer: int  # params of one decoder layer (FSDP gathers one at a time)
     lora_inputs_per_layer: int  # sum of in_features over adapted modules of one layer
     lora_modules_per_layer: int
+    rank_limits: dict[str, int] = field(default_factory=dict)  # adapted module type -> min(in, out): r's ceiling
     lora_by_module: dict[str, int] = field(default_factory=dict)
     trainable: int = 0
     total: int = 0
     unmatched_targets: list[str] = field(default_factory=list)
 
 
-def measure_shape(config: Any, recipe: Recipe) -> Shape:
-    """Build the model and its adapter on the meta device and count, module by module."""
+def measure_shape(config: Any, recipe: Recipe, model: Any | None = None) -> Shape:
+    """Count the base and its adapter on the meta device, module by module. ``model``: the base already built
+    there from ``config`` (see :class:`BaseOnMeta`); it receives the adapter, so it serves one count only."""
     import torch
     from accelerate import init_empty_weights
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from hf_lora_recipe.inits.adapter import lora_config
+    from hf_lora_recipe.model.loading import meta_model
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config, recipe) if model is None else model
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     all_linear = recipe.lora_target_modules == [ALL_LINEAR]
     unmatched = [] if all_linear else [t for t in recipe.lora_target_modules if t not in names]
@@ -83,7 +85,7 @@ def measure_shape(config: Any, recipe: Recipe) -> Shape:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     adapted = [
-        (name.rsplit(".", 1)[-1], module.in_features)
+        (name.rsplit(".", 1)[-1], module.in_features, module.out_features)
         for name, module in layers[0].named_modules()
         if isinstance(module, torch.nn.Linear)
         and (all_linear or name.rsplit(".", 1)[-1] in recipe.lora_target_modules)
@@ -99,8 +101,9 @@ def measure_shape(config: Any, recipe: Recipe) -> Shape:
         quantizable_tensors=quantizable,
         unquantized=total_base - sum(quantizable),
         largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
-        lora_inputs_per_layer=sum(in_features for _, in_features in adapted),
+        lora_inputs_per_layer=sum(in_features for _, in_features, _ in adapted),
         lora_modules_per_layer=len(adapted),
+        rank_limits={name: min(in_features, out_features) for name, in_features, out_features in adapted},
         unmatched_targets=unmatched,
     )
     if unmatched:
@@ -114,6 +117,49 @@ def measure_shape(config: Any, recipe: Recipe) -> Shape:
     shape.trainable = sum(shape.lora_by_module.values())
     shape.total = total_base + shape.trainable
     return shape
+
+
+def rank_over_limits(recipe: Recipe, shape: Shape) -> dict[str, int]:
+    """The adapted module types whose min(in, out) is below ``lora_r``: B A there has rank min(in, out) at most,
+    so the extra rank only adds parameters and memory (every type: the recipe is refused)."""
+    return {name: limit for name, limit in shape.rank_limits.items() if recipe.lora_r > limit}
+
+
+def check_rank_fits(recipe: Recipe, shape: Shape) -> None:
+    over = rank_over_limits(recipe, shape)
+    if over and len(over) == len(shape.rank_limits):
+        raise RecipeError(
+            f"lora_r {recipe.lora_r} exceeds every target's min(in, out) "
+            f"({', '.join(f'{name} {limit}' for name, limit in over.items())}); set lora_r to at most "
+            f"{max(over.values())}"
+        )
+
+
+class BaseOnMeta:
+    """One run's base, built once on the meta device from its config.json and handed to whoever needs it: the
+    LoRA targets it resolves to (refusing a name that matches nothing) and, after them, its counted shape."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    @functools.cached_property
+    def _built(self) -> tuple[Any, Any]:
+        from hf_lora_recipe.model.loading import meta_model, model_config
+
+        config = model_config(self.recipe)
+        return config, meta_model(config, self.recipe)
+
+    @functools.cached_property
+    def targets(self) -> dict[str, list[str]]:
+        from hf_lora_recipe.model.loading import resolve_targets
+
+        return resolve_targets(self._built[1], peft_target_modules(self.recipe))
+
+    @functools.cached_property
+    def shape(self) -> Shape:
+        _ = self.targets  # resolved first: counting wraps the model in its adapter
+        config, model = self._built
+        return measure_shape(config, self.recipe, model)
 
 
 # ---------------------------------------------------------------- memory

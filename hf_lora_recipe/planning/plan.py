@@ -12,6 +12,7 @@ from hf_lora_recipe.data.mixture import source_recipes
 from hf_lora_recipe.distributed.engines import adapter_bytes_per_parameter
 from hf_lora_recipe.inits import init_for
 from hf_lora_recipe.inits.base import peft_init_lora_weights
+from hf_lora_recipe.model.loading import check_attention_name
 from hf_lora_recipe.planning.estimates import (
     GIB,
     GPUS,
@@ -21,6 +22,7 @@ from hf_lora_recipe.planning.estimates import (
     measure_shape,
     memory,
     nf4_bytes,
+    rank_over_limits,
 )
 from hf_lora_recipe.recipe.schema import AUTO, Recipe, RecipeError
 from hf_lora_recipe.templates.untrained_tokens import TemplateTokens, inspect_if_local
@@ -161,6 +163,18 @@ def lints(
                 "use the model's projection names (e.g. q_proj, v_proj for Llama)",
             )
         )
+    over = rank_over_limits(recipe, shape)
+    if over:
+        everywhere = len(over) == len(shape.rank_limits)  # train refuses this one
+        found.append(
+            Lint(
+                "error" if everywhere else "warning",
+                f"lora_r {recipe.lora_r} exceeds min(in, out) of "
+                + ", ".join(f"{name} ({limit})" for name, limit in over.items())
+                + ": the extra rank there adds parameters, not capacity",
+                f"set lora_r to at most {max(over.values()) if everywhere else min(over.values())}",
+            )
+        )
     if recipe.lora_alpha == recipe.lora_r:
         found.append(
             Lint(
@@ -264,6 +278,7 @@ def make_plan(
         raise RecipeError(f"unknown --gpu {gpu!r}; one of {', '.join(GPUS)} (or give --gpu_memory_gb)")
     memory_gib, peak_tflops = GPUS[gpu]
     memory_gib = gpu_memory_gb or memory_gib
+    check_attention_name(recipe)
     config = read_config(model_config or recipe.model_name_or_path, recipe.trust_remote_code)
     shape = measure_shape(config, recipe)
     data = token_counts(recipe)

@@ -21,6 +21,7 @@ from hf_lora_recipe.recipe.schema import (
     DERIVED_KEYS,
     FIELDS,
     GROUPS,
+    Bounds,
     KeyPlugins,
     Recipe,
     RecipeError,
@@ -49,6 +50,7 @@ class CommandParser(argparse.ArgumentParser):
             allow_abbrev=False,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        self.number_bounds: dict[str, Bounds] = {}  # --flag's dest -> its range (see add_number)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise RecipeError(f"{self.prog}: {message}")
@@ -65,6 +67,34 @@ class CommandParser(argparse.ArgumentParser):
             help=f"{help} (default: {str(default).lower()})",
         )
 
+    def add_number(
+        self,
+        flag: str,
+        kind: type,
+        bounds: Bounds,
+        default: float | None,
+        help: str,  # noqa: A002 - argparse's name
+        metavar: str | None = None,
+    ) -> None:
+        """A numeric option with its declared range, checked by :meth:`parse` as recipe keys are checked at load:
+        finite, and within ``bounds`` (the range is in --help too)."""
+        self.add_argument(
+            flag, type=kind, default=default, metavar=metavar, help=f"{help} ({bounds}; default: {default})"
+        )
+        self.number_bounds[flag[2:]] = bounds
+
+    def check_numbers(self, args: argparse.Namespace) -> None:
+        import math
+
+        for name, bounds in self.number_bounds.items():
+            value = getattr(args, name)
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                raise RecipeError(f"--{name}: {value!r} is not a finite number; give a number")
+            if not bounds.holds(value):
+                raise RecipeError(f"--{name} must be {bounds}; got {value}")
+
     def parse(self, argv: list[str]) -> argparse.Namespace:
         """Parse ``argv``; an unknown flag is an error naming the nearest known one."""
         known = set(long_flags(self))
@@ -75,6 +105,7 @@ class CommandParser(argparse.ArgumentParser):
         args, unknown = self.parse_known_args(argv)
         if unknown:
             raise RecipeError(f"{self.prog}: unexpected argument {unknown[0]!r}: settings are given as --key value")
+        self.check_numbers(args)
         return args
 
     def flags(self) -> list[str]:

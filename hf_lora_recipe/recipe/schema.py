@@ -622,6 +622,11 @@ def validate(recipe: Recipe) -> None:
             f"the recipe trains nothing (max_steps {recipe.max_steps}, num_train_epochs {recipe.num_train_epochs:g}); "
             "set num_train_epochs > 0 or max_steps > 0"
         )
+    if recipe.eval_split_size >= 1 and not float(recipe.eval_split_size).is_integer():
+        raise RecipeError(
+            f"eval_split_size {recipe.eval_split_size:g} is neither a share (< 1) nor a whole count of rows; "
+            f"give {recipe.eval_split_size - int(recipe.eval_split_size):g} of the rows or {int(recipe.eval_split_size)} rows"
+        )
     if recipe.eval_split_size and recipe.dataset_test_split:
         raise RecipeError("set either eval_split_size (>= 0) or dataset_test_split, not both")
     if recipe.chat_template not in CHAT_TEMPLATES and not recipe.chat_template.endswith(".jinja"):

@@ -48,6 +48,7 @@ def generate(
     system: str | None = None,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     stream: bool = True,
 ) -> str:
     """The reply to one user turn, streamed to stdout; stops at EOS."""
@@ -59,7 +60,9 @@ def generate(
     ids = special_ids(tokenizer)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     input_ids = torch.tensor([encode_prompt(tokenizer, messages, ids)], device=model.device)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     with torch.no_grad():
         output = model.generate(
             input_ids=input_ids,

@@ -15,6 +15,14 @@ def attention_implementation(model: Any) -> str:
     return str(base.config._attn_implementation)
 
 
+def registered_attention() -> set[str]:
+    """The names ``from_pretrained(attn_implementation=...)`` accepts without a Hub kernel: transformers' attention
+    registry (``ALL_ATTENTION_FUNCTIONS``, whose ``valid_keys`` leaves out its built-in eager) and eager."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+
+
 class AfterCheckpoint:
     """A Trainer mixin: ``after_checkpoint(folder)`` runs on every process right after ``Trainer._save_checkpoint``
     wrote a checkpoint (before ``on_save`` callbacks, and before the folder could be rotated away), with the folder
