@@ -320,9 +320,21 @@ HOSTILE = [
         "has no recipe.yaml (not trained by hf-lora-recipe?), so its held-out set is unknown: pass --dataset",
     ),
     ("no-held-out-set", _no_held_out, "had no held-out set"),
-    ("zero-examples", lambda t, a: ["--adapter", str(a), "--num_examples", "0"], "--num_examples must be positive; got 0"),
-    ("negative-examples", lambda t, a: ["--adapter", str(a), "--num_examples", "-3"], "--num_examples must be positive; got -3"),
-    ("zero-new-tokens", lambda t, a: ["--adapter", str(a), "--max_new_tokens", "0"], "--max_new_tokens must be positive"),
+    (
+        "zero-examples",
+        lambda t, a: ["--adapter", str(a), "--num_examples", "0"],
+        "--num_examples must be positive; got 0",
+    ),
+    (
+        "negative-examples",
+        lambda t, a: ["--adapter", str(a), "--num_examples", "-3"],
+        "--num_examples must be positive; got -3",
+    ),
+    (
+        "zero-new-tokens",
+        lambda t, a: ["--adapter", str(a), "--max_new_tokens", "0"],
+        "--max_new_tokens must be positive",
+    ),
     ("zero-batch", lambda t, a: ["--adapter", str(a), "--batch_size", "0"], "--batch_size must be positive"),
     (
         "dataset-missing",

@@ -177,6 +177,33 @@ def _rerun(ctx: Ctx) -> list[str]:
     return ["--output_dir", str(ctx.out)]
 
 
+def _other_base(ctx: Ctx, what: str) -> list[str]:
+    """The run's base copied, then changed: a config value, or the weights' layout (one tensor's dtype)."""
+    base = ctx.tmp / "other-base"
+    shutil.copytree(ctx.base, base)
+    if what == "config":
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    else:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(base / "model.safetensors")
+        first = sorted(tensors)[0]
+        save_file({**tensors, first: tensors[first].double()}, base / "model.safetensors", metadata={"format": "pt"})
+    return [*_rerun(ctx), "--max_steps", "3", "--model_name_or_path", str(base)]
+
+
+def _replaced_data(ctx: Ctx) -> list[str]:
+    """The training file replaced at its path since the checkpoint (a streamed file, too): the checkpoint's record
+    holds the digest of what it was trained on, which the file no longer has."""
+    ctx.copy_run()
+    for marker in ctx.out.glob("checkpoint-*/hf_lora_recipe.json"):
+        state = json.loads(marker.read_text())
+        state["identity"]["data"]["version"] = "local files, sha256 0123456789abcdef"
+        marker.write_text(json.dumps(state))
+    return ["--output_dir", str(ctx.out), "--max_steps", "3"]
+
+
 def _damaged(name: str, how: str) -> Callable[[Ctx], list[str]]:
     def setup(ctx: Ctx) -> list[str]:
         ctx.copy_run(without_final=True)
@@ -319,11 +346,50 @@ ERRORS = [  # before anything loads: exit code 2, one line
         2,
         "is at step 2, past max_steps 1",
     ),
+    # a resume compares what the checkpoint was trained on before loading: refused changes name old -> new
     Case(
-        "checkpoint-of-another-adapter",
+        "resume-with-another-rank",
         lambda ctx: [*_rerun(ctx), "--max_steps", "3", "--lora_r", "8"],
         2,
-        "holds a different adapter (lora_r 16 there, 8 here)",
+        "checkpoint-2 was trained with another recipe (lora_r 16 -> 8): resume with the recipe",
+    ),
+    Case(
+        "resume-with-other-adapter-and-optimizer-keys",
+        lambda ctx: [*_rerun(ctx), "--max_steps", "3", "--use_dora", "true", "--learning_rate", "1e-4"],
+        2,
+        "(use_dora False -> True; learning_rate 0.0003 -> 0.0001)",
+    ),
+    Case(
+        "resume-with-other-targets",
+        lambda ctx: [*_rerun(ctx), "--max_steps", "3", "--lora_target_modules", "q_proj,v_proj"],
+        2,
+        "lora_target_modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj -> q_proj,v_proj",
+    ),
+    Case(
+        "resume-with-another-init",
+        lambda ctx: [*_rerun(ctx), "--max_steps", "3", "--init_lora_weights", "gaussian"],
+        2,
+        "init_lora_weights true -> gaussian",
+    ),
+    Case(
+        "resume-with-another-global-batch",
+        lambda ctx: [*_rerun(ctx), "--max_steps", "3", "--global_batch_size", "8"],
+        2,
+        "global_batch_size 4 -> 8",
+    ),
+    Case("resume-on-another-base", lambda ctx: _other_base(ctx, "config"), 2, "base config_sha256 "),
+    Case("resume-on-reshaped-weights", lambda ctx: _other_base(ctx, "weights"), 2, "base weights_layout_sha256 "),
+    Case(
+        "resume-on-replaced-data-file",
+        _replaced_data,
+        2,
+        "checkpoint-2 was trained on other data (data version local files, sha256 0123456789abcdef -> local files",
+    ),
+    Case(
+        "resume-on-another-data-layout",
+        lambda ctx: [*_rerun(ctx), "--max_steps", "3", "--max_length", "32"],
+        2,
+        "was trained on other data (max_length 64 -> 32): pass --allow_data_change true",
     ),
 ]
 
@@ -352,6 +418,18 @@ PASSES = [  # checks pass; the row either finishes without loading (0) or reache
         LOADS,
         "checkpoint-2: optimizer.pt is truncated",
         _set_aside("optimizer"),
+    ),
+    Case(
+        "resume-with-allowed-changes",
+        lambda ctx: [*_rerun(ctx), "--max_steps", "3", "--logging_steps", "1", "--save_steps", "5"],
+        LOADS,
+        "resuming checkpoint-2 with changes: max_steps 2 -> 3; logging_steps 10 -> 1; save_steps 1 -> 5",
+    ),
+    Case(
+        "resume-on-replaced-data-when-allowed",
+        lambda ctx: [*_replaced_data(ctx), "--allow_data_change", "true"],
+        LOADS,
+        "resuming checkpoint-2 with changes: data version local files, sha256 ",
     ),
     Case("every-checkpoint-incomplete", _all_damaged, LOADS, "incomplete-checkpoint-1", _both_set_aside),
     Case("rerun-of-an-interrupted-run", _interrupted, LOADS, "resuming from "),
@@ -551,3 +629,27 @@ def test_an_eval_split_that_leaves_a_side_empty_stops_before_the_model(
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("hf-lora-recipe: error: ") and phrase in lines[0]
     assert not output_dir.exists() or not any(output_dir.iterdir())
+
+
+def test_an_allowed_change_is_recorded_in_checkpoints_results_and_card(tiny_base, alpaca_path, finished_run, tmp_path):
+    """Resumed on changed data (allowed) and a raised max_steps: the next checkpoint, training_results.json and the
+    card record the change and the data trained on before; a later plain resume keeps the record."""
+    ctx = Ctx(tmp_path, tiny_base, alpaca_path, finished_run)
+    flags = [*_replaced_data(ctx), "--allow_data_change", "true"]
+    assert train_main([*_train_flags(tiny_base, alpaca_path), *flags]) == 0
+    results = json.loads((ctx.out / "training_results.json").read_text())
+    [record] = results["resumes"]
+    assert record["checkpoint"] == "checkpoint-2" and record["step"] == 2
+    assert record["changes"][0].startswith("data version local files, sha256 0123456789abcdef -> local files, sha256")
+    assert record["changes"][1] == "max_steps 2 -> 3"
+    assert record["data_before"] == {"name": alpaca_path.name, "version": "local files, sha256 0123456789abcdef"}
+    card = (ctx.out / "README.md").read_text()
+    assert "- resumed at step 2 with changes: data version local files, sha256 0123456789abcdef -> local" in card
+    assert f"(steps up to 2 trained on `{alpaca_path.name}`, local files, sha256 0123456789abcdef)" in card
+    marker = json.loads((ctx.out / "checkpoint-3" / "hf_lora_recipe.json").read_text())
+    assert marker["resumes"] == results["resumes"] and marker["identity"]["recipe"]["max_steps"] == 3
+
+    assert train_main([*_train_flags(tiny_base, alpaca_path), "--output_dir", str(ctx.out), "--max_steps", "4"]) == 0
+    later = json.loads((ctx.out / "training_results.json").read_text())["resumes"]
+    assert [entry["changes"] for entry in later] == [record["changes"], ["max_steps 3 -> 4"]]
+    assert str(tmp_path) not in json.dumps(later) and str(alpaca_path.parent) not in json.dumps(later)

@@ -654,7 +654,7 @@ def test_training_with_eva_saves_its_ranks_and_resumes_on_them(
     assert (_on_original_base(tiny_base, output_dir) - trained).abs().max() < 1e-4
 
     assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, "--lora_r", "4", "--max_steps", "4")[0] == 2
-    assert "holds a different adapter (init_lora_weights eva there, true here" in capsys.readouterr().err
+    assert "was trained with another recipe (init_lora_weights eva -> true" in capsys.readouterr().err
     (output_dir / "eva_state" / "eva_state.safetensors").unlink()
     assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags, "--max_steps", "4")[0] == 2
     assert "eva_state.safetensors is missing, so the ranks EVA gave the checkpoint's adapter are unknown" in (

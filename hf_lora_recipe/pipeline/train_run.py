@@ -121,6 +121,7 @@ def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
     from hf_lora_recipe.data.mixture import check_sources
     from hf_lora_recipe.distributed.engines import check_resume_engine
     from hf_lora_recipe.training.checkpoints import choose_start, resume_note
+    from hf_lora_recipe.training.run_identity import run_identity
     from hf_lora_recipe.training.trainer import check_names
     from hf_lora_recipe.upstream.notices import quiet_libraries
 
@@ -135,7 +136,7 @@ def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
     check_rank_fits(recipe, launch.base.shape)
     modules = sum(len(names) for names in targets.values())
     log.info(f"LoRA on {modules} modules ({', '.join(targets)})")
-    start = choose_start(recipe)
+    start = choose_start(recipe, run_identity(recipe))
     if start.checkpoint and not start.finished:
         check_resume_engine(Path(start.checkpoint), launch.engine)
         log.info(resume_note(start.checkpoint, launch.accumulation, launch.world_size))
@@ -223,7 +224,7 @@ def run(recipe: Recipe) -> Path:
     callbacks = [
         NonFiniteGuard(),
         stopper,
-        RunStateCallback(launch.accumulation, launch.world_size),
+        RunStateCallback(launch.accumulation, launch.world_size, start.identity, start.resumes),
         HoldingsReport(planned, launch.engine, launch.world_size),
     ]
     trainer = build_trainer(
@@ -239,7 +240,9 @@ def run(recipe: Recipe) -> Path:
             "writing it from that checkpoint, without training"
         )
         load_checkpoint_state(trainer, start.checkpoint)
-        output_dir = save_run(trainer, recipe, tokenizer, report, launch.derived(), None, started, start.checkpoint)
+        output_dir = save_run(
+            trainer, recipe, tokenizer, report, launch.derived(), None, started, start.checkpoint, start.resumes
+        )
         push_run(recipe, output_dir)
         return output_dir
     if start.checkpoint and not trainer.restore_counts(start.checkpoint):
@@ -268,7 +271,9 @@ def run(recipe: Recipe) -> Path:
         )
 
     # --- Artifacts: staged, checked, then published (and pushed) by the main process only
-    output_dir = save_run(trainer, recipe, tokenizer, report, launch.derived(), outcome.training_loss, started)
+    output_dir = save_run(
+        trainer, recipe, tokenizer, report, launch.derived(), outcome.training_loss, started, resumes=start.resumes
+    )
 
     # --- Base vs adapter on final_eval_examples held-out examples, into the card (main process only)
     from hf_lora_recipe.evaluation.scoring import evaluate_after_training

@@ -79,17 +79,26 @@ NON_NEGATIVE = Bounds(0)
 FRACTION = Bounds(0, 1)  # [0, 1)
 
 
-def _group(title: str) -> Callable[..., Any]:
-    """A field factory whose fields carry ``title`` as their --help group."""
+# What a resume may change, per key (``resume`` in a field's metadata; see training/run_identity.py):
+REFUSE = "refuse"  # the checkpoint's adapter or optimizer state would not mean the same: refused
+ALLOW = "allow"  # how the run is carried out or reported: allowed, and recorded in the card
+DATA = "data"  # what the run reads: refused unless allow_data_change, then recorded
+
+
+def _group(title: str, resume: str = REFUSE) -> Callable[..., Any]:
+    """A field factory whose fields carry ``title`` as their --help group and, unless they say otherwise, the
+    group's ``resume`` policy."""
     GROUPS.append(title)
+    group_resume = resume
 
     def knob(
         default: Any,
         help: str,  # noqa: A002 - argparse's name
         choices: tuple[str, ...] | None = None,
         bounds: Bounds | None = None,
+        resume: str = group_resume,
     ) -> Any:
-        metadata = {"help": help, "group": title, "choices": choices, "bounds": bounds}
+        metadata = {"help": help, "group": title, "choices": choices, "bounds": bounds, "resume": resume}
         if isinstance(default, list):
             return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
         return dataclasses.field(default=default, metadata=metadata)
@@ -100,24 +109,30 @@ def _group(title: str) -> Callable[..., Any]:
 model = _group("model")
 quantization = _group("QLoRA: base quantization (bitsandbytes)")
 lora = _group("LoRA (peft.LoraConfig)")
-data = _group("data")
-speed = _group("speed")
-batch = _group("batch")
+data = _group("data", resume=DATA)
+speed = _group("speed", resume=ALLOW)
+batch = _group("batch", resume=ALLOW)
 optimisation = _group("optimisation (trl.SFTConfig)")
-output = _group("output, checkpoints, logging and publishing")
+output = _group("output, checkpoints, logging and publishing", resume=ALLOW)
 
 
 @dataclass
 class Recipe:
     """Every knob of a run. The defaults *are* the seed recipe; nothing else in the package restates them."""
 
-    model_name_or_path: str = model("meta-llama/Meta-Llama-3-8B", "base model: a Hub id or a local folder")
-    model_revision: str = model("main", "Hub revision (branch, tag or commit) of the base")
-    trust_remote_code: bool = model(False, "run Python code shipped with the model repo (opt-in: it executes code)")
+    # a resume compares the base itself (its config and weights), not the name it was reached by
+    model_name_or_path: str = model(
+        "meta-llama/Meta-Llama-3-8B", "base model: a Hub id or a local folder", resume=ALLOW
+    )
+    model_revision: str = model("main", "Hub revision (branch, tag or commit) of the base", resume=ALLOW)
+    trust_remote_code: bool = model(
+        False, "run Python code shipped with the model repo (opt-in: it executes code)", resume=ALLOW
+    )
     attn_implementation: str = model(
         "sdpa",
         "attention kernel: sdpa; varlen (PyTorch's own varlen flash kernel, CUDA: padding-free without "
         "flash-attn); flex_attention; flash_attention_2 when flash-attn is installed (falls back to sdpa otherwise)",
+        resume=ALLOW,
     )
 
     load_in_4bit: bool = quantization(
@@ -208,14 +223,18 @@ class Recipe:
         "llama2",
         "prompt format: llama2 (the seed's <s>[INST] ... [/INST] ... </s>), native (the tokenizer's own chat "
         "template, e.g. ChatML or Llama 3's headers) or a path to a .jinja chat template",
+        resume=REFUSE,
     )
     train_template_tokens: bool = data(
         False,
         "also train the embedding (and LM-head) rows of the special tokens the template uses (PEFT "
         "trainable_token_indices): the way out when a base model never trained its chat tokens",
+        resume=REFUSE,
     )
     completion_only_loss: bool = data(
-        True, "loss on responses and their EOS only; false also trains on prompts (the model learns to echo)"
+        True,
+        "loss on responses and their EOS only; false also trains on prompts (the model learns to echo)",
+        resume=REFUSE,
     )
 
     padding_free: str = speed(
@@ -228,6 +247,7 @@ class Recipe:
         "random",
         "group_by_length puts similar lengths together (less padding)",
         ("random", "sequential", "group_by_length"),
+        resume=DATA,  # the order the rows are read in
     )
     use_liger_kernel: bool = speed(
         False, "Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA (pip install hf-lora-recipe[fast])"
@@ -253,6 +273,7 @@ class Recipe:
         128,
         "examples per optimizer step across all processes; gradient accumulation is derived from it, never typed",
         bounds=COUNT,
+        resume=REFUSE,
     )
     per_device_train_batch_size: int | str = batch(
         4,
@@ -278,9 +299,12 @@ class Recipe:
     warmup_steps: float = optimisation(
         0.0, "warm-up steps; < 1 is a fraction of the run; the seed has none", bounds=NON_NEGATIVE
     )
-    num_train_epochs: float = optimisation(3.0, "passes over the training set", bounds=NON_NEGATIVE)
+    num_train_epochs: float = optimisation(3.0, "passes over the training set", bounds=NON_NEGATIVE, resume=ALLOW)
     max_steps: int = optimisation(
-        -1, "> 0 stops after this many optimizer steps (overrides num_train_epochs); -1: none", bounds=Bounds(-1)
+        -1,
+        "> 0 stops after this many optimizer steps (overrides num_train_epochs); -1: none",
+        bounds=Bounds(-1),
+        resume=ALLOW,
     )
     optim: str = optimisation("adamw_torch", "transformers optimizer name")
     adam_beta1: float = optimisation(0.9, "AdamW beta1", bounds=FRACTION)
@@ -291,7 +315,7 @@ class Recipe:
     max_grad_norm: float = optimisation(1.0, "gradient-norm clip (0: none)", bounds=NON_NEGATIVE)
     bf16: bool = optimisation(True, "bf16 weights and autocast (false: fp32)")
     gradient_checkpointing: bool = optimisation(
-        True, "recompute activations in backward: ~30% slower, ~10x less activation memory"
+        True, "recompute activations in backward: ~30% slower, ~10x less activation memory", resume=ALLOW
     )
     seed: int = optimisation(
         42, "seeds data order, dropout and the adapter's A matrices", bounds=Bounds(0, 2**32 - 1, high_inclusive=True)
@@ -319,6 +343,10 @@ class Recipe:
     push_to_hub: bool = output(False, "push the adapter (never checkpoints) to hub_model_id when training ends")
     hub_model_id: str | None = output(None, "Hub repo for push_to_hub, e.g. your-name/llama3-8b-alpaca-qlora")
     hub_private_repo: bool = output(False, "create the Hub repo private")
+    allow_data_change: bool = output(
+        False,
+        "resume from a checkpoint trained on other data (other files, sources or split): the card records both",
+    )
 
 
 # Written to recipe.yaml under ``derived:`` for the record; re-derived (never read back) on the next run.

@@ -329,7 +329,7 @@ the base is frozen and low-rank adapters `W' = W0 + (alpha/r) B A` are trained o
 ## Provenance
 
 - dataset: `{dataset.get("name", recipe.get("dataset_name", "unknown"))}` ({dataset.get("version", "version not recorded")})
-{merge_line}- libraries: {", ".join(f"{k} {v}" for k, v in libraries.items())}
+{_resume_lines(results.get("resumes"))}{merge_line}- libraries: {", ".join(f"{k} {v}" for k, v in libraries.items())}
 
 ## How to load
 
@@ -337,6 +337,22 @@ the base is frozen and low-rank adapters `W' = W0 + (alpha/r) B A` are trained o
 {_load_snippet(kind, location, base, _quantization(recipe))}
 ```
 """
+
+
+def _resume_lines(resumes: Any) -> str:
+    """One line per resume that changed something: the step, the changes, and the data trained on before."""
+    lines = []
+    for entry in resumes if isinstance(resumes, list) else []:
+        before = entry.get("data_before")
+        data = (
+            f" (steps up to {entry.get('step')} trained on `{before.get('name')}`, {before.get('version')})"
+            if isinstance(before, dict)
+            else ""
+        )
+        lines.append(
+            f"- resumed at step {entry.get('step')} with changes: {'; '.join(entry.get('changes', []))}{data}\n"
+        )
+    return "".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ evaluation

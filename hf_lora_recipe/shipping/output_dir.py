@@ -153,6 +153,7 @@ def training_results(
     mean_train_loss: float | None,
     seconds: float,
     dataset: dict[str, str],
+    resumes: list[dict] | None = None,
 ) -> dict[str, Any]:
     """``training_results.json``: snake_case keys, numbers as numbers, null where there is nothing to report."""
     last_train_loss, eval_loss = final_losses(trainer.state.log_history)
@@ -188,6 +189,8 @@ def training_results(
         **({"mixture": report.mixture} if report.mixture else {}),
         "wall_time_s": round(seconds, 1),
         "dataset": dataset,
+        # resumes that changed the recipe or the data: where, what, and the data trained on before
+        "resumes": resumes or [],
         "libraries": library_versions(),
     }
 
@@ -211,6 +214,7 @@ def save_run(
     mean_train_loss: float | None,
     started: float,
     checkpoint: str | None = None,
+    resumes: list[dict] | None = None,
 ) -> Path:
     """Write the final adapter and everything beside it into ``output_dir`` (:func:`push_run` publishes it);
     ``checkpoint``: the adapter is that checkpoint's (a run that reached its end without writing it)."""
@@ -231,7 +235,9 @@ def save_run(
         check_saved_adapter(staging, recipe, trainer.state.global_step)
         remove_pickles(staging)
         save_tokenizer(tokenizer, staging)
-        results = training_results(trainer, report, mean_train_loss, time.time() - started, dataset_versions(recipe))
+        results = training_results(
+            trainer, report, mean_train_loss, time.time() - started, dataset_versions(recipe), resumes
+        )
         write_run_files(staging, recipe, derived, results, trainer.state.log_history)
         publish_directory(staging, output_dir)
         log.info(f"adapter written to {output_dir}")

@@ -15,7 +15,7 @@ import re
 import shutil
 import signal
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class Start:
     step: int = 0
     finished: str | None = None  # the run is complete: why, and how to train more
     publish_only: bool = False  # training reached max_steps but the final adapter was never written
+    resumes: list[dict] = field(default_factory=list)  # every resume of this run so far, this one last
+    identity: dict[str, Any] | None = None  # what this run trains on (run_identity), for its checkpoints
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -194,7 +196,24 @@ def _finished(checkpoint: Path, recipe: Recipe) -> bool | None:
     return step >= int(state.get("max_steps") or 0) > 0 and state.get("num_train_epochs") == recipe.num_train_epochs
 
 
-def choose_start(recipe: Recipe) -> Start:
+def _resumes(checkpoint: Path, recipe: Recipe, identity: dict[str, Any] | None) -> list[dict]:
+    """The checkpoint's identity against this run's (refusing what would mix two runs), and the resume history
+    with this resume appended when it changes anything."""
+    from hf_lora_recipe.training.run_identity import IDENTITY, RESUMES, check_resume, resume_record
+
+    marker = _read_json(checkpoint / RUN_STATE)
+    marker = marker if isinstance(marker, dict) else {}
+    history = list(marker.get(RESUMES) or [])
+    if identity is None or IDENTITY not in marker:  # written before identities were recorded: the adapter check only
+        return history
+    changes = check_resume(checkpoint, marker[IDENTITY], identity, recipe)
+    if changes:
+        log.info(f"resuming {checkpoint.name} with changes: {'; '.join(changes)}")
+        history.append(resume_record(str(checkpoint), checkpoint_step(checkpoint), changes, marker[IDENTITY]))
+    return history
+
+
+def choose_start(recipe: Recipe, identity: dict[str, Any] | None = None) -> Start:
     """Where this run starts, decided before anything loads: ``overwrite_output_dir`` starts fresh; an explicit
     checkpoint is checked; otherwise the newest *complete* checkpoint in ``output_dir``, incomplete newer ones
     set aside and named. A run that already reached its end does nothing (or only writes its missing adapter)."""
@@ -203,7 +222,7 @@ def choose_start(recipe: Recipe) -> Start:
     checkpoint = _asked_checkpoint(recipe)
     if checkpoint is None:
         if recipe.overwrite_output_dir or asked == "false":
-            return Start()
+            return Start(identity=identity)
         for candidate in checkpoints(output_dir):
             problem = checkpoint_problem(candidate)
             if problem is None:
@@ -221,7 +240,8 @@ def choose_start(recipe: Recipe) -> Start:
                 "pass --overwrite_output_dir true to train it again from scratch, or choose another "
                 "output_dir"
             )
-        return Start()
+        return Start(identity=identity)
+    resumes = _resumes(checkpoint, recipe, identity)
     _check_compatible(checkpoint, recipe)
     step = checkpoint_step(checkpoint)
     finished = _finished(checkpoint, recipe)
@@ -240,8 +260,8 @@ def choose_start(recipe: Recipe) -> Start:
             f"{output_dir} holds the finished adapter ({checkpoint.name}, {end}); nothing to train. To train more, "
             "raise --max_steps; to train again from scratch, pass --overwrite_output_dir true"
         )
-        return Start(str(checkpoint), step, finished=done)
-    return Start(str(checkpoint), step, publish_only=bool(finished))
+        return Start(str(checkpoint), step, finished=done, resumes=resumes, identity=identity)
+    return Start(str(checkpoint), step, publish_only=bool(finished), resumes=resumes, identity=identity)
 
 
 def load_checkpoint_state(trainer: Any, checkpoint: str) -> None:
@@ -292,8 +312,17 @@ class RunStateCallback(TrainerCallback):
     Written after Trainer has written everything else: its presence marks the checkpoint complete.
     """
 
-    def __init__(self, accumulation: int, world_size: int):
-        self.state = {"gradient_accumulation_steps": accumulation, "world_size": world_size}
+    def __init__(
+        self, accumulation: int, world_size: int, identity: dict[str, Any] | None = None, resumes: list | None = None
+    ):
+        from hf_lora_recipe.training.run_identity import IDENTITY, RESUMES
+
+        self.state = {
+            "gradient_accumulation_steps": accumulation,
+            "world_size": world_size,
+            **({IDENTITY: identity} if identity is not None else {}),
+            RESUMES: resumes or [],
+        }
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
