@@ -214,6 +214,56 @@ def include_extra(ctx: Ctx) -> list[str]:
     return ["--path", str(adapter), "--repo_id", ctx.repo, "--include", "eval_*.json", "--include", "*.pt"]
 
 
+def published_base(base_id: str | None) -> Callable[[Ctx, str, str], None]:
+    """What the Hub holds names ``base_id`` as the base (or none), and no published text names a folder here."""
+
+    def check(ctx: Ctx, out: str, err: str) -> None:
+        import yaml
+
+        published = ctx.published()
+        assert json.loads(published["adapter_config.json"])["base_model_name_or_path"] == base_id
+        recipe = yaml.safe_load(published["recipe.yaml"])
+        card = published["README.md"].decode()
+        if base_id is None:
+            assert recipe["model_name_or_path"] == Path(ctx.request.getfixturevalue("tiny_base")).name
+            assert "whose Hub id was not recorded" in card and "base_model:" not in card
+        else:
+            assert recipe["model_name_or_path"] == base_id and f"base_model: {base_id}" in card
+        local = [str(ctx.tmp), str(ctx.adapter.parent), str(Path.cwd()), str(Path.home())]
+        local.append(str(ctx.request.getfixturevalue("tiny_base")))
+        for name, content in published.items():
+            if name.endswith((".json", ".yaml", ".md", ".jinja")):
+                text = content.decode()
+                assert not [folder for folder in local if folder in text], (name, local)
+
+    return check
+
+
+def with_recipe_key(ctx: Ctx, key: str, value: str) -> Path:
+    adapter = ctx.adapter_copy()
+    recipe = adapter / "recipe.yaml"
+    recipe.write_text(recipe.read_text() + f"{key}: {value}\n")
+    return ctx.keep(adapter)
+
+
+def base_recording(ctx: Ctx, name: str) -> Path:
+    """A run whose local base's config.json records the Hub id it came from."""
+    base = Path(shutil.copytree(ctx.request.getfixturevalue("tiny_base"), ctx.tmp / "base"))
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": name}))
+    adapter = ctx.adapter_copy()
+    recipe = adapter / "recipe.yaml"
+    text = recipe.read_text().replace(str(ctx.request.getfixturevalue("tiny_base")), str(base))
+    recipe.write_text(text)
+    return ctx.keep(adapter)
+
+
+def local_path_in_extra(ctx: Ctx) -> list[str]:
+    adapter = ctx.adapter_copy()
+    (adapter / "notes.txt").write_text(f"trained from {adapter}/checkpoint-2\n")
+    return ["--path", str(ctx.keep(adapter)), "--repo_id", ctx.repo, "--include", "notes.txt"]
+
+
 def extra_chat_templates(ctx: Ctx) -> list[str]:
     adapter = ctx.adapter_copy()
     templates = adapter / "additional_chat_templates"
@@ -482,6 +532,47 @@ CASES = [
         0,
         "tool_use.jinja",
         chat_templates_published,
+    ),
+    # ------------------------------------------------ push: nothing local goes to the Hub
+    Case(
+        "push-local-base-without-an-id-names-no-base",
+        "push",
+        lambda c: ["--path", str(c.keep(c.adapter_copy())), "--repo_id", c.repo],
+        0,
+        "its Hub id is unknown: users must load the base themselves",
+        published_base(None),
+    ),
+    Case(
+        "push-base-model-id-names-the-base",
+        "push",
+        lambda c: ["--path", str(c.keep(c.adapter_copy())), "--repo_id", c.repo, "--base_model_id", "org/tiny-llama"],
+        0,
+        "uploading",
+        published_base("org/tiny-llama"),
+    ),
+    Case(
+        "push-base-id-from-the-recipe",
+        "push",
+        lambda c: ["--path", str(with_recipe_key(c, "base_model_id", "org/from-recipe")), "--repo_id", c.repo],
+        0,
+        "uploading",
+        published_base("org/from-recipe"),
+    ),
+    Case(
+        "push-base-id-from-the-base-config",
+        "push",
+        lambda c: ["--path", str(base_recording(c, "org/recorded-base")), "--repo_id", c.repo],
+        0,
+        "uploading",
+        published_base("org/recorded-base"),
+    ),
+    Case(
+        "push-included-file-naming-a-local-path-is-refused",
+        "push",
+        local_path_in_extra,
+        2,
+        "notes.txt would publish the local path ",
+        no_request,
     ),
     # ------------------------------------------------ push: bad input and a failing Hub, one line each
     Case(

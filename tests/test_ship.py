@@ -133,6 +133,27 @@ def test_card_metadata_names_hub_ids_only():
     assert 'adapter = "me/adapter"' in card
 
 
+@pytest.mark.parametrize("kind", ["adapter", "merged"])
+@pytest.mark.parametrize("base_unknown", [False, True])
+def test_card_load_snippet_is_python_for_any_path(kind, base_unknown):
+    """Quotes, backslashes, spaces, newlines-free odd names and non-ASCII: the snippet still compiles and names them."""
+    import ast
+
+    from hf_lora_recipe.recipe.schema import Recipe, recipe_to_dict
+    from hf_lora_recipe.shipping.model_card import render_card
+
+    location = '/tmp/it\'s "mine"/Ünïcode dir\\x'
+    recipe = {**recipe_to_dict(Recipe()), "model_name_or_path": "bäse 'q' \"d\""}
+    card = render_card(recipe, {}, location, kind, base_unknown=base_unknown)
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    strings = [n.value for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    assert location in strings
+    if kind == "adapter":
+        assert (
+            "path/to/your/copy/of/" + recipe["model_name_or_path"] if base_unknown else recipe["model_name_or_path"]
+        ) in strings
+
+
 @pytest.fixture(scope="module")
 def scripted_model(llama2_tokenizer, tmp_path_factory):
     """A tiny Llama wired by hand: after ']' it says '▁Hello', after '▁Hello' it says EOS."""

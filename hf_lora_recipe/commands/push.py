@@ -39,6 +39,11 @@ PARSER.add_argument(
     help="also publish top-level files matching PATTERN, e.g. 'eval_*.json' (repeatable; never "
     "pickles, dot-files, folders or links)",
 )
+PARSER.add_argument(
+    "--base_model_id",
+    help="the base's Hub id when training used a local folder (default: the recipe's base_model_id, or the id its "
+    "config records); the published adapter_config.json and card name it",
+)
 PARSER.add_number("--max_retries", int, NON_NEGATIVE, 4, "retries of a transient HTTP failure, backoff 1, 2, 4, 8 s")
 
 
@@ -53,6 +58,7 @@ def main(argv: list[str]) -> int:
         args.commit_message,
         attempts=args.max_retries + 1,
         include=args.include,
+        base_model_id=args.base_model_id,
     )
     log.info(f"pushed {args.path} to {url}" + (f" (branch {args.revision})" if args.revision else ""))
     return 0

@@ -343,6 +343,11 @@ class Recipe:
     push_to_hub: bool = output(False, "push the adapter (never checkpoints) to hub_model_id when training ends")
     hub_model_id: str | None = output(None, "Hub repo for push_to_hub, e.g. your-name/llama3-8b-alpaca-qlora")
     hub_private_repo: bool = output(False, "create the Hub repo private")
+    base_model_id: str | None = output(
+        None,
+        "the base's Hub id when model_name_or_path is a local folder: what a pushed adapter and its card name as "
+        "its base (else they name none)",
+    )
     allow_data_change: bool = output(
         False,
         "resume from a checkpoint trained on other data (other files, sources or split): the card records both",

@@ -225,8 +225,10 @@ def push(
     attempts: int = 5,
     backoff_s: float = 1.0,
     include: Sequence[str] = (),
+    base_model_id: str | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed and upload ``path``'s publishable files in one commit; returns the repo URL."""
+    """Create ``repo_id`` if needed and upload ``path``'s publishable files in one commit; returns the repo URL.
+    ``base_model_id``: the base's Hub id, when it was a local folder (see :mod:`.local_paths`)."""
     directory = check_folder(path)
     check_repo_id(repo_id)  # before anything is read; the rest of check_push_possible once the folder is known good
     for pattern in include:
@@ -246,7 +248,8 @@ def push(
 
     token = check_push_possible(repo_id)
 
-    contents = _contents(directory, selection.files, repo_id)
+    contents = _contents(directory, selection.files, repo_id, base_model_id)
+    check_nothing_local(directory, contents, _recipe_paths(directory))
     total = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in contents.values())
     target = repo_id + (f" (branch {revision})" if revision else "")
     log.info(f"uploading {len(contents)} files ({_size(total)}) to {target} in one commit:")
@@ -286,39 +289,79 @@ def push(
     return f"{api.endpoint}/{repo_id}"
 
 
-def _contents(directory: Path, files: list[Path], repo_id: str) -> dict[str, Path | bytes]:
-    """name -> file (or bytes for the re-rendered card). The run files are read from the selection only, so
-    nothing is read through a link."""
+def _contents(
+    directory: Path, files: list[Path], repo_id: str, base_model_id: str | None = None
+) -> dict[str, Path | bytes]:
+    """name -> file, or the bytes of a published copy: the run's record without this machine's paths, and the
+    card re-rendered from it (see :mod:`hf_lora_recipe.shipping.local_paths`). The run files are read from the
+    selection only, so nothing is read through a link."""
+    import yaml
+
+    from hf_lora_recipe.shipping.local_paths import base_hub_id, machine_folders, without_local_paths
     from hf_lora_recipe.shipping.model_card import RESULTS_FILE, render_card
 
     contents: dict[str, Path | bytes] = {file.relative_to(directory).as_posix(): file for file in files}
-    if "README.md" not in contents or "recipe.yaml" not in contents:
-        return contents
-    import yaml
-
     try:
-        recipe = yaml.safe_load(contents["recipe.yaml"].read_text())
+        recipe = yaml.safe_load(contents["recipe.yaml"].read_text()) if "recipe.yaml" in contents else {}
         results = json.loads(contents[RESULTS_FILE].read_text()) if RESULTS_FILE in contents else {}
         if not isinstance(recipe, dict) or not isinstance(results, dict):
             raise ValueError("not a mapping")
-        # The card's load snippet names the repo, not the local path it was trained into.
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise PushError(
+            f"recipe.yaml / {RESULTS_FILE} in {directory} cannot be read ({type(error).__name__}): they are "
+            "published rewritten without local paths, so fix or remove them"
+        ) from None
+    base_id = base_hub_id(recipe, base_model_id) if recipe else base_model_id
+    if recipe and base_id is None:
+        log.warn(
+            f"the base was the local folder {Path(str(recipe.get('model_name_or_path'))).name} and its Hub id is "
+            "unknown: users must load the base themselves (the card says so); --base_model_id names it"
+        )
+    if recipe:
+        published = without_local_paths(recipe)
+        published["model_name_or_path"] = base_id or published.get("model_name_or_path")
+        contents["recipe.yaml"] = yaml.safe_dump(published, sort_keys=False, allow_unicode=True).encode()
+    if results:
+        contents[RESULTS_FILE] = (json.dumps(without_local_paths(results), indent=2) + "\n").encode()
+    if "adapter_config.json" in contents:
+        try:
+            adapter = json.loads(contents["adapter_config.json"].read_text())
+            adapter["base_model_name_or_path"] = base_id
+        except (OSError, ValueError, TypeError) as error:
+            raise PushError(f"{directory / 'adapter_config.json'} cannot be read ({type(error).__name__})") from None
+        contents["adapter_config.json"] = (json.dumps(adapter, indent=2, sort_keys=True) + "\n").encode()
+    if "README.md" in contents and recipe:
         kind = "adapter" if "adapter_config.json" in contents else "merged"
         card = render_card(
-            recipe,
-            results,
-            repo_id,
+            published,
+            without_local_paths(results),
+            repo_id,  # the load snippet names the repo, not the folder it was trained into
             kind,
-            _merge_base(contents["README.md"]),
+            _merge_base(contents["README.md"], machine_folders(directory, *_recipe_paths(directory))),
             has_plot="training_loss.png" in contents,
+            base_unknown=base_id is None,
         )
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
-        log.warn(
-            f"README.md uploaded as written: recipe.yaml / {RESULTS_FILE} in {directory} could not re-render "
-            f"the card for the repo ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-        )
-        return contents
-    contents["README.md"] = card.encode()
+        contents["README.md"] = card.encode()
     return contents
+
+
+def check_nothing_local(directory: Path, contents: dict[str, Path | bytes], recipe_paths: list[Any]) -> None:
+    """No published text names a folder of this machine: a last check over exactly what is uploaded."""
+    from hf_lora_recipe.shipping.local_paths import TEXT_SUFFIXES, first_local_path, machine_folders
+
+    folders = machine_folders(directory, *recipe_paths)
+    for name, content in contents.items():
+        if not name.endswith(TEXT_SUFFIXES):
+            continue
+        text = (
+            content.decode("utf-8", "replace") if isinstance(content, bytes) else content.read_text(errors="replace")
+        )
+        found = first_local_path(text, folders)
+        if found:
+            raise PushError(
+                f"{name} would publish the local path {found}: remove it from {directory / name}, or leave the "
+                "file out of the folder"
+            )
 
 
 def _push_error(error: Exception, step: str, endpoint: str, repo_id: str, token: str, attempts: int) -> Exception:
@@ -354,8 +397,26 @@ def _push_error(error: Exception, step: str, endpoint: str, repo_id: str, token:
     return error
 
 
-def _merge_base(card_path: Path) -> str | None:
+def _merge_base(card_path: Path, local_folders: list[str]) -> str | None:
+    """The merged card's merge-base line, with this machine's paths shortened to their names."""
+    from hf_lora_recipe.shipping.local_paths import names_only
+
     for line in card_path.read_text(errors="replace").splitlines():
         if line.startswith("- merge base: "):
-            return line.removeprefix("- merge base: ").strip("*")
+            return names_only(line.removeprefix("- merge base: ").strip("*"), local_folders)
     return None
+
+
+def _recipe_paths(directory: Path) -> list[Any]:
+    """The local paths the run's recipe.yaml names (base, data, output_dir, template): folders not to publish."""
+    import yaml
+
+    from hf_lora_recipe.shipping.local_paths import local
+
+    try:
+        recipe = yaml.safe_load((directory / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    values = list(recipe.values()) if isinstance(recipe, dict) else []
+    values += [source.get("name") for source in (recipe or {}).get("datasets") or [] if isinstance(source, dict)]
+    return [path for path in map(local, values) if path is not None]

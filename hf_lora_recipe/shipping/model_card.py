@@ -220,7 +220,21 @@ def _mixture_block(mixture: list[dict[str, Any]] | None) -> str:
     )
 
 
-def _load_snippet(kind: str, location: str, base: str, quantization: dict[str, Any] | None) -> str:
+def _python_string(value: str) -> str:
+    """A Python string literal for any path or id: JSON's escapes are Python's, and it keeps double quotes."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _unknown_base_note(base: str) -> str:
+    return (
+        f"\nThe base was a local folder (`{base}`) whose Hub id was not recorded: load your copy of it as `base`"
+        " below (`adapter_config.json` names no base, so `AutoPeftModelForCausalLM` cannot find it).\n"
+    )
+
+
+def _load_snippet(
+    kind: str, location: str, base: str, quantization: dict[str, Any] | None, base_unknown: bool = False
+) -> str:
     prompt = (
         "inputs = tokenizer.apply_chat_template(\n"
         f'    [{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}],\n'
@@ -232,10 +246,11 @@ def _load_snippet(kind: str, location: str, base: str, quantization: dict[str, A
     if kind == "merged":
         return (
             "import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f'model_id = "{location}"\n'
+            f"model_id = {_python_string(location)}\n"
             "tokenizer = AutoTokenizer.from_pretrained(model_id)\n"
             "model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.bfloat16)\n" + prompt
         )
+    base_source = f"path/to/your/copy/of/{base}" if base_unknown else base
     if quantization:
         arguments = ", ".join(
             f"{k}=torch.{v}" if k.endswith(("_dtype", "_storage")) else f"{k}={v!r}" for k, v in quantization.items()
@@ -249,9 +264,10 @@ def _load_snippet(kind: str, location: str, base: str, quantization: dict[str, A
         quantized = "quantization_config = None\n"
     return (
         "import torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig\n\n"
-        f'adapter = "{location}"\n'
+        f"adapter = {_python_string(location)}\n"
         + quantized
-        + f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.bfloat16, quantization_config=quantization_config)\n'
+        + f"base = AutoModelForCausalLM.from_pretrained({_python_string(base_source)}, dtype=torch.bfloat16, "
+        "quantization_config=quantization_config)\n"
         "model = PeftModel.from_pretrained(base, adapter)\n"
         "tokenizer = AutoTokenizer.from_pretrained(adapter)\n" + prompt
     )
@@ -272,13 +288,15 @@ def render_card(
     kind: str = "adapter",
     merge_base: str | None = None,
     has_plot: bool = False,
+    base_unknown: bool = False,
 ) -> str:
-    """The README.md for an adapter (``kind="adapter"``) or a merged model (``kind="merged"``)."""
+    """The README.md for an adapter (``kind="adapter"``) or a merged model (``kind="merged"``). ``base_unknown``:
+    the base was a local folder with no known Hub id (``model_name_or_path`` is then its folder name)."""
     base = recipe.get("model_name_or_path", "unknown")
     quantized = bool(recipe.get("load_in_4bit"))
     # The Hub reads base_model and datasets as repo ids: local paths are named in the text, not the metadata.
     metadata: dict[str, Any] = {}
-    if not Path(base).exists():
+    if not Path(base).exists() and not base_unknown:
         metadata["base_model"] = base
     metadata["library_name"] = "peft" if kind == "adapter" else "transformers"
     names = [source["name"] for source in recipe.get("datasets") or []] or [recipe.get("dataset_name", "unknown")]
@@ -332,9 +350,9 @@ the base is frozen and low-rank adapters `W' = W0 + (alpha/r) B A` are trained o
 {_resume_lines(results.get("resumes"))}{merge_line}- libraries: {", ".join(f"{k} {v}" for k, v in libraries.items())}
 
 ## How to load
-
+{_unknown_base_note(base) if base_unknown and kind == "adapter" else ""}
 ```python
-{_load_snippet(kind, location, base, _quantization(recipe))}
+{_load_snippet(kind, location, base, _quantization(recipe), base_unknown)}
 ```
 """
 
