@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -17,7 +18,11 @@ def write_atomically(target: Path, write: Callable[[Path], object], partial: Pat
     partial = partial or target.with_name(f".{target.name}.{os.getpid()}.partial")
     if partial.is_dir() and not partial.is_symlink():
         shutil.rmtree(partial)
-    write(partial)
+    try:
+        write(partial)
+    except BaseException:  # a full disk, an interrupt: the target stays as it was, and so does the folder
+        _remove(partial)
+        raise
     if target.is_dir() and not target.is_symlink():
         replace_directory(partial, target)
     else:
@@ -26,7 +31,43 @@ def write_atomically(target: Path, write: Callable[[Path], object], partial: Pat
 
 
 def write_text_atomically(target: Path, text: str, partial: Path | None = None) -> Path:
-    return write_atomically(target, lambda path: path.write_text(text), partial)
+    return write_atomically(target, lambda path: path.write_text(text, encoding="utf-8"), partial)
+
+
+def write_texts_atomically(texts: dict[Path, str]) -> None:
+    """Several files changed together: every new text written beside its file first, then all renamed into place
+    (renames need no space), so a failure leaves every file as it was."""
+    partials = {target: target.with_name(f".{target.name}.{os.getpid()}.partial") for target in texts}
+    try:
+        for target, text in texts.items():
+            partials[target].write_text(text, encoding="utf-8")
+    except BaseException:
+        for partial in partials.values():
+            _remove(partial)
+        raise
+    for target, partial in partials.items():
+        os.replace(partial, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, the file-size limit, the user's quota
+
+
+def disk_full_line(error: OSError) -> str | None:
+    """The one line for a write the disk refused, or None for any other error."""
+    if error.errno not in DISK_FULL:
+        return None
+    where = f" writing {error.filename}" if error.filename else ""
+    return (
+        f"the disk refused a write{where} ({os.strerror(error.errno)}): files being replaced are kept as they were "
+        "and an unfinished checkpoint is set aside on the next run; free space (or raise the limit) and rerun"
+    )
 
 
 def replace_directory(staging: Path, output: Path) -> None:

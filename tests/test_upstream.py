@@ -93,6 +93,18 @@ def test_transformers_attention_registry_lists_the_kernels_from_pretrained_accep
         AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpaa")
 
 
+def test_tokenizers_io_failure_is_a_bare_exception_naming_the_os_error(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from hf_lora_recipe.upstream.transformers import tokenizers_os_error
+
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - the bare Exception is what is checked
+        Tokenizer(models.BPE()).save(str(tmp_path / "missing" / "tokenizer.json"))
+    error = tokenizers_os_error(raised.value, "tokenizer.json")
+    assert isinstance(error, OSError) and error.errno == 2 and error.filename == "tokenizer.json"
+    assert tokenizers_os_error(ValueError("x (os error 2)"), "f") is None
+
+
 def test_transformers_trainer_save_checkpoint_hook_and_output_dir():
     import inspect
 

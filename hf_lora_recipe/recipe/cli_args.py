@@ -232,5 +232,16 @@ def command(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
         except KeyboardInterrupt:
             print(f"{ERROR_PREFIX} interrupted", file=sys.stderr, flush=True)
             return 130
+        except Exception as error:  # noqa: BLE001 - a refused write is one line; anything else keeps its traceback
+            from hf_lora_recipe.files import disk_full_line
+            from hf_lora_recipe.upstream.transformers import tokenizers_os_error
+
+            # a tokenizer saved inside a library call (Trainer's checkpoint) fails with tokenizers' bare Exception
+            os_error = error if isinstance(error, OSError) else tokenizers_os_error(error, "")
+            line = disk_full_line(os_error) if os_error is not None else None
+            if line is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            print(f"{ERROR_PREFIX} {line}", file=sys.stderr, flush=True)
+            return 2
 
     return run

@@ -244,6 +244,8 @@ def push(
             "model*.safetensors): give a training output_dir or a merged model's folder"
         )
 
+    check_complete(directory, selection.files)
+
     from huggingface_hub import CommitOperationAdd, HfApi
 
     token = check_push_possible(repo_id)
@@ -420,3 +422,43 @@ def _recipe_paths(directory: Path) -> list[Any]:
     values = list(recipe.values()) if isinstance(recipe, dict) else []
     values += [source.get("name") for source in (recipe or {}).get("datasets") or [] if isinstance(source, dict)]
     return [path for path in map(local, values) if path is not None]
+
+
+def incomplete(file: Path) -> str | None:
+    """Why a file we would publish is cut short (a write that ran out of space), or None."""
+    import struct
+
+    from hf_lora_recipe.shipping.model_card import is_our_card
+
+    try:
+        if file.suffix == ".safetensors":
+            with file.open("rb") as handle:
+                head = handle.read(8)
+                length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                header = json.loads(handle.read(length)) if 0 < length < 100 << 20 else None
+            if not isinstance(header, dict):
+                return "its safetensors header is cut short"
+            end = max((entry["data_offsets"][1] for k, entry in header.items() if k != "__metadata__"), default=0)
+            if file.stat().st_size < 8 + length + end:
+                return f"it holds {file.stat().st_size} bytes of the {8 + length + end} its header names"
+        elif file.suffix == ".json":
+            json.loads(file.read_text(encoding="utf-8"))
+        elif (
+            file.name == "README.md" and is_our_card(file) and "## How to load" not in file.read_text(errors="replace")
+        ):
+            return "the model card ends before its last section"
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        return f"it does not parse ({type(error).__name__})"
+    return None
+
+
+def check_complete(directory: Path, files: list[Path]) -> None:
+    """Nothing half-written is published: every safetensors file holds the bytes its header names, every JSON
+    file parses, and a card of ours has its last section."""
+    for file in files:
+        problem = incomplete(file)
+        if problem:
+            raise PushError(
+                f"{file.relative_to(directory)} is incomplete ({problem}): write it again (rerun the training or "
+                "merge that made it) before pushing"
+            )

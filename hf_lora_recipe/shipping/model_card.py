@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from hf_lora_recipe.files import write_text_atomically, write_texts_atomically
+
 
 RESULTS_FILE = "training_results.json"
 LOSS_PLOT = "training_loss.png"
@@ -508,9 +510,8 @@ def write_evaluation(directory: Path, report: dict[str, Any]) -> str | None:
             results = json.loads(results_path.read_text())
         except ValueError:
             results = None
-        if isinstance(results, dict):
-            results[EVALUATION] = report
-            results_path.write_text(json.dumps(results, indent=2) + "\n")
+    else:
+        results = None
     text = card.read_text(encoding="utf-8")
     section = render_evaluation(report)
     if _SECTION.search(text):
@@ -522,14 +523,17 @@ def write_evaluation(directory: Path, report: dict[str, Any]) -> str | None:
     kind = "merged" if "merged" in card_tags(card) else "adapter"
     location = str(directory.resolve())
     text = _with_metadata(text, "model-index", model_index(report, location, kind))
-    card.write_text(text, encoding="utf-8")
+    texts = {card: text}
+    if isinstance(results, dict):
+        texts[results_path] = json.dumps({**results, EVALUATION: report}, indent=2) + "\n"
+    write_texts_atomically(texts)  # both or neither: push re-renders the card from the results
     return None
 
 
 def write_card(directory: Path, location: str, kind: str = "adapter", merge_base: str | None = None) -> None:
     recipe, results = read_run(directory)
     card = render_card(recipe, results, location, kind, merge_base, has_plot=(directory / LOSS_PLOT).is_file())
-    (directory / "README.md").write_text(card)
+    write_text_atomically(directory / "README.md", card)
 
 
 def plot_losses(log_history: list[dict[str, Any]], path: Path) -> bool:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hf_lora_recipe.files import write_text_atomically
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError
 from hf_lora_recipe.templates.llama2 import chat_template, is_llama2_template, special_ids
 
@@ -105,9 +106,17 @@ def tokenizer_for(recipe: Recipe) -> Any:
 
 def save_tokenizer(tokenizer: Any, directory: str | Path) -> None:
     """Save with the chat template, keeping legacy mode: transformers does not record it by itself."""
-    tokenizer.save_pretrained(directory)
+    from hf_lora_recipe.upstream.transformers import tokenizers_os_error
+
+    try:
+        tokenizer.save_pretrained(directory)
+    except Exception as error:  # noqa: BLE001 - only tokenizers' bare I/O Exception is re-raised as what it is
+        os_error = tokenizers_os_error(error, str(Path(directory) / "tokenizer.json"))
+        if os_error is None:
+            raise
+        raise os_error from None
     if getattr(tokenizer, "legacy", False):
         config_path = Path(directory) / "tokenizer_config.json"
         config = json.loads(config_path.read_text())
         config["legacy"] = True
-        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomically(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")

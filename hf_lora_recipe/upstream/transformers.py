@@ -5,6 +5,7 @@ Checked on transformers 5.24.0 and 5.25.0.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -59,3 +60,15 @@ def named_model_type(error: BaseException) -> str | None:
 
 def asks_for_remote_code(error: BaseException) -> bool:
     return "trust_remote_code" in str(error)
+
+
+# tokenizers (Rust) raises a bare Exception for an I/O failure of a fast tokenizer's save, its text ending
+# "(os error N)" (checked on tokenizers 0.22): as an OSError, a full disk is reported like any other write.
+def tokenizers_os_error(error: Exception, filename: str) -> OSError | None:
+    import re
+
+    found = re.search(r"\(os error (\d+)\)\s*$", str(error))
+    if type(error) is not Exception or not found:
+        return None
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number), filename)
