@@ -158,7 +158,7 @@ def test_a_checkpoint_the_disk_refuses_stops_train_in_one_line_and_the_rerun_goe
     assert train_main([*flags, "--max_steps", "2"]) == 0  # also fills the data cache the limited run reads
     before = _digests(output_dir)
     body = "from hf_lora_recipe.commands.train import main as train\nreturn train(sys.argv[2:])"
-    script = RUNNER.format(body=textwrap.indent(body, "    "), limit=150_000)
+    script = RUNNER.format(body=textwrap.indent(body, "    "), limit=1_000_000)
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [PYTHON, "-c", script, str(output_dir), *flags, "--max_steps", "3"],
@@ -174,6 +174,7 @@ def test_a_checkpoint_the_disk_refuses_stops_train_in_one_line_and_the_rerun_goe
     assert len(errors) == 1 and "the disk refused a write (File too large)" in errors[0], result.stderr[-3000:]
     after = _digests(output_dir)
     assert {name: digest for name, digest in after.items() if not name.startswith("checkpoint-3/")} == before
+    assert (output_dir / "checkpoint-3").is_dir(), result.stderr[-3000:]  # the refused write was the checkpoint's
     assert not (output_dir / "checkpoint-3" / "hf_lora_recipe.json").exists()  # never marked complete
 
     assert train_main([*flags, "--max_steps", "3"]) == 0

@@ -30,7 +30,7 @@ from hf_lora_recipe.recipe.schema import load_recipe
 from hf_lora_recipe.shipping.model_card import render_card
 from hf_lora_recipe.templates.llama2 import IGNORE_INDEX
 
-from .conftest import CLI, run_cli
+from .conftest import CLI, run_cli, shared_asset
 from .fixtures import build_adapter_dir
 
 
@@ -309,6 +309,29 @@ def _no_held_out(t: Path, adapter: Path) -> list[str]:
     return ["--adapter", str(folder)]
 
 
+def _model_unlike(t: Path, adapter: Path, what: str) -> list[str]:
+    """A merged-model folder (config and tokenizer only: nothing loads) that is not a merge of ``adapter``."""
+    model = t / "merged"
+    model.mkdir()
+    base = yaml.safe_load((adapter / "recipe.yaml").read_text())["model_name_or_path"]
+    config = json.loads((Path(base) / "config.json").read_text())
+    if what == "width":
+        config = {**config, "hidden_size": 96, "head_dim": 24}
+    (model / "config.json").write_text(json.dumps(config))
+    tokenizer = shared_asset("tokenizers/gpt-neox-20b") if what == "tokenizer" else adapter
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, model / name)
+    return ["--adapter", str(adapter), "--model", str(model)]
+
+
+def _recipe_base_gone(t: Path, adapter: Path) -> list[str]:
+    folder = Path(shutil.copytree(adapter, t / "moved"))
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "model_name_or_path": str(t / "gone-base")}))
+    return ["--adapter", str(folder)]
+
+
 HOSTILE = [
     ("no-source", lambda t, a: [], "give --adapter DIR (base vs adapter), --model MERGED_DIR"),
     ("adapter-missing", lambda t, a: ["--adapter", str(t / "nope")], "no such folder"),
@@ -347,6 +370,17 @@ HOSTILE = [
         "--split: 'validation' is not a split of",
     ),
     ("model-not-a-model", lambda t, a: ["--model", str(t)], "no config.json there"),
+    (
+        "model-of-another-base",
+        lambda t, a: _model_unlike(t, a, "width"),
+        "down_proj has 96 output features, the adapter's 64: it is not the adapter's base",
+    ),
+    (
+        "model-with-another-tokenizer",
+        lambda t, a: _model_unlike(t, a, "tokenizer"),
+        "has another tokenizer than --adapter",
+    ),
+    ("recipe-base-gone", _recipe_base_gone, "gone-base is not there; put the base back there, or set"),
     ("abbreviated-flag", lambda t, a: ["--adapt", str(a)], "unknown flag --adapt; did you mean --adapter?"),
 ]
 

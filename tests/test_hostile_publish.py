@@ -333,6 +333,15 @@ def missing_base(ctx: Ctx) -> list[str]:
     return ["--adapter", str(ctx.keep(adapter)), "--output", str(ctx.tmp / "merged")]
 
 
+def other_base(ctx: Ctx, **changes: Any) -> list[str]:
+    """A base folder (config.json only: nothing loads) whose architecture differs from the adapter's base."""
+    base = ctx.tmp / "other-base"
+    base.mkdir()
+    config = json.loads((Path(ctx.request.getfixturevalue("tiny_base")) / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, **changes}))
+    return ["--adapter", str(ctx.keep(ctx.adapter_copy())), "--base", str(base), "--output", str(ctx.tmp / "m")]
+
+
 def a_file(ctx: Ctx, name: str, content: bytes = b"the user's file") -> Path:
     (ctx.tmp / name).write_bytes(content)
     return ctx.keep(ctx.tmp / name)
@@ -506,6 +515,31 @@ CASES = [
         2,
         "deleted-base is not there; pass --base",
         nothing_new("merged"),
+    ),
+    # a base that is not the adapter's is refused from its config.json, before any weight loads
+    Case(
+        "merge-base-of-another-width",
+        "merge",
+        lambda c: other_base(c, hidden_size=96, head_dim=24),
+        2,
+        "down_proj has 96 output features, the adapter's 64: it is not the adapter's base",
+        nothing_new("m"),
+    ),
+    Case(
+        "merge-base-missing-adapted-layers",
+        "merge",
+        lambda c: other_base(c, num_hidden_layers=1),
+        2,
+        "has no linear layer model.layers.1.",
+        nothing_new("m"),
+    ),
+    Case(
+        "merge-base-with-a-smaller-vocabulary",
+        "merge",
+        lambda c: other_base(c, vocab_size=1000),
+        2,
+        "has 1000 token rows, fewer than the adapter's tokenizer's 32000",
+        nothing_new("m"),
     ),
     # ------------------------------------------------ push: publish only what we mean to
     Case("push-symlinks-are-never-followed", "push", links_out, 0, "never follows links", link_warnings),

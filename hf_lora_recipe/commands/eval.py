@@ -43,6 +43,7 @@ from hf_lora_recipe.evaluation.scoring import (
     DEFAULT_NUM_EXAMPLES,
     check_adapter_dir,
     check_model_dir,
+    check_same_run,
     choose_data,
     evaluate_adapter,
     evaluate_merged,
@@ -97,6 +98,8 @@ def main(argv: list[str]) -> int:
         raise RecipeError("give --adapter DIR (base vs adapter), --model MERGED_DIR (base vs merged) or both")
     adapter_dir = check_adapter_dir(args.adapter) if args.adapter is not None else None
     model_dir = check_model_dir(args.model) if args.model is not None else None
+    if adapter_dir is not None and model_dir is not None:
+        check_same_run(adapter_dir, model_dir)
     source = adapter_dir or model_dir
     recipe = run_recipe(source, adapter_dir, args.dataset)
     data = choose_data(recipe, str(source), args.dataset, args.split)

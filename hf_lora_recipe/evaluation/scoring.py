@@ -574,6 +574,28 @@ def check_adapter_dir(adapter: str) -> Path:
     return path.resolve()
 
 
+# eval scores on the base the run names (it has no --base): what a user can do when that base is gone
+EVAL_BASE_FIX = "put the base back there, or set model_name_or_path in recipe.yaml to where it is now"
+
+
+def check_same_run(adapter_dir: Path, model_dir: Path) -> None:
+    """``--model`` is a merge of ``--adapter``'s base with the same tokenizer: checked before any weight loads."""
+    from transformers import AutoTokenizer
+
+    from hf_lora_recipe.shipping.merging import check_fits
+
+    recipe = saved_recipe(adapter_dir)
+    check_fits(adapter_dir, str(model_dir), "--model", bool(recipe and recipe.trust_remote_code))
+    if (
+        AutoTokenizer.from_pretrained(str(model_dir)).get_vocab()
+        != AutoTokenizer.from_pretrained(str(adapter_dir)).get_vocab()
+    ):
+        raise RecipeError(
+            f"--model {model_dir} has another tokenizer than --adapter {adapter_dir}: it is not a merge of this "
+            "adapter; give the folder hf-lora-recipe merge wrote from it"
+        )
+
+
 def check_model_dir(model: str) -> Path:
     path = Path(model).expanduser()
     if not path.is_dir():
@@ -592,7 +614,7 @@ def run_recipe(source: Path, adapter_dir: Path | None, dataset: str | None) -> R
 
     recipe = saved_recipe(source)
     if recipe is not None:
-        check_base(recipe.model_name_or_path, f"{source / 'recipe.yaml'}")
+        check_base(recipe.model_name_or_path, f"{source / 'recipe.yaml'}", EVAL_BASE_FIX)
         return recipe
     if adapter_dir is None:
         raise RecipeError(
@@ -604,5 +626,5 @@ def run_recipe(source: Path, adapter_dir: Path | None, dataset: str | None) -> R
             f"{source} has no recipe.yaml (not trained by hf-lora-recipe?), so its held-out set is "
             "unknown: pass --dataset PATH_OR_ID"
         )
-    base = check_base(base_of(adapter_dir), f"{adapter_dir / 'adapter_config.json'}")
+    base = check_base(base_of(adapter_dir), f"{adapter_dir / 'adapter_config.json'}", EVAL_BASE_FIX)
     return Recipe(model_name_or_path=base, load_in_4bit=False, dataset_name=dataset, dataset_format="auto")

@@ -126,14 +126,68 @@ def base_of(adapter_dir: Path) -> str:
     return base
 
 
-def check_base(base: str, source: str) -> str:
-    """A local base must exist; a repo id is left to the loader (it may be in the cache)."""
+def check_base(base: str, source: str, fix: str = "pass --base PATH_OR_REPO") -> str:
+    """A local base must exist; a repo id is left to the loader (it may be in the cache). ``fix``: what the
+    command that asks can do about it."""
     path = Path(base).expanduser()
     if path.exists():
         return str(path)
     if base.startswith((".", "/", "~")) or base.count("/") > 1:
-        raise RecipeError(f"{source}: the base model {base} is not there; pass --base PATH_OR_REPO")
+        raise RecipeError(f"{source}: the base model {base} is not there; {fix}")
     return base
+
+
+def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[str, list[int]]]:
+    """Each adapted module of a saved adapter -> (which LoRA tensor, its shape), from the safetensors header."""
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    found: dict[str, tuple[str, list[int]]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+                if module and part in ("A.weight", "B.weight"):
+                    found[f"{module} lora_{part.split('.')[0]}"] = (module, list(weights.get_slice(key).get_shape()))
+    except (OSError, ValueError, RuntimeError) as error:  # a missing or damaged file
+        raise RecipeError(f"{path} cannot be read ({log.first_line(error)}): re-save the adapter or retrain") from None
+    return found
+
+
+def check_fits(adapter_dir: Path, model: str, flag: str, trust_remote_code: bool = False) -> None:
+    """``model`` (a base, or a merged model) has every module the adapter adapts, at the adapter's sizes, and a
+    vocabulary that holds the adapter's tokenizer: read from its config.json on the meta device, before any
+    weight loads."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_lora_recipe.model.loading import meta_model, read_model_config
+
+    config = read_model_config(model, trust_remote_code=trust_remote_code, where=f"{flag} {model}")
+    modules = dict(
+        meta_model(config, Recipe(model_name_or_path=model, trust_remote_code=trust_remote_code)).named_modules()
+    )
+    for label, (name, shape) in adapter_shapes(adapter_dir).items():
+        module = modules.get(name)
+        if not isinstance(module, torch.nn.Linear):
+            raise RecipeError(
+                f"{flag} {model} has no linear layer {name}, which the adapter adapts: it is not the adapter's base "
+                f"(a {type(config).__name__}); give the base it was trained on"
+            )
+        size, wanted = (module.in_features, shape[1]) if label.endswith("lora_A") else (module.out_features, shape[0])
+        if size != wanted:
+            side = "input" if label.endswith("lora_A") else "output"
+            raise RecipeError(
+                f"{flag} {model}: {name} has {size} {side} features, the adapter's {wanted}: it is not the "
+                "adapter's base; give the base it was trained on"
+            )
+    vocabulary = config.get_text_config().vocab_size
+    tokens = len(AutoTokenizer.from_pretrained(str(adapter_dir)))
+    if tokens > vocabulary:
+        raise RecipeError(
+            f"{flag} {model} has {vocabulary} token rows, fewer than the adapter's tokenizer's {tokens}: it is not "
+            "the adapter's base; give the base it was trained on"
+        )
 
 
 def check_output(output: str | Path, adapter_dir: Path | None, base: str | None, overwrite: bool) -> Path:
@@ -203,11 +257,16 @@ def merge(
     adapter_dir = local_adapter(adapter)
     if adapter_dir is not None:
         adapter = str(adapter_dir)
+    base_given = base is not None
     if base is not None or adapter_dir is not None:
         source = "--base" if base is not None else f"{adapter_dir / 'adapter_config.json'}"
         base = check_base(base or base_of(adapter_dir), source)
     output = check_output(output, adapter_dir, base, overwrite)
     recipe = saved_recipe(adapter)
+    if adapter_dir is not None:
+        check_fits(
+            adapter_dir, base, "--base" if base_given else "its base", bool(recipe and recipe.trust_remote_code)
+        )
     quantized = bool(recipe and recipe.load_in_4bit)
     merge_into = merge_into or ("dequantized" if quantized else "original")
     if merge_into not in MERGE_INTO:
