@@ -413,3 +413,70 @@ def test_variants_train_under_each_engine_as_in_one_process(tiny_base, alpaca_pa
         assert difference <= tolerance, config
         saved = json.loads((tmp_path / config / "adapter_config.json").read_text())
         assert saved["use_dora"] and saved["use_rslora"]
+
+
+# ---------------------------------------------------------------- launched by train --accelerate_config
+
+
+@pytest.mark.parametrize(
+    "config, flags, phrase",
+    [
+        ("deepspeed_zero2", [], "the accelerate config asks for DeepSpeed, which is not installed here"),
+        ("cpu_ddp", ["--global_batch_size", "4"], "global_batch_size 4 is not a whole multiple of"),
+        ("missing", [], "--accelerate_config "),
+    ],
+    ids=["deepspeed-not-installed", "batch-indivisible-over-two-processes", "config-missing"],
+)
+def test_a_launch_checked_by_train_fails_in_one_line_before_any_process(
+    config, flags, phrase, tiny_base, alpaca_path, tmp_path
+):
+    """The launching process checks with the launch's engine and world size: one line, exit 2, nothing started."""
+    import importlib.util
+
+    assert importlib.util.find_spec("deepspeed") is None  # the test environment has no DeepSpeed
+    result = run_cli(
+        CLI,
+        "train",
+        *_args(tiny_base, alpaca_path, tmp_path / "out", "--max_steps", "1", *flags),
+        "--accelerate_config",
+        str(CONFIGS / f"{config}.yaml"),
+        "--num_processes",
+        "2",
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith("hf-lora-recipe: error: ") and phrase in result.stderr
+    assert "accelerate launch" not in result.stdout and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # two processes through accelerate launch
+def test_train_with_accelerate_config_checks_then_launches_two_processes(tiny_base, alpaca_path, tmp_path):
+    result = run_cli(
+        CLI,
+        "train",
+        *_args(tiny_base, alpaca_path, tmp_path / "out", "--max_steps", "2", "--global_batch_size", "8", *LORA),
+        "--accelerate_config",
+        str(CONFIGS / "cpu_ddp.yaml"),
+        "--num_processes",
+        "2",
+    )
+    _ok(result)
+    assert "checked for DDP on 2 processes: starting them with accelerate launch" in result.stdout
+    assert "rank 1/2" in result.stdout + result.stderr and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow  # two processes through accelerate launch
+def test_under_accelerate_launch_a_refusal_is_printed_once(tiny_base, alpaca_path, tmp_path):
+    """Every rank fails the same check; only the main process prints it (the launcher then reports the failed
+    workers in its own words, which no process of ours can silence)."""
+    result = subprocess.run(
+        _launch(
+            "cpu_ddp", *_args(tiny_base, alpaca_path, tmp_path / "out", "--max_steps", "1", "--global_batch_size", "4")
+        ),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("hf-lora-recipe: error: global_batch_size 4 is not a whole multiple") == 1

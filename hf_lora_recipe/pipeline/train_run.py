@@ -52,9 +52,10 @@ class Launch:
         }
 
 
-def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
+def check_launch(recipe: Recipe, launcher: bool = False) -> tuple[Recipe, Launch]:
     """The micro-batch (auto resolved against memory) and accumulation for this launch's world size; an
-    indivisible global batch fails before anything loads."""
+    indivisible global batch fails before anything loads. ``launcher``: checked by the process that starts the
+    others (pipeline/launch.py), which has the launch's variables but no process group."""
     world_size = log.world_size()
     engine = current_engine()
     check_engine(recipe, engine)
@@ -63,7 +64,9 @@ def check_launch(recipe: Recipe) -> tuple[Recipe, Launch]:
     check_attention_name(recipe)
     base = BaseOnMeta(recipe)
     auto = recipe.per_device_train_batch_size == AUTO
-    recipe, micro_batch = resolve_micro_batch(recipe, world_size, shape=base.shape if auto else None)
+    recipe, micro_batch = resolve_micro_batch(
+        recipe, world_size, shape=base.shape if auto else None, across_ranks=not launcher
+    )
     if micro_batch:
         log.info(micro_batch.line())
     launch = Launch(world_size, gradient_accumulation_steps(recipe, world_size), engine, base)

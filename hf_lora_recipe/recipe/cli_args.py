@@ -206,6 +206,12 @@ class RecipeParser(CommandParser):
 DEBUG_ENV = "HF_LORA_RECIPE_DEBUG"  # =1: show the traceback of an expected failure too
 
 
+def _say_once(line: str) -> None:
+    """The error line, from the main process only: under ``accelerate launch`` every rank fails the same check."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
 def command(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
     """Wrap a command's ``main``: expected failures become one ``hf-lora-recipe: error:`` line and exit code 2.
 
@@ -223,14 +229,14 @@ def command(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
         except RecipeError as error:
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
-            print(f"{ERROR_PREFIX} {error}", file=sys.stderr, flush=True)
+            _say_once(f"{ERROR_PREFIX} {error}")
             return 2
         except BrokenPipeError:
             # `... | head`: the reader left; say nothing more, and keep Python from complaining at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         except KeyboardInterrupt:
-            print(f"{ERROR_PREFIX} interrupted", file=sys.stderr, flush=True)
+            _say_once(f"{ERROR_PREFIX} interrupted")
             return 130
         except Exception as error:  # noqa: BLE001 - a refused write is one line; anything else keeps its traceback
             from hf_lora_recipe.files import disk_full_line
@@ -241,7 +247,7 @@ def command(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
             line = disk_full_line(os_error) if os_error is not None else None
             if line is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
-            print(f"{ERROR_PREFIX} {line}", file=sys.stderr, flush=True)
+            _say_once(f"{ERROR_PREFIX} {line}")
             return 2
 
     return run

@@ -61,8 +61,11 @@ def available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def resolve(recipe: Recipe, world_size: int, shape: Any | None = None) -> tuple[Recipe, MicroBatch | None]:
-    """The recipe with a number for ``per_device_train_batch_size`` (unchanged when it already has one)."""
+def resolve(
+    recipe: Recipe, world_size: int, shape: Any | None = None, across_ranks: bool = True
+) -> tuple[Recipe, MicroBatch | None]:
+    """The recipe with a number for ``per_device_train_batch_size`` (unchanged when it already has one).
+    ``across_ranks`` false: this process's choice alone (a launcher checking before its processes exist)."""
     if recipe.per_device_train_batch_size != AUTO:
         return recipe, None
     from hf_lora_recipe.distributed.engines import current_engine
@@ -85,7 +88,7 @@ def resolve(recipe: Recipe, world_size: int, shape: Any | None = None) -> tuple[
             f"{smallest / GIB:.2f} GiB, over the {budget / GIB:.2f} GiB budget ({source}); "
             "raise memory_budget_gb, lower max_length, or turn gradient_checkpointing on"
         )
-    if world_size > 1:
+    if world_size > 1 and across_ranks:
         size = smallest_over_ranks(size)
     planned = memory(shape, recipe, size, world_size, strategy).total
     return dataclasses.replace(recipe, per_device_train_batch_size=size), MicroBatch(size, planned, budget, source)

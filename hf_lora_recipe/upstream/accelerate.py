@@ -35,3 +35,27 @@ def forget_dataloader(accelerator: Any, dataloader: Any) -> None:
     mid-iteration would otherwise stay registered, and accelerate decides gradient syncs by its end."""
     prepared = accelerator._dataloaders
     prepared[:] = [entry for entry in prepared if entry is not dataloader]
+
+
+def launch_environment(config_file: str, num_processes: int | None) -> tuple[dict[str, str], int]:
+    """The engine variables ``accelerate launch --config_file`` gives its processes, and the world size: computed
+    in the launching process, so the launch can be checked before any process starts. accelerate resolves a
+    config file in ``_validate_launch_command`` (private: no public equivalent) and exports it with
+    ``prepare_multi_gpu_env``; for DeepSpeed its launcher exports the ZeRO stage as below."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    argv = ["--config_file", config_file, *(["--num_processes", str(num_processes)] if num_processes else [])]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args([*argv, "-m", "hf_lora_recipe.train"]))
+    world_size = int(args.num_processes or 1) * int(args.num_machines or 1)
+    if args.use_deepspeed:
+        stage = getattr(args, "zero_stage", None)
+        environment = {"ACCELERATE_USE_DEEPSPEED": "true"}
+        if stage is not None:
+            environment["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = str(stage)
+        if getattr(args, "deepspeed_config_file", None):
+            environment["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(args.deepspeed_config_file)
+        return environment, world_size
+    if world_size == 1 and not args.use_fsdp:
+        return {}, 1
+    return dict(prepare_multi_gpu_env(args)), world_size
