@@ -12,6 +12,8 @@ import json
 import pytest
 import torch
 
+from .conftest import REPO_ROOT
+
 
 # --- torch
 
@@ -172,6 +174,19 @@ def test_accelerate_shared_state_and_prepared_dataloaders():
 
 
 # --- PEFT
+
+
+def test_accelerate_launch_environment_from_a_config_file():
+    from hf_lora_recipe.upstream.accelerate import launch_environment
+
+    configs = REPO_ROOT / "accelerate_configs"
+    fsdp, processes = launch_environment(str(configs / "fsdp_lora.yaml"), 2)
+    assert processes == 2 and fsdp["ACCELERATE_USE_FSDP"] == "true" and fsdp["FSDP_VERSION"] == "2"
+    assert fsdp["FSDP_ACTIVATION_CHECKPOINTING"] == "false"
+    zero3, processes = launch_environment(str(configs / "deepspeed_zero3.yaml"), None)
+    assert zero3 == {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"} and processes == 8
+    assert launch_environment(str(configs / "cpu_ddp.yaml"), None)[1] == 2
+    assert launch_environment(str(configs / "single_gpu.yaml"), None) == ({}, 1)
 
 
 def test_peft_eva_hook_classes():
