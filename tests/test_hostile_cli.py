@@ -177,6 +177,43 @@ ROWS = [
         2,
         "--max_retries must be >= 0; got -1",
     ),
+    # configs and data a careless user points at (issue 23, the rest of the table)
+    ("config-is-a-folder", "train", lambda t: ["--config", str(t)], 2, "is a folder: give the recipe's YAML file"),
+    (
+        "plan-zero-layers",
+        "plan",
+        lambda t: ["--model_config", _sized(t, num_hidden_layers=0)],
+        2,
+        "num_hidden_layers 0",
+    ),
+    (
+        "plan-zero-vocabulary",
+        "plan",
+        lambda t: ["--model_config", _sized(t, vocab_size=0, pad_token_id=None, bos_token_id=None, eos_token_id=None)],
+        2,
+        "vocab_size 0",
+    ),
+    (
+        "plan-encoder-config",
+        "plan",
+        lambda t: ["--model_config", _encoder(t)],
+        2,
+        "no decoder layers found (model.model.layers); is it a decoder-only causal LM?",
+    ),
+    (
+        "mixture-one-file-by-two-paths",
+        "preview",
+        lambda t: ["--datasets", f"{{name: {_data(t)}}}", f"{{name: {_data(t).parent}/./{_data(t).name}}}"],
+        2,
+        "is listed twice (the same data as datasets[0], ",
+    ),
+    (
+        "preview-ambiguous-source",
+        "preview",
+        lambda t: ["--datasets", f"{{name: {_data(t)}}}", f"{{name: {_data(t, 'sub')}}}", "--source", "d.jsonl"],
+        2,
+        "--source d.jsonl names 2 of this recipe's datasets (0: ",
+    ),
     (
         "merge-abbreviated-flag",
         "merge",
@@ -185,6 +222,34 @@ ROWS = [
         "unknown flag --adapt; did you mean --adapter?",
     ),
 ]
+
+
+def _sized(tmp_path: Path, **changes: int | None) -> str:
+    """A Llama config.json (the shared Llama 3 8B's) with some sizes changed."""
+    import json
+
+    config = json.loads((shared_asset(LLAMA_8B) / "config.json").read_text())
+    path = tmp_path / "sized" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**config, **changes}))
+    return str(path)
+
+
+def _encoder(tmp_path: Path) -> str:
+    path = tmp_path / "bert" / "config.json"
+    path.parent.mkdir()
+    path.write_text(
+        '{"model_type": "bert", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, '
+        '"intermediate_size": 128, "vocab_size": 100, "is_decoder": true}'
+    )
+    return str(path)
+
+
+def _data(tmp_path: Path, folder: str = "") -> Path:
+    path = tmp_path / folder / "d.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    return path
 
 
 def _binary(tmp_path: Path) -> str:
@@ -240,3 +305,37 @@ def test_a_closed_pipe_ends_quietly():
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0
     assert first.startswith(b"data: ") and "Traceback" not in err and "BrokenPipe" not in err
+
+
+@pytest.mark.parametrize("stdin, prompt", [("Name three colours.\n", "Name three colours."), ("\n", None)])
+def test_generate_prompt_dash_reads_stdin(stdin, prompt, tmp_path, capsys, monkeypatch):
+    """``--prompt -`` takes the user turn from stdin (before any model loads); empty stdin is one line."""
+    import io
+
+    import hf_lora_recipe.commands.generate as command
+
+    asked = []
+    monkeypatch.setattr(command, "load_for_inference", lambda *args: ("model", "tokenizer"))
+    monkeypatch.setattr(command, "generate", lambda model, tokenizer, text, *rest: asked.append(text))
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = command.main(["--model", str(tmp_path), "--prompt", "-"])
+    if prompt is None:
+        assert code == 2 and asked == []
+        assert capsys.readouterr().err.strip() == (
+            "hf-lora-recipe: error: --prompt -: stdin held no text; pipe the prompt in, or give it as --prompt TEXT"
+        )
+    else:
+        assert code == 0 and asked == [prompt]
+
+
+def test_the_command_line_data_replaces_the_recipe_files_data(tmp_path):
+    """--datasets over a recipe's dataset_name (and --dataset_name over its datasets): the command line wins."""
+    from hf_lora_recipe.commands.preview import PARSER
+
+    single = _recipe(tmp_path, "dataset_name: theirs.jsonl\ndataset_format: alpaca\n")
+    recipe, _ = PARSER.parse_recipe(["--config", single, "--datasets", f"{{name: {_data(tmp_path)}}}"])
+    assert recipe.dataset_name == "tatsu-lab/alpaca" and [s["name"] for s in recipe.datasets] == [str(_data(tmp_path))]
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text("datasets:\n  - {name: theirs.jsonl}\n")
+    recipe, _ = PARSER.parse_recipe(["--config", str(mixture), "--dataset_name", "mine.jsonl"])
+    assert recipe.dataset_name == "mine.jsonl" and recipe.datasets == []

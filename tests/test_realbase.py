@@ -7,6 +7,7 @@ Every test but the error ones reads the one cached copy (built once, ~40 s, by t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -122,10 +123,26 @@ def test_a_damaged_copy_is_seen_as_incomplete(smollm2_base, tmp_path):
     for path in smollm2_base.iterdir():
         (copy / path.name).symlink_to(path)
     assert _problem(copy, SMOLLM2) is None
+    (copy / "tokenizer_config.json").unlink()  # the same size, one byte changed: only the hash can tell
+    text = (smollm2_base / "tokenizer_config.json").read_bytes()
+    (copy / "tokenizer_config.json").write_bytes(text[:-2] + (b"x" if text[-2:-1] != b"x" else b"y") + text[-1:])
+    assert _problem(copy, SMOLLM2) == "tokenizer_config.json no longer has the sha256 its record holds"
     (copy / "model.safetensors").unlink()
     assert "model.safetensors is missing" in _problem(copy, SMOLLM2)
     (copy / MARKER).unlink()
     assert _problem(copy, SMOLLM2) == "no completion record"
+
+
+@pytest.mark.parametrize("cache_dir, phrase", [("", "--cache_dir is empty"), ("a-file", "is a file, not a folder")])
+def test_a_cache_dir_that_cannot_hold_the_folder_is_one_line(cache_dir, phrase, tmp_path, monkeypatch, capsys):
+    from hf_lora_recipe.commands.base import main as base_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("mine\n")
+    assert base_main(["--cache_dir", cache_dir]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hf-lora-recipe: error: ") and phrase in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "mine\n"
 
 
 def test_the_cache_follows_the_environment(monkeypatch, tmp_path):
@@ -165,7 +182,7 @@ def _fake_copy(parent, name, text):
     record = {
         "written_by": MARKER_WRITER,
         "format": FORMAT,
-        "files": {"config.json": len(text)},
+        "files": {"config.json": {"size": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}},
         "source": {"package_version": _installed_version(SMOLLM2.requirement)},
     }
     (folder / MARKER).write_text(json.dumps(record))

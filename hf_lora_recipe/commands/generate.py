@@ -10,8 +10,10 @@ the same ids), tokens stream to stdout as they are generated, and generation sto
 
 from __future__ import annotations
 
+import sys
+
 from hf_lora_recipe.recipe.cli_args import CommandParser, command
-from hf_lora_recipe.recipe.schema import COUNT, NON_NEGATIVE, Bounds
+from hf_lora_recipe.recipe.schema import COUNT, NON_NEGATIVE, Bounds, RecipeError
 from hf_lora_recipe.shipping.inference import generate, load_for_inference
 
 
@@ -19,7 +21,7 @@ PARSER = CommandParser("generate", __doc__)
 _SOURCE = PARSER.add_mutually_exclusive_group(required=True)
 _SOURCE.add_argument("--adapter", help="adapter directory or Hub repo (its base is loaded from adapter_config.json)")
 _SOURCE.add_argument("--model", help="merged model directory or Hub repo")
-PARSER.add_argument("--prompt", required=True, help="the user turn")
+PARSER.add_argument("--prompt", required=True, help="the user turn; - reads it from stdin")
 PARSER.add_argument("--system", help="optional system prompt")
 PARSER.add_number("--max_new_tokens", int, COUNT, 256, "reply length limit")
 PARSER.add_number("--temperature", float, NON_NEGATIVE, 0.0, "sampling temperature; 0 = greedy")
@@ -36,6 +38,10 @@ PARSER.add_flag("--load_in_4bit", help="load the base quantized as training did 
 @command
 def main(argv: list[str]) -> int:
     args = PARSER.parse(argv)
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read().strip("\n")
+        if not args.prompt.strip():
+            raise RecipeError("--prompt -: stdin held no text; pipe the prompt in, or give it as --prompt TEXT")
     model, tokenizer = load_for_inference(args.adapter, args.model, args.load_in_4bit)
     generate(model, tokenizer, args.prompt, args.system, args.max_new_tokens, args.temperature, args.top_p)
     return 0

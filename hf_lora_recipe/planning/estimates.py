@@ -77,7 +77,9 @@ def measure_shape(config: Any, recipe: Recipe, model: Any | None = None) -> Shap
     unmatched = [] if all_linear else [t for t in recipe.lora_target_modules if t not in names]
     layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else None
     if layers is None:
-        raise RecipeError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
+        raise RecipeError(
+            f"{type(model).__name__}: no decoder layers found (model.model.layers); is it a decoder-only causal LM?"
+        )
     quantizable = [m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     total_base = sum(p.numel() for p in model.parameters())
     text = config.get_text_config()

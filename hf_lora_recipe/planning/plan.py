@@ -33,11 +33,13 @@ ALPACA_ESTIMATE = (52_002, 197)  # rows; mean tokens/example (Llama-2 tokenizer 
 
 def read_config(model_config: str, trust_remote_code: bool = False) -> Any:
     """The architecture's config from a config.json, a folder holding one, or a Hub id; user errors in one line."""
-    from hf_lora_recipe.model.loading import read_model_config
+    from hf_lora_recipe.model.loading import check_sizes, read_model_config
 
     path = Path(model_config).expanduser()
     name = str(path.parent) if path.is_file() else str(path) if path.exists() else model_config
-    return read_model_config(name, trust_remote_code=trust_remote_code, where=model_config)
+    config = read_model_config(name, trust_remote_code=trust_remote_code, where=model_config)
+    check_sizes(config, model_config)
+    return config
 
 
 # ---------------------------------------------------------------- seed traceability and lints

@@ -505,6 +505,8 @@ def load_recipe(config_path: str | os.PathLike | None = None, overrides: dict[st
     values: dict[str, Any] = {}
     if config_path is not None:
         path = Path(config_path).expanduser()
+        if path.is_dir():
+            raise RecipeError(f"--config {path} is a folder: give the recipe's YAML file (e.g. recipes/NAME.yaml)")
         if not path.is_file():
             raise RecipeError(f"recipe not found: {path}")
         loaded = read_yaml(path) or {}
@@ -514,10 +516,17 @@ def load_recipe(config_path: str | os.PathLike | None = None, overrides: dict[st
             if key not in FIELDS and key != "derived":
                 raise unknown_key_error(str(key), f"in {path}")
         values.update(loaded)
-    for key, value in (overrides or {}).items():
+    overrides = overrides or {}
+    for key in overrides:
         if key not in FIELDS:
             raise unknown_key_error(key, "in overrides")
-        values[key] = value
+    # the command line wins over the file: data given one way there replaces the file's data given the other way
+    if "datasets" in overrides:
+        for key in SINGLE_DATASET_KEYS:
+            values.pop(key, None)
+    elif any(key in overrides for key in SINGLE_DATASET_KEYS):
+        values.pop("datasets", None)
+    values.update(overrides)
     return load_recipe_dict(values)
 
 
@@ -629,15 +638,19 @@ def normalise_sources(recipe: Recipe) -> None:
             f"datasets: every entry gives a weight, or every entry a fraction, or none does; got a mix "
             f"({', '.join(sorted(kinds))})"
         )
-    seen: set = set()
+    seen: dict[tuple, int] = {}
     for index, source in enumerate(recipe.datasets):
-        key = (source["name"], source["split"], source["config"])
+        path = Path(source["name"]).expanduser()
+        where = str(path.resolve()) if path.exists() else source["name"]  # one file by two paths is one source
+        key = (where, source["split"], source["config"])
         if key in seen:
+            first = recipe.datasets[seen[key]]["name"]
+            same = "" if first == source["name"] else f" (the same data as datasets[{seen[key]}], {first})"
             raise RecipeError(
-                f"datasets[{index}]: {source['name']} ({source['split']}) is listed twice; give it once "
+                f"datasets[{index}]: {source['name']} ({source['split']}) is listed twice{same}; give it once "
                 "with the weight or fraction it should have"
             )
-        seen.add(key)
+        seen[key] = index
 
 
 def validate(recipe: Recipe) -> None:
