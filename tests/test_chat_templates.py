@@ -160,3 +160,21 @@ def test_template_choices_fail_clearly(tmp_path, llama2_tokenizer):
     unclosed.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
     with pytest.raises(RecipeError, match="no special token"):
         load_tokenizer(llama2, template=str(unclosed))
+
+
+def test_a_template_that_never_finishes_its_probe_is_stopped_in_one_line(tmp_path, monkeypatch):
+    """A nested 10^10-step loop (each range within jinja's sandbox cap): the probe render is cut off and named."""
+    import time
+
+    import hf_lora_recipe.templates.jinja as jinja
+
+    monkeypatch.setattr(jinja, "PROBE_SECONDS", 1)
+    endless = tmp_path / "endless.jinja"
+    endless.write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+        "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    )
+    started = time.monotonic()
+    with pytest.raises(RecipeError, match=r"^the chat template did not finish rendering a 2-turn probe conversation"):
+        load_tokenizer(str(shared_asset("tokenizers/llama2")), template=str(endless))
+    assert time.monotonic() - started < 10

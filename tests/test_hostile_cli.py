@@ -208,6 +208,18 @@ ROWS = [
         "is listed twice (the same data as datasets[0], ",
     ),
     (
+        "mixture-weights-that-would-expand-without-end",
+        "preview",
+        lambda t: [
+            *("--model_name_or_path", str(shared_asset("tokenizers/llama2"))),
+            *("--datasets", f"{{name: {_data(t, 'many', rows=40)}, weight: 1}}"),
+            f"{{name: {_data(t, 'one')}, weight: 1000000}}",
+            *("--mixture_stopping_strategy", "all_exhausted"),
+        ],
+        2,
+        "would make the all_exhausted mixture about 40,000,040 examples, over 100x the sources' 41 rows",
+    ),
+    (
         "preview-ambiguous-source",
         "preview",
         lambda t: ["--datasets", f"{{name: {_data(t)}}}", f"{{name: {_data(t, 'sub')}}}", "--source", "d.jsonl"],
@@ -245,10 +257,10 @@ def _encoder(tmp_path: Path) -> str:
     return str(path)
 
 
-def _data(tmp_path: Path, folder: str = "") -> Path:
+def _data(tmp_path: Path, folder: str = "", rows: int = 1) -> Path:
     path = tmp_path / folder / "d.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    path.write_text("".join(f'{{"instruction": "q{i}", "input": "", "output": "a{i}"}}\n' for i in range(rows)))
     return path
 
 

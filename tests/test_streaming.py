@@ -260,3 +260,23 @@ def test_two_processes_stream_what_one_process_streams(tiny_base, tmp_path, rows
     assert ranks == {"0": "12", "1": "12"}  # rank 0 reads the stream, each rank trains its half of every batch
     ours, theirs = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < DDP_TOLERANCE
+
+
+def test_a_stream_whose_last_line_is_being_written_is_read_to_its_last_complete_line(
+    tmp_path, rows, llama2_tokenizer, capsys
+):
+    """A file still being appended: its last line has no newline and is not JSON yet. The stream stops before
+    it (and says so) rather than fail; a last line without newline that is complete JSON is read."""
+    path = _write(tmp_path / "growing.jsonl", rows[:5])
+    with path.open("a") as handle:
+        handle.write('{"instruction": "half writ')
+    stream, head = build_stream(_recipe(path, streaming=True), llama2_tokenizer)
+    assert head.examples_in == 5
+    assert (
+        "growing.jsonl line 7 is not complete yet (no newline, not valid JSON): read up to line 6"
+        in capsys.readouterr().err
+    )
+    complete = tmp_path / "no-final-newline.jsonl"
+    complete.write_text(path.read_text().rsplit("\n", 1)[0] + "\n" + json.dumps(rows[5]))
+    _, head = build_stream(_recipe(complete, streaming=True), llama2_tokenizer)
+    assert head.examples_in == 6

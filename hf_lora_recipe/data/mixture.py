@@ -117,6 +117,7 @@ def _mixed(recipe: Recipe, parts: list[Any]) -> Any:
     weights = [s["weight"] for s in recipe.datasets]
     if weights[0] is not None:
         probabilities = [w / sum(weights) for w in weights]
+        check_expansion(recipe, [len(part) for part in tagged], probabilities)
         return interleave_datasets(
             tagged, probabilities=probabilities, seed=recipe.seed, stopping_strategy=recipe.mixture_stopping_strategy
         )
@@ -127,6 +128,25 @@ def _mixed(recipe: Recipe, parts: list[Any]) -> Any:
             for part, fraction in zip(tagged, fractions)
         ]
     return concatenate_datasets(tagged)
+
+
+MAX_EXPANSION = 100  # a weighted mixture may repeat its sources up to this many times their total rows
+
+
+def check_expansion(recipe: Recipe, rows: list[int], probabilities: list[float]) -> None:
+    """Refuse weights that would make ``interleave_datasets`` build a huge mixture: sampling stops when every
+    source is used up (all_exhausted) or the first is (first_exhausted), after about rows / probability draws."""
+    from hf_lora_recipe.recipe.schema import RecipeError
+
+    draws = [count / p if p > 0 else float("inf") for count, p in zip(rows, probabilities)]
+    planned = max(draws) if recipe.mixture_stopping_strategy == "all_exhausted" else min(draws)
+    if planned > MAX_EXPANSION * sum(rows):
+        worst = draws.index(planned)
+        raise RecipeError(
+            f"datasets: {source_label(recipe.datasets[worst])} ({rows[worst]} rows at a {probabilities[worst]:.2g} "
+            f"share) would make the {recipe.mixture_stopping_strategy} mixture about {planned:,.0f} examples, over "
+            f"{MAX_EXPANSION}x the sources' {sum(rows):,} rows; bring the weights closer, or use fraction per source"
+        )
 
 
 def shares(recipe: Recipe, mixed: Any, reports: list[Any]) -> list[dict[str, Any]]:

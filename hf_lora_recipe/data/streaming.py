@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_lora_recipe import log
 from hf_lora_recipe.data import row_formats as formats
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError
 from hf_lora_recipe.templates.llama2 import SpecialIds, special_ids
@@ -68,6 +69,11 @@ def _jsonl_rows(path: Path, name: str) -> Iterator[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
+                if not line.endswith("\n"):  # the last line, still being appended: stop at the one before
+                    log.warn(
+                        f"{name} line {number} is not complete yet (no newline, not valid JSON): read up to line {number - 1}"
+                    )
+                    return
                 raise _bad_json(name, error, number, len(line) - len(line.lstrip()) + error.colno) from None
             except UnicodeDecodeError:
                 raise RecipeError(f"{name} line {number}: not UTF-8 text; re-save the file as UTF-8") from None

@@ -16,7 +16,11 @@ turn: the loss is on assistant turns and their end-of-turn token only.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +63,8 @@ _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except RecipeError:  # the probe's time limit
+        raise
     except Exception as error:  # noqa: BLE001 - jinja's TemplateError, or raise_exception() inside the template
         roles = "/".join(m["role"] for m in messages)
         raise RecipeError(f"the chat template refused a {roles} conversation: {error}") from None
@@ -188,8 +194,39 @@ def encode_templated(
     return all_input_ids, all_labels
 
 
+PROBE_SECONDS = 30  # a probe conversation renders in milliseconds; a template still looping after this never ends
+
+
+@contextlib.contextmanager
+def probe_time_limit(seconds: float) -> Iterator[None]:
+    """Stop the probe render of a template that does not finish (a loop with no end, a 10^10-step nested range)
+    with one line; in the main thread only (where signals are delivered), else unlimited."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise RecipeError(
+            f"the chat template did not finish rendering a 2-turn probe conversation in {seconds:g} s (it is "
+            "rendered to find where its text ends and each message begins): check its loops"
+        )
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def templated_ids(tokenizer: Any) -> SpecialIds:
     """The end-of-turn token is the special token the template writes right after an assistant's content."""
+    with probe_time_limit(PROBE_SECONDS):
+        return _templated_ids(tokenizer)
+
+
+def _templated_ids(tokenizer: Any) -> SpecialIds:
     conversation = [m for m in PROBE_CONVERSATION if m["role"] != "system"][:2]
     pieces = _pieces(tokenizer, conversation, generation_prompt=False)
     after = list(pieces[[k for k, _ in pieces].index("assistant") + 1 :])
