@@ -31,6 +31,7 @@ def build_adapter_dir(
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from hf_lora_recipe.data.mixture import dataset_versions
     from hf_lora_recipe.inits.adapter import lora_config
     from hf_lora_recipe.recipe.schema import Recipe
     from hf_lora_recipe.shipping.model_card import library_versions
@@ -68,7 +69,7 @@ def build_adapter_dir(
         "tokens_per_epoch": 1024,
         "supervised_tokens_per_epoch": 512,
         "wall_time_s": 0.0,
-        "dataset": {"name": recipe.dataset_name, "version": "fixture (not trained)"},
+        "dataset": dataset_versions(recipe),  # as a run records it: eval compares it with the data it re-splits
         "libraries": library_versions(),
     }
     write_run_files(out_dir, recipe, dict(FAKE_DERIVED), results, list(FAKE_LOG_HISTORY))

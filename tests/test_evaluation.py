@@ -26,7 +26,7 @@ from hf_lora_recipe.evaluation.scoring import (
     load_adapter,
     load_eval_tokenizer,
 )
-from hf_lora_recipe.recipe.schema import load_recipe
+from hf_lora_recipe.recipe.schema import load_recipe, load_recipe_dict
 from hf_lora_recipe.shipping.model_card import render_card
 from hf_lora_recipe.templates.llama2 import IGNORE_INDEX
 
@@ -407,3 +407,81 @@ def test_the_command_is_registered(tmp_path):
         f"hf-lora-recipe: error: --adapter {tmp_path / 'nope'}: no such folder; give the "
         "adapter's folder (a training output_dir)\n"
     )
+
+
+# ---------------------------------------------------------------- what eval scores (issue 23 item 3)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_base, alpaca_path, tmp_path_factory) -> Path:
+    """A real 1-step run holding HELD_OUT rows out: it records its training examples' identities."""
+    from hf_lora_recipe.commands.train import main as train_main
+
+    output_dir = tmp_path_factory.mktemp("trained") / "run"
+    flags = [
+        "--model_name_or_path",
+        str(tiny_base),
+        "--dataset_name",
+        str(alpaca_path),
+        "--output_dir",
+        str(output_dir),
+    ]
+    flags += ["--eval_split_size", str(HELD_OUT), "--max_steps", "1", "--global_batch_size", "4", "--max_length", "64"]
+    assert train_main([*flags, "--load_in_4bit", "false", "--bf16", "false", "--final_eval_examples", "0"]) == 0
+    return output_dir
+
+
+def test_scoring_training_rows_is_refused_unless_asked_and_then_never_called_held_out(
+    trained_run, alpaca_path, tmp_path, capsys
+):
+    run = _copy(trained_run, tmp_path)
+    training_rows = ["--adapter", str(run), "--dataset", str(alpaca_path), "--split", "train", "--num_examples", "6"]
+    code, _, err = _run(capsys, *training_rows, "--max_new_tokens", "2")
+    assert code == 2
+    assert _error_line(err).endswith(
+        "6 of the 6 examples to score were trained on (their token ids match the run's training examples): score "
+        "held-out data, or pass --allow_training_rows to score them as training rows"
+    )
+    code, out, err = _run(capsys, *training_rows, "--max_new_tokens", "2", "--allow_training_rows", "--json")
+    assert code == 0, err[-2000:]
+    report = json.loads(out)
+    assert report["trained_on"] == 6 and report["dataset"] == "alpaca_en_demo.json"
+    card = (run / "README.md").read_text()
+    assert "**6 of these examples were in the training data: these are not held-out results.**" in card
+    assert "model-index" not in card
+
+    # its own held-out rows: the demo data holds 14 rows twice, and one held-out row's twin was trained on
+    code, out, err = _run(capsys, "--adapter", str(run), "--max_new_tokens", "2", "--json")
+    assert code == 0, err[-2000:]
+    assert "1 of the 4 held-out examples also occur among the training examples (rows the data holds twice)" in err
+    assert json.loads(out)["trained_on"] == 1 and "model-index" not in (run / "README.md").read_text()
+
+
+def test_a_changed_data_file_cannot_give_back_the_held_out_rows(tiny_base, alpaca_path, tmp_path, capsys):
+    data = tmp_path / "alpaca.json"
+    shutil.copy(alpaca_path, data)
+    run = build_adapter_dir(tiny_base, tmp_path / "run", dataset_name=str(data), eval_split_size=4.0, max_length=64)
+    rows = json.loads(data.read_text())
+    data.write_text(json.dumps(rows[1:]))  # one row fewer: the seed's split now holds out other rows
+    code, _, err = _run(capsys, "--adapter", str(run))
+    assert code == 2
+    line = _error_line(err)
+    assert "alpaca.json changed since training (local files, sha256 " in line
+    assert line.endswith(
+        "so the rows eval_split_size held out cannot be found again; pass --dataset and --split to score other data"
+    )
+
+
+def test_a_mixture_run_is_named_by_its_sources(tiny_base, alpaca_path, tmp_path, capsys):
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(json.loads(alpaca_path.read_text())[:60]))
+    sources = load_recipe_dict(
+        {"datasets": [{"name": str(alpaca_path), "weight": 1.0}, {"name": str(second), "weight": 1.0}]}
+    ).datasets
+    run = build_adapter_dir(tiny_base, tmp_path / "run", datasets=sources, eval_split_size=4.0, max_length=64)
+    code, out, err = _run(capsys, "--adapter", str(run), "--max_new_tokens", "2", "--json")
+    assert code == 0, err[-2000:]
+    report = json.loads(out)
+    assert report["dataset"] == "alpaca_en_demo.json + second.json"  # never the default dataset_name
+    card = (run / "README.md").read_text()
+    assert "`alpaca_en_demo.json + second.json`" in card and "tatsu-lab/alpaca" not in card.split("## Evaluation")[1]

@@ -217,7 +217,7 @@ ROWS = [
             *("--mixture_stopping_strategy", "all_exhausted"),
         ],
         2,
-        "would make the all_exhausted mixture about 40,000,040 examples, over 100x the sources' 41 rows",
+        "would make the all_exhausted mixture about 40,000,040 examples, over 100x its 41 rows (datasets[0] d.jsonl: 40 rows at a 1e-06 share)",
     ),
     (
         "preview-ambiguous-source",

@@ -239,6 +239,23 @@ def published_base(base_id: str | None) -> Callable[[Ctx, str, str], None]:
     return check
 
 
+def without_recipe(ctx: Ctx, card: bool = True) -> Path:
+    adapter = ctx.adapter_copy()
+    (adapter / "recipe.yaml").unlink()
+    if not card:
+        (adapter / "README.md").unlink()
+    return ctx.keep(adapter)
+
+
+def adapter_names_no_base(ctx: Ctx, out: str, err: str) -> None:
+    published = ctx.published()
+    assert json.loads(published["adapter_config.json"])["base_model_name_or_path"] is None
+    base = str(ctx.request.getfixturevalue("tiny_base"))
+    assert not [
+        name for name, content in published.items() if name.endswith((".json", ".md")) and base.encode() in content
+    ]
+
+
 def with_recipe_key(ctx: Ctx, key: str, value: str) -> Path:
     adapter = ctx.adapter_copy()
     recipe = adapter / "recipe.yaml"
@@ -599,6 +616,22 @@ CASES = [
         0,
         "uploading",
         published_base("org/recorded-base"),
+    ),
+    Case(
+        "push-adapter-without-recipe-names-no-local-base",
+        "push",
+        lambda c: ["--path", str(without_recipe(c)), "--repo_id", c.repo],
+        2,
+        "README.md would publish the local path ",  # the card cannot be re-rendered without recipe.yaml
+        no_request,
+    ),
+    Case(
+        "push-adapter-without-recipe-or-card-names-no-local-base",
+        "push",
+        lambda c: ["--path", str(without_recipe(c, card=False)), "--repo_id", c.repo],
+        0,
+        "its Hub id is unknown: users must load the base themselves",
+        adapter_names_no_base,
     ),
     Case(
         "push-included-file-naming-a-local-path-is-refused",

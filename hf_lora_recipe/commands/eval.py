@@ -42,9 +42,12 @@ from hf_lora_recipe.evaluation.scoring import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_EXAMPLES,
     check_adapter_dir,
+    check_held_out_unchanged,
     check_model_dir,
     check_same_run,
     choose_data,
+    count_trained,
+    data_label,
     evaluate_adapter,
     evaluate_merged,
     format_table,
@@ -87,6 +90,10 @@ PARSER.add_number(
 PARSER.add_number(
     "--batch_size", int, COUNT, DEFAULT_BATCH_SIZE, "examples per forward pass and per generate call", metavar="N"
 )
+PARSER.add_flag(
+    "--allow_training_rows",
+    help="score examples the adapter was trained on (refused otherwise); the report calls them training rows",
+)
 PARSER.add_flag("--json", help="print the report as one JSON object on stdout (the table goes to stderr)")
 PARSER.add_flag("--no_card", help="leave the model card alone")
 
@@ -103,20 +110,22 @@ def main(argv: list[str]) -> int:
     source = adapter_dir or model_dir
     recipe = run_recipe(source, adapter_dir, args.dataset)
     data = choose_data(recipe, str(source), args.dataset, args.split)
+    check_held_out_unchanged(data, source)
+    label = data_label(data)
 
     # --- Data before weights: a bad dataset fails in seconds
     tokenizer = load_eval_tokenizer(source)
     dataset = load_examples(data, tokenizer)
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else log.info
-    say(
-        f"eval: {min(args.num_examples, len(dataset))} of {len(dataset)} examples of {data.recipe.dataset_name} "
-        f"({data.description})"
-    )
+    count = min(args.num_examples, len(dataset))
+    own = args.dataset is None and args.split is None  # the run's own held-out set
+    trained = count_trained(dataset.select(range(count)), source, args.allow_training_rows, say, held_out=own)
+    say(f"eval: {count} of {len(dataset)} examples of {label} ({data.description})")
     options = {
         "num_examples": args.num_examples,
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
-        "dataset": data.recipe.dataset_name,
+        "dataset": label,
         "split": data.description,
     }
 
@@ -129,6 +138,8 @@ def main(argv: list[str]) -> int:
         report = evaluate_merged(recipe, model_dir, dataset, tokenizer, **options)
 
     # --- Report
+    if trained:
+        report["trained_on"] = trained  # the card and the table then call them training rows, never held out
     table = format_table(report)
     if args.json:
         print(table, file=sys.stderr)

@@ -143,9 +143,10 @@ def check_expansion(recipe: Recipe, rows: list[int], probabilities: list[float])
     if planned > MAX_EXPANSION * sum(rows):
         worst = draws.index(planned)
         raise RecipeError(
-            f"datasets: {source_label(recipe.datasets[worst])} ({rows[worst]} rows at a {probabilities[worst]:.2g} "
-            f"share) would make the {recipe.mixture_stopping_strategy} mixture about {planned:,.0f} examples, over "
-            f"{MAX_EXPANSION}x the sources' {sum(rows):,} rows; bring the weights closer, or use fraction per source"
+            f"datasets: the weights would make the {recipe.mixture_stopping_strategy} mixture about {planned:,.0f} "
+            f"examples, over {MAX_EXPANSION}x its {sum(rows):,} rows (datasets[{worst}] {source_label(recipe.datasets[worst])}: "
+            f"{rows[worst]} rows at a {probabilities[worst]:.2g} share); bring the weights closer, or give each "
+            "source a fraction"
         )
 
 

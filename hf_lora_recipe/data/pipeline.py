@@ -373,3 +373,35 @@ def held_out_rows(eval_split_size: float, rows: int) -> int:
             f"choose a count in [1, {rows - 1}] or a share that leaves rows on both sides"
         )
     return held_out
+
+
+TRAINING_EXAMPLES = "training_examples.safetensors"  # the run's example identities, beside its adapter
+
+
+def example_hashes(dataset: Any) -> np.ndarray:
+    """One identity per example: the first 63 bits of the sha256 of its token ids, as the pipeline built them
+    (the same row, template and tokenizer give the same ids, so eval can tell a row training saw)."""
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).digest()[:8], "little") >> 1
+            for ids in dataset["input_ids"]
+        ],
+        dtype=np.int64,
+    )
+
+
+def save_example_hashes(dataset: Any, directory: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"hashes": np.unique(example_hashes(dataset))}, str(directory / TRAINING_EXAMPLES))
+
+
+def trained_examples(dataset: Any, directory: Path) -> int | None:
+    """How many examples of ``dataset`` the run in ``directory`` trained on (None: it recorded no identities)."""
+    from safetensors.numpy import load_file
+
+    path = directory / TRAINING_EXAMPLES
+    if not path.is_file():
+        return None
+    trained = load_file(str(path))["hashes"]
+    return int(np.isin(example_hashes(dataset), trained).sum())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -324,6 +325,56 @@ def choose_data(recipe: Recipe, source: str, dataset: str | None, split: str | N
     return EvalData(recipe, None, held_out_description(recipe))
 
 
+def data_label(data: EvalData) -> str:
+    """The data as the report, the card and model-index name it: a file by its name, a Hub id, a mixture's
+    sources joined with " + " (never a local path, never a default the run did not use)."""
+    from hf_lora_recipe.data.mixture import dataset_versions
+
+    return dataset_versions(data.recipe)["name"]
+
+
+def check_held_out_unchanged(data: EvalData, source: Path) -> None:
+    """Rows ``eval_split_size`` held out are split off again from the run's data: only the same data gives the
+    same rows, so a changed file is refused (the run recorded its data's digest in training_results.json)."""
+    from hf_lora_recipe.data.mixture import dataset_versions
+    from hf_lora_recipe.shipping.model_card import RESULTS_FILE
+
+    if data.split is not None or not (source / RESULTS_FILE).is_file():
+        return
+    try:
+        recorded = json.loads((source / RESULTS_FILE).read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return
+    now = dataset_versions(data.recipe)
+    if isinstance(recorded, dict) and recorded.get("version") != now["version"]:
+        raise RecipeError(
+            f"{now['name']} changed since training ({recorded.get('version')} then, {now['version']} now), so the "
+            "rows eval_split_size held out cannot be found again; pass --dataset and --split to score other data"
+        )
+
+
+def count_trained(scored: Any, source: Path, allow: bool, say: Any, held_out: bool = False) -> int | None:
+    """How many of the examples to score the run trained on, refused unless ``allow`` (then the report and the
+    card say so); None when the run recorded no example identities (said, not refused). ``held_out``: the run's
+    own held-out set, where a match is a row the data holds twice: said and counted, not refused."""
+    from hf_lora_recipe.data.pipeline import TRAINING_EXAMPLES, trained_examples
+
+    trained = trained_examples(scored, source)
+    if trained is None:
+        say(f"eval: {source} holds no {TRAINING_EXAMPLES}, so whether training saw these examples is not checked")
+    elif trained and held_out:
+        say(
+            f"eval: {trained} of the {len(scored)} held-out examples also occur among the training examples (rows "
+            "the data holds twice): the report counts them as trained on"
+        )
+    elif trained and not allow:
+        raise RecipeError(
+            f"{trained} of the {len(scored)} examples to score were trained on (their token ids match the run's "
+            "training examples): score held-out data, or pass --allow_training_rows to score them as training rows"
+        )
+    return trained
+
+
 def load_examples(data: EvalData, tokenizer: Any) -> Any:
     """The examples as training built them; rows held out by ``eval_split_size`` are split off again by
     ``train_and_eval`` itself (same rows, same seed)."""
@@ -429,9 +480,10 @@ def format_table(report: dict[str, Any]) -> str:
         "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
         for row in [header, *rows]
     ]
+    trained = f"; {report['trained_on']} of them TRAINING rows, not held out" if report.get("trained_on") else ""
     headline = (
         f"{' vs '.join(report['models'])} on {report['num_examples']} examples of {report['dataset']} "
-        f"({report['split']}); greedy, at most {report['max_new_tokens']} new tokens"
+        f"({report['split']}{trained}); greedy, at most {report['max_new_tokens']} new tokens"
     )
     return "\n".join([headline, *lines])
 
@@ -490,9 +542,10 @@ def evaluate_adapter(
     if merged_dir is not None:
         scores["merged"] = score_model(load_merged(merged_dir), tokenizer, examples, label="merged", **options)
     check_effect(scores)
-    report = build_report(
-        scores, dataset or recipe.dataset_name, split or held_out_description(recipe), max_new_tokens
-    )
+    from hf_lora_recipe.data.mixture import dataset_versions
+
+    label = dataset or dataset_versions(recipe)["name"]  # a mixture by its sources, never the default name
+    report = build_report(scores, label, split or held_out_description(recipe), max_new_tokens)
     if write_card:
         record_in_card(adapter_dir, report)
     return report
@@ -553,6 +606,14 @@ def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any,
             f"--num_examples {count} --batch_size 1"
         )
         return
+    from hf_lora_recipe.data.pipeline import trained_examples
+
+    trained = trained_examples(eval_dataset.select(range(count)), output_dir)
+    if trained:  # rows the data holds twice: one copy trained on, the other held out
+        log.info(
+            f"{trained} of the {count} held-out examples also occur among the training examples (rows the data holds twice)"
+        )
+        report["trained_on"] = trained
     for line in format_table(report).splitlines():
         log.info(line)
     record_in_card(output_dir, report)
@@ -627,4 +688,9 @@ def run_recipe(source: Path, adapter_dir: Path | None, dataset: str | None) -> R
             "unknown: pass --dataset PATH_OR_ID"
         )
     base = check_base(base_of(adapter_dir), f"{adapter_dir / 'adapter_config.json'}", EVAL_BASE_FIX)
-    return Recipe(model_name_or_path=base, load_in_4bit=False, dataset_name=dataset, dataset_format="auto")
+    assumed = Recipe(model_name_or_path=base, load_in_4bit=False, dataset_name=dataset, dataset_format="auto")
+    log.info(
+        f"{source} has no recipe.yaml: assuming the seed's layout (chat_template {assumed.chat_template}, max_length "
+        f"{assumed.max_length}, loss on responses only) on {base} loaded unquantized, and the tokenizer saved there"
+    )
+    return assumed

@@ -251,7 +251,9 @@ def push(
     token = check_push_possible(repo_id)
 
     contents = _contents(directory, selection.files, repo_id, base_model_id)
-    check_nothing_local(directory, contents, _recipe_paths(directory))
+    check_nothing_local(
+        directory, contents, [*_recipe_paths(directory), _adapter_base(directory / "adapter_config.json")]
+    )
     total = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in contents.values())
     target = repo_id + (f" (branch {revision})" if revision else "")
     log.info(f"uploading {len(contents)} files ({_size(total)}) to {target} in one commit:")
@@ -313,11 +315,14 @@ def _contents(
             f"recipe.yaml / {RESULTS_FILE} in {directory} cannot be read ({type(error).__name__}): they are "
             "published rewritten without local paths, so fix or remove them"
         ) from None
-    base_id = base_hub_id(recipe, base_model_id) if recipe else base_model_id
-    if recipe and base_id is None:
+    adapter_base = _adapter_base(contents.get("adapter_config.json"))
+    # without recipe.yaml, the adapter's own record of its base is what a recipe would have said
+    base_id = base_hub_id(recipe or {"model_name_or_path": adapter_base}, base_model_id)
+    named = recipe.get("model_name_or_path") if recipe else adapter_base
+    if base_id is None and (recipe or adapter_base):
         log.warn(
-            f"the base was the local folder {Path(str(recipe.get('model_name_or_path'))).name} and its Hub id is "
-            "unknown: users must load the base themselves (the card says so); --base_model_id names it"
+            f"the base was the local folder {Path(str(named)).name} and its Hub id is unknown: users must load the "
+            "base themselves (the card says so); --base_model_id names it"
         )
     if recipe:
         published = without_local_paths(recipe)
@@ -345,6 +350,15 @@ def _contents(
         )
         contents["README.md"] = card.encode()
     return contents
+
+
+def _adapter_base(config: Path | bytes | None) -> str | None:
+    try:
+        data = json.loads(config.read_text()) if isinstance(config, Path) else None
+    except (OSError, ValueError):
+        return None
+    base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    return base if isinstance(base, str) and base else None
 
 
 def check_nothing_local(directory: Path, contents: dict[str, Path | bytes], recipe_paths: list[Any]) -> None:

@@ -415,6 +415,11 @@ def evaluation_summary(report: dict[str, Any]) -> str:
         f"{report.get('max_new_tokens', '?')} new tokens. Loss and perplexity cover the supervised (response) "
         "tokens; stop rate, length, exact match and ROUGE-L (F1, stemmed) compare the reply generated for the "
         "last user turn with the reference reply."
+        + (
+            f" **{report['trained_on']} of these examples were in the training data: these are not held-out results.**"
+            if report.get("trained_on")
+            else ""
+        )
     )
 
 
@@ -440,6 +445,8 @@ def model_index(report: dict[str, Any], location: str, kind: str) -> list[dict[s
     """The Hub's structured results (``model-index``) for this card's own model: the merged figures in a merged
     model's card when they were measured, else the adapter's."""
     models = report.get("models", {})
+    if report.get("trained_on"):  # model-index states results on a dataset: never for rows the model trained on
+        return []
     figures = models.get("merged") if kind == "merged" and "merged" in models else models.get("adapter")
     if not isinstance(figures, dict):
         return []

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_lora_recipe import inits, log
+from hf_lora_recipe.data.pipeline import TRAINING_EXAMPLES
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError, dump_recipe
 from hf_lora_recipe.shipping.model_card import (
     LOSS_PLOT,
@@ -32,7 +33,7 @@ CARD_TAG = "hf-lora-recipe"  # in the metadata tags of every card we write: how 
 
 # What train writes at the top of output_dir. The tokenizer names are every file a tokenizer's save_pretrained
 # writes (which depend on its class); a folder holding anything else is not a run of ours.
-RUN_FILES = {ADAPTER_FILE, FINAL_FILES_LAST, "recipe.yaml", RESULTS_FILE, LOSS_PLOT, CARD, *PICKLES}
+RUN_FILES = {ADAPTER_FILE, FINAL_FILES_LAST, "recipe.yaml", RESULTS_FILE, LOSS_PLOT, CARD, TRAINING_EXAMPLES, *PICKLES}
 TOKENIZER_FILES = {
     "tokenizer.json",
     "tokenizer_config.json",
@@ -219,6 +220,7 @@ def save_run(
     """Write the final adapter and everything beside it into ``output_dir`` (:func:`push_run` publishes it);
     ``checkpoint``: the adapter is that checkpoint's (a run that reached its end without writing it)."""
     from hf_lora_recipe.data.mixture import dataset_versions
+    from hf_lora_recipe.data.pipeline import save_example_hashes
     from hf_lora_recipe.templates.tokenizer import save_tokenizer
     from hf_lora_recipe.training.checkpoints import check_saved_adapter
 
@@ -235,6 +237,8 @@ def save_run(
         check_saved_adapter(staging, recipe, trainer.state.global_step)
         remove_pickles(staging)
         save_tokenizer(tokenizer, staging)
+        if report.streamed is None:  # eval tells rows training saw from its held-out ones by these
+            save_example_hashes(trainer.train_dataset, staging)
         results = training_results(
             trainer, report, mean_train_loss, time.time() - started, dataset_versions(recipe), resumes
         )
