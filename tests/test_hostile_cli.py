@@ -227,6 +227,13 @@ ROWS = [
         "--source d.jsonl names 2 of this recipe's datasets (0: ",
     ),
     (
+        "push-invalid-base-id",
+        "push",
+        lambda t: ["--path", str(t), "--repo_id", "a/b", "--base_model_id", "not an id!!"],
+        2,
+        "--base_model_id 'not an id!!' is not a valid Hub repo id",
+    ),
+    (
         "merge-abbreviated-flag",
         "merge",
         lambda t: ["--adapt", str(t), "--output", str(t / "m")],

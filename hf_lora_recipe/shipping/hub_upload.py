@@ -231,6 +231,8 @@ def push(
     ``base_model_id``: the base's Hub id, when it was a local folder (see :mod:`.local_paths`)."""
     directory = check_folder(path)
     check_repo_id(repo_id)  # before anything is read; the rest of check_push_possible once the folder is known good
+    if base_model_id is not None:
+        check_repo_id(base_model_id, "--base_model_id")
     for pattern in include:
         if "/" in pattern or os.sep in pattern:
             raise PushError(
@@ -318,6 +320,8 @@ def _contents(
     adapter_base = _adapter_base(contents.get("adapter_config.json"))
     # without recipe.yaml, the adapter's own record of its base is what a recipe would have said
     base_id = base_hub_id(recipe or {"model_name_or_path": adapter_base}, base_model_id)
+    if base_id is not None:  # what users' PeftModel.from_pretrained will fetch: a valid repo id
+        check_repo_id(base_id, "--base_model_id" if base_model_id else "the base's Hub id")
     named = recipe.get("model_name_or_path") if recipe else adapter_base
     if base_id is None and (recipe or adapter_base):
         log.warn(
