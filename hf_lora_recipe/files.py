@@ -30,6 +30,17 @@ def write_atomically(target: Path, write: Callable[[Path], object], partial: Pat
     return target
 
 
+def file_sha256(path: Path) -> str:
+    """A file's sha256 (hex), read in blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_text_atomically(target: Path, text: str, partial: Path | None = None) -> Path:
     return write_atomically(target, lambda path: path.write_text(text, encoding="utf-8"), partial)
 

@@ -47,7 +47,7 @@ from hf_lora_recipe.evaluation.scoring import (
     check_same_run,
     choose_data,
     count_trained,
-    data_label,
+    data_version,
     evaluate_adapter,
     evaluate_merged,
     format_table,
@@ -110,8 +110,9 @@ def main(argv: list[str]) -> int:
     source = adapter_dir or model_dir
     recipe = run_recipe(source, adapter_dir, args.dataset)
     data = choose_data(recipe, str(source), args.dataset, args.split)
-    check_held_out_unchanged(data, source)
-    label = data_label(data)
+    version = data_version(data)  # the data's files are hashed once
+    check_held_out_unchanged(data, source, version)
+    label = version["name"]
 
     # --- Data before weights: a bad dataset fails in seconds
     tokenizer = load_eval_tokenizer(source)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from hf_lora_recipe.recipe.cli_args import CommandParser, command
-from hf_lora_recipe.recipe.schema import COUNT, NON_NEGATIVE, Bounds, RecipeError
+from hf_lora_recipe.recipe.schema import COUNT, NON_NEGATIVE, SHARE, RecipeError
 from hf_lora_recipe.shipping.inference import generate, load_for_inference
 
 
@@ -28,7 +28,7 @@ PARSER.add_number("--temperature", float, NON_NEGATIVE, 0.0, "sampling temperatu
 PARSER.add_number(
     "--top_p",
     float,
-    Bounds(0, 1, low_inclusive=False, high_inclusive=True),
+    SHARE,
     1.0,
     "nucleus sampling (with a temperature > 0)",
 )

@@ -19,7 +19,7 @@ from hf_lora_recipe.planning.estimates import (
 )
 from hf_lora_recipe.planning.plan import make_plan, render
 from hf_lora_recipe.recipe.cli_args import RecipeParser, command
-from hf_lora_recipe.recipe.schema import COUNT, POSITIVE, Bounds
+from hf_lora_recipe.recipe.schema import COUNT, POSITIVE, SHARE
 
 
 PARSER = RecipeParser(
@@ -38,7 +38,7 @@ PARSER.add_number("--num_gpus", int, COUNT, 1, "GPUs the run is spread over")
 PARSER.add_number(
     "--mfu",
     float,
-    Bounds(0, 1, low_inclusive=False, high_inclusive=True),
+    SHARE,
     0.4,
     "model FLOPs utilisation assumed for the time estimate",
 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_lora_recipe import log
+from hf_lora_recipe.files import file_sha256
 from hf_lora_recipe.recipe.schema import RecipeError
 
 
@@ -110,14 +110,6 @@ def locate_gguf(base: GgufBase) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _record(folder: Path) -> dict[str, Any] | None:
     """The folder's record when this command wrote it, else None."""
     marker = folder / MARKER
@@ -146,7 +138,7 @@ def _problem(folder: Path, base: GgufBase) -> str | None:
         path = folder / str(name)
         if not isinstance(recorded, dict) or not path.is_file() or path.stat().st_size != recorded.get("size"):
             return f"{name} is missing or has changed size"
-        if _sha256(path) != recorded.get("sha256"):  # a change that keeps the size (a flipped byte) shows here
+        if file_sha256(path) != recorded.get("sha256"):  # a change that keeps the size (a flipped byte) shows here
             return f"{name} no longer has the sha256 its record holds"
     source = record.get("source", {})
     version = _installed_version(base.requirement)
@@ -210,7 +202,7 @@ def _build(base: GgufBase, gguf_path: Path, staging: Path) -> dict[str, Any]:
         package_version=_installed_version(base.requirement),
         gguf_file=base.gguf_file,
         size=gguf_path.stat().st_size,
-        sha256=_sha256(gguf_path),
+        sha256=file_sha256(gguf_path),
     )
     directory, name = str(gguf_path.parent), gguf_path.name
     log.info(f"building {base.name} from {gguf_path} ({source['size'] / 2**20:.0f} MiB): {base.note}")
@@ -278,7 +270,9 @@ def _build(base: GgufBase, gguf_path: Path, staging: Path) -> dict[str, Any]:
         "build_seconds": round(time.perf_counter() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": {
-            p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(staging.iterdir()) if p.is_file()
+            p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(staging.iterdir())
+            if p.is_file()
         },
     }
 

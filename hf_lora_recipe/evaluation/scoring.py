@@ -325,18 +325,19 @@ def choose_data(recipe: Recipe, source: str, dataset: str | None, split: str | N
     return EvalData(recipe, None, held_out_description(recipe))
 
 
-def data_label(data: EvalData) -> str:
-    """The data as the report, the card and model-index name it: a file by its name, a Hub id, a mixture's
-    sources joined with " + " (never a local path, never a default the run did not use)."""
+def data_version(data: EvalData) -> dict[str, str]:
+    """The data to score as the run records it: ``name`` as the report, the card and model-index name it (a file
+    by its name, a Hub id, a mixture's sources joined with " + "; never a local path, never a default the run
+    did not use) and ``version`` (its files' sha256, or the Hub revision)."""
     from hf_lora_recipe.data.mixture import dataset_versions
 
-    return dataset_versions(data.recipe)["name"]
+    return dataset_versions(data.recipe)
 
 
-def check_held_out_unchanged(data: EvalData, source: Path) -> None:
+def check_held_out_unchanged(data: EvalData, source: Path, now: dict[str, str]) -> None:
     """Rows ``eval_split_size`` held out are split off again from the run's data: only the same data gives the
-    same rows, so a changed file is refused (the run recorded its data's digest in training_results.json)."""
-    from hf_lora_recipe.data.mixture import dataset_versions
+    same rows, so a changed file is refused (the run recorded its data's digest in training_results.json;
+    ``now``: :func:`data_version`)."""
     from hf_lora_recipe.shipping.model_card import RESULTS_FILE
 
     if data.split is not None or not (source / RESULTS_FILE).is_file():
@@ -345,7 +346,6 @@ def check_held_out_unchanged(data: EvalData, source: Path) -> None:
         recorded = json.loads((source / RESULTS_FILE).read_text()).get("dataset")
     except (OSError, ValueError, AttributeError):
         return
-    now = dataset_versions(data.recipe)
     if isinstance(recorded, dict) and recorded.get("version") != now["version"]:
         raise RecipeError(
             f"{now['name']} changed since training ({recorded.get('version')} then, {now['version']} now), so the "

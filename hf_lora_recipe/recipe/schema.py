@@ -77,6 +77,7 @@ POSITIVE = Bounds(0, low_inclusive=False)  # a float > 0
 COUNT = Bounds(1)  # an int >= 1
 NON_NEGATIVE = Bounds(0)
 FRACTION = Bounds(0, 1)  # [0, 1)
+SHARE = Bounds(0, 1, low_inclusive=False, high_inclusive=True)  # (0, 1]
 
 
 # What a resume may change, per key (``resume`` in a field's metadata; see training/run_identity.py):

@@ -252,10 +252,12 @@ def push(
 
     token = check_push_possible(repo_id)
 
-    contents = _contents(directory, selection.files, repo_id, base_model_id)
-    check_nothing_local(
-        directory, contents, [*_recipe_paths(directory), _adapter_base(directory / "adapter_config.json")]
-    )
+    from hf_lora_recipe.shipping.local_paths import machine_folders
+
+    # this machine's folders a published file must not name: the run's, and those its recipe and adapter name
+    folders = machine_folders(directory, *_recipe_paths(directory), _adapter_base(directory / "adapter_config.json"))
+    contents = _contents(directory, selection.files, repo_id, folders, base_model_id)
+    check_nothing_local(directory, contents, folders)
     total = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in contents.values())
     target = repo_id + (f" (branch {revision})" if revision else "")
     log.info(f"uploading {len(contents)} files ({_size(total)}) to {target} in one commit:")
@@ -296,14 +298,14 @@ def push(
 
 
 def _contents(
-    directory: Path, files: list[Path], repo_id: str, base_model_id: str | None = None
+    directory: Path, files: list[Path], repo_id: str, folders: list[str], base_model_id: str | None = None
 ) -> dict[str, Path | bytes]:
     """name -> file, or the bytes of a published copy: the run's record without this machine's paths, and the
     card re-rendered from it (see :mod:`hf_lora_recipe.shipping.local_paths`). The run files are read from the
     selection only, so nothing is read through a link."""
     import yaml
 
-    from hf_lora_recipe.shipping.local_paths import base_hub_id, machine_folders, without_local_paths
+    from hf_lora_recipe.shipping.local_paths import base_hub_id, without_local_paths
     from hf_lora_recipe.shipping.model_card import RESULTS_FILE, render_card
 
     contents: dict[str, Path | bytes] = {file.relative_to(directory).as_posix(): file for file in files}
@@ -348,7 +350,7 @@ def _contents(
             without_local_paths(results),
             repo_id,  # the load snippet names the repo, not the folder it was trained into
             kind,
-            _merge_base(contents["README.md"], machine_folders(directory, *_recipe_paths(directory))),
+            _merge_base(contents["README.md"], folders),
             has_plot="training_loss.png" in contents,
             base_unknown=base_id is None,
         )
@@ -365,11 +367,10 @@ def _adapter_base(config: Path | bytes | None) -> str | None:
     return base if isinstance(base, str) and base else None
 
 
-def check_nothing_local(directory: Path, contents: dict[str, Path | bytes], recipe_paths: list[Any]) -> None:
+def check_nothing_local(directory: Path, contents: dict[str, Path | bytes], folders: list[str]) -> None:
     """No published text names a folder of this machine: a last check over exactly what is uploaded."""
-    from hf_lora_recipe.shipping.local_paths import TEXT_SUFFIXES, first_local_path, machine_folders
+    from hf_lora_recipe.shipping.local_paths import TEXT_SUFFIXES, first_local_path
 
-    folders = machine_folders(directory, *recipe_paths)
     for name, content in contents.items():
         if not name.endswith(TEXT_SUFFIXES):
             continue

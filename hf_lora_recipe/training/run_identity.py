@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from hf_lora_recipe.files import file_sha256
 from hf_lora_recipe.recipe.schema import ALLOW, DATA, FIELDS, REFUSE, Recipe, RecipeError
 
 
@@ -29,11 +30,7 @@ INVOCATION_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def _safetensors_layout(path: Path) -> bytes:
