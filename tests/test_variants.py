@@ -392,7 +392,7 @@ def test_resume_and_publish_only_convert_against_the_saved_initial_adapter(
 ):
     """pissa_niter_N draws from torch's RNG: the seed makes a rerun's initialisation the saved one, which is
     checked; another seed is refused before training. A run that never wrote its adapter writes it converted."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     output_dir = tmp_path / "adapter"
     flags = ("--init_lora_weights", "pissa_niter_4")
@@ -414,7 +414,14 @@ def test_resume_and_publish_only_convert_against_the_saved_initial_adapter(
     assert json.loads((output_dir / "training_results.json").read_text())["optimizer_steps"] == 3
     assert (_on_original_base(tiny_base, output_dir) - trained).abs().max() < 1e-4
 
+    # another seed draws another initialisation: the run identity refuses it before anything loads
     assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags, "--max_steps", "4", "--seed", "7")[0] == 2
+    assert "seed 42 -> 7" in capsys.readouterr().err
+    # a saved initialisation that no longer matches what the recipe draws is caught by the residual-base check
+    saved_path = output_dir / "initial_adapter" / "adapter_model.safetensors"
+    saved = load_file(saved_path)
+    save_file({k: v * 2 if ".lora_B." in k else v for k, v in saved.items()}, saved_path)
+    assert _train(monkeypatch, tiny_base, alpaca_path, output_dir, *flags, "--max_steps", "4")[0] == 2
     assert (
         "the pissa_niter_4 initialisation of this rerun differs from the one saved in "
         f"{output_dir / 'initial_adapter'}"
