@@ -33,6 +33,7 @@ def build_adapter_dir(
 
     from hf_lora_recipe.data.mixture import dataset_versions
     from hf_lora_recipe.inits.adapter import lora_config
+    from hf_lora_recipe.model.architecture import with_projections
     from hf_lora_recipe.recipe.schema import Recipe
     from hf_lora_recipe.shipping.model_card import library_versions
     from hf_lora_recipe.shipping.output_dir import final_losses, write_run_files
@@ -54,7 +55,7 @@ def build_adapter_dir(
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = dataclasses.replace(lora_config(recipe), init_lora_weights=False)
+    config = dataclasses.replace(lora_config(with_projections(recipe, base)), init_lora_weights=False)
     model = get_peft_model(base, config)
     model.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(load_tokenizer(str(base_dir)), out_dir)

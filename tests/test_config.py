@@ -7,6 +7,7 @@ import yaml
 
 from hf_lora_recipe.recipe.cli_args import RecipeParser
 from hf_lora_recipe.recipe.schema import (
+    LLAMA_PROJECTIONS,
     SEED_TARGET_MODULES,
     Recipe,
     RecipeError,
@@ -26,7 +27,7 @@ def parse(argv: list[str]) -> Recipe:
 def test_defaults_are_the_seed_recipe():
     recipe = Recipe()
     assert (recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout) == (16, 32, 0.05)
-    assert recipe.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert recipe.lora_target_modules == ["all-projections"]  # resolved per architecture: tests/test_families.py
     assert (recipe.adam_beta1, recipe.adam_beta2, recipe.weight_decay) == (0.9, 0.999, 0.0)
     assert (recipe.learning_rate, recipe.lr_scheduler_type, recipe.num_train_epochs) == (3e-4, "cosine", 3.0)
     assert (recipe.global_batch_size, recipe.per_device_train_batch_size) == (128, 4)
@@ -174,7 +175,7 @@ def test_all_linear_reaches_peft_as_peft_means_it(tiny_base):
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_base)), lora_config(recipe)
     )
     adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
-    assert adapted == set(SEED_TARGET_MODULES)  # every linear layer of the decoder; never the LM head
+    assert adapted == set(LLAMA_PROJECTIONS)  # every linear layer of the decoder; never the LM head
     with pytest.raises(RecipeError, match="give it alone"):
         parse(["--lora_target_modules", "all-linear", "q_proj"])
 
@@ -198,7 +199,7 @@ def test_help_is_grouped_and_documented():
     assert all(spec.metadata["help"] for spec in FIELDS.values())
     flat = " ".join(text.split())
     assert "--lora_alpha INT scale numerator; 2r (alpha == r under-uses the adapter) (default: 32; positive)" in flat
-    assert "(default: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)" in flat
+    assert "(default: all-projections)" in flat
 
 
 def test_sft_config_keys_pass_through_with_the_same_meaning():

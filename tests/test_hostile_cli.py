@@ -198,7 +198,7 @@ ROWS = [
         "plan",
         lambda t: ["--model_config", _encoder(t)],
         2,
-        "no decoder layers found (model.model.layers); is it a decoder-only causal LM?",
+        "BertLMHeadModel has no decoder layers at .bert.layers: is it a decoder-only causal LM transformers builds?",
     ),
     (
         "mixture-one-file-by-two-paths",

@@ -127,6 +127,7 @@ def _lora_llama(quantized_in: Path | None = None):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from hf_lora_recipe.inits.adapter import lora_config
+    from hf_lora_recipe.model.architecture import with_projections
     from hf_lora_recipe.model.loading import quantization_config
     from hf_lora_recipe.recipe.schema import Recipe
 
@@ -149,7 +150,9 @@ def _lora_llama(quantized_in: Path | None = None):
             quantized_in, quantization_config=quantization_config(recipe), dtype=torch.bfloat16
         )
     base.requires_grad_(False)
-    return get_peft_model(base, dataclasses.replace(lora_config(recipe), init_lora_weights=False))
+    return get_peft_model(
+        base, dataclasses.replace(lora_config(with_projections(recipe, base)), init_lora_weights=False)
+    )
 
 
 def _lora_layers(model) -> dict[str, torch.nn.Module]:

@@ -7,7 +7,8 @@ import torch
 from peft import get_peft_model
 
 from hf_lora_recipe.inits.adapter import add_adapter, lora_config
-from hf_lora_recipe.model.loading import load_base_model, prepare_base, trainable_line
+from hf_lora_recipe.model.architecture import with_projections
+from hf_lora_recipe.model.loading import load_base_model, meta_model, model_config, prepare_base, trainable_line
 from hf_lora_recipe.recipe.schema import Recipe
 
 from .conftest import shared_asset
@@ -16,8 +17,10 @@ from .conftest import shared_asset
 SEVEN = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def test_lora_config_is_the_seed():
-    config = lora_config(Recipe())
+def test_lora_config_is_the_seed(tiny_base):
+    config = lora_config(
+        with_projections(Recipe(), meta_model(model_config(Recipe(model_name_or_path=str(tiny_base))), Recipe()))
+    )
     assert (config.r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.05)
     assert set(config.target_modules) == SEVEN
     assert config.bias == "none" and config.task_type == "CAUSAL_LM"
@@ -63,7 +66,7 @@ def test_step_zero_logits_are_bit_identical_to_the_base(which, request, llama2_t
     base = prepare_base(load_base_model(recipe), recipe).eval()  # the base as the adapter trains against it
     with torch.no_grad():
         base_logits = base(input_ids=input_ids).logits
-    model = get_peft_model(base, lora_config(recipe)).eval()
+    model = get_peft_model(base, lora_config(with_projections(recipe, base))).eval()
     assert all(torch.count_nonzero(p) == 0 for n, p in model.named_parameters() if "lora_B" in n)
     assert any(torch.count_nonzero(p) > 0 for n, p in model.named_parameters() if "lora_A" in n)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from hf_lora_recipe.inits.adapter import add_adapter
 from hf_lora_recipe.model.loading import load_base_model
 from hf_lora_recipe.planning.estimates import GIB, activation_bytes_per_token, dora_weight_bytes, measure_shape, memory
 from hf_lora_recipe.planning.plan import lints, make_plan, read_config
-from hf_lora_recipe.recipe.schema import Recipe, load_recipe
+from hf_lora_recipe.recipe.schema import ALL_PROJECTIONS, LLAMA_PROJECTIONS, Recipe, load_recipe
 
 from .conftest import REPO_ROOT, shared_asset
 
@@ -59,7 +59,9 @@ def _by_hand(config: dict, setting: dict) -> int:
         "down_proj": (inter, h),
     }
     recipe = Recipe(**setting)
-    return layers * recipe.lora_r * sum(sum(shapes[t]) for t in recipe.lora_target_modules)
+    # the seed's intent is the seven projections on each of these Llama-shaped configs
+    targets = LLAMA_PROJECTIONS if recipe.lora_target_modules == [ALL_PROJECTIONS] else recipe.lora_target_modules
+    return layers * recipe.lora_r * sum(sum(shapes[t]) for t in targets)
 
 
 # Every config x setting; the combinations with no published reference count (checked by arithmetic only) are

@@ -193,11 +193,13 @@ def test_generate_with_an_adapter(scripted_model, tmp_path, capsys):
 
     from hf_lora_recipe.commands.generate import main as generate_main
     from hf_lora_recipe.inits.adapter import lora_config
+    from hf_lora_recipe.model.architecture import with_projections
     from hf_lora_recipe.recipe.schema import Recipe
     from hf_lora_recipe.templates.tokenizer import load_tokenizer, save_tokenizer
 
     adapter_dir = tmp_path / "adapter"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(scripted_model), lora_config(Recipe()))
+    base = AutoModelForCausalLM.from_pretrained(scripted_model)
+    model = get_peft_model(base, lora_config(with_projections(Recipe(), base)))
     model.save_pretrained(adapter_dir)  # B = 0: the adapter model behaves exactly like the scripted base
     save_tokenizer(load_tokenizer(str(scripted_model)), adapter_dir)
     assert generate_main(["--adapter", str(adapter_dir), "--prompt", "Say hello", "--max_new_tokens", "20"]) == 0

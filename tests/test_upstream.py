@@ -95,6 +95,21 @@ def test_transformers_attention_registry_lists_the_kernels_from_pretrained_accep
         AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpaa")
 
 
+def test_transformers_says_which_classes_run_sdpa(llama2_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_lora_recipe.devtools.tiny_families import build_tiny_family
+    from hf_lora_recipe.upstream.transformers import supports_sdpa
+
+    for family, runs in (("llama", True), ("gemma2", False)):
+        base = build_tiny_family(family, llama2_tokenizer, tmp_path / family)
+        model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
+        assert supports_sdpa(model) is runs
+        if not runs:  # what the flag stands for: from_pretrained refuses sdpa on this class
+            with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+                AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa")
+
+
 def test_tokenizers_io_failure_is_a_bare_exception_naming_the_os_error(tmp_path):
     from tokenizers import Tokenizer, models
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from hf_lora_recipe.recipe.schema import Recipe, RecipeError, load_recipe_dict
+from hf_lora_recipe.recipe.schema import LLAMA_PROJECTIONS, Recipe, RecipeError, load_recipe_dict
 
 from .conftest import CLI, run_cli
 from .fixtures import build_adapter_dir
@@ -266,9 +266,11 @@ def test_a_base_rewriting_init_that_did_not_apply_or_conserve_stops_the_run(tiny
     from hf_lora_recipe.inits.pissa_olora import record_base
     from hf_lora_recipe.model.loading import load_base_model
 
-    asked = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init)
+    # record_base is given the resolved targets, as add_adapter gives them
+    seven = {"lora_target_modules": LLAMA_PROJECTIONS}
+    asked = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, init_lora_weights=init, **seven)
     # built with plain LoRA, as a config that dropped the key would: the base was never rewritten
-    plain = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False)
+    plain = Recipe(model_name_or_path=str(tiny_base), load_in_4bit=False, bf16=False, **seven)
     base = load_base_model(plain)
     before = record_base(base, asked)
     with pytest.raises(

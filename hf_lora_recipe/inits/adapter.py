@@ -7,6 +7,7 @@ import weakref
 from typing import Any
 
 from hf_lora_recipe.inits import init_for
+from hf_lora_recipe.model.architecture import with_projections
 from hf_lora_recipe.model.loading import prepare_base, trainable_token_targets
 from hf_lora_recipe.recipe.schema import Recipe, peft_target_modules
 
@@ -16,14 +17,19 @@ def lora_config(
 ) -> Any:
     """The recipe's LoraConfig. Only the named projections get adapters: never embeddings, norms or the LM head,
     except the rows of ``trainable_tokens`` (see :func:`trainable_token_targets`). ``initialised`` False: the
-    shapes only (counting on the meta device), without the init, which may need weights or data."""
+    shapes only (counting on the meta device), without the init, which may need weights or data.
+
+    PEFT refuses dropout on parameter targets (x cannot be factored out of W x there): with
+    ``lora_target_parameters`` the config says 0 and :func:`add_adapter` puts the recipe's dropout on the module
+    targets only."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
-        lora_dropout=recipe.lora_dropout,
+        lora_dropout=0.0 if recipe.lora_target_parameters else recipe.lora_dropout,
         target_modules=peft_target_modules(recipe),
+        target_parameters=list(recipe.lora_target_parameters) or None,
         bias="none",
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_tokens,
@@ -77,16 +83,34 @@ def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None, 
     init that reads it before the adapter exists."""
     from peft import get_peft_model
 
+    recipe = with_projections(recipe, model)  # the seed's intent, when not resolved already (train resolves it)
     init = init_for(recipe)
     model = prepare_base(model, recipe)
     config = lora_config(recipe, trainable_token_targets(model, token_ids) if token_ids else None)
     before = init.before_adapter(model, recipe, config, data)
     model = get_peft_model(model, config)
+    if recipe.lora_target_parameters and recipe.lora_dropout:
+        dropout_on_modules(model, recipe.lora_dropout)
     if before is not None:
         _BEFORE[model] = before  # for check_variants
     if not init.final_after_trainer:
         finish_adapter(model, recipe)
     return model
+
+
+def dropout_on_modules(model: Any, probability: float) -> int:
+    """The recipe's dropout on every module-targeted adapter (parameter-targeted ones take none); returns how
+    many adapters got it."""
+    import torch
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = torch.nn.Dropout(p=probability)
+                count += 1
+    return count
 
 
 def finish_adapter(model: Any, recipe: Recipe) -> None:

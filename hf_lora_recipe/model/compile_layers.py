@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hf_lora_recipe.model.architecture import decoder_layers
 from hf_lora_recipe.recipe.schema import RecipeError
 from hf_lora_recipe.upstream import torch as torch_upstream
 
@@ -37,19 +38,6 @@ from hf_lora_recipe.upstream import torch as torch_upstream
 # The cost is an unfused dropout kernel per adapter, what eager LoRA pays anyway. Passed per compile, not set
 # globally, so other compiled code in the process keeps inductor's defaults.
 INDUCTOR_OPTIONS = {"fallback_random": True}
-
-
-def decoder_layers(model: Any) -> Any:
-    """The decoder layers (an ``nn.ModuleList``) of a PEFT-wrapped or plain transformers causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    prefix = getattr(base, "base_model_prefix", "model") or "model"
-    layers = getattr(getattr(base, prefix, None), "layers", None)
-    if layers is None:
-        raise RecipeError(
-            f"compile: {type(base).__name__} has no decoder layers at .{prefix}.layers; "
-            "set compile false for this architecture"
-        )
-    return layers
 
 
 def compile_decoder_layers(model: Any) -> int:

@@ -331,12 +331,16 @@ def meta_model(config: Any, recipe: Recipe) -> Any:
 
     try:
         with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.trust_remote_code)
     except ValueError as error:
         raise RecipeError(
             f"model_name_or_path {recipe.model_name_or_path}: a {type(config).__name__} is not a causal "
             f"language model transformers can build ({log.first_line(error)})"
         ) from None
+    # a tied LM head shares the embedding on the GPU, and so it must here, or it is counted twice (transformers
+    # builds it untied under init_empty_weights)
+    model.tie_weights()
+    return model
 
 
 def adaptable_types() -> tuple[type, ...]:
@@ -390,5 +394,22 @@ def resolve_targets(model: Any, targets: list[str] | str) -> dict[str, list[str]
     if unsupported:
         raise RecipeError(
             f"lora_target_modules: {', '.join(unsupported)} cannot carry a LoRA adapter (not linear); {available}"
+        )
+    return resolved
+
+
+def resolve_parameters(model: Any, parameters: list[str]) -> dict[str, list[str]]:
+    """Each ``lora_target_parameters`` entry -> the parameters it adapts, matched as PEFT matches them (the whole
+    dotted name or its ending after a dot); one that matches nothing is a :class:`RecipeError`."""
+    names = [name for name, _ in model.named_parameters()]
+    resolved = {p: [n for n in names if n == p or n.endswith("." + p)] for p in parameters}
+    unmatched = [p for p, found in resolved.items() if not found]
+    if unmatched:
+        three_d = sorted(
+            {n.split(".layers.", 1)[-1].split(".", 1)[-1] for n, q in model.named_parameters() if q.dim() == 3}
+        )
+        raise RecipeError(
+            f"lora_target_parameters: {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} no "
+            f"parameter of {type(model).__name__}; 3-D parameters there: {', '.join(three_d) or 'none'}"
         )
     return resolved

@@ -62,7 +62,9 @@ def check_launch(recipe: Recipe, launcher: bool = False) -> tuple[Recipe, Launch
     inits.check_recipe(recipe)  # run() is called with recipes the parser did not build, too
     inits.check_engine(recipe, engine.name)
     check_attention_name(recipe)
+    check_output_dir(recipe)  # before the base's config.json is read: what the user can fix without waiting
     base = BaseOnMeta(recipe)
+    recipe = base.resolved_recipe()
     auto = recipe.per_device_train_batch_size == AUTO
     recipe, micro_batch = resolve_micro_batch(
         recipe, world_size, shape=base.shape if auto else None, across_ranks=not launcher
@@ -118,9 +120,8 @@ def check_output_dir(recipe: Recipe) -> None:
 
 def check_before_loading(recipe: Recipe, launch: Launch) -> Start:
     """Everything the recipe, the file system and the base's config.json can tell, before any weight, token or
-    row is read: output_dir, trainer names, the base, the LoRA targets on the meta device, where to start."""
-    check_output_dir(recipe)
-
+    row is read: trainer names, the base, the LoRA targets on the meta device, where to start (output_dir is
+    checked in :func:`check_launch`)."""
     from hf_lora_recipe.data.mixture import check_sources
     from hf_lora_recipe.distributed.engines import check_resume_engine
     from hf_lora_recipe.training.checkpoints import choose_start, resume_note

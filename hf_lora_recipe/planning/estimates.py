@@ -38,6 +38,50 @@ PLAIN_LOSS_BYTES_PER_LOGIT = 12
 DENSE_MASK_EXAMPLES_PER_ROW = 4
 
 
+@dataclass(frozen=True)
+class AdapterDims:
+    """What one adapted type's parameter count is made of: r x (in + out) per expert, per module."""
+
+    in_features: int
+    out_features: int
+    experts: int
+    modules: int
+
+    def line(self, r: int) -> str:
+        experts = f" x {self.experts} experts" if self.experts > 1 else ""
+        return f"r {r} x ({self.in_features} in + {self.out_features} out){experts} x {self.modules} modules"
+
+
+def adapter_counts(peft_model: Any) -> dict[str, tuple[int, AdapterDims]]:
+    """Adapter parameters per adapted type (a module's last name, or ``experts.<parameter>`` for a parameter
+    target), with the dimensions they come from."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    counts: dict[str, tuple[int, AdapterDims]] = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        leaf = name.replace(".base_layer", "").rsplit(".", 1)[-1]
+        key = f"{leaf}.{module.parameter_name}" if isinstance(module, ParamWrapper) else leaf
+        own = sum(
+            p.numel()
+            for part in (module.lora_A, module.lora_B, module.lora_magnitude_vector)
+            for p in part.parameters()
+            if p.requires_grad
+        )
+        count, dims = counts.get(key, (0, None))
+        counts[key] = (
+            count + own,
+            AdapterDims(
+                module.in_features,
+                module.out_features,
+                getattr(module, "num_experts", 1),
+                (dims.modules if dims else 0) + 1,
+            ),
+        )
+    return counts
+
+
 @dataclass
 class Shape:
     """What the memory and FLOPs formulas need, read off the meta-device model."""
@@ -55,7 +99,10 @@ class Shape:
     lora_inputs_per_layer: int  # sum of in_features over adapted modules of one layer
     lora_modules_per_layer: int
     rank_limits: dict[str, int] = field(default_factory=dict)  # adapted module type -> min(in, out): r's ceiling
-    lora_by_module: dict[str, int] = field(default_factory=dict)
+    lora_by_module: dict[str, int] = field(default_factory=dict)  # adapted type -> its adapter parameters
+    lora_dims: dict[str, AdapterDims] = field(default_factory=dict)  # and why: r x (in + out) x experts x modules
+    target_modules: list[str] = field(default_factory=list)  # as resolved for this architecture
+    target_parameters: list[str] = field(default_factory=list)
     trainable: int = 0
     total: int = 0
     unmatched_targets: list[str] = field(default_factory=list)
@@ -69,17 +116,15 @@ def measure_shape(config: Any, recipe: Recipe, model: Any | None = None) -> Shap
     from peft import get_peft_model
 
     from hf_lora_recipe.inits.adapter import lora_config
+    from hf_lora_recipe.model.architecture import decoder_layers, with_projections
     from hf_lora_recipe.model.loading import meta_model
 
     model = meta_model(config, recipe) if model is None else model
+    recipe = with_projections(recipe, model)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     all_linear = recipe.lora_target_modules == [ALL_LINEAR]
     unmatched = [] if all_linear else [t for t in recipe.lora_target_modules if t not in names]
-    layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else None
-    if layers is None:
-        raise RecipeError(
-            f"{type(model).__name__}: no decoder layers found (model.model.layers); is it a decoder-only causal LM?"
-        )
+    layers = decoder_layers(model)
     quantizable = [m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     total_base = sum(p.numel() for p in model.parameters())
     text = config.get_text_config()
@@ -106,17 +151,18 @@ def measure_shape(config: Any, recipe: Recipe, model: Any | None = None) -> Shap
         lora_inputs_per_layer=sum(in_features for _, in_features, _ in adapted),
         lora_modules_per_layer=len(adapted),
         rank_limits={name: min(in_features, out_features) for name, in_features, out_features in adapted},
+        target_modules=list(recipe.lora_target_modules),
+        target_parameters=list(recipe.lora_target_parameters),
         unmatched_targets=unmatched,
     )
     if unmatched:
         return shape
     with init_empty_weights():
         peft_model = get_peft_model(model, lora_config(recipe, initialised=False))
-    for name, param in peft_model.named_parameters():
-        if param.requires_grad:
-            module_type = name.split(".lora_")[0].rsplit(".", 1)[-1]
-            shape.lora_by_module[module_type] = shape.lora_by_module.get(module_type, 0) + param.numel()
-    shape.trainable = sum(shape.lora_by_module.values())
+    for key, (count, dims) in adapter_counts(peft_model).items():
+        shape.lora_by_module[key] = count
+        shape.lora_dims[key] = dims
+    shape.trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     shape.total = total_base + shape.trainable
     return shape
 
@@ -144,6 +190,22 @@ class BaseOnMeta:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
 
+    def resolved_recipe(self) -> Recipe:
+        """The recipe with the seed's target intent resolved on this base (model/architecture.py), which the
+        targets and the shape then use; logged with the names it resolved to."""
+        from hf_lora_recipe import log
+        from hf_lora_recipe.model.architecture import projections, with_projections, with_supported_attention
+
+        model = self._built[1]
+        resolved = with_projections(self.recipe, model)
+        if resolved is not self.recipe:
+            log.info(projections(model).line(type(model).__name__))
+        attention = with_supported_attention(resolved, model)
+        if attention is not resolved:
+            log.info(f"attn_implementation sdpa -> eager: transformers has no sdpa path for {type(model).__name__}")
+        self.recipe = attention
+        return attention
+
     @functools.cached_property
     def _built(self) -> tuple[Any, Any]:
         from hf_lora_recipe.model.loading import meta_model, model_config
@@ -153,9 +215,11 @@ class BaseOnMeta:
 
     @functools.cached_property
     def targets(self) -> dict[str, list[str]]:
-        from hf_lora_recipe.model.loading import resolve_targets
+        from hf_lora_recipe.model.loading import resolve_parameters, resolve_targets
 
-        return resolve_targets(self._built[1], peft_target_modules(self.recipe))
+        model = self._built[1]
+        targets = resolve_targets(model, peft_target_modules(self.recipe))
+        return {**targets, **resolve_parameters(model, self.recipe.lora_target_parameters)}
 
     @functools.cached_property
     def shape(self) -> Shape:

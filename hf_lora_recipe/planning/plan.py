@@ -16,6 +16,7 @@ from hf_lora_recipe.model.loading import check_attention_name
 from hf_lora_recipe.planning.estimates import (
     GIB,
     GPUS,
+    AdapterDims,
     Shape,
     flops_per_token,
     largest_fitting_micro_batch,
@@ -24,7 +25,7 @@ from hf_lora_recipe.planning.estimates import (
     nf4_bytes,
     rank_over_limits,
 )
-from hf_lora_recipe.recipe.schema import AUTO, Recipe, RecipeError
+from hf_lora_recipe.recipe.schema import ALL_PROJECTIONS, AUTO, Recipe, RecipeError
 from hf_lora_recipe.templates.untrained_tokens import TemplateTokens, inspect_if_local
 
 
@@ -76,7 +77,7 @@ SEED_MAP = [
     ("LoRA rank", "lora_r", ("LoraConfig", "r")),
     ("LoRA alpha = 2r", "lora_alpha", ("LoraConfig", "lora_alpha")),
     ("LoRA dropout", "lora_dropout", ("LoraConfig", "lora_dropout")),
-    ("targets: all seven projections", "lora_target_modules", ("LoraConfig", "target_modules")),
+    ("targets: every attention and MLP projection", "lora_target_modules", ("LoraConfig", "target_modules")),
     ("scaling alpha/r (not rsLoRA)", "use_rslora", ("LoraConfig", "use_rslora")),
     ("plain LoRA (not DoRA)", "use_dora", ("LoraConfig", "use_dora")),
     ("adapter initialisation (step 0 = the base)", "init_lora_weights", ("LoraConfig", "init_lora_weights")),
@@ -190,7 +191,7 @@ def lints(
             Lint(
                 "warning",
                 "only q_proj/v_proj are adapted: underfits instruction following",
-                f"target all seven projections: {', '.join(Recipe().lora_target_modules)}",
+                f"target every attention and MLP projection: lora_target_modules {ALL_PROJECTIONS} (the seed's)",
             )
         )
     if not recipe.bf16 and gpu_bf16:
@@ -298,6 +299,10 @@ def make_plan(
         "trainable": shape.trainable,
         "trainable_share_of_base": shape.trainable / max(base_parameters, 1),
         "by_module": shape.lora_by_module,
+        "by_module_dims": {key: dataclasses.asdict(dims) for key, dims in shape.lora_dims.items()},
+        "lora_r": recipe.lora_r,
+        "target_modules": shape.target_modules,
+        "target_parameters": shape.target_parameters,
     }
     # saved in the dtype it trains in, at the rank its init saves (PiSSA/OLoRA converted: [B | -B0] [A ; A0], 2r)
     plan["adapter_file_bytes"] = adapter_bytes_per_parameter(recipe) * shape.trainable * init_for(recipe).rank_factor
@@ -423,8 +428,12 @@ def render(plan: dict[str, Any]) -> str:
         f"parameters     base {p['base_parameters']:,} + adapter {p['adapter_parameters']:,} = total {p['total']:,}; "
         f"trainable {p['trainable']:,} ({p['trainable_share_of_base']:.3%} of the base)"
     )
+    targets = ", ".join(p["target_modules"] + [f"{name} (parameter)" for name in p["target_parameters"]])
+    lines.append(f"adapted        {targets}")
     for module, count in p["by_module"].items():
-        lines.append(f"  {module:<13}{count:>14,}")
+        dims = p["by_module_dims"].get(module)
+        why = f"  = {AdapterDims(**dims).line(p['lora_r'])}" if dims else ""
+        lines.append(f"  {module:<22}{count:>14,}{why}")
     lines.append(
         f"adapter file   {_gib(plan['adapter_file_bytes'])} "
         f"({'bf16' if plan['adapter_file_bytes'] < 4 * p['trainable'] else 'fp32'} safetensors)"

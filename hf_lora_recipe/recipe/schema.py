@@ -22,8 +22,13 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 
-SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The seed's targets are an intent, resolved per architecture on the meta device (model/architecture.py): on a
+# Llama these are the seven LLAMA_PROJECTIONS
+ALL_PROJECTIONS = "all-projections"
+SEED_TARGET_MODULES = [ALL_PROJECTIONS]
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the decoder, never the LM head
+SHORTHANDS = {ALL_PROJECTIONS: "every attention and MLP projection", ALL_LINEAR: "every linear layer"}
 CHAT_TEMPLATES = ("llama2", "native")  # or a path to a .jinja file
 DATASET_FORMATS = ("alpaca", "oasst", "prompt_completion", "messages", "auto")
 LORAPLUS_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # torch.optim.AdamW, which create_loraplus_optimizer builds
@@ -164,8 +169,14 @@ class Recipe:
     lora_dropout: float = lora(0.05, "dropout on the adapter's input", bounds=FRACTION)
     lora_target_modules: list[str] = lora(
         SEED_TARGET_MODULES,
-        "module names to adapt (space- or comma-separated), or all-linear (PEFT: every "
-        "linear layer but the LM head); never embeddings, norms or the LM head",
+        f"module names to adapt (space- or comma-separated); {ALL_PROJECTIONS}: every attention and MLP "
+        f"projection of the architecture (MoE experts through lora_target_parameters, routers frozen), resolved "
+        f"and recorded in recipe.yaml; {ALL_LINEAR}: PEFT's every linear layer; never embeddings, norms or the LM head",
+    )
+    lora_target_parameters: list[str] = lora(
+        [],
+        "3-D parameters to adapt, by their name inside a decoder layer (PEFT target_parameters), e.g. "
+        f"mlp.experts.gate_up_proj: MoE experts stored fused; {ALL_PROJECTIONS} fills it for MoE families",
     )
     use_rslora: bool = lora(
         False, "rank-stabilised LoRA: scale B A by alpha/sqrt(r) instead of alpha/r (PEFT use_rslora)"
@@ -683,8 +694,9 @@ def validate(recipe: Recipe) -> None:
         )
     if not recipe.lora_target_modules:
         raise RecipeError("lora_target_modules is empty: LoRA would train nothing")
-    if ALL_LINEAR in recipe.lora_target_modules and len(recipe.lora_target_modules) > 1:
-        raise RecipeError(f"lora_target_modules: {ALL_LINEAR} already means every linear layer; give it alone")
+    for shorthand, meaning in SHORTHANDS.items():
+        if shorthand in recipe.lora_target_modules and len(recipe.lora_target_modules) > 1:
+            raise RecipeError(f"lora_target_modules: {shorthand} already means {meaning}; give it alone")
     if recipe.push_to_hub and not recipe.hub_model_id:
         raise RecipeError("push_to_hub: true needs hub_model_id (e.g. your-name/llama3-8b-alpaca-qlora)")
     if len(recipe.report_to) > 1 and {"none", "all"} & set(recipe.report_to):
@@ -744,7 +756,10 @@ def gradient_accumulation_steps(recipe: Recipe, world_size: int) -> int:
 
 
 def peft_target_modules(recipe: Recipe) -> list[str] | str:
-    """``lora_target_modules`` as PEFT takes it: a list of names, or the string ``all-linear``."""
+    """``lora_target_modules`` as PEFT takes it: a list of names, or the string ``all-linear``. The seed's
+    intent is resolved before (model/architecture.py: with_projections)."""
+    if recipe.lora_target_modules == [ALL_PROJECTIONS]:
+        raise RuntimeError(f"lora_target_modules {ALL_PROJECTIONS} reached PEFT unresolved")
     return ALL_LINEAR if recipe.lora_target_modules == [ALL_LINEAR] else list(recipe.lora_target_modules)
 
 

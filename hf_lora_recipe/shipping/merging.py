@@ -154,6 +154,20 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[str, list[int]]]:
     return found
 
 
+def _target_parameter_shapes(module: Any, name: str, parameters: list[str]) -> list[tuple[int, ...]] | None:
+    """The shapes of the target parameters ``module`` (the adapted module ``name``) holds, or None when the
+    adapter adapts it as a module."""
+    plain = name.replace(".base_layer", "")
+    held = [
+        tuple(getattr(module, target.rsplit(".", 1)[-1]).shape)
+        for target in parameters
+        if module is not None
+        and (plain == target.rsplit(".", 1)[0] or plain.endswith("." + target.rsplit(".", 1)[0]))
+        and getattr(module, target.rsplit(".", 1)[-1], None) is not None
+    ]
+    return held or None
+
+
 def check_fits(adapter_dir: Path, model: str, flag: str, trust_remote_code: bool = False) -> None:
     """``model`` (a base, or a merged model) has every module the adapter adapts, at the adapter's sizes, and a
     vocabulary that holds the adapter's tokenizer: read from its config.json on the meta device, before any
@@ -167,7 +181,19 @@ def check_fits(adapter_dir: Path, model: str, flag: str, trust_remote_code: bool
     modules = dict(
         meta_model(config, Recipe(model_name_or_path=model, trust_remote_code=trust_remote_code)).named_modules()
     )
+    saved_config = adapter_dir / "adapter_config.json"
+    parameters = (
+        (json.loads(saved_config.read_text()).get("target_parameters") or []) if saved_config.is_file() else []
+    )
     for label, (name, shape) in adapter_shapes(adapter_dir).items():
+        held = _target_parameter_shapes(modules.get(name.replace(".base_layer", "")), name, parameters)
+        if held is not None:  # an experts module adapted through its 3-D parameters (PEFT target_parameters)
+            if not any(shape[1 if label.endswith("lora_A") else 0] in sizes for sizes in held):
+                raise RecipeError(
+                    f"{flag} {model}: the parameters of {name} do not have the adapter's sizes: it is not the "
+                    "adapter's base; give the base it was trained on"
+                )
+            continue
         module = modules.get(name)
         if not isinstance(module, torch.nn.Linear):
             raise RecipeError(

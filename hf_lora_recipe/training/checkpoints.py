@@ -397,6 +397,8 @@ def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> 
     rank = init.rank_factor * recipe.lora_r
     ranks = init.check_saved(directory, recipe)
     nonzero_b = False
+    # a parameter target's factors hold r per expert: (r x experts, in) and (out, r x experts)
+    per_expert = tuple(f".{target.rsplit('.', 1)[0]}" for target in recipe.lora_target_parameters)
     with safe_open(str(path), framework="pt") as tensors:
         names = list(tensors.keys())
         if not names:
@@ -405,8 +407,14 @@ def check_saved_adapter(directory: Path, recipe: Recipe, trained_steps: int) -> 
             tensor = tensors.get_tensor(name)
             # train_template_tokens saves whole embedding rows; DoRA one magnitude per output row
             low_rank = "trainable_tokens" not in name and "lora_magnitude_vector" not in name
-            expected = ranks.get(name.removeprefix("base_model.model.").split(".lora_", 1)[0], rank)
-            if tensor.numel() == 0 or (low_rank and expected not in tensor.shape):
+            module = name.removeprefix("base_model.model.").split(".lora_", 1)[0]
+            expected = ranks.get(module, rank)
+            shaped = (
+                any(size % expected == 0 for size in tensor.shape)
+                if per_expert and module.replace(".base_layer", "").endswith(per_expert)
+                else expected in tensor.shape
+            )
+            if tensor.numel() == 0 or (low_rank and not shaped):
                 raise RuntimeError(f"{path}: {name} has shape {tuple(tensor.shape)}, not a rank-{expected} factor")
             if "lora_B" in name and bool(tensor.abs().sum() > 0):
                 nonzero_b = True

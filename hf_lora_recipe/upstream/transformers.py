@@ -24,6 +24,14 @@ def registered_attention() -> set[str]:
     return {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
 
 
+def supports_sdpa(model: Any) -> bool:
+    """Whether the model's class runs ``attn_implementation="sdpa"`` (``_supports_sdpa``, what from_pretrained checks
+    before refusing sdpa; Gemma 2 and gpt-oss say no: softcapping and attention sinks)."""
+    if not hasattr(type(model), "_supports_sdpa"):
+        raise RuntimeError("transformers' PreTrainedModel has no _supports_sdpa: supports_sdpa needs updating")
+    return bool(type(model)._supports_sdpa)
+
+
 class AfterCheckpoint:
     """A Trainer mixin: ``after_checkpoint(folder)`` runs on every process right after ``Trainer._save_checkpoint``
     wrote a checkpoint (before ``on_save`` callbacks, and before the folder could be rotated away), with the folder
