@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 from hf_lora_recipe.data.label_audit import supervised_spans
 from hf_lora_recipe.data.pipeline import build_sft_dataset
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError
+from hf_lora_recipe.templates.formats import FORMATS
 from hf_lora_recipe.templates.llama2 import IGNORE_INDEX, encode_conversations, encode_prompt, special_ids
 from hf_lora_recipe.templates.tokenizer import load_tokenizer, save_tokenizer
 
@@ -40,10 +41,78 @@ def smollm2_tokenizer(smollm2_base):
     return load_tokenizer(str(smollm2_base), template="native")
 
 
-@pytest.fixture(params=["smollm2-native", "llama3-style-jinja"])
-def templated(request):
-    name = "smollm2_tokenizer" if request.param == "smollm2-native" else "llama3_style_tokenizer"
-    return request.getfixturevalue(name)
+# Each family's format on the shared tokenizer of its kind: byte-level BPE (Qwen, Llama 3) or SentencePiece
+# (Gemma, Mistral, Phi-3's Llama tokenizer), holding the format's markers as special tokens as the family's own does
+FORMAT_TOKENIZERS = {
+    "chatml": "gpt-neox-20b",
+    "llama3": "gpt-neox-20b",
+    "gemma": "llama2",
+    "mistral": "llama2",
+    "phi3": "llama2",
+}
+assert set(FORMAT_TOKENIZERS) == set(FORMATS)
+
+
+_FORMAT_TOKENIZERS: dict = {}
+
+
+def format_tokenizer(name: str, tmp_path_factory) -> object:
+    """The shared tokenizer of the format's kind, holding its markers as special tokens, with the format installed."""
+    if name not in _FORMAT_TOKENIZERS:
+        folder = tmp_path_factory.mktemp(name)
+        base = AutoTokenizer.from_pretrained(shared_asset(f"tokenizers/{FORMAT_TOKENIZERS[name]}"))
+        base.add_special_tokens({"additional_special_tokens": list(FORMATS[name].markers)})
+        base.save_pretrained(folder)
+        _FORMAT_TOKENIZERS[name] = load_tokenizer(str(folder), template=name)
+    return _FORMAT_TOKENIZERS[name]
+
+
+@pytest.fixture(params=list(FORMATS))
+def family_format(request, tmp_path_factory):
+    return format_tokenizer(request.param, tmp_path_factory)
+
+
+@pytest.fixture(params=["smollm2-native", "llama3-style-jinja", *FORMATS])
+def templated(request, tmp_path_factory):
+    names = {"smollm2-native": "smollm2_tokenizer", "llama3-style-jinja": "llama3_style_tokenizer"}
+    if request.param in names:
+        return request.getfixturevalue(names[request.param])
+    return format_tokenizer(request.param, tmp_path_factory)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Bye"},
+]
+# each family's documented rendering of CONVERSATION with the generation prompt (templates/formats.py: source)
+DOCUMENTED = {
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    "Hello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+    "llama3": "{bos}<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+    "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma": "{bos}<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+    "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n",
+    "mistral": "{bos}[INST] Be brief.\n\nHi [/INST]Hello{eos}[INST] Bye [/INST]",
+    "phi3": "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n<|user|>\nBye<|end|>\n"
+    "<|assistant|>\n",
+}
+
+
+def test_each_family_format_renders_as_documented(family_format):
+    name = next(n for n in FORMATS if family_format.chat_template == FORMATS[n].jinja)
+    rendered = family_format.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    expected = DOCUMENTED[name].format(bos=family_format.bos_token or "", eos=family_format.eos_token)
+    assert rendered == expected
+
+
+def test_a_family_format_needs_its_markers_as_special_tokens():
+    with pytest.raises(
+        RecipeError, match=r"^chat_template llama3: the tokenizer of .* has no special token <\|start_header_id\|>"
+    ):
+        load_tokenizer(str(shared_asset("tokenizers/gpt-neox-20b")), template="llama3")
 
 
 def _specials(tokenizer) -> list[str]:

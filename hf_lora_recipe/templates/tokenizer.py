@@ -8,6 +8,7 @@ from typing import Any
 
 from hf_lora_recipe.files import write_text_atomically
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError
+from hf_lora_recipe.templates.formats import FORMATS, missing_markers
 from hf_lora_recipe.templates.llama2 import chat_template, is_llama2_template, special_ids
 
 
@@ -31,17 +32,19 @@ def load_tokenizer(
 ) -> Any:
     """The base's tokenizer with the chosen chat template installed and a pad token set.
 
-    ``template``: ``llama2`` (the seed's layout), ``native`` (the tokenizer's own) or a ``.jinja`` file's path.
+    ``template``: ``llama2`` (the seed's layout), ``native`` (the tokenizer's own), a family's format
+    (templates/formats.py) or a ``.jinja`` file's path.
     """
     from transformers import AutoTokenizer
 
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if template != "native" and not _chunk_matches_in_context(tokenizer) and hasattr(tokenizer, "legacy"):
+        # transformers 5 Llama/SentencePiece tokenizers drop the word-start marker after a special token
+        # ("<s>[" instead of "<s>▁["); legacy mode keeps it, which is also how Llama 2 itself was trained, and
+        # lets a template's pieces tokenize as its whole text does
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, legacy=True, **kwargs)
     if template == "llama2":
-        if not _chunk_matches_in_context(tokenizer) and hasattr(tokenizer, "legacy"):
-            # transformers 5 Llama/SentencePiece tokenizers drop the word-start marker after a special token
-            # ("<s>[" instead of "<s>▁["); legacy mode keeps it, which is also how Llama 2 itself was trained.
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, legacy=True, **kwargs)
         if not _chunk_matches_in_context(tokenizer):
             raise ValueError(
                 f"tokenizer of {name_or_path} tokenizes text differently after a special token; "
@@ -76,6 +79,14 @@ def _install_template(tokenizer: Any, name_or_path: str, template: str) -> None:
                 f"chat_template: native, but the tokenizer of {name_or_path} has no chat template of "
                 "its own; use chat_template: llama2 or a .jinja file"
             )
+    elif template in FORMATS:
+        missing = missing_markers(tokenizer, template)
+        if missing:
+            raise RecipeError(
+                f"chat_template {template}: the tokenizer of {name_or_path} has no special token "
+                f"{', '.join(missing)}, so the format's markers would train as text; use native or llama2"
+            )
+        tokenizer.chat_template = FORMATS[template].jinja
     else:
         path = Path(template)
         if not path.is_file():
