@@ -132,3 +132,10 @@ def test_the_seed_recipe_trains_reloads_merges_and_plans_on_every_family(
     on_fp32 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), output_dir)
     assert shape.total == sum(p.numel() for p in on_fp32.parameters())
     assert shape.trainable == sum(p.numel() for n, p in on_fp32.named_parameters() if ".lora_" in n)
+    # and plan's explanation of it: r x (in + out) x experts x modules per adapted type, adding up
+    for key, dims in shape.lora_dims.items():
+        assert (
+            shape.lora_by_module[key]
+            == recipe.lora_r * (dims.in_features + dims.out_features) * dims.experts * dims.modules
+        )
+    assert sum(shape.lora_by_module.values()) == shape.trainable

@@ -21,8 +21,6 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from hf_lora_recipe.templates.formats import FORMATS
-
 
 # The seed's targets are an intent, resolved per architecture on the meta device (model/architecture.py): on a
 # Llama these are the seven LLAMA_PROJECTIONS
@@ -31,7 +29,8 @@ SEED_TARGET_MODULES = [ALL_PROJECTIONS]
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the decoder, never the LM head
 SHORTHANDS = {ALL_PROJECTIONS: "every attention and MLP projection", ALL_LINEAR: "every linear layer"}
-CHAT_TEMPLATES = ("llama2", "native", *FORMATS)  # or a path to a .jinja file
+FAMILY_FORMATS = ("chatml", "llama3", "gemma", "mistral", "phi3")  # their templates: templates/formats.py
+CHAT_TEMPLATES = ("llama2", "native", *FAMILY_FORMATS)  # or a path to a .jinja file
 DATASET_FORMATS = ("alpaca", "oasst", "prompt_completion", "messages", "auto")
 LORAPLUS_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # torch.optim.AdamW, which create_loraplus_optimizer builds
 
@@ -236,7 +235,7 @@ class Recipe:
     chat_template: str = data(
         "llama2",
         "prompt format: llama2 (the seed's <s>[INST] ... [/INST] ... </s>), native (the tokenizer's own chat "
-        f"template), a family's format ({', '.join(FORMATS)}; docs/architectures.md) or a path to a .jinja "
+        f"template), a family's format ({', '.join(FAMILY_FORMATS)}; docs/architectures.md) or a path to a .jinja "
         "chat template",
         resume=REFUSE,
     )

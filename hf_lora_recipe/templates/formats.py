@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hf_lora_recipe.recipe.schema import FAMILY_FORMATS
+
 
 @dataclass(frozen=True)
 class Format:
@@ -61,6 +63,10 @@ FORMATS = {
         "Microsoft's Phi-3.5/Phi-4-mini model cards, chat format",
     ),
 }
+
+
+if set(FORMATS) != set(FAMILY_FORMATS):  # the recipe's choices and the templates behind them
+    raise RuntimeError(f"templates/formats.py defines {sorted(FORMATS)}, the recipe offers {sorted(FAMILY_FORMATS)}")
 
 
 def missing_markers(tokenizer: object, name: str) -> list[str]:
