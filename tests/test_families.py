@@ -107,6 +107,8 @@ def test_the_seed_recipe_trains_reloads_merges_and_plans_on_every_family(
     saved = json.loads((output_dir / "adapter_config.json").read_text())
     assert set(saved["target_modules"]) == set(modules) and set(saved["target_parameters"] or []) == set(parameters)
     assert "chat template tokens" in out and "not checked" not in out  # the guard read this family's embedding
+    card = (output_dir / "README.md").read_text()
+    assert all(name in card for name in modules + parameters)
 
     # exactly the intended modules and parameters carry adapters: never the router, norms, embeddings or head
     recipe = load_recipe(output_dir / "recipe.yaml")
@@ -139,3 +141,19 @@ def test_the_seed_recipe_trains_reloads_merges_and_plans_on_every_family(
             == recipe.lora_r * (dims.in_features + dims.out_features) * dims.experts * dims.modules
         )
     assert sum(shape.lora_by_module.values()) == shape.trainable
+
+
+def test_a_target_parameter_that_matches_nothing_is_one_line(llama2_tokenizer, tmp_path):
+    from hf_lora_recipe.planning.estimates import BaseOnMeta
+    from hf_lora_recipe.recipe.schema import Recipe, RecipeError
+
+    base = build_tiny_family("mixtral", llama2_tokenizer, tmp_path / "base")
+    recipe = Recipe(model_name_or_path=str(base), lora_target_parameters=["mlp.experts.up_proj"])
+    resolved = BaseOnMeta(recipe).resolved_recipe()
+    assert resolved.lora_target_parameters == ["mlp.experts.up_proj"]  # named by the user: kept literally
+    with pytest.raises(
+        RecipeError,
+        match=r"^lora_target_parameters: mlp.experts.up_proj matches no parameter of "
+        r"MixtralForCausalLM; 3-D parameters there: mlp.experts.down_proj, mlp.experts.gate_up_proj$",
+    ):
+        BaseOnMeta(resolved).targets

@@ -130,6 +130,11 @@ def _hyperparameters(recipe: dict[str, Any]) -> str:
         ("LoRA r / alpha / dropout", f"{recipe['lora_r']} / {recipe['lora_alpha']} / {recipe['lora_dropout']}"),
         ("LoRA variant", lora_variant(recipe)),
         ("target modules", ", ".join(recipe["lora_target_modules"])),
+        *(
+            [("target parameters (MoE experts; their adapters take no dropout)", ", ".join(parameters))]
+            if (parameters := recipe.get("lora_target_parameters"))
+            else []
+        ),
         (
             "base quantization",
             f"bitsandbytes {recipe['bnb_4bit_quant_type']}, double quantization "
@@ -328,7 +333,7 @@ def render_card(
 
 {"QLoRA" if quantized else "LoRA"} supervised fine-tuning of `{base}` on {_data_phrase(recipe)} with [hf-lora-recipe](https://pypi.org/project/hf-lora-recipe/):
 the base is frozen and low-rank adapters `W' = W0 + (alpha/r) B A` are trained on
-{", ".join(recipe.get("lora_target_modules", []))}. The full resolved recipe is in `recipe.yaml`.
+{", ".join(recipe.get("lora_target_modules", []) + recipe.get("lora_target_parameters", []))}. The full resolved recipe is in `recipe.yaml`.
 
 ## Hyperparameters
 
