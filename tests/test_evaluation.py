@@ -485,3 +485,17 @@ def test_a_mixture_run_is_named_by_its_sources(tiny_base, alpaca_path, tmp_path,
     assert report["dataset"] == "alpaca_en_demo.json + second.json"  # never the default dataset_name
     card = (run / "README.md").read_text()
     assert "`alpaca_en_demo.json + second.json`" in card and "tatsu-lab/alpaca" not in card.split("## Evaluation")[1]
+
+
+def test_the_reply_budget_is_sized_from_the_references():
+    from hf_lora_recipe.evaluation.scoring import Example, reference_lengths, reply_budget
+
+    def example(reply_tokens: int) -> Example:  # a 3-token prompt, then the supervised reply and its end of turn
+        labels = [-100] * 3 + list(range(10, 10 + reply_tokens))
+        return Example(input_ids=list(range(3 + reply_tokens)), labels=labels, prompt_ids=[0, 1, 2], reference="x")
+
+    examples = [example(n) for n in [4] * 19 + [40]]  # 20 references: the 95th percentile is the 19th, 4 tokens
+    assert reference_lengths(examples)[:2] == [4, 4]
+    assert reply_budget(examples) == 5  # ceil(4 x 1.25)
+    assert reply_budget([example(n) for n in [4] * 18 + [40, 40]]) == 50  # two long ones: the 95th reaches them
+    assert reply_budget([example(400)]) == 256 and reply_budget([example(400)], cap=300) == 300  # capped

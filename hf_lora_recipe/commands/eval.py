@@ -83,8 +83,9 @@ PARSER.add_number(
     "--max_new_tokens",
     int,
     COUNT,
-    DEFAULT_MAX_NEW_TOKENS,
-    "reply length limit; a reply reaching it did not stop",
+    None,
+    "reply length limit; a reply reaching it did not stop. Unset (None): the held-out references' "
+    f"95th-percentile length plus a quarter, at most {DEFAULT_MAX_NEW_TOKENS}",
     metavar="N",
 )
 PARSER.add_number(

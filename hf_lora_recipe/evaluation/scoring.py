@@ -15,7 +15,8 @@ from hf_lora_recipe.recipe.schema import Recipe, RecipeError, saved_recipe
 
 
 DEFAULT_NUM_EXAMPLES = 100
-DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_NEW_TOKENS = 256  # the cap on the reply budget sized from the references
+REPLY_BUDGET_QUANTILE, REPLY_BUDGET_MARGIN = 0.95, 1.25  # most references fit, with a quarter to spare
 DEFAULT_BATCH_SIZE = 8
 METRICS = (
     "response_loss",
@@ -135,6 +136,27 @@ def response_loss(
         total += F.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised], reduction="sum").item()
         tokens += int(supervised.sum())
     return total / max(tokens, 1), tokens
+
+
+def reference_lengths(examples: list[Example]) -> list[int]:
+    """Each reference reply's length in tokens, its end-of-turn token included: the last supervised span."""
+    from hf_lora_recipe.data.label_audit import supervised_spans
+
+    lengths = []
+    for example in examples:
+        spans = supervised_spans(example.labels)
+        lengths.append(spans[-1][1] - spans[-1][0] if spans else 0)
+    return lengths
+
+
+def reply_budget(examples: list[Example], cap: int = DEFAULT_MAX_NEW_TOKENS) -> int:
+    """``max_new_tokens`` sized from the held-out references: their 95th-percentile length plus a quarter, at most
+    ``cap``. Generating far past what any reference needs only measures how long a reply that never stops runs."""
+    lengths = sorted(reference_lengths(examples))
+    if not lengths:
+        return cap
+    quantile = lengths[min(len(lengths) - 1, math.ceil(REPLY_BUDGET_QUANTILE * len(lengths)) - 1)]
+    return max(1, min(cap, math.ceil(quantile * REPLY_BUDGET_MARGIN)))
 
 
 def greedy_replies(
@@ -505,7 +527,7 @@ def evaluate_adapter(
     data: Any,
     *,
     num_examples: int = DEFAULT_NUM_EXAMPLES,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     model: Any = None,
     tokenizer: Any = None,
@@ -529,6 +551,8 @@ def evaluate_adapter(
     examples = examples_for(recipe, tokenizer, data, num_examples)
     if not examples:
         raise RecipeError("no examples to evaluate on")
+    # a reply longer than max_length was never trained: no point generating past it
+    max_new_tokens = max_new_tokens or reply_budget(examples, cap=min(DEFAULT_MAX_NEW_TOKENS, recipe.max_length))
     options = {
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
@@ -558,7 +582,7 @@ def evaluate_merged(
     tokenizer: Any,
     *,
     num_examples: int = DEFAULT_NUM_EXAMPLES,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     dataset: str,
     split: str,
@@ -566,6 +590,8 @@ def evaluate_merged(
     """Base vs a merged model (no adapter folder) on the first ``num_examples`` of ``data``; returns the report.
     Raises :class:`RecipeError` when the merged model scores exactly as its base."""
     examples = examples_for(recipe, tokenizer, data, num_examples)
+    # a reply longer than max_length was never trained: no point generating past it
+    max_new_tokens = max_new_tokens or reply_budget(examples, cap=min(DEFAULT_MAX_NEW_TOKENS, recipe.max_length))
     options = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": recipe.seed, "bf16": recipe.bf16}
     scores = {"base": score_model(load_base(recipe), tokenizer, examples, label="base", **options)}
     scores["merged"] = score_model(load_merged(model_dir), tokenizer, examples, label="merged", **options)
@@ -583,8 +609,7 @@ def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any,
     from hf_lora_recipe.distributed.engines import current_engine
 
     count = min(recipe.final_eval_examples, len(eval_dataset))
-    # a reply longer than max_length was never trained: no point generating past it
-    max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, recipe.max_length)
+    max_new_tokens = None  # sized from the references
     import torch
 
     log.info(f"evaluating base vs adapter on {count} held-out examples (final_eval_examples; 0 skips this)")
