@@ -80,3 +80,36 @@ def build_adapter_dir(
     (checkpoint / "optimizer.pt").write_bytes(b"optimizer state: never published")
     (checkpoint / "adapter_model.safetensors").write_bytes((out_dir / "adapter_model.safetensors").read_bytes())
     return out_dir
+
+
+def probe_logits(model: Any, inputs: Any = None) -> Any:
+    """The model's logits on ``inputs`` (default: a fixed random batch of 2 x 24 ids below 1000) in eval mode,
+    as float32 on the CPU; the model's mode is restored."""
+    import torch
+
+    inputs = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0)) if inputs is None else inputs
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(inputs.to(model.device)).logits.float().cpu()
+    finally:
+        model.train(was_training)
+
+
+def train_capturing_logits(monkeypatch: Any, argv: list[str]) -> tuple[int, Any]:
+    """``train`` in this process; returns its exit code and the trained model's :func:`probe_logits`, taken right
+    after its save (None when it did not get there)."""
+    from hf_lora_recipe.commands.train import main as train_main
+    from hf_lora_recipe.shipping import output_dir as artifacts
+
+    captured = {}
+    real_save_run = artifacts.save_run
+
+    def save_run(trainer: Any, *args: Any, **kwargs: Any) -> Any:
+        written = real_save_run(trainer, *args, **kwargs)
+        captured["logits"] = probe_logits(trainer.model)
+        return written
+
+    monkeypatch.setattr(artifacts, "save_run", save_run)
+    return train_main(argv), captured.get("logits")

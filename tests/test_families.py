@@ -17,6 +17,7 @@ import yaml
 from hf_lora_recipe.devtools.tiny_families import FAMILIES, build_tiny_family
 
 from .conftest import shared_asset
+from .fixtures import probe_logits, train_capturing_logits
 from .test_resilience import _args
 
 
@@ -42,14 +43,6 @@ assert set(INTENDED) == set(FAMILIES)
 # gets the byte-level BPE tokenizer it is built for; GPT-NeoX its own
 TOKENIZERS = {"qwen2": "gpt-neox-20b", "gpt_neox": "gpt-neox-20b"}
 
-PROBE = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(PROBE.to(model.device)).logits.float().cpu()
-
 
 def _adapted(model) -> set[str]:
     """Every module (or module.parameter) carrying a LoRA adapter, by its name inside a decoder layer."""
@@ -70,32 +63,22 @@ def test_the_seed_recipe_trains_reloads_merges_and_plans_on_every_family(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.commands.train import main as train_main
     from hf_lora_recipe.model.loading import load_base_model, model_config, prepare_base
     from hf_lora_recipe.planning.estimates import measure_shape
     from hf_lora_recipe.recipe.schema import Recipe, load_recipe
-    from hf_lora_recipe.shipping import output_dir as artifacts
     from hf_lora_recipe.shipping.merging import load_merge_base, merge
     from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(shared_asset(f"tokenizers/{TOKENIZERS.get(family, 'llama2')}")))
     base = build_tiny_family(family, tokenizer, tmp_path / "base")
     output_dir = tmp_path / "adapter"
-    captured = {}
-    real_save_run = artifacts.save_run
-
-    def save_run(trainer, *args, **kwargs):
-        written = real_save_run(trainer, *args, **kwargs)
-        captured["logits"] = _logits(trainer.model)
-        return written
-
-    monkeypatch.setattr(artifacts, "save_run", save_run)
     seed = Recipe()
     flags = [*_args(base, alpaca_path, output_dir, "--max_steps", "2")]
     # the seed's QLoRA and dropout, unchanged; only sizes and steps are the tests'
     flags[flags.index("--load_in_4bit") + 1] = str(seed.load_in_4bit).lower()
     flags[flags.index("--lora_dropout") + 1] = str(seed.lora_dropout)
-    assert train_main(flags) == 0, capsys.readouterr().err
+    code, trained_logits = train_capturing_logits(monkeypatch, flags)
+    assert code == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     modules, parameters = INTENDED[family]
 
@@ -119,14 +102,14 @@ def test_the_seed_recipe_trains_reloads_merges_and_plans_on_every_family(
     assert {a.rsplit(".", 1)[-1] for a in adapted if a not in parameters} == set(modules)
     assert {a for a in adapted if a in parameters} == set(parameters)
     assert not [a for a in adapted if a.rsplit(".", 1)[-1] in ("gate", "router") or "norm" in a]
-    assert (_logits(reloaded) - captured["logits"]).abs().max() < 1e-5
+    assert (probe_logits(reloaded) - trained_logits).abs().max() < 1e-5
 
     # merge (into the dequantized NF4 base, the default for QLoRA) gives the adapter's logits on the weights it
     # trained against; the NF4 base's own bf16 compute differs from any dense fp32 model by far more than merging
     merged = merge(str(output_dir), tmp_path / "merged", dtype="float32")
-    merged_logits = _logits(AutoModelForCausalLM.from_pretrained(merged))
+    merged_logits = probe_logits(AutoModelForCausalLM.from_pretrained(merged))
     dense_base = load_merge_base(str(base), recipe, "dequantized", torch.float32)
-    on_dense = _logits(PeftModel.from_pretrained(dense_base, output_dir).float())
+    on_dense = probe_logits(PeftModel.from_pretrained(dense_base, output_dir).float())
     assert (merged_logits - on_dense).abs().max() < 1e-4  # the same weights, summed once: fp32 rounding
 
     # plan's counts are the model's: the fp32 base with this adapter, each tied weight once
@@ -157,3 +140,21 @@ def test_a_target_parameter_that_matches_nothing_is_one_line(llama2_tokenizer, t
         r"MixtralForCausalLM; 3-D parameters there: mlp.experts.down_proj, mlp.experts.gate_up_proj$",
     ):
         BaseOnMeta(resolved).targets
+
+
+def test_moe_adapters_take_the_recipes_dropout_on_modules_and_none_on_experts(llama2_tokenizer, tmp_path):
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+    from transformers import AutoModelForCausalLM
+
+    from hf_lora_recipe.inits.adapter import add_adapter
+    from hf_lora_recipe.recipe.schema import Recipe
+
+    base = build_tiny_family("qwen3_moe", llama2_tokenizer, tmp_path / "base")
+    recipe = Recipe(model_name_or_path=str(base), load_in_4bit=False, bf16=False)
+    model = add_adapter(AutoModelForCausalLM.from_pretrained(base), recipe)
+    assert model.peft_config["default"].lora_dropout == 0  # what PEFT reloads: it refuses dropout on parameters
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    on_modules = [m.lora_dropout["default"] for m in layers if not isinstance(m, ParamWrapper)]
+    on_experts = [m.lora_dropout["default"] for m in layers if isinstance(m, ParamWrapper)]
+    assert on_modules and all(isinstance(d, torch.nn.Dropout) and d.p == recipe.lora_dropout for d in on_modules)
+    assert on_experts and all(isinstance(d, torch.nn.Identity) for d in on_experts)

@@ -13,7 +13,7 @@ import torch
 from hf_lora_recipe.recipe.schema import LLAMA_PROJECTIONS, Recipe, RecipeError, load_recipe_dict
 
 from .conftest import CLI, run_cli
-from .fixtures import build_adapter_dir
+from .fixtures import build_adapter_dir, probe_logits, train_capturing_logits
 from .test_resilience import _args
 
 
@@ -210,17 +210,11 @@ def _loaded(values):
 # ------------------------------------------------------------------ PiSSA / OLoRA: base rewritten, saved converted
 
 BASE_REWRITING = ["pissa", "pissa_niter_4", "olora"]
-PROBE = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+PROBE = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))  # probe_logits' default
 
 
 def _logits(model, inputs=PROBE):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(inputs.to(model.device)).logits.float().cpu()
-    finally:
-        model.train(was_training)
+    return probe_logits(model, inputs)
 
 
 @pytest.mark.parametrize("init", BASE_REWRITING)
@@ -325,20 +319,9 @@ def test_base_rewriting_inits_are_refused_under_fsdp_and_deepspeed(engine):
 
 def _train(monkeypatch, tiny_base, alpaca_path, output_dir, *extra):
     """``train`` in this process; returns the trained model's logits on PROBE, taken right after its save."""
-    from hf_lora_recipe.commands.train import main as train_main
-    from hf_lora_recipe.shipping import output_dir as artifacts
-
-    captured = {}
-    real_save_run = artifacts.save_run
-
-    def save_run(trainer, *args, **kwargs):
-        written = real_save_run(trainer, *args, **kwargs)
-        captured["logits"] = _logits(trainer.model)
-        return written
-
-    monkeypatch.setattr(artifacts, "save_run", save_run)
-    code = train_main(_args(tiny_base, alpaca_path, output_dir, "--max_steps", "2", "--save_steps", "1", *extra))
-    return code, captured.get("logits")
+    return train_capturing_logits(
+        monkeypatch, _args(tiny_base, alpaca_path, output_dir, "--max_steps", "2", "--save_steps", "1", *extra)
+    )
 
 
 def _on_original_base(tiny_base, adapter_dir):

@@ -159,6 +159,11 @@ def reply_budget(examples: list[Example], cap: int = DEFAULT_MAX_NEW_TOKENS) -> 
     return max(1, min(cap, math.ceil(quantile * REPLY_BUDGET_MARGIN)))
 
 
+def recipe_reply_budget(examples: list[Example], recipe: Recipe) -> int:
+    """:func:`reply_budget` within the recipe's ``max_length``: a longer reply was never trained."""
+    return reply_budget(examples, cap=min(DEFAULT_MAX_NEW_TOKENS, recipe.max_length))
+
+
 def greedy_replies(
     model: Any,
     examples: list[Example],
@@ -551,8 +556,7 @@ def evaluate_adapter(
     examples = examples_for(recipe, tokenizer, data, num_examples)
     if not examples:
         raise RecipeError("no examples to evaluate on")
-    # a reply longer than max_length was never trained: no point generating past it
-    max_new_tokens = max_new_tokens or reply_budget(examples, cap=min(DEFAULT_MAX_NEW_TOKENS, recipe.max_length))
+    max_new_tokens = max_new_tokens or recipe_reply_budget(examples, recipe)
     options = {
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
@@ -590,8 +594,7 @@ def evaluate_merged(
     """Base vs a merged model (no adapter folder) on the first ``num_examples`` of ``data``; returns the report.
     Raises :class:`RecipeError` when the merged model scores exactly as its base."""
     examples = examples_for(recipe, tokenizer, data, num_examples)
-    # a reply longer than max_length was never trained: no point generating past it
-    max_new_tokens = max_new_tokens or reply_budget(examples, cap=min(DEFAULT_MAX_NEW_TOKENS, recipe.max_length))
+    max_new_tokens = max_new_tokens or recipe_reply_budget(examples, recipe)
     options = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": recipe.seed, "bf16": recipe.bf16}
     scores = {"base": score_model(load_base(recipe), tokenizer, examples, label="base", **options)}
     scores["merged"] = score_model(load_merged(model_dir), tokenizer, examples, label="merged", **options)
@@ -609,7 +612,6 @@ def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any,
     from hf_lora_recipe.distributed.engines import current_engine
 
     count = min(recipe.final_eval_examples, len(eval_dataset))
-    max_new_tokens = None  # sized from the references
     import torch
 
     log.info(f"evaluating base vs adapter on {count} held-out examples (final_eval_examples; 0 skips this)")
@@ -618,8 +620,7 @@ def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any,
             recipe,
             output_dir,
             eval_dataset,
-            num_examples=count,
-            max_new_tokens=max_new_tokens,
+            num_examples=count,  # and max_new_tokens sized from these references
             batch_size=recipe.per_device_train_batch_size,  # known to fit beside the model
             model=None if current_engine().shards_weights else model,
             tokenizer=tokenizer,

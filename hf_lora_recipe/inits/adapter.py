@@ -98,19 +98,15 @@ def add_adapter(model: Any, recipe: Recipe, token_ids: list[int] | None = None, 
     return model
 
 
-def dropout_on_modules(model: Any, probability: float) -> int:
-    """The recipe's dropout on every module-targeted adapter (parameter-targeted ones take none); returns how
-    many adapters got it."""
+def dropout_on_modules(model: Any, probability: float) -> None:
+    """The recipe's dropout on every module-targeted adapter (parameter-targeted ones take none)."""
     import torch
     from peft.tuners.lora import LoraLayer, ParamWrapper
 
-    count = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
             for adapter in module.lora_dropout:
                 module.lora_dropout[adapter] = torch.nn.Dropout(p=probability)
-                count += 1
-    return count
 
 
 def finish_adapter(model: Any, recipe: Recipe) -> None:

@@ -194,12 +194,13 @@ class BaseOnMeta:
         """The recipe with the seed's target intent resolved on this base (model/architecture.py), which the
         targets and the shape then use; logged with the names it resolved to."""
         from hf_lora_recipe import log
-        from hf_lora_recipe.model.architecture import projections, with_projections, with_supported_attention
+        from hf_lora_recipe.model.architecture import Projections, with_projections, with_supported_attention
 
         model = self._built[1]
         resolved = with_projections(self.recipe, model)
         if resolved is not self.recipe:
-            log.info(projections(model).line(type(model).__name__))
+            used = Projections(resolved.lora_target_modules, resolved.lora_target_parameters)
+            log.info(used.line(type(model).__name__))
         attention = with_supported_attention(resolved, model)
         if attention is not resolved:
             log.info(f"attn_implementation sdpa -> eager: transformers has no sdpa path for {type(model).__name__}")
