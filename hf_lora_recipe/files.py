@@ -1,4 +1,4 @@
-"""Writes a reader never sees half done: written beside the target, then renamed onto it."""
+"""Writes a reader never sees half done (written beside the target, then renamed onto it), and where our cache lives."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+CACHE_ENV = "HF_LORA_RECIPE_CACHE"
 
 
 def write_atomically(target: Path, write: Callable[[Path], object], partial: Path | None = None) -> Path:
@@ -91,3 +94,13 @@ def replace_directory(staging: Path, output: Path) -> None:
         shutil.rmtree(retired)
     else:
         os.replace(staging, output)
+
+
+def cache_root() -> Path:
+    """``$HF_LORA_RECIPE_CACHE``, else ``$XDG_CACHE_HOME/hf-lora-recipe``, else ``~/.cache/hf-lora-recipe``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec: a relative value is to be ignored
+        return Path(xdg) / "hf-lora-recipe"
+    return Path.home() / ".cache" / "hf-lora-recipe"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from .conftest import REPO_ROOT
+from .test_gguf_export import gguf_tools
 
 
 # --- torch
@@ -242,3 +243,53 @@ def test_argparse_lists_every_long_flag_including_groups():
     parser.add_argument("--top")
     parser.add_argument_group("group").add_argument("--inside", "-i")
     assert set(long_flags(parser)) == {"--help", "--top", "--inside"}
+
+
+def test_gguf_new_metadata_copies_a_file_with_keys_added(tmp_path):
+    import gguf
+    import numpy as np
+
+    from hf_lora_recipe.upstream.gguf import add_metadata, read_metadata
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_string("general.name", "tiny")
+    writer.add_tensor("blk.0.attn_q.weight.lora_a", np.arange(6, dtype=np.float32).reshape(2, 3))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    add_metadata(path, {"tokenizer.chat_template": "{{ x }}", "tokenizer.ggml.eot_token_id": 7}, scratch)
+    metadata = read_metadata(path)
+    assert metadata["general.name"] == "tiny" and metadata["general.architecture"] == "llama"
+    assert metadata["tokenizer.chat_template"] == "{{ x }}" and metadata["tokenizer.ggml.eot_token_id"] == 7
+    tensor = gguf.GGUFReader(str(path)).tensors[0]
+    assert tensor.name == "blk.0.attn_q.weight.lora_a" and tensor.data.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_llama_cpp_keeps_the_logits_of_every_evaluated_position():
+    from hf_lora_recipe.devtools.real_base import SMOLLM2, locate_gguf
+    from hf_lora_recipe.upstream.llama_cpp import greedy, loaded, logits
+
+    gguf_tools()
+    ids = [
+        1,
+        4093,
+        198,
+        28120,
+        2,
+        198,
+        1,
+        520,
+        9531,
+        198,
+    ]  # <|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n
+    with loaded(locate_gguf(SMOLLM2), None, 64) as llm:
+        last = logits(llm, ids)
+        assert llm.n_tokens == len(ids) and last.shape == (llm.n_vocab(),)
+        reply = greedy(llm, ids, {2}, 4)
+        assert len(reply) == 4 and reply[0] == int(last.argmax())

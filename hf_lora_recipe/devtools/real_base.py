@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from hf_lora_recipe import log
-from hf_lora_recipe.files import file_sha256
+from hf_lora_recipe.files import CACHE_ENV, cache_root, file_sha256
 from hf_lora_recipe.recipe.schema import RecipeError
 
 
-CACHE_ENV = "HF_LORA_RECIPE_CACHE"
 MARKER = ".hf-lora-recipe-base.json"  # a dot-file: push never publishes it
 MARKER_WRITER = "hf-lora-recipe base"
 FORMAT = 2  # raised when the build changes what it writes: older copies are then rebuilt
@@ -64,16 +63,6 @@ SMOLLM2 = GgufBase(
     eos_token="<|im_end|>",
 )
 BASES = {SMOLLM2.name: SMOLLM2}
-
-
-def cache_root() -> Path:
-    """``$HF_LORA_RECIPE_CACHE``, else ``$XDG_CACHE_HOME/hf-lora-recipe``, else ``~/.cache/hf-lora-recipe``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if xdg and Path(xdg).is_absolute():  # the XDG spec: a relative value is to be ignored
-        return Path(xdg) / "hf-lora-recipe"
-    return Path.home() / ".cache" / "hf-lora-recipe"
 
 
 def _installed_version(requirement: str) -> str | None:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,14 +217,23 @@ def check_fits(adapter_dir: Path, model: str, flag: str, trust_remote_code: bool
         )
 
 
-def check_output(output: str | Path, adapter_dir: Path | None, base: str | None, overwrite: bool) -> Path:
-    """``output`` made absolute, once everything in the module docstring's list allows writing there."""
+def check_output(
+    output: str | Path,
+    adapter_dir: Path | None,
+    base: str | None,
+    overwrite: bool,
+    owned: Callable[[Path], set[str] | None] = merged_output_files,
+    kind: str = "merged model",
+    writer: str = "merge",
+) -> Path:
+    """``output`` made absolute, once everything in the module docstring's list allows writing there. ``owned``:
+    the names ``writer`` wrote into a folder that holds a ``kind`` of ours, else None."""
     output = Path(os.path.abspath(Path(output).expanduser()))
     flag = f"--output {output}"
     if output.is_symlink():
-        raise RecipeError(f"{flag} is a symbolic link: give the folder itself (merge never writes through a link)")
+        raise RecipeError(f"{flag} is a symbolic link: give the folder itself ({writer} never writes through a link)")
     if output.exists() and not output.is_dir():
-        raise RecipeError(f"{flag} is an existing file: choose a new folder name (merge never replaces a file)")
+        raise RecipeError(f"{flag} is an existing file: choose a new folder name ({writer} never replaces a file)")
     real = output.resolve()
     base_dir = Path(base).expanduser() if base and Path(base).expanduser().is_dir() else None
     for what, other in (("the adapter's folder", adapter_dir), ("the base model's folder", base_dir)):
@@ -231,29 +241,29 @@ def check_output(output: str | Path, adapter_dir: Path | None, base: str | None,
             continue
         other = other.resolve()
         if real == other:
-            raise RecipeError(f"{flag} is {what}: merging there would destroy it; choose another --output")
+            raise RecipeError(f"{flag} is {what}: writing there would destroy it; choose another --output")
         if other in real.parents:
             raise RecipeError(f"{flag} is inside {what} {other}: choose an --output outside it")
         if real in other.parents:
             raise RecipeError(f"{flag} contains {what} {other}: choose an --output that does not hold it")
     if output.is_dir():
         entries = sorted(os.listdir(output))
-        ours = merged_output_files(output) if entries else set()
+        ours = owned(output) if entries else set()
         if ours is None:
             raise RecipeError(
-                f"{flag} is a folder that is not empty ({_names(entries)}) and not a merged model "
-                "written by hf-lora-recipe: choose a new or empty folder (merge never replaces "
+                f"{flag} is a folder that is not empty ({_names(entries)}) and not a {kind} "
+                f"written by hf-lora-recipe: choose a new or empty folder ({writer} never replaces "
                 "files it did not write)"
             )
         foreign = [name for name in entries if name not in ours]
         if foreign:
             raise RecipeError(
-                f"{flag} holds a merged model but also {_names(foreign)}, which merge did not "
+                f"{flag} holds a {kind} but also {_names(foreign)}, which {writer} did not "
                 "write: move them out or choose another --output"
             )
         if entries and not overwrite:
             raise RecipeError(
-                f"{flag} already holds a merged model: pass --overwrite to replace it (atomically) "
+                f"{flag} already holds a {kind}: pass --overwrite to replace it (atomically) "
                 "or choose another --output"
             )
     ancestor = output.parent
