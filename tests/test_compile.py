@@ -23,6 +23,7 @@ from hf_lora_recipe.model.compile_layers import compile_decoder_layers
 from hf_lora_recipe.model.loading import load_base_model
 from hf_lora_recipe.recipe.schema import Recipe
 from hf_lora_recipe.upstream.torch import compiled_call
+from hf_lora_recipe.upstream.transformers import enable_checkpointing
 
 
 P = 0.5  # the largest mask entropy: keep rate, agreement of independent masks and of equal ones are far apart
@@ -159,9 +160,7 @@ def test_a_different_mask_would_be_detected(base_dir, eager):
     assert max_difference(other_seed[1], reference[1]) > 1e-3
 
     fresh_masks = build(base_dir)
-    fresh_masks.get_base_model().activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
-    )
+    enable_checkpointing(fresh_masks.get_base_model(), {"use_reentrant": False, "preserve_rng_state": False})
     loss, grads = step(fresh_masks, ids, seed=0)
     torch.testing.assert_close(loss, reference[0], rtol=1e-6, atol=1e-6)
     assert max_difference(grads, reference[1]) > 1e-3

@@ -192,10 +192,9 @@ def prepare_base(model: Any, recipe: Recipe) -> Any:
     else:
         model.requires_grad_(False)
     if recipe.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        from hf_lora_recipe.upstream.transformers import enable_checkpointing
+
+        enable_checkpointing(model, checkpointing_kwargs)
         model.enable_input_require_grads()
     return model
 

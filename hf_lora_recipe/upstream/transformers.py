@@ -80,3 +80,12 @@ def tokenizers_os_error(error: Exception, filename: str) -> OSError | None:
         return None
     number = int(found.group(1))
     return OSError(number, os.strerror(number), filename)
+
+
+def enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
+    """Activation checkpointing on, by its current name: ``activation_checkpointing_enable`` from transformers
+    5.24 (the old name warns there), ``gradient_checkpointing_enable`` before it (5.17, the GPU image's)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
