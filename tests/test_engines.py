@@ -30,6 +30,16 @@ QLORA = ["--load_in_4bit", "true", "--bf16", "true"]
 TOLERANCE = 1e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_process():
+    """Every run here, launched or not, computes with one thread per process: a CPU matmul's result depends on how
+    many threads split its reduction (AMX/oneDNN kernels flip a bf16 rounding at 2 threads vs 1), and the
+    comparison is of the engines, not of thread counts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 def _launch(config: str, *args: str) -> list[str]:
     return [
         ACCELERATE,
