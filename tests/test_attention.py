@@ -164,6 +164,7 @@ def test_varlen_glue_packed_row_equals_unpacked(model, examples, unpacked, monke
 
     calls: list = []
     monkeypatch.setattr(attention, "_flash_varlen", _reference_varlen(calls))
+    monkeypatch.setattr(attention, "computes_per_example", lambda query: False)  # the CUDA kernel's glue
     attention.register()
     model.set_attn_implementation(ATTENTION)
     lengths = _lengths(examples)
@@ -213,11 +214,15 @@ def test_varlen_glue_packed_row_equals_unpacked(model, examples, unpacked, monke
         )
 
 
-def test_varlen_model_generates_like_sdpa(model, llama2_tokenizer, monkeypatch):
-    """The same model can generate: the prompt runs through the glue (left padding: the mask path), each new
-    token through SDPA against the cache. Greedy scores equal sdpa's."""
+@pytest.mark.parametrize("path", ["cuda-kernel-glue", "cpu-per-example"])
+def test_varlen_model_generates_like_sdpa(model, llama2_tokenizer, monkeypatch, path):
+    """The same model can generate: the prompt runs through the glue (left padding: the mask path, real tokens
+    gathered), each new token against the cache. Greedy scores equal sdpa's, with the CUDA kernel's glue
+    (a reference kernel substituted) and with the CPU's own path."""
     calls: list = []
-    monkeypatch.setattr(attention, "_flash_varlen", _reference_varlen(calls))
+    if path == "cuda-kernel-glue":
+        monkeypatch.setattr(attention, "_flash_varlen", _reference_varlen(calls))
+        monkeypatch.setattr(attention, "computes_per_example", lambda query: False)
     attention.register()
     llama2_tokenizer.padding_side = "left"
     try:
@@ -239,9 +244,9 @@ def test_varlen_model_generates_like_sdpa(model, llama2_tokenizer, monkeypatch):
             )
         scores[name] = torch.stack(out.scores)
     torch.testing.assert_close(scores[ATTENTION], scores["sdpa"], rtol=1e-5, atol=1e-4)
-    # the prompts went through the glue once per layer, unpadded: one segment per prompt, its real tokens
-    real = prompts["attention_mask"].sum(-1).tolist()
-    assert [call[0].tolist() for call in calls] == [[0, real[0], sum(real)]] * model.config.num_hidden_layers
+    if path == "cuda-kernel-glue":  # the prompts went through the glue once per layer, unpadded, a segment each
+        real = prompts["attention_mask"].sum(-1).tolist()
+        assert [call[0].tolist() for call in calls] == [[0, real[0], sum(real)]] * model.config.num_hidden_layers
 
 
 def test_varlen_kwargs_do_not_change_sdpa(model, examples):
@@ -286,6 +291,7 @@ def test_register_names_and_refusals(model, monkeypatch):
     with pytest.raises(ValueError, match="bf16"):
         attention._flash_varlen(flat, flat, flat, torch.tensor([0, 3], dtype=torch.int32), 3, None, False, None)
 
+    monkeypatch.setattr(attention, "computes_per_example", lambda query: False)  # the CUDA kernel's refusals
     kv = torch.zeros(1, 2, 3, 16)
     with pytest.raises(ValueError, match="dropout"):
         attention.varlen_attention_forward(layer, query, kv, kv, None, dropout=0.1)
@@ -306,3 +312,68 @@ def test_boundaries_from_position_ids_and_mask():
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
     cu, longest, indices = attention._segments(2, 4, mask, None, {}, torch.device("cpu"))
     assert cu.tolist() == [0, 3, 5] and longest == 3 and indices.tolist() == [1, 2, 3, 4, 5]
+
+
+def test_the_cpu_per_example_path_equals_each_example_alone(model, examples, unpacked):
+    """On the CPU ``varlen`` attends each packed example on its own (no kernel substituted): the same losses as
+    each example through transformers' SDPA alone, and boundaries that merge the examples would be caught."""
+    attention.register()
+    model.set_attn_implementation(ATTENTION)
+    try:
+        lengths = _lengths(examples)
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+        _assert_equal_losses(_per_example(model, batch, lengths), unpacked)
+        total = sum(lengths)
+        merged = {**batch, "cu_seq_lens_q": torch.tensor([0, total], dtype=torch.int32), "max_length_q": total}
+        merged.update(cu_seq_lens_k=merged["cu_seq_lens_q"], max_length_k=total)
+        _assert_leaks(_per_example(model, merged, lengths), unpacked)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def _eager_reference(q, k, v, scale, softcap=None, window=None, keep=None):
+    """transformers' eager attention, written out: scores, cap, causal (and window, and padding) mask, softmax."""
+    groups = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    scores = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    i = torch.arange(kv_len - q_len, kv_len)[:, None]
+    j = torch.arange(kv_len)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window is not None else True)
+    if keep is not None:
+        allowed = allowed & keep[..., None, None, :].bool()
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize(("softcap", "window"), [(None, None), (30.0, None), (None, 3), (50.0, 4)])
+def test_per_example_attention_handles_softcap_and_sliding_windows(softcap, window):
+    """Gemma 2's logit softcap and Mistral/Qwen/Gemma sliding windows, per example and while decoding."""
+    torch.manual_seed(0)
+    lengths = [5, 9, 2]
+    q, k, v = torch.randn(sum(lengths), 4, 8), torch.randn(sum(lengths), 2, 8), torch.randn(sum(lengths), 2, 8)
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    rows = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # one packed row, (1, heads, tokens, dim)
+    got = attention._per_example(*rows, cu, 0.3, True, softcap=softcap, sliding_window=window).squeeze(0)
+    bounds = cu.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        part = (x[start:end].transpose(0, 1) for x in (q, k, v))
+        expected = _eager_reference(*part, 0.3, softcap, window).transpose(0, 1)
+        torch.testing.assert_close(got[start:end], expected, rtol=1e-5, atol=1e-5)
+    # one new token against a left-padded cache
+    query, key, value = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    keep = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    got = attention._attend(query, key, value, 0.3, True, softcap=softcap, sliding_window=window, keep=keep)
+    torch.testing.assert_close(
+        got, _eager_reference(query, key, value, 0.3, softcap, window, keep), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_varlen_on_a_cpu_only_machine_is_the_per_example_path():
+    from hf_lora_recipe.model.loading import available_attention
+
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine varlen is the CUDA kernel")
+    assert available_attention("varlen") == ATTENTION
+    assert available_attention("sdpa") == "sdpa"

@@ -64,7 +64,7 @@ def quantization_config(recipe: Recipe) -> Any | None:
 def available_attention(requested: str) -> str:
     """The attention implementation to use: flash-attention only when its package is installed; ``varlen``
     (PyTorch's own varlen flash kernel, :mod:`hf_lora_recipe.model.varlen_attention`) only on a GPU that runs it, and then
-    registered with transformers under that name."""
+    registered with transformers under that name; on a CPU-only machine ``varlen`` is that module's per-example path."""
     import importlib.util
 
     if requested.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
@@ -77,10 +77,12 @@ def available_attention(requested: str) -> str:
             log.warn("attn_implementation flex_attention cannot train on a CPU (no backward there): using sdpa")
             return "sdpa"
     if requested == "varlen":
+        import torch
+
         from hf_lora_recipe.model import varlen_attention as attention
 
-        if not attention.varlen_available():
-            log.warn("attn_implementation varlen needs a CUDA GPU (compute capability 8.0+): using sdpa")
+        if torch.cuda.is_available() and not attention.varlen_available():
+            log.warn("attn_implementation varlen needs a CUDA GPU with compute capability 8.0+: using sdpa")
             return "sdpa"
         return attention.register()
     return requested

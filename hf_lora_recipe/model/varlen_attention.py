@@ -15,9 +15,14 @@ and exposes its variable-length entry point; this module connects it to transfor
   reads them the same way. Computed on the CPU by the collator, they cost no device-to-host sync; without
   them the boundaries are derived from the 2D mask or the position ids, one sync per layer (as flash-attn does).
 
-Training-only limits, each refused with its reason rather than computed wrongly: no attention dropout (the
-kernel has none), no softcap or attention sinks, no sliding window shorter than an example, no chunked prefill
-against a KV cache. Single-token decoding (``generate``) goes through SDPA, so the same model can generate.
+Training-only limits of the CUDA kernel, each refused with its reason rather than computed wrongly: no attention
+dropout (the kernel has none), no softcap or attention sinks, no sliding window shorter than an example, no chunked
+prefill against a KV cache. Single-token decoding (``generate``) goes through SDPA, so the same model can generate.
+
+On the CPU the same name computes each example of a packed row on its own with SDPA (:func:`_per_example`), with
+dropout, softcap and sliding windows as the model asks: the attention of one example is all that is computed, where
+``sdpa`` computes the whole pack against a dense block-diagonal mask and discards the cross-example scores: exact,
+and faster as soon as a pack holds several examples (docs/speed.md has the figures).
 """
 
 from __future__ import annotations
@@ -105,6 +110,76 @@ def _flash_varlen(
     return out.to(query.dtype)
 
 
+def computes_per_example(query: torch.Tensor) -> bool:
+    """Whether this call takes the CPU's per-example path rather than the CUDA kernel."""
+    return query.device.type == "cpu"
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None,
+    enable_gqa: bool,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of (..., heads, q_len, dim) queries on (..., kv_heads, kv_len, dim) keys, the queries being
+    the last q_len positions; ``keep``: a (..., kv_len) mask of real keys. SDPA where it can; the scores
+    written out where the model caps them (softcap), as transformers' eager attention computes them."""
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    rows = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+    columns = torch.arange(kv_len, device=query.device)[None, :]
+    allowed = columns <= rows
+    if sliding_window is not None:
+        allowed = allowed & (rows - columns < sliding_window)
+    if keep is not None:
+        allowed = allowed & keep[..., None, None, :].bool()
+    plain = keep is None and (sliding_window is None or sliding_window >= kv_len)
+    if softcap is None:
+        if plain and q_len == kv_len:
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=enable_gqa
+            )
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scale, enable_gqa=enable_gqa
+        )
+    if enable_gqa:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
+    scores = query @ key.transpose(-1, -2) * (scale if scale is not None else query.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(query.dtype)
+    return torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0) @ value
+
+
+def _per_example(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    scale: float | None,
+    enable_gqa: bool,
+    **features: Any,
+) -> torch.Tensor:
+    """The CPU's varlen over (batch, heads, length, dim) tensors: each segment of the flattened batch x length
+    positions attended on its own (:func:`_attend`) on views of its row, so autograd keeps no copy of q, k or v.
+    Returns (batch, length, heads, dim)."""
+    batch, heads, length, _ = query.shape
+    bounds = cu_seq_lens.tolist()
+    out = []
+    for start, end in zip(bounds, bounds[1:]):
+        row, begin = divmod(start, length)
+        stop = end - row * length
+        if stop > length:
+            raise ValueError(f"attn_implementation {ATTENTION}: an example crosses the end of row {row}")
+        q, k, v = (x[row : row + 1, :, begin:stop] for x in (query, key, value))
+        out.append(_attend(q, k, v, scale, enable_gqa, **features))
+    return torch.cat(out, dim=2).transpose(1, 2).reshape(batch, length, heads, value.shape[-1])
+
+
 def _segments(
     batch: int,
     length: int,
@@ -151,18 +226,20 @@ def varlen_attention_forward(
     (batch, kv_heads, kv_len, head_dim), ``attention_mask`` 2D or None (see :func:`register`); returns
     (batch, q_len, heads, head_dim) and no weights."""
     batch, heads, length, _ = query.shape
-    if dropout:
+    on_cpu = computes_per_example(query)
+    if dropout and not on_cpu:
         raise ValueError(
             f"attn_implementation {ATTENTION}: PyTorch's varlen kernel has no attention dropout; "
             "set the model config's attention_dropout to 0 or use sdpa"
         )
-    if softcap is not None or s_aux is not None:
+    if s_aux is not None or (softcap is not None and not on_cpu):
         raise NotImplementedError(
             f"attn_implementation {ATTENTION} has no logit softcap or attention sinks: use sdpa or eager"
         )
     if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
         raise NotImplementedError(f"attn_implementation {ATTENTION} is causal only")
     enable_gqa = key.shape[1] != heads  # the kernel shares each kv head across its query heads without copying
+    features = {"dropout": dropout, "softcap": softcap, "sliding_window": sliding_window}
 
     if length != key.shape[2]:
         if length != 1:
@@ -170,6 +247,9 @@ def varlen_attention_forward(
                 f"attn_implementation {ATTENTION}: {length} queries against {key.shape[2]} cached "
                 "keys (chunked prefill) is not supported; use sdpa"
             )
+        if on_cpu:  # one new token per row: every cached key that is not padding, within the window
+            out = _attend(query, key, value, scaling, enable_gqa, keep=attention_mask, **features)
+            return out.transpose(1, 2).contiguous(), None
         if sliding_window is not None and key.shape[2] > sliding_window:
             raise NotImplementedError(
                 f"attn_implementation {ATTENTION}: no sliding window ({sliding_window}); use sdpa"
@@ -182,16 +262,22 @@ def varlen_attention_forward(
         return out.transpose(1, 2).contiguous(), None
 
     cu_seq_lens, longest, indices = _segments(batch, length, attention_mask, position_ids, kwargs, query.device)
-    if sliding_window is not None and longest > sliding_window:
+    if sliding_window is not None and longest > sliding_window and not on_cpu:
         raise NotImplementedError(
             f"attn_implementation {ATTENTION}: an example of {longest} tokens exceeds the "
             f"model's sliding window ({sliding_window}); use sdpa"
         )
     # (batch, heads, length, dim) -> (batch * length, heads, dim): the kernel's token-major layout
+    if on_cpu and indices is None:
+        return _per_example(query, key, value, cu_seq_lens, scaling, enable_gqa, **features), None
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[3]) for x in (query, key, value))
     if indices is not None:
         q, k, v = q[indices], k[indices], v[indices]
-    out = _flash_varlen(q, k, v, cu_seq_lens, longest, scaling, enable_gqa, _kernel_dtype(query, module))
+    if on_cpu:  # padded rows: the real tokens of each row, gathered, as one segment each
+        flat = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        out = _per_example(*flat, cu_seq_lens, scaling, enable_gqa, **features).squeeze(0)
+    else:
+        out = _flash_varlen(q, k, v, cu_seq_lens, longest, scaling, enable_gqa, _kernel_dtype(query, module))
     if indices is not None:  # padding positions come back as zeros, as flash_attention_2 leaves them
         out = out.new_zeros(batch * length, *out.shape[1:]).index_copy(0, indices, out)
     return out.view(batch, length, heads, value.shape[-1]), None
