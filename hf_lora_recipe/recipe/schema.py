@@ -137,8 +137,8 @@ class Recipe:
     )
     attn_implementation: str = model(
         "sdpa",
-        "attention kernel: sdpa; varlen (PyTorch's own varlen flash kernel, CUDA: padding-free without "
-        "flash-attn); flex_attention; flash_attention_2 when flash-attn is installed (falls back to sdpa otherwise)",
+        "attention kernel: sdpa; varlen (padding-free without flash-attn: PyTorch's varlen flash kernel on CUDA, "
+        "each packed example on its own on a CPU-only machine); flex_attention; flash_attention_2 when flash-attn is installed (falls back to sdpa otherwise)",
         resume=ALLOW,
     )
 
