@@ -130,6 +130,11 @@ def _attend(
     the last q_len positions; ``keep``: a (..., kv_len) mask of real keys. SDPA where it can; the scores
     written out where the model caps them (softcap), as transformers' eager attention computes them."""
     q_len, kv_len = query.shape[-2], key.shape[-2]
+    plain = keep is None and (sliding_window is None or sliding_window >= kv_len)
+    if softcap is None and plain and q_len == kv_len:  # the common case: SDPA's own causal path, no mask built
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=enable_gqa
+        )
     rows = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
     columns = torch.arange(kv_len, device=query.device)[None, :]
     allowed = columns <= rows
@@ -137,12 +142,7 @@ def _attend(
         allowed = allowed & (rows - columns < sliding_window)
     if keep is not None:
         allowed = allowed & keep[..., None, None, :].bool()
-    plain = keep is None and (sliding_window is None or sliding_window >= kv_len)
     if softcap is None:
-        if plain and q_len == kv_len:
-            return torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=enable_gqa
-            )
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scale, enable_gqa=enable_gqa
         )
@@ -267,9 +267,9 @@ def varlen_attention_forward(
             f"attn_implementation {ATTENTION}: an example of {longest} tokens exceeds the "
             f"model's sliding window ({sliding_window}); use sdpa"
         )
-    # (batch, heads, length, dim) -> (batch * length, heads, dim): the kernel's token-major layout
     if on_cpu and indices is None:
         return _per_example(query, key, value, cu_seq_lens, scaling, enable_gqa, **features), None
+    # (batch, heads, length, dim) -> (batch * length, heads, dim): the kernel's token-major layout
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[3]) for x in (query, key, value))
     if indices is not None:
         q, k, v = q[indices], k[indices], v[indices]

@@ -138,7 +138,8 @@ class Recipe:
     attn_implementation: str = model(
         "sdpa",
         "attention kernel: sdpa; varlen (padding-free without flash-attn: PyTorch's varlen flash kernel on CUDA, "
-        "each packed example on its own on a CPU-only machine); flex_attention; flash_attention_2 when flash-attn is installed (falls back to sdpa otherwise)",
+        "each packed example on its own on a CPU-only machine); flex_attention; flash_attention_2 when flash-attn "
+        "is installed (falls back to sdpa otherwise)",
         resume=ALLOW,
     )
 
