@@ -133,7 +133,7 @@ def quantized_random_model(config, device: str, recipe):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_lora_recipe.model.loading import available_attention, quantization_config
+    from hf_lora_recipe.model.loading import attention_for, quantization_config
 
     bnb_config = quantization_config(recipe)
     compute, storage = bnb_config.bnb_4bit_compute_dtype, bnb_config.bnb_4bit_quant_storage
@@ -144,9 +144,7 @@ def quantized_random_model(config, device: str, recipe):
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=compute, attn_implementation=available_attention(recipe.attn_implementation)
-        )
+        model = AutoModelForCausalLM.from_config(config, dtype=compute, attn_implementation=attention_for(recipe))
     for layer in model.model.layers:
         for name, module in list(layer.named_modules()):
             if isinstance(module, torch.nn.Linear):

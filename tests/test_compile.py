@@ -65,6 +65,7 @@ def build(base_dir, *, quantized: bool = False, checkpointing: bool = False):
         lora_alpha=8,
         lora_dropout=P,
         lora_target_modules=SEVEN,
+        attn_implementation="sdpa",  # what auto resolves to when the layers are compiled
     )
     torch.manual_seed(1)  # LoRA A's initialisation
     model = add_adapter(load_base_model(recipe), recipe)

@@ -72,7 +72,7 @@ def test_an_attention_the_model_does_not_run_stops_the_run(tiny_base, tmp_path, 
 
     recipe = recipe_for(tiny_base, tmp_path)
     trainer_for(recipe, tiny_base)  # sdpa chosen, sdpa running: no error
-    monkeypatch.setattr(recipe_trainer, "available_attention", lambda requested: "varlen")
+    monkeypatch.setattr(recipe_trainer, "attention_for", lambda recipe: "varlen")
     with pytest.raises(RecipeError, match=r"^attn_implementation: varlen was chosen but the model runs sdpa; "):
         trainer_for(recipe, tiny_base)
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hf_lora_recipe.data.pipeline import build_sft_dataset
 from hf_lora_recipe.inits.adapter import add_adapter
+from hf_lora_recipe.model.loading import attention_for
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError, load_recipe
 from hf_lora_recipe.templates.tokenizer import load_tokenizer
 from hf_lora_recipe.training.trainer import build_trainer
@@ -42,10 +43,18 @@ def _recipe(tiny_base, alpaca_path, tmp_path, **changes) -> Recipe:
     return Recipe(**{**settings, **changes})
 
 
+def _adapted(recipe: Recipe):
+    """The fp32 tiny base with the recipe's adapter, attending as a run with this recipe would here."""
+    model = AutoModelForCausalLM.from_pretrained(
+        recipe.model_name_or_path, dtype=torch.float32, attn_implementation=attention_for(recipe)
+    )
+    return add_adapter(model, recipe)
+
+
 def _one_step(recipe: Recipe, dataset, tokenizer, per_token_mean: bool = False, callbacks=()) -> tuple[dict, object]:
     """The adapter's weights after one optimizer step (plain SGD at lr 1: the update is the gradient itself)."""
     torch.manual_seed(0)
-    model = add_adapter(AutoModelForCausalLM.from_pretrained(recipe.model_name_or_path, dtype=torch.float32), recipe)
+    model = _adapted(recipe)
     accumulation = recipe.global_batch_size // recipe.per_device_train_batch_size
     trainer = build_trainer(recipe, model, tokenizer, dataset, None, accumulation, list(callbacks))
     if per_token_mean:  # the classic accumulation bug: each micro-batch's own mean, averaged
@@ -60,13 +69,7 @@ def test_micro_batch_4_x_accumulation_4_equals_16_x_1(tiny_base, alpaca_path, tm
     tokenizer = load_tokenizer(str(tiny_base))
     dataset, _ = build_sft_dataset(recipe, tokenizer)
     dataset = dataset.select(range(16))
-    initial = {
-        name: p.detach().clone()
-        for name, p in add_adapter(
-            AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), recipe
-        ).named_parameters()
-        if p.requires_grad
-    }
+    initial = {name: p.detach().clone() for name, p in _adapted(recipe).named_parameters() if p.requires_grad}
 
     whole, _ = _one_step(dataclasses.replace(recipe, per_device_train_batch_size=16), dataset, tokenizer)
     split, _ = _one_step(dataclasses.replace(recipe, per_device_train_batch_size=4), dataset, tokenizer)
@@ -125,7 +128,7 @@ def test_throughput_line_reports_tokens_per_second_and_mfu(tiny_base, alpaca_pat
             self.seen.append(dict(logs))
 
     torch.manual_seed(0)
-    model = add_adapter(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), recipe)
+    model = _adapted(recipe)
     trainer = build_trainer(recipe, model, tokenizer, dataset, None, 1, [Logs()], flops_per_token=2e9)
     trainer.peak_flops = 1e12  # as on a GPU plan knows (trainer.peak_flops); this CPU has none
     trainer.train()
@@ -182,9 +185,12 @@ def test_auto_stops_packed_rows_at_four_examples_under_a_dense_mask(tiny_base):
             "global_batch_size": 32,
             "padding_free": "true",
             "memory_budget_gb": 100,
+            "attn_implementation": "sdpa",
         }
     )
     assert resolve(recipe, world_size=1)[0].per_device_train_batch_size == 4  # sdpa over packed rows
+    per_example = dataclasses.replace(recipe, attn_implementation="auto")  # varlen on a CPU-only machine
+    assert resolve(per_example, world_size=1)[0].per_device_train_batch_size == 32
     padded = dataclasses.replace(recipe, padding_free="false")
     assert resolve(padded, world_size=1)[0].per_device_train_batch_size == 32  # everything fits in 100 GB
 

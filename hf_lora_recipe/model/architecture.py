@@ -75,11 +75,13 @@ def projections(model: Any) -> Projections:
 
 
 def with_supported_attention(recipe: Recipe, model: Any) -> Recipe:
-    """``recipe`` with sdpa replaced by eager where the architecture has no sdpa path (transformers refuses it
-    there: Gemma 2's softcapping, gpt-oss's attention sinks); other kernels are the user's explicit choice."""
+    """``recipe`` with sdpa (or auto, which picks from sdpa's family) replaced by eager where the architecture
+    has no sdpa path (transformers refuses it there: Gemma 2's softcapping, gpt-oss's attention sinks); other
+    kernels are the user's explicit choice."""
+    from hf_lora_recipe.model.loading import AUTO_ATTENTION
     from hf_lora_recipe.upstream.transformers import supports_sdpa
 
-    if recipe.attn_implementation != "sdpa" or supports_sdpa(model):
+    if recipe.attn_implementation not in ("sdpa", AUTO_ATTENTION) or supports_sdpa(model):
         return recipe
     return dataclasses.replace(recipe, attn_implementation="eager")
 

@@ -95,7 +95,7 @@ def check_attention_name(recipe: Recipe) -> None:
     from hf_lora_recipe.upstream.transformers import registered_attention
 
     requested = recipe.attn_implementation
-    known = sorted(registered_attention() | {ATTENTION})
+    known = sorted(registered_attention() | {ATTENTION, AUTO_ATTENTION})
     if requested not in known and "/" not in requested:
         import transformers
 
@@ -105,6 +105,7 @@ def check_attention_name(recipe: Recipe) -> None:
         )
 
 
+AUTO_ATTENTION = "auto"
 # Attention kernels that take a packed row's example boundaries directly: padding-free costs them nothing.
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "varlen", "flex_attention")
 
@@ -124,8 +125,20 @@ def padding_free(recipe: Recipe, on_gpu: bool | None = None) -> bool:
 
 def attention_for(recipe: Recipe, on_gpu: bool | None = None) -> str:
     """The attention a run uses: on this machine (``on_gpu`` None) what it has of what the recipe asks; planning
-    for another machine, what the recipe asks (assumed installed there)."""
-    return available_attention(recipe.attn_implementation) if on_gpu is None else recipe.attn_implementation
+    for another machine, what the recipe asks (assumed installed there). ``auto``: ``varlen`` for padding-free
+    rows on a CPU-only machine (each packed example attended on its own, the fastest exact path there), else
+    ``sdpa``."""
+    requested = recipe.attn_implementation
+    if requested == AUTO_ATTENTION:
+        if on_gpu is None:
+            import torch
+
+            cpu_only = not torch.cuda.is_available()
+        else:
+            cpu_only = not on_gpu
+        per_example = cpu_only and recipe.padding_free != "false" and not recipe.compile
+        requested = "varlen" if per_example else "sdpa"
+    return available_attention(requested) if on_gpu is None else requested
 
 
 def liger_off_reason() -> str | None:
@@ -160,7 +173,7 @@ def load_base_model(recipe: Recipe) -> Any:
     kwargs: dict[str, Any] = dict(
         revision=recipe.model_revision,
         trust_remote_code=recipe.trust_remote_code,
-        attn_implementation=available_attention(recipe.attn_implementation),
+        attn_implementation=attention_for(recipe),
         dtype=torch.bfloat16 if recipe.bf16 else torch.float32,
     )
     quant = quantization_config(recipe)

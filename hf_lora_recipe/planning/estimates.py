@@ -203,7 +203,10 @@ class BaseOnMeta:
             log.info(used.line(type(model).__name__))
         attention = with_supported_attention(resolved, model)
         if attention is not resolved:
-            log.info(f"attn_implementation sdpa -> eager: transformers has no sdpa path for {type(model).__name__}")
+            log.info(
+                f"attn_implementation {resolved.attn_implementation} -> eager: transformers has no sdpa path for "
+                f"{type(model).__name__}"
+            )
         self.recipe = attention
         return attention
 

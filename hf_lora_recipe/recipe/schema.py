@@ -136,10 +136,11 @@ class Recipe:
         False, "run Python code shipped with the model repo (opt-in: it executes code)", resume=ALLOW
     )
     attn_implementation: str = model(
-        "sdpa",
-        "attention kernel: sdpa; varlen (padding-free without flash-attn: PyTorch's varlen flash kernel on CUDA, "
-        "each packed example on its own on a CPU-only machine); flex_attention; flash_attention_2 when flash-attn "
-        "is installed (falls back to sdpa otherwise)",
+        "auto",
+        "attention kernel: auto = varlen for padding-free rows on a CPU-only machine, else sdpa; sdpa; varlen "
+        "(padding-free without flash-attn: PyTorch's varlen flash kernel on CUDA, each packed example on its own "
+        "on a CPU-only machine); flex_attention; flash_attention_2 when flash-attn is installed (falls back to "
+        "sdpa otherwise)",
         resume=ALLOW,
     )
 

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from hf_lora_recipe import log
-from hf_lora_recipe.model.loading import attention_in_use, available_attention, liger_active, padding_free
+from hf_lora_recipe.model.loading import attention_for, attention_in_use, liger_active, padding_free
 from hf_lora_recipe.recipe.schema import Recipe, RecipeError
 from hf_lora_recipe.upstream.transformers import AfterCheckpoint
 from hf_lora_recipe.upstream.trl import set_train_metric
@@ -80,7 +80,7 @@ def speed_line(recipe: Recipe) -> str:
     peak = peak_flops()
     return (
         f"loss: {'TRL fused LM head (no full logits)' if uses_fused_loss(recipe.lm_head_loss) else 'model cross-entropy'}; "
-        f"attention: {available_attention(recipe.attn_implementation)}; padding-free: {padding_free(recipe)}; "
+        f"attention: {attention_for(recipe)}; padding-free: {padding_free(recipe)}; "
         f"liger-kernel: {state(recipe.use_liger_kernel, liger_active(recipe.use_liger_kernel), liger_off_reason())}; "
         f"activation offloading: {state(recipe.activation_offloading, offloading_active(recipe.activation_offloading), 'no GPU: activations already live in RAM')}; "
         f"compile: {'on (proved after step 1)' if recipe.compile else 'off'}; "
@@ -377,7 +377,7 @@ class OptionsTookEffect(TrainerCallback):
 
     def check_start(self, trainer: RecipeTrainer) -> None:
         self.trainer = trainer
-        chosen, running = available_attention(self.recipe.attn_implementation), attention_in_use(trainer.model)
+        chosen, running = attention_for(self.recipe), attention_in_use(trainer.model)
         if running != chosen:
             raise RecipeError(
                 f"attn_implementation: {chosen} was chosen but the model runs {running}; "
