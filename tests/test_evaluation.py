@@ -360,6 +360,11 @@ HOSTILE = [
     ),
     ("zero-batch", lambda t, a: ["--adapter", str(a), "--batch_size", "0"], "--batch_size must be positive"),
     (
+        "batch-word",
+        lambda t, a: ["--adapter", str(a), "--batch_size", "many"],
+        "argument --batch_size: invalid int or auto value: 'many'",
+    ),
+    (
         "dataset-missing",
         lambda t, a: ["--adapter", str(a), "--dataset", str(t / "nope.json")],
         "--dataset " + "{t}/nope.json: no such file or folder",
@@ -499,3 +504,61 @@ def test_the_reply_budget_is_sized_from_the_references():
     assert reply_budget(examples) == 5  # ceil(4 x 1.25)
     assert reply_budget([example(n) for n in [4] * 18 + [40, 40]]) == 50  # two long ones: the 95th reaches them
     assert reply_budget([example(400)]) == 256 and reply_budget([example(400)], cap=300) == 300  # capped
+
+
+def test_auto_batch_sizes_grow_with_memory_and_with_shorter_passes(tiny_base):
+    from transformers import AutoConfig
+
+    from hf_lora_recipe.evaluation.scoring import EVAL_BATCH_CAP, Example, eval_batch_sizes
+
+    config = AutoConfig.from_pretrained(tiny_base)
+    examples = [Example(list(range(200)), [IGNORE_INDEX] * 200, list(range(120)), "") for _ in range(40)]
+    per_logit = 200 * config.vocab_size * 12  # one example's full logits and the loss's fp32 copies of them
+
+    def sizes(budget, new_tokens=32, compute_bytes=4):
+        return eval_batch_sizes(config, examples, new_tokens, compute_bytes, budget)
+
+    assert sizes(0) == (1, 1)  # never none: one example at a time is the floor
+    scoring, generation = sizes(10 * per_logit)
+    assert 1 < scoring <= 10 and generation > scoring  # generation keeps one position's logits, not 200
+    assert sizes(10**15) == (min(EVAL_BATCH_CAP, 40), min(EVAL_BATCH_CAP, 40))  # capped by the examples
+    assert sizes(10 * per_logit, new_tokens=4000)[1] < generation  # a longer reply needs a longer KV cache
+    assert sizes(10 * per_logit, compute_bytes=2)[0] >= scoring
+
+
+def test_auto_batch_sizes_are_logged_and_used(adapter, tmp_path, capsys, monkeypatch):
+    """The default (auto) sizes each pass within memory_budget_gb, says so on stderr beside the JSON, and the
+    passes run with those sizes (here ~10 MB: one example's scoring pass, with its full logits, and a few
+    examples' generation, which keeps the last position's)."""
+    import hf_lora_recipe.evaluation.scoring as scoring
+
+    adapter = _copy(adapter, tmp_path)
+    recipe_file = adapter / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text())
+    recipe["memory_budget_gb"] = 0.01
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    calls = []
+    real_loss, real_replies = scoring.response_loss, scoring.greedy_replies
+    monkeypatch.setattr(
+        scoring,
+        "response_loss",
+        lambda m, e, p, size, *a: calls.append(("loss", size)) or real_loss(m, e, p, size, *a),
+    )
+    monkeypatch.setattr(
+        scoring,
+        "greedy_replies",
+        lambda m, e, eos, pad, new, size, *a: (
+            calls.append(("generate", size)) or real_replies(m, e, eos, pad, new, size, *a)
+        ),
+    )
+    code, out, err = _run(capsys, "--adapter", str(adapter), "--max_new_tokens", "4", "--json")
+    assert code == 0, err[-3000:]
+    json.loads(out)
+    line = re.search(
+        r"eval batch auto -> scoring (\d+), generation (\d+) examples per pass, within ([\d.]+) GiB \(memory_budget_gb\)",
+        err,
+    )
+    assert line, err[-2000:]
+    chosen = {"loss": int(line[1]), "generate": int(line[2])}
+    assert set(calls) == {("loss", chosen["loss"]), ("generate", chosen["generate"])}
+    assert 1 <= chosen["loss"] < chosen["generate"] < HELD_OUT  # each pass sized on its own, within the budget

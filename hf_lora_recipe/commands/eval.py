@@ -1,7 +1,7 @@
 """``hf-lora-recipe eval``: the base against the adapter (and the merged model) on held-out conversations.
 
     hf-lora-recipe eval --adapter DIR [--model MERGED_DIR] [--dataset PATH_OR_ID] [--split NAME]
-                        [--num_examples N] [--max_new_tokens N] [--batch_size N] [--json] [--no_card]
+                        [--num_examples N] [--max_new_tokens N] [--batch_size N|auto] [--json] [--no_card]
 
     hf-lora-recipe eval --model MERGED_DIR [...]   (base vs merged model)
 
@@ -89,7 +89,13 @@ PARSER.add_number(
     metavar="N",
 )
 PARSER.add_number(
-    "--batch_size", int, COUNT, DEFAULT_BATCH_SIZE, "examples per forward pass and per generate call", metavar="N"
+    "--batch_size",
+    int,
+    COUNT,
+    DEFAULT_BATCH_SIZE,
+    "examples per forward pass and per generate call; auto: each pass sized from memory (as training's auto)",
+    metavar="N",
+    auto=True,
 )
 PARSER.add_flag(
     "--allow_training_rows",
@@ -127,6 +133,7 @@ def main(argv: list[str]) -> int:
         "num_examples": args.num_examples,
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
+        "say": say,
         "dataset": label,
         "split": data.description,
     }

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from hf_lora_recipe import log
-from hf_lora_recipe.recipe.schema import Recipe, RecipeError, saved_recipe
+from hf_lora_recipe.recipe.schema import AUTO, Recipe, RecipeError, saved_recipe
 
 
 DEFAULT_NUM_EXAMPLES = 100
 DEFAULT_MAX_NEW_TOKENS = 256  # the cap on the reply budget sized from the references
 REPLY_BUDGET_QUANTILE, REPLY_BUDGET_MARGIN = 0.95, 1.25  # most references fit, with a quarter to spare
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCH_SIZE = AUTO  # from memory: eval_batch_sizes
+# Past this many examples a batch buys little on either device, and the progress bar would say little.
+EVAL_BATCH_CAP = 64
 METRICS = (
     "response_loss",
     "perplexity",
@@ -28,6 +30,81 @@ METRICS = (
     "num_examples",
     "supervised_tokens",
 )
+
+
+# ---------------------------------------------------------------------------------------------- batch sizes
+
+
+@dataclass(frozen=True)
+class EvalBatches:
+    """Examples per scoring forward and per generate call, and the memory they were sized within."""
+
+    scoring: int
+    generation: int
+    budget_bytes: int = 0
+    budget_source: str = ""
+
+    def line(self) -> str:
+        from hf_lora_recipe.planning.estimates import GIB
+
+        return (
+            f"eval batch auto -> scoring {self.scoring}, generation {self.generation} examples per pass, within "
+            f"{self.budget_bytes / GIB:.2f} GiB ({self.budget_source})"
+        )
+
+
+def eval_batch_sizes(
+    config: Any, examples: list[Example], max_new_tokens: int, compute_bytes: int, budget_bytes: int
+) -> tuple[int, int]:
+    """(scoring, generation) examples per pass whose working memory fits ``budget_bytes`` beside the loaded
+    model, at most :data:`EVAL_BATCH_CAP` and the number of examples, at least 1. Without gradients a pass holds
+    one layer's transients at a time (projections' outputs, the MLP's, the attention scores), plus: scoring, the
+    full logits and the loss's fp32 copies of them (the training loss's bytes per logit); generation, the KV
+    cache over prompt and reply and the prompt's logits (families without ``logits_to_keep`` compute them all)."""
+    from hf_lora_recipe.planning.estimates import PLAIN_LOSS_BYTES_PER_LOGIT
+
+    text = config.get_text_config()
+    heads, hidden, vocab = text.num_attention_heads, text.hidden_size, text.vocab_size
+    kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * (
+        getattr(text, "head_dim", None) or hidden // heads
+    )
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+
+    def layer_transients(length: int) -> int:
+        return length * compute_bytes * (4 * hidden + 2 * kv_dim + 3 * intermediate) + 4 * heads * length**2
+
+    longest = max(len(example.input_ids) for example in examples)
+    prompt = max(len(example.prompt_ids) for example in examples)
+    scoring = longest * vocab * PLAIN_LOSS_BYTES_PER_LOGIT + layer_transients(longest)
+    cache = 2 * text.num_hidden_layers * kv_dim * compute_bytes * (prompt + max_new_tokens)
+    generation = cache + layer_transients(prompt) + 4 * vocab * prompt
+
+    def fitting(per_example: int) -> int:
+        return max(1, min(EVAL_BATCH_CAP, len(examples), budget_bytes // per_example))
+
+    return fitting(scoring), fitting(generation)
+
+
+def resolve_eval_batches(
+    recipe: Recipe,
+    model: Any,
+    examples: list[Example],
+    max_new_tokens: int,
+    batch_size: int | str,
+    say: Any = log.info,
+) -> EvalBatches:
+    """``batch_size`` for both passes, or with ``auto`` each sized by :func:`eval_batch_sizes` within the memory
+    ``per_device_train_batch_size: auto`` plans for (the recipe's ``memory_budget_gb``, else 90% of the GPU's
+    free memory with the model loaded, on a CPU half the available RAM); logged."""
+    if batch_size != AUTO:
+        return EvalBatches(int(batch_size), int(batch_size))
+    from hf_lora_recipe.training.auto_micro_batch import memory_budget
+
+    budget, source = memory_budget(recipe)
+    scoring, generation = eval_batch_sizes(model.config, examples, max_new_tokens, 2 if recipe.bf16 else 4, budget)
+    batches = EvalBatches(scoring, generation, budget, source)
+    say(batches.line())
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -209,14 +286,16 @@ def score_model(
     examples: list[Example],
     *,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = 8,
+    generation_batch_size: int | None = None,
     seed: int = 42,
     bf16: bool = False,
     label: str = "",
     progress: bool = True,
 ) -> Scores:
     """Every figure for one loaded model (a PeftModel scores with its adapter as it is: on, or off inside
-    ``with model.disable_adapter():``). Eval mode and no gradients; the model's mode is restored after."""
+    ``with model.disable_adapter():``). Eval mode and no gradients; the model's mode is restored after.
+    ``batch_size`` examples per scoring forward, ``generation_batch_size`` (default the same) per generate call."""
     import torch
     from rouge_score import rouge_scorer
     from transformers import set_seed
@@ -234,7 +313,7 @@ def score_model(
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             loss, tokens = response_loss(model, examples, pad_id, batch_size, label, progress)
             reply_ids, stopped = greedy_replies(
-                model, examples, eos_id, pad_id, max_new_tokens, batch_size, label, progress
+                model, examples, eos_id, pad_id, max_new_tokens, generation_batch_size or batch_size, label, progress
             )
     finally:
         model.train(was_training)
@@ -533,7 +612,7 @@ def evaluate_adapter(
     *,
     num_examples: int = DEFAULT_NUM_EXAMPLES,
     max_new_tokens: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | str = DEFAULT_BATCH_SIZE,
     model: Any = None,
     tokenizer: Any = None,
     merged_dir: str | Path | None = None,
@@ -541,9 +620,11 @@ def evaluate_adapter(
     split: str | None = None,
     write_card: bool = True,
     progress: bool = True,
+    say: Any = log.info,
 ) -> dict[str, Any]:
     """Base vs adapter (vs merged model) on the first ``num_examples`` of ``data``; returns the report (the
-    ``--json`` object) and records it in the adapter's card unless ``write_card`` is false.
+    ``--json`` object) and records it in the adapter's card unless ``write_card`` is false. ``batch_size``: a
+    number, or ``auto`` (:func:`resolve_eval_batches`).
 
     ``data``: a dataset built by ``build_sft_dataset`` (the trainer's eval set), ``Rows``, or a list of raw
     rows. ``model``: the PeftModel already in memory (``train`` passes the one it trained), else the saved
@@ -557,16 +638,17 @@ def evaluate_adapter(
     if not examples:
         raise RecipeError("no examples to evaluate on")
     max_new_tokens = max_new_tokens or recipe_reply_budget(examples, recipe)
+    model = model if model is not None else load_adapter(recipe, adapter_dir)
+    batches = resolve_eval_batches(recipe, model, examples, max_new_tokens, batch_size, say)
     options = {
         "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size,
+        "batch_size": batches.scoring,
+        "generation_batch_size": batches.generation,
         "seed": recipe.seed,
         "bf16": recipe.bf16,
         "progress": progress,
     }
-    scores = score_base_and_adapter(
-        model if model is not None else load_adapter(recipe, adapter_dir), tokenizer, examples, **options
-    )
+    scores = score_base_and_adapter(model, tokenizer, examples, **options)
     if merged_dir is not None:
         scores["merged"] = score_model(load_merged(merged_dir), tokenizer, examples, label="merged", **options)
     check_effect(scores)
@@ -587,16 +669,26 @@ def evaluate_merged(
     *,
     num_examples: int = DEFAULT_NUM_EXAMPLES,
     max_new_tokens: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | str = DEFAULT_BATCH_SIZE,
     dataset: str,
     split: str,
+    say: Any = log.info,
 ) -> dict[str, Any]:
     """Base vs a merged model (no adapter folder) on the first ``num_examples`` of ``data``; returns the report.
     Raises :class:`RecipeError` when the merged model scores exactly as its base."""
     examples = examples_for(recipe, tokenizer, data, num_examples)
     max_new_tokens = max_new_tokens or recipe_reply_budget(examples, recipe)
-    options = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": recipe.seed, "bf16": recipe.bf16}
-    scores = {"base": score_model(load_base(recipe), tokenizer, examples, label="base", **options)}
+    base = load_base(recipe)
+    batches = resolve_eval_batches(recipe, base, examples, max_new_tokens, batch_size, say)
+    options = {
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batches.scoring,
+        "generation_batch_size": batches.generation,
+        "seed": recipe.seed,
+        "bf16": recipe.bf16,
+    }
+    scores = {"base": score_model(base, tokenizer, examples, label="base", **options)}
+    del base
     scores["merged"] = score_model(load_merged(model_dir), tokenizer, examples, label="merged", **options)
     check_effect(scores)
     return build_report(scores, dataset, split, max_new_tokens)
@@ -621,7 +713,6 @@ def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any,
             output_dir,
             eval_dataset,
             num_examples=count,  # and max_new_tokens sized from these references
-            batch_size=recipe.per_device_train_batch_size,  # known to fit beside the model
             model=None if current_engine().shards_weights else model,
             tokenizer=tokenizer,
             write_card=False,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hf_lora_recipe.recipe.schema import (
+    AUTO,
     DERIVED_KEYS,
     FIELDS,
     GROUPS,
@@ -75,11 +76,16 @@ class CommandParser(argparse.ArgumentParser):
         default: float | None,
         help: str,  # noqa: A002 - argparse's name
         metavar: str | None = None,
+        auto: bool = False,
     ) -> None:
         """A numeric option with its declared range, checked by :meth:`parse` as recipe keys are checked at load:
-        finite, and within ``bounds`` (the range is in --help too)."""
+        finite, and within ``bounds`` (the range is in --help too). ``auto``: the word ``auto`` is a value too."""
         self.add_argument(
-            flag, type=kind, default=default, metavar=metavar, help=f"{help} ({bounds}; default: {default})"
+            flag,
+            type=_number_or_auto(kind) if auto else kind,
+            default=default,
+            metavar=metavar,
+            help=f"{help} ({bounds}{' or auto' if auto else ''}; default: {default})",
         )
         self.number_bounds[flag[2:]] = bounds
 
@@ -88,7 +94,7 @@ class CommandParser(argparse.ArgumentParser):
 
         for name, bounds in self.number_bounds.items():
             value = getattr(args, name)
-            if value is None:
+            if value is None or value == AUTO:
                 continue
             if not math.isfinite(value):
                 raise RecipeError(f"--{name}: {value!r} is not a finite number; give a number")
@@ -251,3 +257,11 @@ def command(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
             return 2
 
     return run
+
+
+def _number_or_auto(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return AUTO if text == AUTO else kind(text)
+
+    parse.__name__ = f"{kind.__name__} or {AUTO}"  # argparse names the expected type by it
+    return parse
