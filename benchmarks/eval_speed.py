@@ -1,6 +1,6 @@
 """eval's generation and scoring against a bare ``model.generate`` and a bare forward, side by side, on SmolLM2.
 
-    .venv/bin/python benchmarks/eval_speed.py [--examples 16] [--batch_size 8]
+    make bench-eval   # or: .venv/bin/python benchmarks/eval_speed.py [--examples 16] [--batch_size 8]
 
 The held-out set is the demo's review-sentiment rows through SmolLM2's ChatML template; the model is SmolLM2 (the
 dequantized Q4_1 copy ``hf-lora-recipe base`` builds, fp32) with a LoRA adapter (r=16, all seven projections, B drawn
