@@ -377,3 +377,20 @@ def test_varlen_on_a_cpu_only_machine_is_the_per_example_path():
         pytest.skip("on a CUDA machine varlen is the CUDA kernel")
     assert available_attention("varlen") == ATTENTION
     assert available_attention("sdpa") == "sdpa"
+
+
+def test_auto_is_per_example_only_for_packed_rows_on_a_cpu_and_sdpa_elsewhere():
+    from hf_lora_recipe.model.loading import attention_for, padding_free
+    from hf_lora_recipe.planning.estimates import dense_mask_over_packed_rows
+    from hf_lora_recipe.recipe.schema import Recipe
+
+    default = Recipe()
+    assert default.attn_implementation == "auto"
+    assert attention_for(default, on_gpu=False) == ATTENTION  # padding-free on a CPU: each example on its own
+    assert not dense_mask_over_packed_rows(default, on_gpu=False)  # so auto micro-batch does not cap the rows
+    assert attention_for(default, on_gpu=True) == "sdpa" and not padding_free(default, on_gpu=True)
+    assert attention_for(Recipe(padding_free="false"), on_gpu=False) == "sdpa"  # padded rows
+    assert attention_for(Recipe(compile=True), on_gpu=False) == "sdpa"  # dynamo cannot trace the example loop
+    assert attention_for(Recipe(attn_implementation="sdpa"), on_gpu=False) == "sdpa"  # an explicit choice stays
+    if not torch.cuda.is_available():  # this machine, as a run resolves it
+        assert attention_for(default) == ATTENTION

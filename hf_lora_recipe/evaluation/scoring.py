@@ -107,6 +107,21 @@ def resolve_eval_batches(
     return batches
 
 
+def scoring_options(
+    recipe: Recipe, model: Any, examples: list[Example], max_new_tokens: int, batch_size: int | str, say: Any
+) -> dict[str, Any]:
+    """:func:`score_model`'s keyword arguments under ``recipe``: the reply budget, each pass's batch
+    (:func:`resolve_eval_batches`), the seed and the autocast training ran under."""
+    batches = resolve_eval_batches(recipe, model, examples, max_new_tokens, batch_size, say)
+    return {
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batches.scoring,
+        "generation_batch_size": batches.generation,
+        "seed": recipe.seed,
+        "bf16": recipe.bf16,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 
 
@@ -639,15 +654,8 @@ def evaluate_adapter(
         raise RecipeError("no examples to evaluate on")
     max_new_tokens = max_new_tokens or recipe_reply_budget(examples, recipe)
     model = model if model is not None else load_adapter(recipe, adapter_dir)
-    batches = resolve_eval_batches(recipe, model, examples, max_new_tokens, batch_size, say)
-    options = {
-        "max_new_tokens": max_new_tokens,
-        "batch_size": batches.scoring,
-        "generation_batch_size": batches.generation,
-        "seed": recipe.seed,
-        "bf16": recipe.bf16,
-        "progress": progress,
-    }
+    options = scoring_options(recipe, model, examples, max_new_tokens, batch_size, say)
+    options["progress"] = progress
     scores = score_base_and_adapter(model, tokenizer, examples, **options)
     if merged_dir is not None:
         scores["merged"] = score_model(load_merged(merged_dir), tokenizer, examples, label="merged", **options)
@@ -679,14 +687,7 @@ def evaluate_merged(
     examples = examples_for(recipe, tokenizer, data, num_examples)
     max_new_tokens = max_new_tokens or recipe_reply_budget(examples, recipe)
     base = load_base(recipe)
-    batches = resolve_eval_batches(recipe, base, examples, max_new_tokens, batch_size, say)
-    options = {
-        "max_new_tokens": max_new_tokens,
-        "batch_size": batches.scoring,
-        "generation_batch_size": batches.generation,
-        "seed": recipe.seed,
-        "bf16": recipe.bf16,
-    }
+    options = scoring_options(recipe, base, examples, max_new_tokens, batch_size, say)
     scores = {"base": score_model(base, tokenizer, examples, label="base", **options)}
     del base
     scores["merged"] = score_model(load_merged(model_dir), tokenizer, examples, label="merged", **options)
