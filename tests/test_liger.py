@@ -334,6 +334,7 @@ def test_recipe_trainer_trains_every_adapter_through_liger(
 
     import hf_lora_recipe.training.trainer as recipe_trainer
     from hf_lora_recipe.inits.adapter import add_adapter
+    from hf_lora_recipe.model.loading import attention_for
     from hf_lora_recipe.recipe.schema import Recipe
     from hf_lora_recipe.templates.tokenizer import load_tokenizer
 
@@ -353,7 +354,10 @@ def test_recipe_trainer_trains_every_adapter_through_liger(
         report_to=["none"],
         output_dir=str(tmp_path / "run"),
     )
-    model = add_adapter(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), recipe)
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_base, dtype=torch.float32, attn_implementation=attention_for(recipe)
+    )  # the attention a run with this recipe loads, which the trainer checks
+    model = add_adapter(base, recipe)
     generator = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, 1000, (16,), generator=generator).tolist() for _ in range(4)]
     dataset = Dataset.from_dict({"input_ids": rows, "labels": [[-100] * 8 + row[8:] for row in rows]})
