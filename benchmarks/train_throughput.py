@@ -332,11 +332,17 @@ def peak_rss_child(argv: list[str]) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
-def current_rss() -> int:
+def memory_status(field: str) -> int:
+    """A byte figure of this process from /proc/self/status (VmRSS: resident now; VmHWM: its peak since exec,
+    where wait4's ru_maxrss would keep the parent's peak from before the fork as a floor); elsewhere the peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    return memory_status("VmRSS")
 
 
 def memory_child(base: str, data: str, work: str, quantized: str, checkpointing: str) -> None:
@@ -550,15 +556,6 @@ def llamafactory_child(job: dict) -> dict:
     return meter.figures
 
 
-def peak_rss_of_this_process() -> int:
-    """VmHWM: this process's own peak resident memory since its exec (``ru_maxrss`` as the parent's wait4 sees it
-    keeps the parent's peak from before the fork as a floor)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def peer_child(contender: str, job_file: str) -> None:
     """One contender's run in this fresh process (its peak RSS is the parent's to read); figures to stdout."""
     job = json.loads(Path(job_file).read_text())
@@ -578,7 +575,7 @@ def peer_child(contender: str, job_file: str) -> None:
         else:
             figures = ours(recipe)
             figures["seconds"], figures["cpu_seconds"] = figures.pop("train_seconds"), figures.pop("train_cpu_seconds")
-    figures["peak_rss"] = peak_rss_of_this_process()
+    figures["peak_rss"] = memory_status("VmHWM")
     print("FIGURES " + json.dumps(figures), flush=True)
 
 

@@ -61,13 +61,11 @@ def eval_batch_sizes(
     one layer's transients at a time (projections' outputs, the MLP's, the attention scores), plus: scoring, the
     full logits and the loss's fp32 copies of them (the training loss's bytes per logit); generation, the KV
     cache over prompt and reply and the prompt's logits (families without ``logits_to_keep`` compute them all)."""
-    from hf_lora_recipe.planning.estimates import PLAIN_LOSS_BYTES_PER_LOGIT
+    from hf_lora_recipe.planning.estimates import PLAIN_LOSS_BYTES_PER_LOGIT, attention_widths
 
     text = config.get_text_config()
-    heads, hidden, vocab = text.num_attention_heads, text.hidden_size, text.vocab_size
-    kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * (
-        getattr(text, "head_dim", None) or hidden // heads
-    )
+    hidden, vocab = text.hidden_size, text.vocab_size
+    heads, kv_dim = attention_widths(text)
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
 
     def layer_transients(length: int) -> int:

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from hf_lora_recipe.recipe.schema import ALL_PROJECTIONS, Recipe, RecipeError
+from hf_lora_recipe.recipe.schema import ALL_PROJECTIONS, AUTO, Recipe, RecipeError
 
 
 # MoE routers and shared-expert gates: adapting them changes which experts run, not what they compute, so the
@@ -78,10 +78,9 @@ def with_supported_attention(recipe: Recipe, model: Any) -> Recipe:
     """``recipe`` with sdpa (or auto, which picks from sdpa's family) replaced by eager where the architecture
     has no sdpa path (transformers refuses it there: Gemma 2's softcapping, gpt-oss's attention sinks); other
     kernels are the user's explicit choice."""
-    from hf_lora_recipe.model.loading import AUTO_ATTENTION
     from hf_lora_recipe.upstream.transformers import supports_sdpa
 
-    if recipe.attn_implementation not in ("sdpa", AUTO_ATTENTION) or supports_sdpa(model):
+    if recipe.attn_implementation not in ("sdpa", AUTO) or supports_sdpa(model):
         return recipe
     return dataclasses.replace(recipe, attn_implementation="eager")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_lora_recipe import log
-from hf_lora_recipe.recipe.schema import ALL_LINEAR, Recipe, RecipeError, nearest
+from hf_lora_recipe.recipe.schema import ALL_LINEAR, AUTO, Recipe, RecipeError, nearest
 
 
 def torch_dtype(name: str) -> Any:
@@ -95,7 +95,7 @@ def check_attention_name(recipe: Recipe) -> None:
     from hf_lora_recipe.upstream.transformers import registered_attention
 
     requested = recipe.attn_implementation
-    known = sorted(registered_attention() | {ATTENTION, AUTO_ATTENTION})
+    known = sorted(registered_attention() | {ATTENTION, AUTO})
     if requested not in known and "/" not in requested:
         import transformers
 
@@ -105,7 +105,6 @@ def check_attention_name(recipe: Recipe) -> None:
         )
 
 
-AUTO_ATTENTION = "auto"
 # Attention kernels that take a packed row's example boundaries directly: padding-free costs them nothing.
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "varlen", "flex_attention")
 
@@ -129,14 +128,11 @@ def attention_for(recipe: Recipe, on_gpu: bool | None = None) -> str:
     rows on a CPU-only machine (each packed example attended on its own, the fastest exact path there), else
     ``sdpa``."""
     requested = recipe.attn_implementation
-    if requested == AUTO_ATTENTION:
-        if on_gpu is None:
-            import torch
+    if requested == AUTO:
+        import torch
 
-            cpu_only = not torch.cuda.is_available()
-        else:
-            cpu_only = not on_gpu
-        per_example = cpu_only and recipe.padding_free != "false" and not recipe.compile
+        gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+        per_example = not gpu and recipe.padding_free != "false" and not recipe.compile
         requested = "varlen" if per_example else "sdpa"
     return available_attention(requested) if on_gpu is None else requested
 

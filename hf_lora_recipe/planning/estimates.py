@@ -108,6 +108,14 @@ class Shape:
     unmatched_targets: list[str] = field(default_factory=list)
 
 
+def attention_widths(text: Any) -> tuple[int, int]:
+    """(query heads, key/value width = kv heads x head dim) of a text config; configs without grouped-query
+    attention or an explicit head_dim have as many kv heads as heads and hidden / heads per head."""
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return heads, (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+
+
 def measure_shape(config: Any, recipe: Recipe, model: Any | None = None) -> Shape:
     """Count the base and its adapter on the meta device, module by module. ``model``: the base already built
     there from ``config`` (see :class:`BaseOnMeta`); it receives the adapter, so it serves one count only."""
@@ -128,9 +136,7 @@ def measure_shape(config: Any, recipe: Recipe, model: Any | None = None) -> Shap
     quantizable = [m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     total_base = sum(p.numel() for p in model.parameters())
     text = config.get_text_config()
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    heads, kv_dim = attention_widths(text)
     adapted = [
         (name.rsplit(".", 1)[-1], module.in_features, module.out_features)
         for name, module in layers[0].named_modules()
@@ -142,7 +148,7 @@ def measure_shape(config: Any, recipe: Recipe, model: Any | None = None) -> Shap
         hidden=text.hidden_size,
         intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
         heads=heads,
-        kv_dim=kv_heads * head_dim,
+        kv_dim=kv_dim,
         vocab=text.vocab_size,
         quantizable=sum(quantizable),
         quantizable_tensors=quantizable,
