@@ -8,7 +8,10 @@ written independently of :mod:`template`, from the token ids and the conversatio
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
+
+import numpy as np
 
 from hf_lora_recipe.templates.llama2 import IGNORE_INDEX, SpecialIds, decode_texts
 
@@ -81,6 +84,79 @@ def structural_problem(
     return None
 
 
+def _flat(sequences: list[list[int]], total: int) -> np.ndarray:
+    return np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=total)
+
+
+def structural_problems(
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    num_responses: list[int],
+    truncated: list[bool],
+    ids: SpecialIds,
+) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """:func:`structural_problem` for a batch, and each sound example's supervised spans.
+
+    The invariants are screened on the whole batch at once (one flat array of positions); an example the
+    screen flags gets :func:`structural_problem`'s verdict and message, so both always agree on the wording
+    and tests/test_label_audit.py checks they agree on the verdict.
+    """
+    count = len(input_ids)
+    problems = [""] * count
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(count)]
+    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=count)
+    aligned = lengths == np.fromiter(map(len, labels), dtype=np.int64, count=count)
+    rows = np.flatnonzero(aligned)
+    lengths = lengths[rows]
+    total = int(lengths.sum())
+    if len(rows) == count:
+        x, y = _flat(input_ids, total), _flat(labels, total)
+    else:
+        x, y = _flat([input_ids[i] for i in rows], total), _flat([labels[i] for i in rows], total)
+    example = np.repeat(np.arange(len(rows)), lengths)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    nonempty = lengths > 0
+    first = np.zeros(total, dtype=bool)
+    first[starts[nonempty]] = True
+    last = np.zeros(total, dtype=bool)
+    last[ends[nonempty] - 1] = True
+
+    supervised = y != IGNORE_INDEX
+    supervised_before = np.concatenate(([False], supervised[:-1])) & ~first
+    supervised_after = np.concatenate((supervised[1:], [False])) & ~last
+    span_start = supervised & ~supervised_before
+    span_last = supervised & ~supervised_after
+    previous = np.concatenate(([-1], x[:-1]))
+    control = np.isin(x, np.asarray(ids.control_ids, dtype=np.int64))
+    cut = np.asarray(truncated, dtype=bool)[rows]
+
+    wrong = supervised & (y != x)
+    wrong |= control & (x == previous) & ~first  # a doubled template token
+    wrong |= control & supervised & supervised_after  # a template token inside an assistant turn
+    wrong |= span_last & (x != ids.eos_id) & ~(last & cut[example])  # a turn not closed by end-of-turn
+    if ids.bos_id is not None:
+        wrong |= (x == ids.bos_id) & (supervised | (~first & (previous != ids.eos_id)))
+        wrong[starts[nonempty]] |= x[starts[nonempty]] != ids.bos_id
+    if ids.layout == "llama2" and ids.bos_id != ids.eos_id:
+        wrong |= (x == ids.eos_id) & ~supervised
+    span_count = np.bincount(example[span_start], minlength=len(rows))
+    responses = np.asarray(num_responses, dtype=np.int64)[rows]
+    flagged = np.bincount(example[wrong], minlength=len(rows)) > 0
+    flagged |= (span_count == 0) | (span_count > responses) | (~cut & (span_count != responses))
+
+    span_rows = example[span_start].tolist()
+    span_begins = (np.flatnonzero(span_start) - starts[example[span_start]]).tolist()
+    span_ends = (np.flatnonzero(span_last) + 1 - starts[example[span_last]]).tolist()
+    for row, begin, end in zip(span_rows, span_begins, span_ends):
+        spans[int(rows[row])].append((begin, end))
+    suspects = [int(i) for i in rows[flagged]] + np.flatnonzero(~aligned).tolist()
+    for i in suspects:
+        spans[i] = supervised_spans(labels[i])
+        problems[i] = structural_problem(input_ids[i], labels[i], spans[i], num_responses[i], ids, truncated[i]) or ""
+    return problems, spans
+
+
 def audit_examples(
     input_ids: list[list[int]],
     labels: list[list[int]],
@@ -90,16 +166,14 @@ def audit_examples(
     ids: SpecialIds,
 ) -> list[str]:
     """One problem string per example ("" when it holds); responses are decoded in one batched call."""
-    problems: list[str] = []
+    responses = [[m["content"] for m in conversation if m["role"] == "assistant"] for conversation in messages]
+    problems, spans = structural_problems(input_ids, labels, [len(r) for r in responses], truncated, ids)
     to_decode: list[list[int]] = []
     expected: list[tuple[int, int, str]] = []  # (example, turn, response text)
-    for index, (x, y, conversation, cut) in enumerate(zip(input_ids, labels, messages, truncated)):
-        responses = [m["content"] for m in conversation if m["role"] == "assistant"]
-        spans = supervised_spans(y)
-        problems.append(structural_problem(x, y, spans, len(responses), ids, cut) or "")
-        if problems[-1]:
+    for index, (x, cut) in enumerate(zip(input_ids, truncated)):
+        if problems[index]:
             continue
-        for turn, ((start, end), response) in enumerate(zip(spans, responses)):
+        for turn, ((start, end), response) in enumerate(zip(spans[index], responses[index])):
             if not (cut and end == len(x)):  # a turn cut by max_length keeps only its start
                 to_decode.append(x[start : end - 1])
                 expected.append((index, turn, response.strip()))

@@ -72,7 +72,7 @@ PARALLEL_MIN_ROWS = 20_000  # below this, starting worker processes costs more t
 
 def _map(dataset: Any, step: Callable, key: dict, fn_kwargs: dict, parallel: bool = True, **options: Any) -> Any:
     # Rust tokenizes on every core, but formatting, auditing and Arrow writing are Python: worker
-    # processes give those the other cores too (1.3x on 2 cores for 52k Alpaca rows; benchmarks/).
+    # processes give those the other cores too (figures: benchmarks/RESULTS.md, make bench).
     workers = min(os.cpu_count() or 1, 8) if parallel and len(dataset) >= PARALLEL_MIN_ROWS else None
     return dataset.map(
         step, fn_kwargs=fn_kwargs, new_fingerprint=_fingerprint(dataset, step, key), num_proc=workers, **options

@@ -99,7 +99,7 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     previous = backend.encode_special_tokens
     backend.encode_special_tokens = True  # text is data: a typed "</s>" is never the control token
     try:
-        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
     finally:
         backend.encode_special_tokens = previous
 
