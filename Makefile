@@ -149,7 +149,7 @@ test-newest:
 
 # The fast subset (recipe, data, template, a 2-step train, merge and load, TRL's fused loss) in two more environments,
 # each pinned whole: the lowest versions pyproject.toml declares, and the GPU machine's image. CI runs both.
-SUBSET_TESTS := tests/test_config.py tests/test_data.py tests/test_template.py tests/test_lora.py tests/test_train.py \
+SUBSET_TESTS := tests/test_config.py tests/test_data.py tests/test_label_audit.py tests/test_template.py tests/test_lora.py tests/test_train.py \
 	tests/test_ship.py tests/test_speed_exactness.py::test_throughput_line_reports_tokens_per_second_and_mfu
 .PRECIOUS: .venv-%/.installed
 test-lowest test-gpu-image: test-%: .venv-%/.installed

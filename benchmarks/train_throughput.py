@@ -21,7 +21,9 @@ behind a config that says float32), on the first 64 Alpaca rows in the seed's ``
 accumulation 2, max_length 256, LoRA r=16/alpha 32 on all seven projections, lr 3e-4, gradient checkpointing:
 the seed loop, plain TRL, LLaMA-Factory 0.9.5 (its own venv, ``LLAMAFACTORY_PYTHON``) and ours, each in its own
 process, in fp32 LoRA and in QLoRA (NF4 + double quant, fp32 compute), alternating the order; then ours with
-sdpa's dense mask and ours in bf16. Columns: supervised tokens/s over the training span, CPU-seconds, peak RSS,
+sdpa's dense mask and ours in bf16. Then the same four in bf16 (each contender's own bf16: autocast over fp32
+weights for the seed loop, TRL and ours, LLaMA-Factory's bf16 weights; bf16 compute for QLoRA), the recipe's
+own precision. ``--precision fp32|bf16`` runs one half. Columns: supervised tokens/s over the training span, CPU-seconds, peak RSS,
 the last logged training loss, and the held-out response loss of every adapter under one evaluator.
 
 Results are appended to benchmarks/RESULTS.md, one table per section.
@@ -631,7 +633,15 @@ PEERS = (
 )
 
 
-def smollm2_section(work: Path) -> None:
+SMOLLM2_TABLES = {  # title: (quantized, bf16, ours' extra rows)
+    "LoRA, fp32": (False, False, True),
+    "QLoRA NF4 + double quant, fp32 compute": (True, False, True),
+    "LoRA, bf16": (False, True, False),
+    "QLoRA NF4 + double quant, bf16 compute": (True, True, False),
+}
+
+
+def smollm2_section(work: Path, precision: str | None = None) -> None:
     """The seed loop, plain TRL, LLaMA-Factory and ours on the real SmolLM2-135M-Instruct base (module docstring)."""
     import torch
     import transformers
@@ -680,25 +690,27 @@ def smollm2_section(work: Path) -> None:
         }
 
     sections = []
-    for index, (title, quantized) in enumerate(
-        (("LoRA, fp32", False), ("QLoRA NF4 + double quant, fp32 compute", True))
-    ):
+    tables = [
+        (title, spec) for title, spec in SMOLLM2_TABLES.items() if precision in (None, "bf16" if spec[1] else "fp32")
+    ]
+    for index, (title, (quantized, bf16, extra_rows)) in enumerate(tables):
         order = PEERS if index % 2 == 0 else PEERS[::-1]  # alternating: no contender always runs first
-        runs = [(label, contender, job(f"{contender}-{index}", quantized, False)) for contender, label in order]
-        runs.append(
-            (
-                "ours, attn_implementation sdpa (dense mask over the pack)",
-                "ours",
-                job(f"ours-sdpa-{index}", quantized, False, attn_implementation="sdpa"),
+        runs = [(label, contender, job(f"{contender}-{index}", quantized, bf16)) for contender, label in order]
+        if extra_rows:
+            runs.append(
+                (
+                    "ours, attn_implementation sdpa (dense mask over the pack)",
+                    "ours",
+                    job(f"ours-sdpa-{index}", quantized, False, attn_implementation="sdpa"),
+                )
             )
-        )
-        runs.append(
-            (
-                "ours, bf16 (autocast" + (", bf16 compute)" if quantized else ")"),
-                "ours",
-                job(f"ours-bf16-{index}", quantized, True),
+            runs.append(
+                (
+                    "ours, bf16 (autocast" + (", bf16 compute)" if quantized else ")"),
+                    "ours",
+                    job(f"ours-bf16-{index}", quantized, True),
+                )
             )
-        )
         results = []
         for label, contender, spec in runs:
             python = llamafactory_python if contender == "llamafactory" else sys.executable
@@ -779,6 +791,7 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=list(SECTIONS), help="run one section (default: all of them, in order)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="smollm2: only these tables (default: both)")
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     from datasets.utils.logging import disable_progress_bar
@@ -788,7 +801,7 @@ def main() -> int:
     started = time.perf_counter()
     for name, section in SECTIONS.items():
         if args.only in (None, name):
-            section(work)
+            section(work, args.precision) if name == "smollm2" else section(work)
     print(f"wall time {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 
