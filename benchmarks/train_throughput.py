@@ -21,9 +21,7 @@ behind a config that says float32), on the first 64 Alpaca rows in the seed's ``
 accumulation 2, max_length 256, LoRA r=16/alpha 32 on all seven projections, lr 3e-4, gradient checkpointing:
 the seed loop, plain TRL, LLaMA-Factory 0.9.5 (its own venv, ``LLAMAFACTORY_PYTHON``) and ours, each in its own
 process, in fp32 LoRA and in QLoRA (NF4 + double quant, fp32 compute), alternating the order; then ours with
-sdpa's dense mask and ours in bf16. Then the same four in bf16 (each contender's own bf16: autocast over fp32
-weights for the seed loop, TRL and ours, LLaMA-Factory's bf16 weights; bf16 compute for QLoRA), the recipe's
-own precision. ``--precision fp32|bf16`` runs one half. Columns: supervised tokens/s over the training span, CPU-seconds, peak RSS,
+sdpa's dense mask and ours in bf16. Columns: supervised tokens/s over the training span, CPU-seconds, peak RSS,
 the last logged training loss, and the held-out response loss of every adapter under one evaluator.
 
 Results are appended to benchmarks/RESULTS.md, one table per section.
@@ -633,15 +631,7 @@ PEERS = (
 )
 
 
-SMOLLM2_TABLES = {  # title: (quantized, bf16, ours' extra rows)
-    "LoRA, fp32": (False, False, True),
-    "QLoRA NF4 + double quant, fp32 compute": (True, False, True),
-    "LoRA, bf16": (False, True, False),
-    "QLoRA NF4 + double quant, bf16 compute": (True, True, False),
-}
-
-
-def smollm2_section(work: Path, precision: str | None = None) -> None:
+def smollm2_section(work: Path) -> None:
     """The seed loop, plain TRL, LLaMA-Factory and ours on the real SmolLM2-135M-Instruct base (module docstring)."""
     import torch
     import transformers
@@ -690,27 +680,25 @@ def smollm2_section(work: Path, precision: str | None = None) -> None:
         }
 
     sections = []
-    tables = [
-        (title, spec) for title, spec in SMOLLM2_TABLES.items() if precision in (None, "bf16" if spec[1] else "fp32")
-    ]
-    for index, (title, (quantized, bf16, extra_rows)) in enumerate(tables):
+    for index, (title, quantized) in enumerate(
+        (("LoRA, fp32", False), ("QLoRA NF4 + double quant, fp32 compute", True))
+    ):
         order = PEERS if index % 2 == 0 else PEERS[::-1]  # alternating: no contender always runs first
-        runs = [(label, contender, job(f"{contender}-{index}", quantized, bf16)) for contender, label in order]
-        if extra_rows:
-            runs.append(
-                (
-                    "ours, attn_implementation sdpa (dense mask over the pack)",
-                    "ours",
-                    job(f"ours-sdpa-{index}", quantized, False, attn_implementation="sdpa"),
-                )
+        runs = [(label, contender, job(f"{contender}-{index}", quantized, False)) for contender, label in order]
+        runs.append(
+            (
+                "ours, attn_implementation sdpa (dense mask over the pack)",
+                "ours",
+                job(f"ours-sdpa-{index}", quantized, False, attn_implementation="sdpa"),
             )
-            runs.append(
-                (
-                    "ours, bf16 (autocast" + (", bf16 compute)" if quantized else ")"),
-                    "ours",
-                    job(f"ours-bf16-{index}", quantized, True),
-                )
+        )
+        runs.append(
+            (
+                "ours, bf16 (autocast" + (", bf16 compute)" if quantized else ")"),
+                "ours",
+                job(f"ours-bf16-{index}", quantized, True),
             )
+        )
         results = []
         for label, contender, spec in runs:
             python = llamafactory_python if contender == "llamafactory" else sys.executable
@@ -791,7 +779,6 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=list(SECTIONS), help="run one section (default: all of them, in order)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], help="smollm2: only these tables (default: both)")
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     from datasets.utils.logging import disable_progress_bar
@@ -801,7 +788,7 @@ def main() -> int:
     started = time.perf_counter()
     for name, section in SECTIONS.items():
         if args.only in (None, name):
-            section(work, args.precision) if name == "smollm2" else section(work)
+            section(work)
     print(f"wall time {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 

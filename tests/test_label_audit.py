@@ -104,3 +104,10 @@ def test_real_rows_pass_the_screen_with_the_spans_of_the_labels(llama2_tokenizer
     problems, spans = structural_problems(input_ids, labels, [1] * len(rows), [False] * len(rows), ids)
     assert problems == [""] * len(rows)
     assert spans == [supervised_spans(y) for y in labels]
+
+
+def test_empty_batches_and_empty_examples():
+    ids = LAYOUTS["llama2"]
+    assert structural_problems([], [], [], [], ids) == ([], [])
+    problems, spans = structural_problems([[], []], [[], []], [1, 1], [False, True], ids)
+    assert problems == ["no supervised token"] * 2 and spans == [[], []]

@@ -148,9 +148,10 @@ def structural_problems(
     span_rows = example[span_start].tolist()
     span_begins = (np.flatnonzero(span_start) - starts[example[span_start]]).tolist()
     span_ends = (np.flatnonzero(span_last) + 1 - starts[example[span_last]]).tolist()
+    row_index = rows.tolist()
     for row, begin, end in zip(span_rows, span_begins, span_ends):
-        spans[int(rows[row])].append((begin, end))
-    suspects = [int(i) for i in rows[flagged]] + np.flatnonzero(~aligned).tolist()
+        spans[row_index[row]].append((begin, end))
+    suspects = rows[flagged].tolist() + np.flatnonzero(~aligned).tolist()
     for i in suspects:
         spans[i] = supervised_spans(labels[i])
         problems[i] = structural_problem(input_ids[i], labels[i], spans[i], num_responses[i], ids, truncated[i]) or ""
