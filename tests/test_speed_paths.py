@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -72,3 +73,31 @@ def test_plain_loss_equals_trls_fused_loss(tiny_base, alpaca_path, tmp_path):
                 trainer.compute_loss(model, batch, num_items_in_batch=(batch["labels"][:, 1:] != -100).sum())
             )
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+
+
+INTEL_SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+AMD_EPYC_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+ARM_NEOVERSE_V1 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_the_cpu_flags_say_whether_bf16_runs_in_hardware():
+    from hf_lora_recipe.training.trainer import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16(INTEL_SAPPHIRE_RAPIDS) is True
+    assert cpu_has_native_bf16(AMD_EPYC_AVX2) is False
+    assert cpu_has_native_bf16(ARM_NEOVERSE_V1) is True
+    assert cpu_has_native_bf16("processor\t: 0\n") is None  # no flags line: say nothing rather than guess
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU bf16 is the GPU's")
+def test_the_start_line_says_when_bf16_is_emulated_on_this_cpu(monkeypatch):
+    from hf_lora_recipe.training import trainer
+
+    fp32 = Recipe(dataset_name="rows.json", bf16=False, bnb_4bit_compute_dtype="float32")
+    qlora_bf16_compute = Recipe(dataset_name="rows.json", bf16=False, bnb_4bit_compute_dtype="bfloat16")
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert trainer.bf16_state(fp32) == "off"
+    assert trainer.bf16_state(qlora_bf16_compute).startswith("on, emulated: this CPU has no AVX512-BF16 or AMX")
+    assert trainer.bf16_state(Recipe(dataset_name="rows.json")).startswith("on, emulated")
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    assert trainer.bf16_state(Recipe(dataset_name="rows.json")) == "on"

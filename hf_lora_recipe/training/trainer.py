@@ -84,7 +84,41 @@ def speed_line(recipe: Recipe) -> str:
         f"liger-kernel: {state(recipe.use_liger_kernel, liger_active(recipe.use_liger_kernel), liger_off_reason())}; "
         f"activation offloading: {state(recipe.activation_offloading, offloading_active(recipe.activation_offloading), 'no GPU: activations already live in RAM')}; "
         f"compile: {'on (proved after step 1)' if recipe.compile else 'off'}; "
+        f"bf16: {bf16_state(recipe)}; "
         f"MFU against: {peak[1] if peak else 'n/a (no known GPU peak)'}"
+    )
+
+
+# CPU feature flags (/proc/cpuinfo) under which bf16 matmuls run in hardware: x86's AVX512-BF16 and AMX, Arm's BF16
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes bf16 matmuls in hardware; None where its flags cannot be read (not Linux)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as source:
+                cpuinfo = source.read()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return bool(NATIVE_BF16_FLAGS & set(value.split()))
+    return None
+
+
+def bf16_state(recipe: Recipe) -> str:
+    """bf16 as this run computes it. Without hardware bf16, torch emulates its matmuls on the CPU, many times
+    slower than fp32 (docs/speed.md): said at the start, since the numbers differ and the recipe decides."""
+    asked = recipe.bf16 or (recipe.load_in_4bit and recipe.bnb_4bit_compute_dtype == "bfloat16")
+    if not asked:
+        return "off"
+    if torch.cuda.is_available() or cpu_has_native_bf16() is not False:
+        return "on"
+    return (
+        "on, emulated: this CPU has no AVX512-BF16 or AMX, so bf16 trains far slower than fp32 here "
+        "(bf16: false and bnb_4bit_compute_dtype: float32 train in fp32)"
     )
 
 
