@@ -71,8 +71,9 @@ PARALLEL_MIN_ROWS = 20_000  # below this, starting worker processes costs more t
 
 
 def _map(dataset: Any, step: Callable, key: dict, fn_kwargs: dict, parallel: bool = True, **options: Any) -> Any:
-    # Rust tokenizes on every core, but formatting, auditing and Arrow writing are Python: worker
-    # processes give those the other cores too (figures: benchmarks/RESULTS.md, make bench).
+    # In one process the fast tokenizer uses every core, but formatting, auditing and Arrow writing are
+    # Python: worker processes give those the other cores too, each tokenizing on one thread (the tokenizer
+    # turns its threads off in a forked child). Figures: benchmarks/RESULTS.md, make bench.
     workers = min(os.cpu_count() or 1, 8) if parallel and len(dataset) >= PARALLEL_MIN_ROWS else None
     return dataset.map(
         step, fn_kwargs=fn_kwargs, new_fingerprint=_fingerprint(dataset, step, key), num_proc=workers, **options
