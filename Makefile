@@ -84,9 +84,10 @@ $(LLAMAFACTORY_STAMP):
 	$(PYTHON) -m venv $(LLAMAFACTORY_VENV)
 	$(LLAMAFACTORY_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" "$(LLAMAFACTORY_SPEC)" $$(grep -E '^bitsandbytes==' $(LOCK))
 	$(LLAMAFACTORY_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio
-	mkdir -p $$($(LLAMAFACTORY_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/torchaudio
-	echo '"""Empty: LLaMA-Factory imports torchaudio at start-up; text-only training never calls it."""' \
-		> $$($(LLAMAFACTORY_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/torchaudio/__init__.py
+	purelib=$$($(LLAMAFACTORY_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+		mkdir -p $$purelib/torchaudio && \
+		echo '"""Empty: LLaMA-Factory imports torchaudio at start-up; text-only training never calls it."""' \
+		> $$purelib/torchaudio/__init__.py
 	$(LLAMAFACTORY_VENV)/bin/python -c "from llamafactory.train.tuner import run_exp"
 	touch $@
 
