@@ -2,7 +2,7 @@
 
     make bench        # the tiny section (and benchmarks/preprocess.py)
     make bench-peers  # the smollm2 section, with LLaMA-Factory's venv
-    .venv/bin/python benchmarks/train_throughput.py [--only tiny|smollm2]
+    .venv/bin/python benchmarks/train_throughput.py [--only tiny|smollm2] [--smollm2_halves lora qlora]
 
 Two sections, both run by default; ``--only`` picks one.
 
@@ -631,12 +631,19 @@ PEERS = (
 )
 
 
-def smollm2_section(work: Path) -> None:
+SMOLLM2_HALVES = {"lora": ("LoRA, fp32", False), "qlora": ("QLoRA NF4 + double quant, fp32 compute", True)}
+
+
+def smollm2_section(work: Path, halves: tuple[str, ...] = tuple(SMOLLM2_HALVES)) -> None:
     """The seed loop, plain TRL, LLaMA-Factory and ours on the real SmolLM2-135M-Instruct base (module docstring)."""
     import torch
     import transformers
 
     from hf_lora_recipe.devtools.real_base import materialise_smollm2
+    from hf_lora_recipe.training.trainer import cpu_has_native_bf16
+
+    # a CPU without bf16 hardware emulates its matmuls (docs/speed.md): such a row would measure the emulation
+    bf16_rows = cpu_has_native_bf16() is not False
 
     base = float32_base(materialise_smollm2(), work)
     everything = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text())
@@ -680,9 +687,9 @@ def smollm2_section(work: Path) -> None:
         }
 
     sections = []
-    for index, (title, quantized) in enumerate(
-        (("LoRA, fp32", False), ("QLoRA NF4 + double quant, fp32 compute", True))
-    ):
+    for half in halves:
+        index = list(SMOLLM2_HALVES).index(half)
+        title, quantized = SMOLLM2_HALVES[half]
         order = PEERS if index % 2 == 0 else PEERS[::-1]  # alternating: no contender always runs first
         runs = [(label, contender, job(f"{contender}-{index}", quantized, False)) for contender, label in order]
         runs.append(
@@ -692,13 +699,14 @@ def smollm2_section(work: Path) -> None:
                 job(f"ours-sdpa-{index}", quantized, False, attn_implementation="sdpa"),
             )
         )
-        runs.append(
-            (
-                "ours, bf16 (autocast" + (", bf16 compute)" if quantized else ")"),
-                "ours",
-                job(f"ours-bf16-{index}", quantized, True),
+        if bf16_rows:
+            runs.append(
+                (
+                    "ours, bf16 (autocast" + (", bf16 compute)" if quantized else ")"),
+                    "ours",
+                    job(f"ours-bf16-{index}", quantized, True),
+                )
             )
-        )
         results = []
         for label, contender, spec in runs:
             python = llamafactory_python if contender == "llamafactory" else sys.executable
@@ -731,6 +739,8 @@ def smollm2_section(work: Path) -> None:
         f"process; held-out loss: one evaluator (this recipe's template and scoring) over {SMOLLM2_HELD_OUT} "
         "held-out rows for every adapter.",
     ]
+    if not bf16_rows:
+        lines.append("No bf16 row: this CPU has no AVX512-BF16, AMX or Arm BF16, so torch emulates bf16 matmuls.")
     for title, results in sections:
         reference = dict(results)[PEERS[0][1]]
         best_peer = max(
@@ -779,6 +789,13 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=list(SECTIONS), help="run one section (default: all of them, in order)")
+    parser.add_argument(
+        "--smollm2_halves",
+        nargs="+",
+        choices=list(SMOLLM2_HALVES),
+        default=list(SMOLLM2_HALVES),
+        help="which of the smollm2 section's tables to run (default: both)",
+    )
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     from datasets.utils.logging import disable_progress_bar
@@ -787,7 +804,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     started = time.perf_counter()
     for name, section in SECTIONS.items():
-        if args.only in (None, name):
+        if args.only not in (None, name):
+            continue
+        if name == "smollm2":
+            section(work, args.smollm2_halves)
+        else:
             section(work)
     print(f"wall time {time.perf_counter() - started:.0f} s", flush=True)
     return 0

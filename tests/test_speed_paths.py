@@ -101,3 +101,42 @@ def test_the_start_line_says_when_bf16_is_emulated_on_this_cpu(monkeypatch):
     assert trainer.bf16_state(Recipe(dataset_name="rows.json")).startswith("on, emulated")
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
     assert trainer.bf16_state(Recipe(dataset_name="rows.json")) == "on"
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_a_qlora_adapter_computes_in_the_dtype_the_start_line_says(tiny_base, alpaca_path, tmp_path, compute_dtype):
+    """fp32 compute keeps fp32 adapters through the trainer (TRL casts a quantized model's adapter to bf16, which
+    a CPU without bf16 hardware emulates in every LoRA matmul); bf16 compute keeps bf16 adapters, as TRL trains
+    QLoRA. The plain SFTTrainer beside it shows the cast this undoes."""
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_lora_recipe.inits.adapter import add_adapter
+    from hf_lora_recipe.model.loading import load_base_model
+    from hf_lora_recipe.training.trainer import RecipeTrainer, bf16_state
+
+    recipe = Recipe(
+        model_name_or_path=str(tiny_base),
+        dataset_name=str(alpaca_path),
+        max_length=96,
+        bf16=False,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    tokenizer = load_tokenizer(str(tiny_base))
+    dataset, _ = build_sft_dataset(recipe, tokenizer)
+    expected = {"float32": torch.float32, "bfloat16": torch.bfloat16}[compute_dtype]
+    assert bf16_state(recipe).startswith("off" if compute_dtype == "float32" else "on")
+
+    def adapter_dtypes(trainer_class, **kwargs):
+        trainer = trainer_class(
+            model=add_adapter(load_base_model(recipe), recipe),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            args=SFTConfig(
+                output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True}
+            ),
+            **kwargs,
+        )
+        return {p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    assert adapter_dtypes(RecipeTrainer, fused_loss=False) == {expected}
+    assert adapter_dtypes(SFTTrainer) == {torch.bfloat16}

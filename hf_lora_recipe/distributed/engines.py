@@ -65,9 +65,13 @@ def _zero_stage() -> int:
 
 
 def adapter_bytes_per_parameter(recipe: Recipe, strategy: str = "ddp") -> int:
-    """PEFT keeps LoRA weights in fp32, except on a 4-bit base (bf16, as TRL and the QLoRA paper train them) and
-    under DeepSpeed with bf16 (it runs the whole module in bf16, its optimizer keeping fp32 masters)."""
-    if recipe.load_in_4bit or (strategy.startswith("zero") and recipe.bf16):
+    """PEFT keeps LoRA weights in fp32, except on a 4-bit base computing in 16 bits (bf16, as TRL and the QLoRA
+    paper train them) and under DeepSpeed with bf16 (it runs the whole module in bf16, its optimizer keeping fp32
+    masters). A 4-bit base computing in fp32 keeps fp32 adapters: bf16 ones would run every LoRA matmul in bf16,
+    which a CPU without bf16 hardware emulates many times slower, in a run whose start line says fp32."""
+    if strategy.startswith("zero") and recipe.bf16:
+        return 2
+    if recipe.load_in_4bit and recipe.bnb_4bit_compute_dtype != "float32":
         return 2
     return 4
 

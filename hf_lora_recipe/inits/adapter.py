@@ -116,9 +116,9 @@ def finish_adapter(model: Any, recipe: Recipe) -> None:
     from hf_lora_recipe.distributed.engines import adapter_bytes_per_parameter, current_engine
 
     if adapter_bytes_per_parameter(recipe, current_engine().plan_strategy) == 2:
-        # bf16 adapter weights (on a 4-bit base, as TRL would make them anyway; under DeepSpeed with bf16, which
-        # runs the module in bf16): PEFT's default is fp32. DoRA's magnitudes stay fp32: their updates are below
-        # bf16's resolution.
+        # bf16 adapter weights (on a 4-bit base computing in 16 bits, as TRL would make them anyway; under
+        # DeepSpeed with bf16, which runs the module in bf16): PEFT's default is fp32. DoRA's magnitudes stay fp32:
+        # their updates are below bf16's resolution.
         for name, param in model.named_parameters():
             if param.requires_grad and "lora_magnitude_vector" not in name:
                 param.data = param.data.to(torch.bfloat16)

@@ -226,7 +226,14 @@ class RecipeTrainer(AfterCheckpoint, SFTTrainer):
         loraplus_lr_ratio: float | None = None,
         **kwargs: Any,
     ):
+        model = kwargs["model"] if "model" in kwargs else args[0]
+        adapter_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
         super().__init__(*args, **kwargs)
+        # SFTTrainer casts a quantized model's adapter to bf16 whatever its compute dtype; the adapter keeps the
+        # dtype the recipe gave it (finish_adapter), so an fp32-compute QLoRA run has no bf16 matmul in it.
+        for name, param in self.model.named_parameters():
+            if name in adapter_dtypes and param.dtype != adapter_dtypes[name]:
+                param.data = param.data.to(adapter_dtypes[name])
         self.fused_loss = fused_loss
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
