@@ -10,7 +10,9 @@ non-zero so it changes the model). Rows, one run, alternating order:
   the end-of-turn token) against ``model.generate`` on the very same batches (the bare call, no sorting, no
   bookkeeping), at the reply budget eval now chooses (the references' 95th percentile plus a quarter) and at the
   old fixed 256;
-* eval's scoring (``response_loss``) against a bare forward over the same padded batches.
+* eval's scoring (``response_loss``) against a bare forward over the same padded batches;
+* the trainer's final evaluate keeping each example's loss (what lets ``train``'s end-of-training evaluation skip
+  scoring the adapter: ``RecipeTrainer.final_evaluate``) against the same forward with labels, keeping nothing.
 
 Generated tokens/s counts tokens up to and including each reply's end-of-turn token. Printed only (copy the
 table into benchmarks/RESULTS.md by hand).
@@ -83,6 +85,7 @@ def main() -> int:
     from hf_lora_recipe.recipe.schema import LLAMA_PROJECTIONS, Recipe
     from hf_lora_recipe.templates.llama2 import special_ids
     from hf_lora_recipe.templates.tokenizer import load_tokenizer
+    from hf_lora_recipe.training.trainer import example_loss_sums
 
     base = materialise_smollm2()
     tokenizer = load_tokenizer(str(base), template="native")
@@ -120,6 +123,23 @@ def main() -> int:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
         return sum(len(e.input_ids) for e in examples)
 
+    def forward_keeping_example_losses() -> int:
+        """The trainer's final evaluate as train runs it: its forward with labels (the loss), and each example's
+        loss kept from the same logits (``example_loss_sums``)."""
+        with torch.no_grad():
+            for ids, mask in rows_for_loss:
+                labels = ids.masked_fill(mask == 0, -100)
+                outputs = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+                example_loss_sums(outputs, labels, None)
+        return sum(len(e.input_ids) for e in examples)
+
+    def forward_with_loss() -> int:
+        with torch.no_grad():
+            for ids, mask in rows_for_loss:
+                labels = ids.masked_fill(mask == 0, -100)
+                model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+        return sum(len(e.input_ids) for e in examples)
+
     def eval_score() -> int:
         with torch.no_grad():
             response_loss(model, examples, pad_id, args.batch_size, progress=False)
@@ -135,6 +155,10 @@ def main() -> int:
             lambda: bare_generate(model, prompts, pad_id, eos_id, 256),
         ),
         "scoring (forward over every row)": (eval_score, bare_forward),
+        "trainer's evaluate keeping per-example losses (vs its plain evaluate)": (
+            forward_keeping_example_losses,
+            forward_with_loss,
+        ),
     }
     timings: dict[str, list[tuple[float, float, int, int]]] = {name: [] for name in pairs}
     with torch.no_grad():

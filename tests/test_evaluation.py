@@ -423,6 +423,13 @@ def trained_run(tiny_base, alpaca_path, tmp_path_factory) -> Path:
     from hf_lora_recipe.commands.train import main as train_main
 
     output_dir = tmp_path_factory.mktemp("trained") / "run"
+    assert train_main(_train_flags(tiny_base, alpaca_path, output_dir, "--max_steps", "1")) == 0
+    return output_dir
+
+
+def _train_flags(tiny_base: Path, alpaca_path: Path, output_dir: Path, *more: str) -> list[str]:
+    """train on the tiny base in fp32, holding HELD_OUT Alpaca rows out; ``more`` flags after these (argparse
+    keeps the last of a repeated flag)."""
     flags = [
         "--model_name_or_path",
         str(tiny_base),
@@ -431,9 +438,8 @@ def trained_run(tiny_base, alpaca_path, tmp_path_factory) -> Path:
         "--output_dir",
         str(output_dir),
     ]
-    flags += ["--eval_split_size", str(HELD_OUT), "--max_steps", "1", "--global_batch_size", "4", "--max_length", "64"]
-    assert train_main([*flags, "--load_in_4bit", "false", "--bf16", "false", "--final_eval_examples", "0"]) == 0
-    return output_dir
+    flags += ["--eval_split_size", str(HELD_OUT), "--global_batch_size", "4", "--max_length", "64"]
+    return [*flags, "--load_in_4bit", "false", "--bf16", "false", "--final_eval_examples", "0", *more]
 
 
 def test_scoring_training_rows_is_refused_unless_asked_and_then_never_called_held_out(
@@ -562,3 +568,65 @@ def test_auto_batch_sizes_are_logged_and_used(adapter, tmp_path, capsys, monkeyp
     chosen = {"loss": int(line[1]), "generate": int(line[2])}
     assert set(calls) == {("loss", chosen["loss"]), ("generate", chosen["generate"])}
     assert 1 <= chosen["loss"] < chosen["generate"] < HELD_OUT  # each pass sized on its own, within the budget
+
+
+# ---------------------------------------------------------------- the final evaluation reads the trainer's (issue 25)
+
+
+@pytest.mark.parametrize(
+    "loss_flags, final_examples, kept_examples",
+    [
+        # micro-batch 2: the trainer's second held-out batch is past the 1 example evaluated, so nothing is kept
+        (["--lm_head_loss", "plain", "--per_device_train_batch_size", "2"], 1, 2),
+        (["--lm_head_loss", "fused", "--padding_free", "false"], 3, HELD_OUT),
+    ],
+    ids=["model-cross-entropy-packed", "trl-fused-head-padded"],
+)
+def test_the_final_evaluation_takes_the_adapter_loss_from_the_trainers_evaluate_pass(
+    tiny_base, alpaca_path, tmp_path, monkeypatch, loss_flags, final_examples, kept_examples
+):
+    """train's end-of-training evaluation scores the adapter's loss once: the trainer's final evaluate pass keeps
+    each held-out example's loss, and the report's adapter loss is read from it (the base is still scored).
+    Packed rows split at their position ids and padded rows give the figure a separate scoring pass gives."""
+    import hf_lora_recipe.evaluation.scoring as scoring
+    from hf_lora_recipe.commands.train import main as train_main
+
+    scored, seen = [], {}
+    real_loss, real_evaluate = scoring.response_loss, scoring.evaluate_adapter
+    monkeypatch.setattr(
+        scoring, "response_loss", lambda m, e, p, size, label="", *a: scored.append(label) or real_loss(m, e, p, size)
+    )
+
+    def evaluate_adapter(*args, **kwargs):
+        report = real_evaluate(*args, **kwargs)
+        seen.update(kwargs, report=report)
+        return report
+
+    monkeypatch.setattr(scoring, "evaluate_adapter", evaluate_adapter)
+    output_dir = tmp_path / "run"
+    more = ["--max_steps", "2", "--final_eval_examples", str(final_examples), *loss_flags]
+    assert train_main(_train_flags(tiny_base, alpaca_path, output_dir, *more)) == 0
+
+    assert scored == ["base"]  # the adapter's loss came from the trainer's pass
+    kept = seen["adapter_loss_sums"]
+    assert len(kept) == kept_examples and all(tokens > 0 for _, tokens in kept)
+    recipe = load_recipe(output_dir / "recipe.yaml")
+    examples = scoring.examples_for(recipe, seen["tokenizer"], _held_out(output_dir), final_examples)
+    model = seen["model"]
+    model.eval()
+    with torch.no_grad():
+        separate, tokens = real_loss(model, examples, seen["tokenizer"].pad_token_id, 1)
+    adapter = seen["report"]["models"]["adapter"]
+    assert adapter["supervised_tokens"] == tokens == sum(count for _, count in kept[:final_examples])
+    assert math.isclose(adapter["response_loss"], separate, rel_tol=1e-5)
+    assert adapter["response_loss"] != seen["report"]["models"]["base"]["response_loss"]
+
+
+def test_kept_losses_that_do_not_fit_the_examples_are_not_used():
+    from hf_lora_recipe.evaluation.scoring import Example, fold_adapter_losses
+
+    examples = [Example([1, 5, 6, 2], [IGNORE_INDEX, IGNORE_INDEX, 6, 2], [1, 5], "x")] * 2  # 2 supervised each
+    assert fold_adapter_losses(examples, [(1.0, 2), (3.0, 2), (9.0, 4)]) == [(1.0, 2), (3.0, 2)]
+    assert fold_adapter_losses(examples, None) is None  # not kept (several processes)
+    assert fold_adapter_losses(examples, [(1.0, 2)]) is None  # fewer than the examples
+    assert fold_adapter_losses(examples, [(1.0, 2), (3.0, 3)]) is None  # other tokens: other rows

@@ -305,10 +305,13 @@ def score_model(
     bf16: bool = False,
     label: str = "",
     progress: bool = True,
+    loss_sums: list[tuple[float, int]] | None = None,
 ) -> Scores:
     """Every figure for one loaded model (a PeftModel scores with its adapter as it is: on, or off inside
     ``with model.disable_adapter():``). Eval mode and no gradients; the model's mode is restored after.
-    ``batch_size`` examples per scoring forward, ``generation_batch_size`` (default the same) per generate call."""
+    ``batch_size`` examples per scoring forward, ``generation_batch_size`` (default the same) per generate call.
+    ``loss_sums``: each example's summed response loss and token count, already computed for this model (the
+    trainer's final evaluation): the loss is read from them instead of a scoring pass."""
     import torch
     from rouge_score import rouge_scorer
     from transformers import set_seed
@@ -324,7 +327,11 @@ def score_model(
     try:
         # the autocast training ran under (bf16), so the loss is the one the trainer would report
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            loss, tokens = response_loss(model, examples, pad_id, batch_size, label, progress)
+            if loss_sums is None:
+                loss, tokens = response_loss(model, examples, pad_id, batch_size, label, progress)
+            else:
+                tokens = sum(count for _, count in loss_sums)
+                loss = sum(total for total, _ in loss_sums) / max(tokens, 1)
             reply_ids, stopped = greedy_replies(
                 model, examples, eos_id, pad_id, max_new_tokens, generation_batch_size or batch_size, label, progress
             )
@@ -355,11 +362,36 @@ def score_model(
     )
 
 
-def score_base_and_adapter(model: Any, tokenizer: Any, examples: list[Example], **options: Any) -> dict[str, Scores]:
-    """{"base": ..., "adapter": ...} for a loaded PeftModel: the base is the same model with the adapter off."""
+def score_base_and_adapter(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    adapter_loss_sums: list[tuple[float, int]] | None = None,
+    **options: Any,
+) -> dict[str, Scores]:
+    """{"base": ..., "adapter": ...} for a loaded PeftModel: the base is the same model with the adapter off.
+    ``adapter_loss_sums``: the adapter's per-example losses from the trainer's final evaluation (see
+    :func:`fold_adapter_losses`), used in place of its scoring pass."""
     with model.disable_adapter():
         base = score_model(model, tokenizer, examples, label="base", **options)
-    return {"base": base, "adapter": score_model(model, tokenizer, examples, label="adapter", **options)}
+    adapter = score_model(model, tokenizer, examples, label="adapter", loss_sums=adapter_loss_sums, **options)
+    return {"base": base, "adapter": adapter}
+
+
+def fold_adapter_losses(
+    examples: list[Example], loss_sums: list[tuple[float, int]] | None
+) -> list[tuple[float, int]] | None:
+    """The trainer's per-example losses for ``examples`` (its held-out set's first rows, in order), or None where
+    they cannot stand for a scoring pass: not kept, too few, or a token count differing from what the example
+    supervises (different rows or tokens)."""
+    from hf_lora_recipe.templates.llama2 import IGNORE_INDEX
+
+    if loss_sums is None or len(loss_sums) < len(examples):
+        return None
+    supervised = [sum(label != IGNORE_INDEX for label in example.labels[1:]) for example in examples]
+    if [count for _, count in loss_sums[: len(examples)]] != supervised:
+        return None
+    return loss_sums[: len(examples)]
 
 
 def check_effect(scores: dict[str, Scores]) -> None:
@@ -634,6 +666,7 @@ def evaluate_adapter(
     write_card: bool = True,
     progress: bool = True,
     say: Any = log.info,
+    adapter_loss_sums: list[tuple[float, int]] | None = None,
 ) -> dict[str, Any]:
     """Base vs adapter (vs merged model) on the first ``num_examples`` of ``data``; returns the report (the
     ``--json`` object) and records it in the adapter's card unless ``write_card`` is false. ``batch_size``: a
@@ -643,6 +676,8 @@ def evaluate_adapter(
     rows. ``model``: the PeftModel already in memory (``train`` passes the one it trained), else the saved
     adapter is loaded onto the base as training loaded it. ``tokenizer``: default, the adapter's.
     ``dataset``/``split`` name the data in the report (default: the recipe's dataset, its held-out set).
+    ``adapter_loss_sums``: ``model``'s per-example losses on ``data`` from the trainer's final evaluation; the
+    adapter's loss is read from them when they fit the examples (:func:`fold_adapter_losses`).
     Raises :class:`RecipeError` when the adapter had no effect.
     """
     adapter_dir = Path(adapter_dir)
@@ -654,7 +689,8 @@ def evaluate_adapter(
     model = model if model is not None else load_adapter(recipe, adapter_dir)
     options = scoring_options(recipe, model, examples, max_new_tokens, batch_size, say)
     options["progress"] = progress
-    scores = score_base_and_adapter(model, tokenizer, examples, **options)
+    folded = fold_adapter_losses(examples, adapter_loss_sums)
+    scores = score_base_and_adapter(model, tokenizer, examples, folded, **options)
     if merged_dir is not None:
         scores["merged"] = score_model(load_merged(merged_dir), tokenizer, examples, label="merged", **options)
     check_effect(scores)
@@ -693,11 +729,19 @@ def evaluate_merged(
     return build_report(scores, dataset, split, max_new_tokens)
 
 
-def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any, model: Any, tokenizer: Any) -> None:
+def evaluate_after_training(
+    recipe: Recipe,
+    output_dir: Path,
+    eval_dataset: Any,
+    model: Any,
+    tokenizer: Any,
+    adapter_loss_sums: list[tuple[float, int]] | None = None,
+) -> None:
     """``train``'s last step: the saved adapter against its base on ``final_eval_examples`` held-out examples,
     printed and written into the card. The main process only; the others are done. The trained model is
-    scored in place (its base with the adapter switched off); FSDP and ZeRO-3 shard it across the processes,
-    so there the main process loads the saved adapter instead."""
+    scored in place (its base with the adapter switched off), its loss read from the trainer's final evaluation
+    (``adapter_loss_sums``) rather than scored again; FSDP and ZeRO-3 shard it across the processes, so there
+    the main process loads the saved adapter instead and scores it."""
     if eval_dataset is None or recipe.final_eval_examples <= 0 or not log.is_main_process():
         return
     from hf_lora_recipe.distributed.engines import current_engine
@@ -706,15 +750,17 @@ def evaluate_after_training(recipe: Recipe, output_dir: Path, eval_dataset: Any,
     import torch
 
     log.info(f"evaluating base vs adapter on {count} held-out examples (final_eval_examples; 0 skips this)")
+    in_place = model is not None and not current_engine().shards_weights
     try:
         report = evaluate_adapter(
             recipe,
             output_dir,
             eval_dataset,
             num_examples=count,  # and max_new_tokens sized from these references
-            model=None if current_engine().shards_weights else model,
+            model=model if in_place else None,
             tokenizer=tokenizer,
             write_card=False,
+            adapter_loss_sums=adapter_loss_sums if in_place else None,
         )
     except torch.OutOfMemoryError:  # the adapter is saved: say how to evaluate it, don't fail the run
         log.warn(

@@ -284,7 +284,12 @@ def run(recipe: Recipe) -> Path:
 
     # what users load is scored: the trained model, or (an init saved otherwise than trained) the saved adapter
     evaluate_after_training(
-        recipe, output_dir, eval_dataset, trainer.model if init.scores_trained_model else None, tokenizer
+        recipe,
+        output_dir,
+        eval_dataset,
+        trainer.model if init.scores_trained_model else None,
+        tokenizer,
+        trainer.example_losses,
     )
     push_run(recipe, output_dir)
     return output_dir

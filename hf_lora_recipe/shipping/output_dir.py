@@ -232,7 +232,8 @@ def save_run(
     if not inits.init_for(recipe).save_adapter(trainer, recipe, staging, checkpoint):  # e.g. saved converted
         save_trained_adapter(trainer, staging, checkpoint)
     if trainer.eval_dataset is not None:
-        trainer.evaluate()  # the final eval loss, logged like the others
+        # the final eval loss, logged like the others; the evaluation after training reads its examples' losses
+        trainer.final_evaluate(keep=recipe.final_eval_examples)
     if trainer.is_world_process_zero():
         check_saved_adapter(staging, recipe, trainer.state.global_step)
         remove_pickles(staging)

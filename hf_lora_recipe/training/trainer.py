@@ -212,6 +212,33 @@ def _score_every_position() -> None:
     score_every_position()
 
 
+def example_loss_sums(
+    outputs: Any, labels: torch.Tensor, position_ids: torch.Tensor | None
+) -> list[tuple[float, int]]:
+    """Each example's next-token loss summed over its supervised tokens, and their count, in the order the batch
+    holds the examples: one per row, or, in a padding-free row, one per run of positions counting from 0. The
+    per-token losses are TRL's fused LM head's (``log_probs``) or the cross-entropy of the model's logits."""
+    targets = labels[:, 1:]
+    scored = targets != -100
+    if getattr(outputs, "log_probs", None) is not None:
+        losses = -outputs.log_probs.double()
+    else:
+        logits = outputs.logits[:, :-1]
+        losses = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+        ).view_as(targets)
+    if position_ids is not None and labels.shape[0] == 1:  # a packed row: a target belongs to the token it names
+        example = (torch.cumsum(position_ids[0] == 0, 0) - 1)[1:].clamp(min=0).unsqueeze(0)
+    else:
+        example = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)
+    count = int(example.max()) + 1 if example.numel() else labels.shape[0]
+    sums = torch.zeros(count, dtype=torch.float64, device=labels.device)
+    tokens = torch.zeros(count, dtype=torch.int64, device=labels.device)
+    sums.index_add_(0, example.flatten(), (losses.double() * scored).flatten())
+    tokens.index_add_(0, example.flatten(), scored.flatten().long())
+    return list(zip(sums.tolist(), tokens.tolist()))
+
+
 class RecipeTrainer(AfterCheckpoint, SFTTrainer):
     """SFTTrainer that keeps the step free of device->host copies (the GPU never waits on Python mid-step):
     what each rank read, TRL's token accuracy and entropy, and throughput are summed on the device and read
@@ -243,6 +270,20 @@ class RecipeTrainer(AfterCheckpoint, SFTTrainer):
         if fused_loss:
             _score_every_position()
         self._last_log: tuple[float, int] | None = None
+        self.example_losses: list[tuple[float, int]] | None = None  # filled by final_evaluate
+        self._keep = 0  # how many held-out examples final_evaluate keeps the losses of
+
+    def final_evaluate(self, keep: int) -> None:
+        """The trainer's evaluate pass over the held-out set, logged like every other, keeping the first ``keep``
+        examples' summed losses and token counts (:func:`example_loss_sums`), so the end-of-training evaluation
+        of those examples reads the adapter's loss from it instead of scoring the adapter a second time. Kept on
+        one process only: several split the held-out set between them."""
+        self.example_losses = [] if self.accelerator.num_processes == 1 and keep > 0 else None
+        self._keep = keep if self.example_losses is not None else 0
+        try:
+            self.evaluate()
+        finally:
+            self._keep = 0
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         """LoRA+ (``loraplus_lr_ratio``): PEFT's ``create_loraplus_optimizer`` builds AdamW with the B matrices at
@@ -274,6 +315,21 @@ class RecipeTrainer(AfterCheckpoint, SFTTrainer):
         and a README.md we did not write is never touched."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training or len(self.example_losses or ()) >= self._keep:
+            return self._loss(model, inputs, return_outputs, num_items_in_batch)
+        # the outputs of the forward the loss came from (asking the loss for them costs TRL's fused head a second
+        # forward, which rebuilds the logits)
+        outputs: list[Any] = []
+        hook = model.register_forward_hook(lambda module, args, output: outputs.append(output))
+        try:
+            result = self._loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            hook.remove()
+        with torch.no_grad():
+            self.example_losses += example_loss_sums(outputs[0], inputs["labels"], inputs.get("position_ids"))
+        return result
+
+    def _loss(self, model, inputs, return_outputs, num_items_in_batch):
         if not self.fused_loss:
             # Packed rows are kept apart by a mask derived from position_ids, which transformers only builds
             # when no KV cache exists: never let a model config with use_cache=True merge examples.
