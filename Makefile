@@ -92,7 +92,7 @@ $(LLAMAFACTORY_STAMP):
 	touch $@
 
 bench-peers: $(STAMP) base $(LLAMAFACTORY_STAMP)
-	HF_HUB_OFFLINE=1 LLAMAFACTORY_PYTHON=$(LLAMAFACTORY_VENV)/bin/python $(PY) benchmarks/train_throughput.py --only smollm2
+	HF_HUB_OFFLINE=1 LLAMAFACTORY_PYTHON=$(LLAMAFACTORY_VENV)/bin/python $(PY) benchmarks/train_throughput.py --only smollm2 $(BENCH_PEERS_ARGS)
 
 # eval's generation and scoring against a bare model.generate and forward on SmolLM2 (benchmarks/eval_speed.py)
 bench-eval: base

@@ -23,6 +23,9 @@ the seed loop, plain TRL, LLaMA-Factory 0.9.5 (its own venv, ``LLAMAFACTORY_PYTH
 process, in fp32 LoRA and in QLoRA (NF4 + double quant, fp32 compute), alternating the order; then ours with
 sdpa's dense mask and ours in bf16. Columns: supervised tokens/s over the training span, CPU-seconds, peak RSS,
 the last logged training loss, and the held-out response loss of every adapter under one evaluator.
+``--rounds N`` runs every row N times, the order reversed each round, and reports medians and the median of each
+round's ratios; ``--contenders`` keeps some rows (``make bench-peers BENCH_PEERS_ARGS="--smollm2_halves qlora
+--rounds 3 --contenders seed llamafactory ours"``).
 
 Results are appended to benchmarks/RESULTS.md, one table per section.
 """
@@ -36,6 +39,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -631,10 +635,32 @@ PEERS = (
 )
 
 
+SMOLLM2_CONTENDERS = [contender for contender, _ in PEERS] + ["ours-sdpa", "ours-bf16"]
 SMOLLM2_HALVES = {"lora": ("LoRA, fp32", False), "qlora": ("QLoRA NF4 + double quant, fp32 compute", True)}
 
 
-def smollm2_section(work: Path, halves: tuple[str, ...] = tuple(SMOLLM2_HALVES)) -> None:
+def speed_of(figures: dict) -> float:
+    """Supervised tokens per second over the training span."""
+    return figures["supervised"] / figures["seconds"]
+
+
+def ratio_to(reference: list[dict] | None, speeds: list[float]) -> str:
+    """The median over rounds of a speed over the reference's speed in the same round ("n/a" without one)."""
+    if not reference or any("failed" in f for f in reference):
+        return "n/a"
+    return f"{statistics.median(v / speed_of(f) for v, f in zip(speeds, reference)):.2f}x"
+
+
+def best_peer_runs(results: dict[str, list[dict]]) -> list[dict] | None:
+    """Per round, the faster of plain TRL and LLaMA-Factory (of those that ran)."""
+    peers = [results[label] for label in (PEERS[1][1], PEERS[2][1]) if label in results]
+    peers = [runs for runs in peers if not any("failed" in f for f in runs)]
+    return [max(round_, key=speed_of) for round_ in zip(*peers)] if peers else None
+
+
+def smollm2_section(
+    work: Path, halves: tuple[str, ...] = tuple(SMOLLM2_HALVES), rounds: int = 1, contenders: list[str] | None = None
+) -> None:
     """The seed loop, plain TRL, LLaMA-Factory and ours on the real SmolLM2-135M-Instruct base (module docstring)."""
     import torch
     import transformers
@@ -690,36 +716,42 @@ def smollm2_section(work: Path, halves: tuple[str, ...] = tuple(SMOLLM2_HALVES))
     for half in halves:
         index = list(SMOLLM2_HALVES).index(half)
         title, quantized = SMOLLM2_HALVES[half]
-        order = PEERS if index % 2 == 0 else PEERS[::-1]  # alternating: no contender always runs first
-        runs = [(label, contender, job(f"{contender}-{index}", quantized, False)) for contender, label in order]
-        runs.append(
-            (
-                "ours, attn_implementation sdpa (dense mask over the pack)",
-                "ours",
-                job(f"ours-sdpa-{index}", quantized, False, attn_implementation="sdpa"),
-            )
-        )
-        if bf16_rows:
+        results: dict[str, list[dict]] = {}
+        for round_ in range(rounds):
+            # alternating, by table and by round: no contender always runs first
+            order = PEERS if (index + round_) % 2 == 0 else PEERS[::-1]
+            suffix = f"{index}" if rounds == 1 else f"{index}-round{round_}"
+            runs = [(label, contender, job(f"{contender}-{suffix}", quantized, False)) for contender, label in order]
             runs.append(
                 (
-                    "ours, bf16 (autocast" + (", bf16 compute)" if quantized else ")"),
-                    "ours",
-                    job(f"ours-bf16-{index}", quantized, True),
+                    "ours, attn_implementation sdpa (dense mask over the pack)",
+                    "ours-sdpa",
+                    job(f"ours-sdpa-{suffix}", quantized, False, attn_implementation="sdpa"),
                 )
             )
-        results = []
-        for label, contender, spec in runs:
-            python = llamafactory_python if contender == "llamafactory" else sys.executable
-            if contender == "llamafactory" and not Path(python).exists():
-                figures = {"failed": f"no LLaMA-Factory venv at {python} (make bench-peers builds it)"}
-            else:
-                figures = run_child(python, contender, spec, work)
-            if "failed" not in figures:
-                from hf_lora_recipe.recipe.schema import Recipe
+            if bf16_rows:
+                runs.append(
+                    (
+                        "ours, bf16 (autocast" + (", bf16 compute)" if quantized else ")"),
+                        "ours-bf16",
+                        job(f"ours-bf16-{suffix}", quantized, True),
+                    )
+                )
+            for label, contender, spec in runs:
+                if contenders is not None and contender not in contenders:
+                    continue
+                python = llamafactory_python if contender == "llamafactory" else sys.executable
+                if contender == "llamafactory" and not Path(python).exists():
+                    figures = {"failed": f"no LLaMA-Factory venv at {python} (make bench-peers builds it)"}
+                else:
+                    figures = run_child(python, contender.split("-")[0], spec, work)
+                if "failed" not in figures and round_ == 0:  # the same steps on the same rows: one evaluation
+                    from hf_lora_recipe.recipe.schema import Recipe
 
-                figures["held_out_loss"] = held_out_loss(Recipe(**spec["recipe"]), Path(spec["output_dir"]), held_out)
-            print(f"SmolLM2 {title} | {label}: {json.dumps(figures)}", flush=True)
-            results.append((label, figures))
+                    recipe = Recipe(**spec["recipe"])
+                    figures["held_out_loss"] = held_out_loss(recipe, Path(spec["output_dir"]), held_out)
+                print(f"SmolLM2 {title} | round {round_} | {label}: {json.dumps(figures)}", flush=True)
+                results.setdefault(label, []).append(figures)
         sections.append((title, results))
 
     config = json.loads((base / "config.json").read_text())
@@ -741,16 +773,13 @@ def smollm2_section(work: Path, halves: tuple[str, ...] = tuple(SMOLLM2_HALVES))
     ]
     if not bf16_rows:
         lines.append("No bf16 row: this CPU has no AVX512-BF16, AMX or Arm BF16, so torch emulates bf16 matmuls.")
-    for title, results in sections:
-        reference = dict(results)[PEERS[0][1]]
-        best_peer = max(
-            (
-                f["supervised"] / f["seconds"]
-                for label, f in results
-                if label in (PEERS[1][1], PEERS[2][1]) and "failed" not in f
-            ),
-            default=None,
+    if rounds > 1:
+        lines.append(
+            f"{rounds} rounds, the order reversed each round. Supervised tok/s: the median, then each round's; the "
+            "ratios: the median of each round's ratio (contenders measured minutes apart share the machine's load); "
+            "CPU-seconds: the median; peak RSS: the largest; losses: the first round's."
         )
+    for title, results in sections:
         lines += [
             "",
             f"{title}:",
@@ -759,19 +788,21 @@ def smollm2_section(work: Path, halves: tuple[str, ...] = tuple(SMOLLM2_HALVES))
             "| padding waste | peak RSS MiB | last logged train loss | held-out loss |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for label, f in results:
-            if "failed" in f:
-                lines.append(f"| {label} | failed: {f['failed']} | | | | | | | | |")
+        for label, runs in results.items():
+            failed = next((f["failed"] for f in runs if "failed" in f), None)
+            if failed:
+                lines.append(f"| {label} | failed: {failed} | | | | | | | | |")
                 continue
-            speed = f["supervised"] / f["seconds"]
-            seed_ratio = (
-                speed / (reference["supervised"] / reference["seconds"]) if "failed" not in reference else float("nan")
-            )
-            peer_ratio = f"{speed / best_peer:.2f}x" if best_peer else "n/a"
+            speeds = [speed_of(f) for f in runs]
+            each = f" ({', '.join(f'{v:,.1f}' for v in speeds)})" if rounds > 1 else ""
+            seed_ratio = ratio_to(results.get(PEERS[0][1]), speeds)
+            peer_ratio = ratio_to(best_peer_runs(results), speeds)
+            first, cpu = runs[0], statistics.median(f["cpu_seconds"] for f in runs)
             lines.append(
-                f"| {label} | {speed:,.1f} | {seed_ratio:.2f}x | {peer_ratio} | {f['cpu_seconds']:.1f} | "
-                f"{f['supervised'] / f['cpu_seconds']:,.1f} | {1 - f['tokens'] / f['positions']:.1%} | "
-                f"{f['peak_rss'] / 2**20:,.0f} | {f.get('last_logged_loss', float('nan')):.4f} | {f['held_out_loss']:.4f} |"
+                f"| {label} | {statistics.median(speeds):,.1f}{each} | {seed_ratio} | {peer_ratio} | {cpu:.1f} | "
+                f"{sum(f['supervised'] for f in runs) / sum(f['cpu_seconds'] for f in runs):,.1f} | "
+                f"{1 - first['tokens'] / first['positions']:.1%} | {max(f['peak_rss'] for f in runs) / 2**20:,.0f} | "
+                f"{first.get('last_logged_loss', float('nan')):.4f} | {first.get('held_out_loss', float('nan')):.4f} |"
             )
     lines.append("")
     append_results(lines)
@@ -796,7 +827,15 @@ def main() -> int:
         default=list(SMOLLM2_HALVES),
         help="which of the smollm2 section's tables to run (default: both)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="smollm2: run every row this many times (medians, per-round ratios)"
+    )
+    parser.add_argument(
+        "--contenders", nargs="+", choices=SMOLLM2_CONTENDERS, help="smollm2: only these rows (default: all)"
+    )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give 1 or more")
     os.environ["HF_HUB_OFFLINE"] = "1"
     from datasets.utils.logging import disable_progress_bar
 
@@ -807,7 +846,7 @@ def main() -> int:
         if args.only not in (None, name):
             continue
         if name == "smollm2":
-            section(work, args.smollm2_halves)
+            section(work, args.smollm2_halves, args.rounds, args.contenders)
         else:
             section(work)
     print(f"wall time {time.perf_counter() - started:.0f} s", flush=True)
