@@ -31,6 +31,14 @@ def test_torch_module_compile_routes_the_call_through_compiled_call_impl():
     assert len(calls) == 1  # Module.__call__ took the compiled call
 
 
+def test_torch_scales_by_a_bool_mask_as_dropouts_gradient_does():
+    from hf_lora_recipe.upstream import torch as reach
+
+    values = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    keep = torch.rand(5, 7, generator=torch.Generator().manual_seed(1)) > 0.3
+    assert torch.equal(reach.scale_by_mask(values, keep, 1 / 0.7), values * keep * (1 / 0.7))
+
+
 def test_torch_dynamo_switch_and_counters():
     from hf_lora_recipe.upstream import torch as reach
 

@@ -261,6 +261,10 @@ class RecipeTrainer(AfterCheckpoint, SFTTrainer):
         for name, param in self.model.named_parameters():
             if name in adapter_dtypes and param.dtype != adapter_dtypes[name]:
                 param.data = param.data.to(adapter_dtypes[name])
+        if not torch.cuda.is_available():
+            from hf_lora_recipe.training.lora_dropout import use_skipping_dropout
+
+            use_skipping_dropout(self.model)
         self.fused_loss = fused_loss
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops

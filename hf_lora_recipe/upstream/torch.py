@@ -77,3 +77,12 @@ def remove_forward_hooks(module: torch.nn.Module, kind: type) -> list[Any]:
     for key in [key for key, hook in hooks.items() if isinstance(hook, kind)]:
         del hooks[key]
     return removed
+
+
+def scale_by_mask(values: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``values * keep * scale`` in one pass, ``keep`` a bool tensor: ATen's ``native_dropout_backward``, the op
+    ``torch.nn.functional.dropout``'s own gradient runs (no public name does this without a float copy of the mask)."""
+    op = getattr(torch.ops.aten, "native_dropout_backward", None)
+    if op is None:
+        raise RuntimeError("torch.ops.aten has no native_dropout_backward: training/lora_dropout.py needs updating")
+    return op(values, keep, scale)
