@@ -123,21 +123,15 @@ def main() -> int:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
         return sum(len(e.input_ids) for e in examples)
 
-    def forward_keeping_example_losses() -> int:
-        """The trainer's final evaluate as train runs it: its forward with labels (the loss), and each example's
-        loss kept from the same logits (``example_loss_sums``)."""
+    def forward_with_loss(keep_example_losses: bool) -> int:
+        """The trainer's evaluate as train runs it: its forward with labels (the loss); its final one also keeps
+        each example's loss from the same logits (``example_loss_sums``)."""
         with torch.no_grad():
             for ids, mask in rows_for_loss:
                 labels = ids.masked_fill(mask == 0, -100)
                 outputs = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
-                example_loss_sums(outputs, labels, None)
-        return sum(len(e.input_ids) for e in examples)
-
-    def forward_with_loss() -> int:
-        with torch.no_grad():
-            for ids, mask in rows_for_loss:
-                labels = ids.masked_fill(mask == 0, -100)
-                model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+                if keep_example_losses:
+                    example_loss_sums(outputs, labels, None)
         return sum(len(e.input_ids) for e in examples)
 
     def eval_score() -> int:
@@ -156,8 +150,8 @@ def main() -> int:
         ),
         "scoring (forward over every row)": (eval_score, bare_forward),
         "trainer's evaluate keeping per-example losses (vs its plain evaluate)": (
-            forward_keeping_example_losses,
-            forward_with_loss,
+            lambda: forward_with_loss(keep_example_losses=True),
+            lambda: forward_with_loss(keep_example_losses=False),
         ),
     }
     timings: dict[str, list[tuple[float, float, int, int]]] = {name: [] for name in pairs}

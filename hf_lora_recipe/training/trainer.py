@@ -221,17 +221,19 @@ def example_loss_sums(
     targets = labels[:, 1:]
     scored = targets != -100
     if getattr(outputs, "log_probs", None) is not None:
-        losses = -outputs.log_probs.double()
+        losses = -outputs.log_probs
     else:
         logits = outputs.logits[:, :-1]
         losses = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
         ).view_as(targets)
     if position_ids is not None and labels.shape[0] == 1:  # a packed row: a target belongs to the token it names
-        example = (torch.cumsum(position_ids[0] == 0, 0) - 1)[1:].clamp(min=0).unsqueeze(0)
+        starts = position_ids[0] == 0
+        example = (torch.cumsum(starts, 0) - 1)[1:].clamp(min=0).unsqueeze(0)
+        count = int(starts.sum())
     else:
         example = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)
-    count = int(example.max()) + 1 if example.numel() else labels.shape[0]
+        count = labels.shape[0]
     sums = torch.zeros(count, dtype=torch.float64, device=labels.device)
     tokens = torch.zeros(count, dtype=torch.int64, device=labels.device)
     sums.index_add_(0, example.flatten(), (losses.double() * scored).flatten())
